@@ -1,0 +1,10 @@
+//! The data plane: desired state, diff, and the netlink layer.
+
+pub mod diff;
+pub mod kernel;
+pub mod netns;
+pub mod plan;
+pub mod plan_types;
+pub mod sysctl;
+
+pub use plan_types::*;

@@ -1,0 +1,229 @@
+//! Network namespace handles.
+//!
+//! Named namespaces live under `/run/netns` exactly as `ip netns` keeps them, so
+//! operators can inspect a lab with `ip -n NAME ...`. Work inside a namespace
+//! happens on a dedicated thread that enters it with `setns` and never leaves
+//! it; that thread ends when the work is done, so no thread of the process can
+//! be left in the wrong namespace, even on panic.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// An open handle on a network namespace (keeps it alive while open).
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    file: File,
+}
+
+impl Netns {
+    /// Open the named namespace `/run/netns/NAME`.
+    pub fn open(name: &str) -> Result<Self> {
+        let path = Path::new(NETNS_DIR).join(name);
+        let file = File::open(&path)
+            .with_context(|| format!("network namespace '{name}' does not exist ({})", path.display()))?;
+        Ok(Netns { name: name.to_string(), file })
+    }
+
+    /// Open a namespace by any path (e.g. `/proc/PID/ns/net` or a CNI_NETNS path).
+    pub fn open_path(path: &Path) -> Result<Self> {
+        let file = File::open(path)
+            .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+        Ok(Netns { name: path.display().to_string(), file })
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> Result<Self> {
+        Self::open_path(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Netns { name: self.name.clone(), file: self.file.try_clone()? })
+    }
+
+    /// Run `f` on a fresh thread that has entered this namespace. The thread
+    /// exits afterwards, so the namespace switch can never leak.
+    pub fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        let ns = self.try_clone()?;
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name("vxm-netns".into())
+            .spawn(move || -> Result<T> {
+                setns(ns.fd(), CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("setns into network namespace '{}'", ns.name))?;
+                f()
+            })
+            .context("spawn namespace thread")?
+            .join()
+            .map_err(|_| anyhow!("work inside network namespace '{name}' panicked"))?
+    }
+
+    /// Enter this namespace for the calling thread for good. Only for the start
+    /// of a process (before any other thread exists), e.g. `vxmesh --netns`.
+    pub fn enter_for_process(&self) -> Result<()> {
+        setns(self.fd(), CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into network namespace '{}'", self.name))
+    }
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// Check a namespace name: no path separators, sane length.
+pub fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || name.contains('/')
+        || name == "."
+        || name == ".."
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("invalid network namespace name '{name}': use 1-64 characters from [A-Za-z0-9._-]");
+    }
+    Ok(())
+}
+
+pub fn exists(name: &str) -> bool {
+    netns_path(name).exists()
+}
+
+/// Make `/run/netns` a shared mount point, as `ip netns add` does, so bind
+/// mounts of namespaces propagate to other mount namespaces.
+fn prepare_netns_dir() -> Result<()> {
+    std::fs::create_dir_all(NETNS_DIR).with_context(|| format!("create {NETNS_DIR}"))?;
+    let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+    if mount(None::<&str>, NETNS_DIR, Some("none"), shared, None::<&str>).is_err() {
+        mount(Some(NETNS_DIR), NETNS_DIR, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .with_context(|| format!("bind-mount {NETNS_DIR} onto itself"))?;
+        mount(None::<&str>, NETNS_DIR, Some("none"), shared, None::<&str>)
+            .with_context(|| format!("make {NETNS_DIR} a shared mount"))?;
+    }
+    Ok(())
+}
+
+/// Create a new named network namespace (fails if it exists) with loopback up.
+pub fn create(name: &str) -> Result<Netns> {
+    validate_name(name)?;
+    prepare_netns_dir()?;
+    let path = netns_path(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("create network namespace '{name}': {} exists or cannot be created", path.display()))?;
+    let target = path.clone();
+    let res = std::thread::Builder::new()
+        .name("vxm-netns-new".into())
+        .spawn(move || -> Result<()> {
+            unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                Some("none"),
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mount new namespace onto {}", target.display()))?;
+            Ok(())
+        })
+        .context("spawn namespace thread")?
+        .join()
+        .map_err(|_| anyhow!("creating network namespace '{name}' panicked"));
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    }
+    let ns = Netns::open(name)?;
+    ns.run(|| crate::dataplane::sysctl::set_loopback_up())?;
+    Ok(ns)
+}
+
+/// Delete a named namespace. Missing namespaces are not an error.
+pub fn delete(name: &str) -> Result<()> {
+    let path = netns_path(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let _ = umount2(&path, MntFlags::MNT_DETACH);
+    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    Ok(())
+}
+
+/// Names of all namespaces under /run/netns starting with `prefix`.
+pub fn list(prefix: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(NETNS_DIR)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// RAII guard for a namespace that must disappear when dropped (tests, lab).
+#[derive(Debug)]
+pub struct NetnsGuard {
+    pub name: String,
+}
+
+impl NetnsGuard {
+    pub fn create(name: &str) -> Result<Self> {
+        create(name)?;
+        Ok(NetnsGuard { name: name.to_string() })
+    }
+
+    pub fn open(&self) -> Result<Netns> {
+        Netns::open(&self.name)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = delete(&self.name) {
+            tracing::warn!("failed to delete namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("vxm-lab-h1").is_ok());
+        assert!(validate_name("../etc").is_err());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a b").is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! vxmesh: a control plane for kernel VXLAN overlays.
+//!
+//! See DESIGN.md in the repository for the architecture: a pure planner
+//! ([`dataplane::plan`]) computes desired state, the kernel layer
+//! ([`dataplane::kernel`]) dumps what vxmesh owns and applies the difference.
+
+pub mod config;
+pub mod dataplane;
+pub mod model;

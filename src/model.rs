@@ -1,0 +1,211 @@
+//! Domain types: VNI, MAC addresses and the identities vxmesh derives.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A VXLAN network identifier (24 bits, 1..=16777215).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Vni(u32);
+
+impl Vni {
+    pub const MAX: u32 = 0x00ff_ffff;
+
+    pub fn new(v: u32) -> Result<Self, String> {
+        if (1..=Self::MAX).contains(&v) {
+            Ok(Vni(v))
+        } else {
+            Err(format!("VNI {v} is out of range: use a value from 1 to {}", Self::MAX))
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for Vni {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, String> {
+        Vni::new(v)
+    }
+}
+
+impl From<Vni> for u32 {
+    fn from(v: Vni) -> u32 {
+        v.0
+    }
+}
+
+impl fmt::Display for Vni {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    pub fn octets(self) -> [u8; 6] {
+        self.0
+    }
+
+    /// Unicast: the I/G bit (lowest bit of the first octet) is clear.
+    pub fn is_unicast(self) -> bool {
+        self.0[0] & 0x01 == 0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == [0; 6]
+    }
+
+    /// A MAC vxmesh may program as a peer: unicast and not all zeros.
+    pub fn is_valid_peer(self) -> bool {
+        self.is_unicast() && !self.is_zero()
+    }
+
+    /// Locally administered: the U/L bit (second lowest of the first octet) is set.
+    pub fn is_local(self) -> bool {
+        self.0[0] & 0x02 != 0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("'{s}' is not a MAC address (want six hex octets like 0a:00:c6:12:00:01)"));
+        }
+        let mut out = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.is_empty() || p.len() > 2 {
+                return Err(format!("'{s}' is not a MAC address: octet '{p}' is not 1-2 hex digits"));
+            }
+            out[i] = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("'{s}' is not a MAC address: octet '{p}' is not hex"))?;
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The VTEP MAC of a node on a VNI: locally administered unicast, derived from
+/// (VNI, underlay IP) so that it survives restarts and reboots.
+///
+/// Layout: `0a:HH:ip0:ip1:ip2:ip3` where HH folds the three VNI bytes. Within one
+/// VNI, distinct underlay IPs always give distinct MACs.
+pub fn vtep_mac(vni: Vni, underlay: Ipv4Addr) -> Mac {
+    let v = vni.get();
+    let fold = ((v >> 16) ^ (v >> 8) ^ v) as u8;
+    let ip = underlay.octets();
+    Mac([0x0a, fold, ip[0], ip[1], ip[2], ip[3]])
+}
+
+/// The MAC of a container in bridged mode, derived from its IPv4 address
+/// (`02:42:` + the four address bytes, as Docker's overlay does).
+pub fn container_mac(ip: Ipv4Addr) -> Mac {
+    let o = ip.octets();
+    Mac([0x02, 0x42, o[0], o[1], o[2], o[3]])
+}
+
+/// Device names vxmesh owns all start with this prefix.
+pub const DEVICE_PREFIX: &str = "vxm-";
+
+/// Route protocol number vxmesh stamps on every route it installs ("V").
+pub const ROUTE_PROTOCOL: u8 = 86;
+
+/// The interface alias vxmesh writes on every device it creates; a `vxm-` device
+/// without it is foreign and is never modified or deleted.
+pub const OWNER_ALIAS_PREFIX: &str = "vxmesh:";
+
+pub fn vtep_name(vni: Vni) -> String {
+    format!("vxm-vx{}", vni.get())
+}
+
+/// Routed mode uses one bridge per node, `vxm-br0`.
+pub const ROUTED_BRIDGE: &str = "vxm-br0";
+
+pub fn bridged_bridge_name(vni: Vni) -> String {
+    format!("vxm-br{}", vni.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vni_range() {
+        assert!(Vni::new(0).is_err());
+        assert!(Vni::new(1).is_ok());
+        assert!(Vni::new(16_777_215).is_ok());
+        assert!(Vni::new(16_777_216).is_err());
+    }
+
+    #[test]
+    fn mac_roundtrip() {
+        let m: Mac = "0a:1b:C6:12:00:01".parse().unwrap();
+        assert_eq!(m.to_string(), "0a:1b:c6:12:00:01");
+        assert!("0a:1b:c6:12:00".parse::<Mac>().is_err());
+        assert!("0a:1b:c6:12:00:zz".parse::<Mac>().is_err());
+        assert!("0a:1b:c6:12:00:123".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn vtep_mac_is_local_unicast_and_stable() {
+        let a = vtep_mac(Vni::new(100).unwrap(), Ipv4Addr::new(198, 18, 0, 1));
+        let b = vtep_mac(Vni::new(100).unwrap(), Ipv4Addr::new(198, 18, 0, 1));
+        let c = vtep_mac(Vni::new(100).unwrap(), Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.is_unicast() && a.is_local() && a.is_valid_peer());
+    }
+
+    #[test]
+    fn container_mac_from_ip() {
+        let m = container_mac(Ipv4Addr::new(10, 1, 2, 3));
+        assert_eq!(m.to_string(), "02:42:0a:01:02:03");
+        assert!(m.is_valid_peer() && m.is_local());
+    }
+
+    #[test]
+    fn names_fit_ifnamsiz() {
+        let v = Vni::new(Vni::MAX).unwrap();
+        assert!(vtep_name(v).len() <= 15);
+        assert!(bridged_bridge_name(v).len() <= 15);
+    }
+}

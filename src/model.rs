@@ -209,3 +209,23 @@ mod tests {
         assert!(bridged_bridge_name(v).len() <= 15);
     }
 }
+
+/// What the cluster knows about one node: its underlay identity and the
+/// subnet (routed) or address slice (bridged) it holds in each network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_dev: Option<String>,
+    pub subnets: std::collections::BTreeMap<String, ipnet::Ipv4Net>,
+}
+
+/// A container attached to a bridged network somewhere in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    pub node: String,
+}

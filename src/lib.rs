@@ -6,4 +6,10 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod ipam;
+pub mod lab;
 pub mod model;
+pub mod state;
+pub mod store;
+pub mod agent;
+pub mod attach;

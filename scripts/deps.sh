@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the system packages vxmesh's build, tests and lab need (Debian).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+pkgs=()
+command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)        # inspection in tests only
+command -v nsenter >/dev/null 2>&1 || pkgs+=(util-linux)
+command -v cc >/dev/null 2>&1 || pkgs+=(gcc)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  echo "installing: ${pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "vxmesh needs a Rust toolchain (1.85 or newer, e.g. from rustup)" >&2
+  exit 1
+fi

@@ -1,0 +1,85 @@
+//! Kernel change notifications: the agent listens on rtnetlink multicast groups
+//! and wakes the reconciler as soon as someone touches what vxmesh owns (a
+//! deleted route, neighbour, FDB entry, address or device), instead of waiting
+//! for the next periodic pass.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::LinkAttribute;
+use rtnetlink::MulticastGroup;
+use tokio::sync::Notify;
+
+use crate::model;
+
+/// Interface indexes of vxmesh's devices, shared with the watcher so that
+/// neighbour/FDB/address events can be attributed.
+pub type OwnedIndexes = Arc<Mutex<HashSet<u32>>>;
+
+fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
+    let is_owned = |idx: u32| owned.lock().map(|s| s.contains(&idx)).unwrap_or(true);
+    match msg {
+        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+            is_owned(l.header.index)
+                || l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with(model::DEVICE_PREFIX)))
+        }
+        RouteNetlinkMessage::DelRoute(r) => u8::from(r.header.protocol) == model::ROUTE_PROTOCOL,
+        RouteNetlinkMessage::NewRoute(r) => {
+            // Someone may have replaced one of our routes with a foreign one.
+            u8::from(r.header.protocol) != model::ROUTE_PROTOCOL
+                && r.attributes.iter().any(|a| {
+                    matches!(a, netlink_packet_route::route::RouteAttribute::Oif(i) if is_owned(*i))
+                })
+        }
+        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => is_owned(n.header.ifindex),
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => is_owned(a.header.index),
+        _ => false,
+    }
+}
+
+/// Start listening in the calling thread's namespace (call from inside the
+/// runtime, in the namespace the agent serves). Every relevant event calls
+/// `notify.notify_one()`.
+pub fn spawn_watcher(owned: OwnedIndexes, notify: Arc<Notify>) -> Result<tokio::task::JoinHandle<()>> {
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv4Ifaddr,
+    ])
+    .context("subscribe to rtnetlink notifications")?;
+    tokio::spawn(conn);
+    Ok(tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(inner) = &msg.payload
+                && concerns_us(inner, &owned)
+            {
+                tracing::debug!("kernel event on owned object: {}", event_name(inner));
+                notify.notify_one();
+            }
+        }
+        // The socket overflowed or closed: ask for a full pass so nothing is missed.
+        tracing::warn!("rtnetlink notification stream ended; relying on periodic passes");
+        notify.notify_one();
+    }))
+}
+
+fn event_name(m: &RouteNetlinkMessage) -> &'static str {
+    match m {
+        RouteNetlinkMessage::NewLink(_) => "new link",
+        RouteNetlinkMessage::DelLink(_) => "deleted link",
+        RouteNetlinkMessage::NewRoute(_) => "new route",
+        RouteNetlinkMessage::DelRoute(_) => "deleted route",
+        RouteNetlinkMessage::NewNeighbour(_) => "new neighbour/fdb",
+        RouteNetlinkMessage::DelNeighbour(_) => "deleted neighbour/fdb",
+        RouteNetlinkMessage::NewAddress(_) => "new address",
+        RouteNetlinkMessage::DelAddress(_) => "deleted address",
+        _ => "other",
+    }
+}

@@ -1,0 +1,248 @@
+//! Address allocation for containers, persisted in the node's state dir.
+//!
+//! One file per allocated address under `STATE/ipam/NETWORK/`, named by the
+//! address and holding the owner (`container_id` and interface name). Every
+//! change happens under an exclusive `flock` on `STATE/ipam/NETWORK/lock`, so
+//! concurrent attaches (CLI, CNI ADDs, the lab) never hand out one address
+//! twice. A crash between allocation and interface creation leaves a file
+//! whose owner GC can recognise and release.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use fs2::FileExt;
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::NetworkState;
+use crate::dataplane::plan::usable_addresses;
+
+/// Who holds an address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    pub owner: Owner,
+}
+
+/// The allocator of one network on one node.
+pub struct Ipam {
+    dir: PathBuf,
+}
+
+/// Holds the allocator lock; released on drop.
+pub struct IpamLock {
+    file: File,
+}
+
+impl Drop for IpamLock {
+    fn drop(&mut self) {
+        let _ = FileExt::unlock(&self.file);
+    }
+}
+
+impl Ipam {
+    pub fn new(state_dir: &Path, network: &str) -> Self {
+        Ipam { dir: state_dir.join("ipam").join(network) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Take the allocator lock (blocking).
+    pub fn lock(&self) -> Result<IpamLock> {
+        fs::create_dir_all(&self.dir).with_context(|| format!("create {}", self.dir.display()))?;
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        file.lock_exclusive().with_context(|| format!("lock {}", path.display()))?;
+        Ok(IpamLock { file })
+    }
+
+    fn path_of(&self, ip: Ipv4Addr) -> PathBuf {
+        self.dir.join(ip.to_string())
+    }
+
+    /// Every current allocation (call with the lock held for a consistent view).
+    pub fn list(&self) -> Result<Vec<Allocation>> {
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("read {}", self.dir.display())),
+        };
+        for e in rd {
+            let e = e?;
+            let Some(ip) = e.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else { continue };
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            match serde_json::from_str::<Owner>(&text) {
+                Ok(owner) => out.push(Allocation { ip, owner }),
+                Err(_) => tracing::warn!("ignoring unreadable allocation file {}", e.path().display()),
+            }
+        }
+        out.sort_by_key(|a| a.ip);
+        Ok(out)
+    }
+
+    /// The address held by `owner`, if any.
+    pub fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
+        Ok(self.list()?.into_iter().find(|a| &a.owner == owner).map(|a| a.ip))
+    }
+
+    /// Allocate an address from the network's pool for `owner` (returns the
+    /// existing one if the owner already holds an address). `want` asks for a
+    /// specific address.
+    pub fn allocate(&self, net: &NetworkState, owner: &Owner, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+        let _lock = self.lock()?;
+        let current = self.list()?;
+        if let Some(a) = current.iter().find(|a| &a.owner == owner) {
+            return Ok(a.ip);
+        }
+        let taken: std::collections::HashSet<Ipv4Addr> = current.iter().map(|a| a.ip).collect();
+        let ip = match want {
+            Some(ip) => {
+                if !usable_addresses(net.pool, net.subnet, net.gateway).any(|a| a == ip) {
+                    bail!("address {ip} is not in this node's pool {} of network '{}'", net.pool, net.network);
+                }
+                if taken.contains(&ip) {
+                    bail!("address {ip} of network '{}' is already allocated", net.network);
+                }
+                ip
+            }
+            None => usable_addresses(net.pool, net.subnet, net.gateway)
+                .find(|a| !taken.contains(a))
+                .with_context(|| {
+                    format!(
+                        "no free address left in pool {} of network '{}' ({} in use): detach containers or give the node a larger subnet",
+                        net.pool,
+                        net.network,
+                        taken.len()
+                    )
+                })?,
+        };
+        let path = self.path_of(ip);
+        let tmp = self.dir.join(format!(".{ip}.tmp"));
+        let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        f.write_all(serde_json::to_string(owner)?.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
+        Ok(ip)
+    }
+
+    /// Release whatever `owner` holds. Releasing nothing is fine.
+    pub fn release(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
+        let _lock = self.lock()?;
+        let Some(ip) = self.find(owner)? else { return Ok(None) };
+        fs::remove_file(self.path_of(ip)).with_context(|| format!("remove {}", self.path_of(ip).display()))?;
+        Ok(Some(ip))
+    }
+
+    /// Release every allocation for which `keep` returns false; returns them.
+    pub fn retain(&self, mut keep: impl FnMut(&Allocation) -> bool) -> Result<Vec<Allocation>> {
+        let _lock = self.lock()?;
+        let mut released = Vec::new();
+        for a in self.list()? {
+            if !keep(&a) {
+                fs::remove_file(self.path_of(a.ip))?;
+                released.push(a);
+            }
+        }
+        Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::model::Vni;
+
+    fn net(pool: &str) -> NetworkState {
+        NetworkState {
+            network: "demo".into(),
+            mode: Mode::Routed,
+            vni: Vni::new(100).unwrap(),
+            bridge: "vxm-br0".into(),
+            vtep: "vxm-vx100".into(),
+            mtu: 1450,
+            subnet: pool.parse().unwrap(),
+            pool: pool.parse().unwrap(),
+            gateway: Some(crate::dataplane::plan::gateway(pool.parse().unwrap())),
+        }
+    }
+
+    fn owner(i: usize) -> Owner {
+        Owner { container_id: format!("c{i}"), ifname: "eth0".into() }
+    }
+
+    #[test]
+    fn allocate_release_reuse() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(d.path(), "demo");
+        let n = net("172.18.10.0/24");
+        let a = ipam.allocate(&n, &owner(1), None).unwrap();
+        assert_eq!(a, Ipv4Addr::new(172, 18, 10, 2));
+        assert_eq!(ipam.allocate(&n, &owner(1), None).unwrap(), a, "same owner, same address");
+        let b = ipam.allocate(&n, &owner(2), None).unwrap();
+        assert_eq!(b, Ipv4Addr::new(172, 18, 10, 3));
+        assert_eq!(ipam.release(&owner(1)).unwrap(), Some(a));
+        assert_eq!(ipam.release(&owner(1)).unwrap(), None);
+        assert_eq!(ipam.allocate(&n, &owner(3), None).unwrap(), a);
+        assert!(ipam.allocate(&n, &owner(4), Some(b)).is_err());
+        assert!(ipam.allocate(&n, &owner(4), Some(Ipv4Addr::new(172, 18, 10, 1))).is_err(), "gateway");
+    }
+
+    #[test]
+    fn exhaustion_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(d.path(), "demo");
+        let n = net("172.18.10.0/29"); // .2 .. .6 usable
+        for i in 0..5 {
+            ipam.allocate(&n, &owner(i), None).unwrap();
+        }
+        let e = ipam.allocate(&n, &owner(9), None).unwrap_err().to_string();
+        assert!(e.contains("no free address left"), "{e}");
+    }
+
+    #[test]
+    fn concurrent_allocations_never_collide() {
+        let d = tempfile::tempdir().unwrap();
+        let n = net("172.18.10.0/24");
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let dir = d.path().to_path_buf();
+                let n = n.clone();
+                std::thread::spawn(move || Ipam::new(&dir, "demo").allocate(&n, &owner(i), None).unwrap())
+            })
+            .collect();
+        let mut ips: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 50);
+    }
+
+    #[test]
+    fn retain_releases_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(d.path(), "demo");
+        let n = net("172.18.10.0/24");
+        for i in 0..4 {
+            ipam.allocate(&n, &owner(i), None).unwrap();
+        }
+        let gone = ipam.retain(|a| a.owner.container_id != "c2").unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(ipam.list().unwrap().len(), 3);
+    }
+}

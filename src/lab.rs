@@ -1,0 +1,582 @@
+//! The lab: a whole multi-host cluster on one machine.
+//!
+//! Every simulated host is a network namespace `vxm-LAB-hostN` whose `eth0`
+//! is a veth into the lab's underlay namespace `vxm-LAB-ul`, where a bridge
+//! joins them all (underlay addresses 198.18.0.N/24, the benchmarking range).
+//! Each host runs a real `vxmesh agent` process inside its namespace, and
+//! containers (namespaces `vxm-LAB-hostN-...`) are attached with the same
+//! attach code users run. Nothing is created in the root namespace and no
+//! packet leaves the lab's namespaces.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::attach::{self, AttachRequest};
+use crate::config::{ClusterFile, Mode, NetworkFile, NodeFile};
+use crate::dataplane::kernel::{LinkOptions, Netlink};
+use crate::dataplane::netns::{self, Netns};
+use crate::dataplane::sysctl;
+use crate::probe;
+use crate::state;
+
+pub const LAB_ROOT: &str = "/run/vxmesh-lab";
+pub const UNDERLAY_NET: [u8; 3] = [198, 18, 0];
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub name: String,
+    pub nodes: usize,
+    pub containers: usize,
+    pub mode: Mode,
+    /// Bridged networks (routed mode always has one).
+    pub networks: usize,
+    /// The vxmesh binary to run as agent.
+    pub exe: PathBuf,
+    /// Extra agent arguments (e.g. a short --resync for tests).
+    pub agent_args: Vec<String>,
+}
+
+impl LabSpec {
+    pub fn new(name: &str, nodes: usize, containers: usize) -> Self {
+        LabSpec {
+            name: name.to_string(),
+            nodes,
+            containers,
+            mode: Mode::Routed,
+            networks: 1,
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vxmesh")),
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub subnets: BTreeMap<String, Ipv4Net>,
+    pub state_dir: PathBuf,
+    pub agent_pid: Option<u32>,
+    pub agent_log: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabContainer {
+    pub name: String,
+    pub node: String,
+    pub network: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// The lab as recorded in `LAB_ROOT/NAME/lab.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabInfo {
+    pub name: String,
+    pub mode: Mode,
+    pub dir: PathBuf,
+    pub underlay_ns: String,
+    pub cluster_file: PathBuf,
+    pub nodes: Vec<LabNode>,
+    pub containers: Vec<LabContainer>,
+}
+
+/// A lab in this process. Dropping it does NOT tear it down (the CLI's `lab up`
+/// leaves it running); use [`LabGuard`] for scoped labs.
+pub struct Lab {
+    pub info: LabInfo,
+    pub spec_exe: PathBuf,
+    pub agent_args: Vec<String>,
+    children: BTreeMap<String, Child>,
+}
+
+/// Tears the lab down when dropped (tests, `lab demo`).
+pub struct LabGuard(pub Lab);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            eprintln!("lab {}: teardown problems: {e:#}", self.0.info.name);
+        }
+    }
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for LabGuard {
+    fn deref_mut(&mut self) -> &mut Lab {
+        &mut self.0
+    }
+}
+
+pub fn validate_lab_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 16 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("invalid lab name '{name}': use 1-16 characters from [A-Za-z0-9-]");
+    }
+    Ok(())
+}
+
+fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+fn ns_prefix(name: &str) -> String {
+    format!("vxm-{name}-")
+}
+
+pub fn network_names(spec_mode: Mode, networks: usize) -> Vec<String> {
+    match spec_mode {
+        Mode::Routed => vec!["demo".to_string()],
+        Mode::Bridged => (1..=networks).map(|m| format!("net{m}")).collect(),
+    }
+}
+
+/// The cluster file the lab writes (same on every host).
+pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
+    let networks: Vec<NetworkFile> = match spec.mode {
+        Mode::Routed => vec![NetworkFile {
+            name: "demo".into(),
+            mode: Mode::Routed,
+            cidr: "172.18.0.0/16".into(),
+            subnet_len: 24,
+            vni: 100,
+            port: 4789,
+            mtu: None,
+        }],
+        // Every bridged network uses the same subnet on purpose: VNIs isolate them.
+        Mode::Bridged => network_names(Mode::Bridged, spec.networks)
+            .into_iter()
+            .enumerate()
+            .map(|(m, name)| NetworkFile {
+                name,
+                mode: Mode::Bridged,
+                cidr: "10.10.0.0/22".into(),
+                subnet_len: 28,
+                vni: 200 + m as u32,
+                port: 4789,
+                mtu: None,
+            })
+            .collect(),
+    };
+    let nodes = (1..=spec.nodes)
+        .map(|i| NodeFile {
+            name: format!("host{i}"),
+            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8).to_string(),
+            underlay_dev: Some("eth0".into()),
+            // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
+            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25).then(|| format!("172.18.{}.0/24", i * 10)),
+            subnets: BTreeMap::new(),
+        })
+        .collect();
+    ClusterFile { networks, nodes }
+}
+
+impl Lab {
+    /// Build a lab. On failure everything already created is removed.
+    pub async fn up(spec: &LabSpec) -> Result<Lab> {
+        validate_lab_name(&spec.name)?;
+        if spec.nodes == 0 || spec.nodes > 200 {
+            bail!("--nodes must be 1..=200 (got {})", spec.nodes);
+        }
+        if spec.mode == Mode::Bridged && (spec.networks == 0 || spec.networks > 16) {
+            bail!("--networks must be 1..=16 (got {})", spec.networks);
+        }
+        let dir = lab_dir(&spec.name);
+        if dir.exists() || !netns::list(&ns_prefix(&spec.name)).is_empty() {
+            bail!("lab '{}' already exists: run `vxmesh lab down {}` first", spec.name, spec.name);
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let info = LabInfo {
+            name: spec.name.clone(),
+            mode: spec.mode,
+            dir: dir.clone(),
+            underlay_ns: format!("vxm-{}-ul", spec.name),
+            cluster_file: dir.join("cluster.toml"),
+            nodes: Vec::new(),
+            containers: Vec::new(),
+        };
+        let mut lab = Lab { info, spec_exe: spec.exe.clone(), agent_args: spec.agent_args.clone(), children: BTreeMap::new() };
+        if let Err(e) = lab.build(spec).await {
+            if let Err(e2) = lab.down() {
+                tracing::warn!("cleanup after failed lab up: {e2:#}");
+            }
+            return Err(e);
+        }
+        Ok(lab)
+    }
+
+    async fn build(&mut self, spec: &LabSpec) -> Result<()> {
+        let name = spec.name.clone();
+        // Underlay: one namespace with a bridge.
+        let ul = netns::create(&self.info.underlay_ns)?;
+        let ul_nl = Netlink::connect_in(&ul).await?;
+        ul_nl.create_bridge("br-ul", 1500, None, None).await.context("underlay bridge")?;
+        ul_nl.set_link("br-ul", LinkOptions { up: Some(true), ..Default::default() }).await?;
+        // Hosts.
+        let cluster = cluster_file_for(spec);
+        let toml = toml::to_string(&cluster)?;
+        state::write_atomic(&self.info.cluster_file, toml.as_bytes())?;
+        let resolved = crate::config::load(&self.info.cluster_file)?;
+        for i in 1..=spec.nodes {
+            let node = format!("host{i}");
+            let ns_name = format!("vxm-{name}-{node}");
+            let ns = netns::create(&ns_name)?;
+            let ul_port = format!("p-{node}");
+            ul_nl.create_veth(&ul_port, "eth0", Some(&ns), 1500).await.with_context(|| format!("underlay link of {node}"))?;
+            ul_nl.set_link(&ul_port, LinkOptions { master: Some("br-ul".into()), up: Some(true), ..Default::default() }).await?;
+            let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8);
+            let h = Netlink::connect_in(&ns).await?;
+            h.set_link("eth0", LinkOptions { up: Some(true), ..Default::default() }).await?;
+            h.add_address("eth0", Ipv4Net::new(ip, 24)?).await?;
+            let rec = resolved.node(&node).context("node in cluster")?;
+            let node_dir = self.info.dir.join(&node);
+            self.info.nodes.push(LabNode {
+                name: node.clone(),
+                netns: ns_name,
+                underlay_ip: ip,
+                subnets: rec.subnets.clone(),
+                state_dir: node_dir.join("state"),
+                agent_pid: None,
+                agent_log: node_dir.join("agent.log"),
+            });
+        }
+        self.save()?;
+        for i in 0..self.info.nodes.len() {
+            let n = self.info.nodes[i].name.clone();
+            self.start_agent(&n)?;
+        }
+        for i in 0..self.info.nodes.len() {
+            let n = self.info.nodes[i].name.clone();
+            self.wait_agent_ready(&n, Duration::from_secs(20)).await?;
+        }
+        // Containers: K per node per network.
+        let nets = network_names(spec.mode, spec.networks);
+        for node in self.info.nodes.clone() {
+            for (m, net) in nets.iter().enumerate() {
+                for k in 1..=spec.containers {
+                    let cname = if spec.mode == Mode::Routed { format!("{}-c{k}", node.name) } else { format!("{}-n{}c{k}", node.name, m + 1) };
+                    self.add_container(&node.name, net, &cname).await?;
+                }
+            }
+        }
+        self.save()
+    }
+
+    /// Create a container namespace on `node` and attach it to `network`.
+    pub async fn add_container(&mut self, node: &str, network: &str, cname: &str) -> Result<LabContainer> {
+        let n = self.node(node)?.clone();
+        let ns_name = format!("vxm-{}-{cname}", self.info.name);
+        let cns = netns::create(&ns_name)?;
+        let host_ns = Netns::open(&n.netns)?;
+        let req = AttachRequest {
+            state_dir: &n.state_dir,
+            network,
+            container_id: cname,
+            ifname: "eth0",
+            host_ns: Some(&host_ns),
+            container_ns: &cns,
+            ip: None,
+        };
+        let att = match attach::attach(&req).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = netns::delete(&ns_name);
+                return Err(e);
+            }
+        };
+        let c = LabContainer { name: cname.to_string(), node: node.to_string(), network: network.to_string(), netns: ns_name, ip: att.ip.addr() };
+        self.info.containers.push(c.clone());
+        self.save()?;
+        Ok(c)
+    }
+
+    pub fn load(name: &str) -> Result<Lab> {
+        validate_lab_name(name)?;
+        let path = lab_dir(name).join("lab.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("lab '{name}' does not exist ({} missing)", path.display()))?;
+        let info: LabInfo = serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        Ok(Lab { info, spec_exe: std::env::current_exe()?, agent_args: Vec::new(), children: BTreeMap::new() })
+    }
+
+    pub fn save(&self) -> Result<()> {
+        state::write_atomic(&self.info.dir.join("lab.json"), serde_json::to_string_pretty(&self.info)?.as_bytes())
+    }
+
+    pub fn node(&self, name: &str) -> Result<&LabNode> {
+        self.info.nodes.iter().find(|n| n.name == name).with_context(|| {
+            format!("lab '{}' has no node '{name}' (nodes: {})", self.info.name, self.info.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "))
+        })
+    }
+
+    fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
+        let lab = self.info.name.clone();
+        self.info.nodes.iter_mut().find(|n| n.name == name).with_context(|| format!("lab '{lab}' has no node '{name}'"))
+    }
+
+    /// Start (or restart) the agent of `node` as a process inside its namespace.
+    pub fn start_agent(&mut self, node: &str) -> Result<u32> {
+        let n = self.node(node)?.clone();
+        std::fs::create_dir_all(&n.state_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.agent_log)?;
+        let mut cmd = Command::new(&self.spec_exe);
+        cmd.arg("--netns")
+            .arg(&n.netns)
+            .arg("-v")
+            .arg("agent")
+            .arg("--cluster")
+            .arg(&self.info.cluster_file)
+            .arg("--node")
+            .arg(&n.name)
+            .arg("--state-dir")
+            .arg(&n.state_dir)
+            .args(&self.agent_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().with_context(|| format!("start agent of {node} ({})", self.spec_exe.display()))?;
+        let pid = child.id();
+        self.children.insert(node.to_string(), child);
+        self.node_mut(node)?.agent_pid = Some(pid);
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Wait until the agent of `node` has published every network.
+    pub async fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        let n = self.node(node)?.clone();
+        let want = network_names(self.info.mode, n.subnets.len());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if want.iter().all(|w| state::read_network(&n.state_dir, w).is_ok()) {
+                return Ok(());
+            }
+            if let Some(c) = self.children.get_mut(node)
+                && let Some(status) = c.try_wait()?
+            {
+                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+                bail!("agent of {node} exited with {status} before it was ready; its log:\n{log}");
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+                bail!("agent of {node} not ready after {timeout:?}; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Send `sig` to the agent of `node` and wait for it to exit.
+    pub fn stop_agent(&mut self, node: &str, sig: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.node(node)?.agent_pid;
+        let Some(pid) = pid else { return Ok(()) };
+        if let Some(mut child) = self.children.remove(node) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else if is_our_agent(pid, &self.info.name) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        self.node_mut(node)?.agent_pid = None;
+        self.save()
+    }
+
+    /// Rewrite the lab's cluster file (agents pick it up through inotify).
+    pub fn write_cluster(&self, file: &ClusterFile) -> Result<()> {
+        state::write_atomic(&self.info.cluster_file, toml::to_string(file)?.as_bytes())
+    }
+
+    pub fn read_cluster(&self) -> Result<ClusterFile> {
+        Ok(toml::from_str(&std::fs::read_to_string(&self.info.cluster_file)?)?)
+    }
+
+    /// Probe every container pair (both directions). In bridged mode, pairs in
+    /// different networks must NOT reach each other.
+    pub fn check(&self, timeout: Duration) -> Result<CheckReport> {
+        let cs = &self.info.containers;
+        let mut jobs = Vec::new();
+        for a in cs {
+            for b in cs {
+                if a.name == b.name {
+                    continue;
+                }
+                let same = a.network == b.network;
+                if !same && cs.iter().any(|x| x.network == a.network && x.ip == b.ip) {
+                    // Overlapping subnets: b's address exists in a's own network, so
+                    // a probe would (rightly) reach that container instead.
+                    continue;
+                }
+                jobs.push(probe::PairJob { src_ns: a.netns.clone(), src_label: a.name.clone(), dst: b.ip, dst_label: b.name.clone(), expect_reach: same });
+            }
+        }
+        let results = probe::probe_pairs(&jobs, timeout);
+        Ok(CheckReport { containers: cs.iter().map(|c| c.name.clone()).collect(), results })
+    }
+
+    /// Run a command inside a node's namespace (or a container's, by name).
+    pub fn exec(&self, target: &str, argv: &[String]) -> Result<std::process::ExitStatus> {
+        let ns_name = if let Ok(n) = self.node(target) {
+            n.netns.clone()
+        } else if let Some(c) = self.info.containers.iter().find(|c| c.name == target) {
+            c.netns.clone()
+        } else {
+            bail!("lab '{}' has no node or container '{target}'", self.info.name);
+        };
+        let (prog, args) = argv.split_first().context("no command given: use `vxmesh lab exec LAB NODE -- CMD ARGS`")?;
+        let ns = Netns::open(&ns_name)?;
+        let fd = ns.raw_fd();
+        let mut cmd = Command::new(prog);
+        cmd.args(args);
+        // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let status = cmd.status().with_context(|| format!("run {prog} in {ns_name}"))?;
+        drop(ns);
+        Ok(status)
+    }
+
+    /// Remove everything: agents, namespaces, files. Keeps going on errors and
+    /// reports them all.
+    pub fn down(&mut self) -> Result<()> {
+        let mut problems = Vec::new();
+        for n in self.info.nodes.clone() {
+            if let Err(e) = self.stop_agent(&n.name, nix::sys::signal::Signal::SIGTERM) {
+                problems.push(format!("stop agent of {}: {e:#}", n.name));
+            }
+        }
+        // Agents whose pid we lost track of (e.g. a crashed `lab up`).
+        kill_stray_agents(&self.info.name);
+        for ns in netns::list(&ns_prefix(&self.info.name)) {
+            if let Err(e) = netns::delete(&ns) {
+                problems.push(format!("delete namespace {ns}: {e:#}"));
+            }
+        }
+        if self.info.dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.info.dir)
+        {
+            problems.push(format!("remove {}: {e}", self.info.dir.display()));
+        }
+        if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("; ")) }
+    }
+}
+
+/// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)
+fn is_our_agent(pid: u32, lab: &str) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&cmdline);
+    text.contains("agent") && text.contains(&format!("vxm-{lab}-"))
+}
+
+fn kill_stray_agents(lab: &str) {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && is_our_agent(pid, lab) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Tear down a lab by name, even if its record is gone or corrupt.
+pub fn down_by_name(name: &str) -> Result<()> {
+    validate_lab_name(name)?;
+    match Lab::load(name) {
+        Ok(mut lab) => lab.down(),
+        Err(_) => {
+            kill_stray_agents(name);
+            for ns in netns::list(&ns_prefix(name)) {
+                netns::delete(&ns)?;
+            }
+            let dir = lab_dir(name);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The outcome of `lab check`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub containers: Vec<String>,
+    pub results: Vec<probe::PairResult>,
+}
+
+impl CheckReport {
+    pub fn failures(&self) -> Vec<&probe::PairResult> {
+        self.results.iter().filter(|r| !r.ok()).collect()
+    }
+
+    /// A matrix: rows are sources, columns destinations. `ok` reached as
+    /// expected, `iso` correctly isolated, `FAIL`/`LEAK` otherwise.
+    pub fn matrix(&self) -> String {
+        let w = self.containers.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
+        let mut out = format!("{:w$} ", "from\\to");
+        for c in &self.containers {
+            out += &format!("{c:>w$} ");
+        }
+        out.push('\n');
+        for a in &self.containers {
+            out += &format!("{a:w$} ");
+            for b in &self.containers {
+                let cell = if a == b {
+                    "-".to_string()
+                } else {
+                    match self.results.iter().find(|r| &r.src_label == a && &r.dst_label == b) {
+                        None => ".".to_string(),
+                        Some(r) => match (r.expect_reach, r.ok()) {
+                            (true, true) => "ok".to_string(),
+                            (false, true) => "iso".to_string(),
+                            (true, false) => "FAIL".to_string(),
+                            (false, false) => "LEAK".to_string(),
+                        },
+                    }
+                };
+                out += &format!("{cell:>w$} ");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Enable forwarding etc. is the agent's job; this only checks a lab host.
+pub fn host_forwarding(ns: &Netns) -> Result<bool> {
+    ns.run(sysctl::ip_forward)
+}

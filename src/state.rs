@@ -1,0 +1,116 @@
+//! The node's state dir (default `/run/vxmesh`): what the agent publishes for
+//! attach and the CNI plugin, written atomically.
+//!
+//! Layout:
+//!   STATE/networks/NETWORK.json   the network as served on this node
+//!   STATE/agent.lock              held (flock) by the running agent
+//!   STATE/ipam/NETWORK/           address allocations (see `ipam`)
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use fs2::FileExt;
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::NetworkState;
+
+pub const DEFAULT_STATE_DIR: &str = "/run/vxmesh";
+
+/// What the agent writes per network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedNetwork {
+    pub node: String,
+    #[serde(flatten)]
+    pub state: NetworkState,
+    /// Unix seconds of the last reconcile pass that confirmed this network.
+    pub confirmed_at: u64,
+}
+
+fn networks_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("networks")
+}
+
+/// Write a file atomically (temp file in the same dir, fsync, rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("state")));
+    let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn write_network(state_dir: &Path, served: &ServedNetwork) -> Result<()> {
+    let path = networks_dir(state_dir).join(format!("{}.json", served.state.network));
+    write_atomic(&path, serde_json::to_string_pretty(served)?.as_bytes())
+}
+
+pub fn read_network(state_dir: &Path, network: &str) -> Result<ServedNetwork> {
+    let path = networks_dir(state_dir).join(format!("{network}.json"));
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "network '{network}' is not served on this node ({} missing): is `vxmesh agent` running with --state-dir {}?",
+            path.display(),
+            state_dir.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("corrupt state file {}", path.display()))
+}
+
+/// Names of the networks with a state file.
+pub fn list_networks(state_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(networks_dir(state_dir))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+pub fn remove_network(state_dir: &Path, network: &str) -> Result<()> {
+    let path = networks_dir(state_dir).join(format!("{network}.json"));
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("remove {}", path.display())),
+        _ => Ok(()),
+    }
+}
+
+/// The single-agent lock of a state dir.
+pub struct AgentLock {
+    _file: File,
+}
+
+/// Take the agent lock, refusing clearly if another agent holds it.
+pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
+    fs::create_dir_all(state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
+    let path = state_dir.join("agent.lock");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    if file.try_lock_exclusive().is_err() {
+        let holder = fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another vxmesh agent (pid {}) already serves state dir {}: stop it first, or use another --state-dir",
+            holder.trim(),
+            state_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(AgentLock { _file: file })
+}

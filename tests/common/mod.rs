@@ -1,0 +1,83 @@
+//! Shared helpers of the namespace/lab integration tests (run as root).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use vxmesh::config::Mode;
+use vxmesh::lab::{Lab, LabGuard, LabSpec};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A lab name unique per process and call (fits the 16-character limit).
+pub fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{tag}{}{n}", std::process::id() % 100_000)
+}
+
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vxmesh"))
+}
+
+pub fn spec(tag: &str, nodes: usize, containers: usize, mode: Mode, networks: usize) -> LabSpec {
+    let mut s = LabSpec::new(&unique(tag), nodes, containers);
+    s.mode = mode;
+    s.networks = networks;
+    s.exe = exe();
+    s
+}
+
+pub async fn up(spec: &LabSpec) -> LabGuard {
+    LabGuard(Lab::up(spec).await.expect("lab up"))
+}
+
+/// Poll `f` until it returns true or `timeout` passes; returns the time taken.
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Run `vxmesh ARGS` and return (exit code, stdout, stderr).
+pub fn vxmesh(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(exe()).args(args).output().expect("run vxmesh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ip -n NS ARGS` output, for inspection only.
+pub fn ip(ns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip").arg("-n").arg(ns).args(args).output().expect("run ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `bridge -n NS ARGS` output, for inspection only.
+pub fn bridge(ns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("bridge").arg("-n").arg(ns).args(args).output().expect("run bridge");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Assert nothing of lab `name` is left on the machine.
+pub fn assert_gone(name: &str) {
+    let prefix = format!("vxm-{name}-");
+    let left = vxmesh::dataplane::netns::list(&prefix);
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    assert!(!std::path::Path::new(vxmesh::lab::LAB_ROOT).join(name).exists(), "lab dir left behind");
+    let procs = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("agent") && c.contains(&prefix))
+        .collect::<Vec<_>>();
+    assert!(procs.is_empty(), "agent processes left behind: {procs:?}");
+}

@@ -1,7 +1,7 @@
 //! The data plane: desired state, diff, and the netlink layer.
 
 pub mod diff;
-pub mod events;
+// pending: pub mod events;
 pub mod kernel;
 pub mod netns;
 pub mod plan;

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod ipam;
 // pending: pub mod lab;
 pub mod model;
+pub mod probe;
 pub mod state;
 pub mod store;
 // pending: pub mod agent;

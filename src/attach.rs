@@ -61,6 +61,8 @@ pub struct AttachRequest<'a> {
     pub container_ns: &'a Netns,
     /// Ask for a specific address.
     pub ip: Option<Ipv4Addr>,
+    /// Override the network's MTU (only lower makes sense).
+    pub mtu: Option<u32>,
 }
 
 async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink> {
@@ -105,7 +107,8 @@ async fn plumb(req: &AttachRequest<'_>, net: &crate::dataplane::NetworkState, ip
     };
     let addr = Ipv4Net::new(ip, prefix).expect("valid prefix");
     let mac = model::container_mac(ip);
-    host.create_veth(host_veth, req.ifname, Some(req.container_ns), net.mtu).await.with_context(ctx)?;
+    let mtu = req.mtu.unwrap_or(net.mtu);
+    host.create_veth(host_veth, req.ifname, Some(req.container_ns), mtu).await.with_context(ctx)?;
     host.set_link(
         host_veth,
         LinkOptions {
@@ -117,7 +120,7 @@ async fn plumb(req: &AttachRequest<'_>, net: &crate::dataplane::NetworkState, ip
     )
     .await
     .with_context(ctx)?;
-    cont.set_link(req.ifname, LinkOptions { mac: Some(mac), mtu: Some(net.mtu), up: Some(true), ..Default::default() })
+    cont.set_link(req.ifname, LinkOptions { mac: Some(mac), mtu: Some(mtu), up: Some(true), ..Default::default() })
         .await
         .with_context(ctx)?;
     cont.add_address(req.ifname, addr).await.with_context(ctx)?;
@@ -136,7 +139,7 @@ async fn plumb(req: &AttachRequest<'_>, net: &crate::dataplane::NetworkState, ip
         ip: addr,
         mac,
         gateway: net.gateway,
-        mtu: net.mtu,
+        mtu,
     })
 }
 

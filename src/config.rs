@@ -113,7 +113,8 @@ pub struct Network {
 impl Network {
     /// The overlay MTU given the underlay device's MTU.
     pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.mtu.unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+        self.mtu
+            .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
     }
 }
 
@@ -167,7 +168,10 @@ impl ConfigError {
     fn one(source: &str, field: &str, message: String) -> Self {
         ConfigError {
             source_name: source.to_string(),
-            problems: vec![Problem { field: field.to_string(), message }],
+            problems: vec![Problem {
+                field: field.to_string(),
+                message,
+            }],
         }
     }
 }
@@ -191,7 +195,11 @@ pub fn parse(text: &str, source_name: &str) -> Result<Cluster, ConfigError> {
             }
             None => "toml".to_string(),
         };
-        ConfigError::one(source_name, &field, format!("{msg} (see the cluster file format in README.md)"))
+        ConfigError::one(
+            source_name,
+            &field,
+            format!("{msg} (see the cluster file format in README.md)"),
+        )
     })?;
     validate(&file, source_name)
 }
@@ -199,7 +207,8 @@ pub fn parse(text: &str, source_name: &str) -> Result<Cluster, ConfigError> {
 fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 /// Parse `a.b.c.d/len` and require it to be a network address (no host bits).
@@ -208,7 +217,10 @@ pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
         .parse()
         .map_err(|_| format!("'{s}' is not an IPv4 CIDR (write it like 172.18.0.0/16)"))?;
     if net.trunc() != net {
-        return Err(format!("'{s}' has host bits set: write it as {}", net.trunc()));
+        return Err(format!(
+            "'{s}' has host bits set: write it as {}",
+            net.trunc()
+        ));
     }
     Ok(net)
 }
@@ -218,7 +230,9 @@ fn parse_underlay_ip(s: &str) -> Result<Ipv4Addr, String> {
         .parse()
         .map_err(|_| format!("'{s}' is not an IPv4 address (write it like 198.18.0.1)"))?;
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-        return Err(format!("{ip} cannot carry VXLAN to other hosts: use the node's unicast underlay address"));
+        return Err(format!(
+            "{ip} cannot carry VXLAN to other hosts: use the node's unicast underlay address"
+        ));
     }
     Ok(ip)
 }
@@ -229,7 +243,10 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     let mut p = |field: String, message: String| problems.push(Problem { field, message });
 
     if file.networks.is_empty() {
-        p("network".into(), "no [[network]] table: declare at least one network".into());
+        p(
+            "network".into(),
+            "no [[network]] table: declare at least one network".into(),
+        );
     }
     let mut networks = Vec::new();
     let mut names = HashMap::new();
@@ -238,9 +255,21 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     for (i, n) in file.networks.iter().enumerate() {
         let f = |k: &str| format!("network[{i}].{k}");
         if !valid_name(&n.name, 32) {
-            p(f("name"), format!("'{}' is not a valid network name: use 1-32 characters from [A-Za-z0-9._-]", n.name));
+            p(
+                f("name"),
+                format!(
+                    "'{}' is not a valid network name: use 1-32 characters from [A-Za-z0-9._-]",
+                    n.name
+                ),
+            );
         } else if let Some(j) = names.insert(n.name.clone(), i) {
-            p(f("name"), format!("network '{}' is already declared as network[{j}]: give each network its own name", n.name));
+            p(
+                f("name"),
+                format!(
+                    "network '{}' is already declared as network[{j}]: give each network its own name",
+                    n.name
+                ),
+            );
         }
         let vni = match Vni::new(n.vni) {
             Ok(v) => Some(v),
@@ -255,12 +284,24 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
             } else {
                 String::new()
             };
-            p(f("vni"), format!("VNI {} is already used by network '{other}'{extra}: every network needs its own VNI", n.vni));
+            p(
+                f("vni"),
+                format!(
+                    "VNI {} is already used by network '{other}'{extra}: every network needs its own VNI",
+                    n.vni
+                ),
+            );
         } else {
             vnis.insert(n.vni, (n.name.clone(), n.port));
         }
         let port = if n.port == 0 || n.port > 65535 {
-            p(f("port"), format!("UDP port {} is out of range: use 1-65535 (VXLAN's standard port is 4789)", n.port));
+            p(
+                f("port"),
+                format!(
+                    "UDP port {} is out of range: use 1-65535 (VXLAN's standard port is 4789)",
+                    n.port
+                ),
+            );
             None
         } else {
             Some(n.port as u16)
@@ -268,7 +309,12 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
         if let Some(mtu) = n.mtu
             && !(MIN_MTU..=MAX_MTU).contains(&mtu)
         {
-            p(f("mtu"), format!("MTU {mtu} is out of range: use {MIN_MTU}-{MAX_MTU}, or omit it to use the underlay MTU - {VXLAN_OVERHEAD}"));
+            p(
+                f("mtu"),
+                format!(
+                    "MTU {mtu} is out of range: use {MIN_MTU}-{MAX_MTU}, or omit it to use the underlay MTU - {VXLAN_OVERHEAD}"
+                ),
+            );
         }
         let cidr = match parse_net(&n.cidr) {
             Ok(c) => Some(c),
@@ -281,8 +327,10 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
             Mode::Routed => 30,
             Mode::Bridged => 32,
         };
-        if let Some(c) = cidr {
-            if n.subnet_len <= c.prefix_len() || n.subnet_len > max_len {
+        if let Some(c) = cidr
+            && (n.subnet_len <= c.prefix_len() || n.subnet_len > max_len)
+        {
+            {
                 p(
                     f("subnet_len"),
                     format!(
@@ -295,7 +343,12 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
         }
         if n.mode == Mode::Routed {
             if let Some(other) = &routed {
-                p(f("mode"), format!("a node serves one routed network (bridge vxm-br0) and '{other}' is routed already: make this one bridged or move it to another file"));
+                p(
+                    f("mode"),
+                    format!(
+                        "a node serves one routed network (bridge vxm-br0) and '{other}' is routed already: make this one bridged or move it to another file"
+                    ),
+                );
             } else {
                 routed = Some(n.name.clone());
             }
@@ -320,14 +373,31 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     for (i, n) in file.nodes.iter().enumerate() {
         let f = |k: &str| format!("node[{i}].{k}");
         if !valid_name(&n.name, 64) {
-            p(f("name"), format!("'{}' is not a valid node name: use 1-64 characters from [A-Za-z0-9._-]", n.name));
+            p(
+                f("name"),
+                format!(
+                    "'{}' is not a valid node name: use 1-64 characters from [A-Za-z0-9._-]",
+                    n.name
+                ),
+            );
         } else if let Some(j) = node_names.insert(n.name.clone(), i) {
-            p(f("name"), format!("node '{}' is already declared as node[{j}]: node names must be unique", n.name));
+            p(
+                f("name"),
+                format!(
+                    "node '{}' is already declared as node[{j}]: node names must be unique",
+                    n.name
+                ),
+            );
         }
         match parse_underlay_ip(&n.underlay_ip) {
             Ok(ip) => {
                 if let Some(j) = ips.insert(ip, i) {
-                    p(f("underlay_ip"), format!("{ip} is already the underlay IP of node[{j}]: each node needs its own"));
+                    p(
+                        f("underlay_ip"),
+                        format!(
+                            "{ip} is already the underlay IP of node[{j}]: each node needs its own"
+                        ),
+                    );
                 }
                 node_ips.push(Some(ip));
             }
@@ -339,17 +409,27 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
         if let Some(d) = &n.underlay_dev
             && (d.is_empty() || d.len() > 15 || d.contains('/') || d.contains(' '))
         {
-            p(f("underlay_dev"), format!("'{d}' is not a valid interface name (1-15 characters, no '/' or spaces)"));
+            p(
+                f("underlay_dev"),
+                format!("'{d}' is not a valid interface name (1-15 characters, no '/' or spaces)"),
+            );
         }
         if n.subnet.is_some() && file.networks.len() > 1 {
-            p(f("subnet"), "the file declares several networks: use subnets = { NETWORK = \"CIDR\" } instead".into());
+            p(
+                f("subnet"),
+                "the file declares several networks: use subnets = { NETWORK = \"CIDR\" } instead"
+                    .into(),
+            );
         }
-        if n.subnet.is_some() && n.subnets.len() > 0 {
+        if n.subnet.is_some() && !n.subnets.is_empty() {
             p(f("subnet"), "set either subnet or subnets, not both".into());
         }
         for k in n.subnets.keys() {
             if !file.networks.iter().any(|net| &net.name == k) {
-                p(f(&format!("subnets.{k}")), format!("there is no network '{k}': subnets keys must name a declared network"));
+                p(
+                    f(&format!("subnets.{k}")),
+                    format!("there is no network '{k}': subnets keys must name a declared network"),
+                );
             }
         }
     }
@@ -359,23 +439,55 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     for net in &networks {
         let mut taken: Vec<(Ipv4Net, usize)> = Vec::new();
         for (i, n) in file.nodes.iter().enumerate() {
-            let explicit = n.subnets.get(&net.name).or(if file.networks.len() == 1 { n.subnet.as_ref() } else { None });
+            let explicit = n.subnets.get(&net.name).or(if file.networks.len() == 1 {
+                n.subnet.as_ref()
+            } else {
+                None
+            });
             let Some(s) = explicit else { continue };
             let field = if n.subnets.contains_key(&net.name) {
                 format!("node[{i}].subnets.{}", net.name)
             } else {
                 format!("node[{i}].subnet")
             };
-            let what = if net.mode == Mode::Routed { "subnet" } else { "address slice" };
+            let what = if net.mode == Mode::Routed {
+                "subnet"
+            } else {
+                "address slice"
+            };
             match parse_net(s) {
                 Err(e) => p(field, e),
                 Ok(sn) => {
                     if !net.cidr.contains(&sn) {
-                        p(field, format!("{what} {sn} is outside network '{}' cidr {}: pick one inside it or omit it to derive one", net.name, net.cidr));
+                        p(
+                            field,
+                            format!(
+                                "{what} {sn} is outside network '{}' cidr {}: pick one inside it or omit it to derive one",
+                                net.name, net.cidr
+                            ),
+                        );
                     } else if sn.prefix_len() != net.subnet_len {
-                        p(field, format!("{what} {sn} is a /{} but network '{}' has subnet_len = {}: use a /{}", sn.prefix_len(), net.name, net.subnet_len, net.subnet_len));
-                    } else if let Some((_, j)) = taken.iter().find(|(t, _)| t.contains(&sn) || sn.contains(t)) {
-                        p(field, format!("{what} {sn} overlaps the one of node[{j}] ('{}'): give each node its own", file.nodes[*j].name));
+                        p(
+                            field,
+                            format!(
+                                "{what} {sn} is a /{} but network '{}' has subnet_len = {}: use a /{}",
+                                sn.prefix_len(),
+                                net.name,
+                                net.subnet_len,
+                                net.subnet_len
+                            ),
+                        );
+                    } else if let Some((_, j)) = taken
+                        .iter()
+                        .find(|(t, _)| t.contains(&sn) || sn.contains(t))
+                    {
+                        p(
+                            field,
+                            format!(
+                                "{what} {sn} overlaps the one of node[{j}] ('{}'): give each node its own",
+                                file.nodes[*j].name
+                            ),
+                        );
                     } else {
                         taken.push((sn, i));
                         node_subnets[i].insert(net.name.clone(), sn);
@@ -392,7 +504,8 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
             .expect("subnet_len checked above")
             .filter(|c| !taken.iter().any(|(t, _)| t.contains(c) || c.contains(t)));
         for (i, n) in file.nodes.iter().enumerate() {
-            let explicit = n.subnets.contains_key(&net.name) || (file.networks.len() == 1 && n.subnet.is_some());
+            let explicit = n.subnets.contains_key(&net.name)
+                || (file.networks.len() == 1 && n.subnet.is_some());
             if explicit {
                 continue;
             }
@@ -403,7 +516,10 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
                 None => {
                     p(
                         format!("node[{i}]"),
-                        format!("network '{}' cidr {} has no free /{} left for node '{}': widen the cidr or lengthen subnet_len", net.name, net.cidr, net.subnet_len, n.name),
+                        format!(
+                            "network '{}' cidr {} has no free /{} left for node '{}': widen the cidr or lengthen subnet_len",
+                            net.name, net.cidr, net.subnet_len, n.name
+                        ),
                     );
                     break;
                 }
@@ -412,7 +528,10 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     }
 
     if !problems.is_empty() {
-        return Err(ConfigError { source_name: source.to_string(), problems });
+        return Err(ConfigError {
+            source_name: source.to_string(),
+            problems,
+        });
     }
     let nodes = file
         .nodes
@@ -464,7 +583,10 @@ underlay_ip = "198.18.0.2"
 
     fn has(text: &str, needle: &str) {
         let e = errs(text);
-        assert!(e.iter().any(|m| m.contains(needle)), "no problem containing '{needle}' in {e:#?}");
+        assert!(
+            e.iter().any(|m| m.contains(needle)),
+            "no problem containing '{needle}' in {e:#?}"
+        );
     }
 
     #[test]
@@ -486,15 +608,30 @@ underlay_ip = "198.18.0.2"
 
     #[test]
     fn bad_cidr() {
-        has(&GOOD.replace("172.18.0.0/16", "172.18.0.0/33"), "network[0].cidr");
-        has(&GOOD.replace("172.18.0.0/16", "172.18.0.1/16"), "host bits set: write it as 172.18.0.0/16");
-        has(&GOOD.replace("172.18.0.0/16", "banana"), "is not an IPv4 CIDR");
+        has(
+            &GOOD.replace("172.18.0.0/16", "172.18.0.0/33"),
+            "network[0].cidr",
+        );
+        has(
+            &GOOD.replace("172.18.0.0/16", "172.18.0.1/16"),
+            "host bits set: write it as 172.18.0.0/16",
+        );
+        has(
+            &GOOD.replace("172.18.0.0/16", "banana"),
+            "is not an IPv4 CIDR",
+        );
     }
 
     #[test]
     fn subnet_outside_and_overlapping() {
-        has(&GOOD.replace("172.18.10.0/24", "172.19.10.0/24"), "node[0].subnet: subnet 172.19.10.0/24 is outside");
-        has(&GOOD.replace("172.18.10.0/24", "172.18.10.0/25"), "is a /25 but network 'demo' has subnet_len = 24");
+        has(
+            &GOOD.replace("172.18.10.0/24", "172.19.10.0/24"),
+            "node[0].subnet: subnet 172.19.10.0/24 is outside",
+        );
+        has(
+            &GOOD.replace("172.18.10.0/24", "172.18.10.0/25"),
+            "is a /25 but network 'demo' has subnet_len = 24",
+        );
         let t = GOOD.replace(
             "underlay_ip = \"198.18.0.2\"",
             "underlay_ip = \"198.18.0.2\"\nsubnet = \"172.18.10.0/24\"",
@@ -504,31 +641,69 @@ underlay_ip = "198.18.0.2"
 
     #[test]
     fn duplicates() {
-        has(&GOOD.replace("host2", "host1"), "node[1].name: node 'host1' is already declared");
-        has(&GOOD.replace("198.18.0.2", "198.18.0.1"), "node[1].underlay_ip: 198.18.0.1 is already");
-        has(&GOOD.replace("198.18.0.2", "127.0.0.1"), "cannot carry VXLAN");
+        has(
+            &GOOD.replace("host2", "host1"),
+            "node[1].name: node 'host1' is already declared",
+        );
+        has(
+            &GOOD.replace("198.18.0.2", "198.18.0.1"),
+            "node[1].underlay_ip: 198.18.0.1 is already",
+        );
+        has(
+            &GOOD.replace("198.18.0.2", "127.0.0.1"),
+            "cannot carry VXLAN",
+        );
     }
 
     #[test]
     fn ranges() {
-        has(&GOOD.replace("vni = 100", "vni = 0"), "network[0].vni: VNI 0 is out of range");
+        has(
+            &GOOD.replace("vni = 100", "vni = 0"),
+            "network[0].vni: VNI 0 is out of range",
+        );
         has(&GOOD.replace("vni = 100", "vni = 16777216"), "out of range");
-        has(&GOOD.replace("vni = 100", "vni = 100\nport = 0"), "network[0].port");
-        has(&GOOD.replace("vni = 100", "vni = 100\nport = 70000"), "network[0].port");
-        has(&GOOD.replace("vni = 100", "vni = 100\nmtu = 500"), "network[0].mtu: MTU 500 is out of range");
-        has(&GOOD.replace("subnet_len = 24", "subnet_len = 16"), "network[0].subnet_len");
+        has(
+            &GOOD.replace("vni = 100", "vni = 100\nport = 0"),
+            "network[0].port",
+        );
+        has(
+            &GOOD.replace("vni = 100", "vni = 100\nport = 70000"),
+            "network[0].port",
+        );
+        has(
+            &GOOD.replace("vni = 100", "vni = 100\nmtu = 500"),
+            "network[0].mtu: MTU 500 is out of range",
+        );
+        has(
+            &GOOD.replace("subnet_len = 24", "subnet_len = 16"),
+            "network[0].subnet_len",
+        );
     }
 
     #[test]
     fn unknown_keys_and_typos() {
-        has(&GOOD.replace("vni = 100", "vni = 100\nvnii = 3"), "unknown field `vnii`");
-        has(&GOOD.replace("vni = 100", "vni = 100\nmode = \"routd\""), "unknown variant `routd`");
-        has(&GOOD.replace("[[node]]\nname = \"host1\"", "[[node]]\nname = \"host1\"\ncolour = 1"), "line 10: unknown field `colour`");
+        has(
+            &GOOD.replace("vni = 100", "vni = 100\nvnii = 3"),
+            "unknown field `vnii`",
+        );
+        has(
+            &GOOD.replace("vni = 100", "vni = 100\nmode = \"routd\""),
+            "unknown variant `routd`",
+        );
+        has(
+            &GOOD.replace(
+                "[[node]]\nname = \"host1\"",
+                "[[node]]\nname = \"host1\"\ncolour = 1",
+            ),
+            "line 10: unknown field `colour`",
+        );
     }
 
     #[test]
     fn cidr_exhausted() {
-        let t = GOOD.replace("172.18.0.0/16", "172.18.0.0/23").replace("172.18.10.0/24", "172.18.0.0/24")
+        let t = GOOD
+            .replace("172.18.0.0/16", "172.18.0.0/23")
+            .replace("172.18.10.0/24", "172.18.0.0/24")
             + "\n[[node]]\nname = \"host3\"\nunderlay_ip = \"198.18.0.3\"\n";
         has(&t, "has no free /24 left for node 'host3'");
     }
@@ -563,11 +738,26 @@ underlay_ip = "198.18.0.2"
         assert_eq!(c.nodes[0].subnets["a"].to_string(), "10.1.0.16/28");
         assert_eq!(c.nodes[1].subnets["a"].to_string(), "10.1.0.0/28");
         assert_eq!(c.nodes[0].subnets["b"].to_string(), "10.1.0.0/28");
-        has(&t.replace("vni = 201", "vni = 200"), "VNI 200 is already used by network 'a'");
-        has(&t.replace("vni = 201", "vni = 200\nport = 8472"), "with a different port");
-        has(&t.replace("{ a = \"10.1.0.16/28\" }", "{ c = \"10.1.0.16/28\" }"), "there is no network 'c'");
-        has(&t.replace("10.1.0.16/28", "10.2.0.16/28"), "address slice 10.2.0.16/28 is outside");
-        has(&t.replace("mode = \"bridged\"\ncidr = \"10.1.0.0/24\"\nsubnet_len = 28\nvni = 201", "mode = \"bridged\"\ncidr = \"10.1.0.0/24\"\nsubnet_len = 28\nvni = 201").replace("name = \"h2\"", "name = \"h2\"\nsubnet = \"10.1.0.0/28\""), "use subnets = {");
+        has(
+            &t.replace("vni = 201", "vni = 200"),
+            "VNI 200 is already used by network 'a'",
+        );
+        has(
+            &t.replace("vni = 201", "vni = 200\nport = 8472"),
+            "with a different port",
+        );
+        has(
+            &t.replace("{ a = \"10.1.0.16/28\" }", "{ c = \"10.1.0.16/28\" }"),
+            "there is no network 'c'",
+        );
+        has(
+            &t.replace("10.1.0.16/28", "10.2.0.16/28"),
+            "address slice 10.2.0.16/28 is outside",
+        );
+        has(
+            &t.replace("name = \"h2\"", "name = \"h2\"\nsubnet = \"10.1.0.0/28\""),
+            "use subnets = {",
+        );
         let two_routed = t.replace("mode = \"bridged\"", "mode = \"routed\"");
         has(&two_routed, "a node serves one routed network");
     }

@@ -50,7 +50,9 @@ impl Drop for IpamLock {
 
 impl Ipam {
     pub fn new(state_dir: &Path, network: &str) -> Self {
-        Ipam { dir: state_dir.join("ipam").join(network) }
+        Ipam {
+            dir: state_dir.join("ipam").join(network),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -67,7 +69,8 @@ impl Ipam {
             .write(true)
             .open(&path)
             .with_context(|| format!("open {}", path.display()))?;
-        file.lock_exclusive().with_context(|| format!("lock {}", path.display()))?;
+        file.lock_exclusive()
+            .with_context(|| format!("lock {}", path.display()))?;
         Ok(IpamLock { file })
     }
 
@@ -85,11 +88,19 @@ impl Ipam {
         };
         for e in rd {
             let e = e?;
-            let Some(ip) = e.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else { continue };
+            let Some(ip) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
             let text = fs::read_to_string(e.path()).unwrap_or_default();
             match serde_json::from_str::<Owner>(&text) {
                 Ok(owner) => out.push(Allocation { ip, owner }),
-                Err(_) => tracing::warn!("ignoring unreadable allocation file {}", e.path().display()),
+                Err(_) => {
+                    tracing::warn!("ignoring unreadable allocation file {}", e.path().display())
+                }
             }
         }
         out.sort_by_key(|a| a.ip);
@@ -98,13 +109,22 @@ impl Ipam {
 
     /// The address held by `owner`, if any.
     pub fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
-        Ok(self.list()?.into_iter().find(|a| &a.owner == owner).map(|a| a.ip))
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|a| &a.owner == owner)
+            .map(|a| a.ip))
     }
 
     /// Allocate an address from the network's pool for `owner` (returns the
     /// existing one if the owner already holds an address). `want` asks for a
     /// specific address.
-    pub fn allocate(&self, net: &NetworkState, owner: &Owner, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    pub fn allocate(
+        &self,
+        net: &NetworkState,
+        owner: &Owner,
+        want: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr> {
         let _lock = self.lock()?;
         let current = self.list()?;
         if let Some(a) = current.iter().find(|a| &a.owner == owner) {
@@ -144,8 +164,11 @@ impl Ipam {
     /// Release whatever `owner` holds. Releasing nothing is fine.
     pub fn release(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
         let _lock = self.lock()?;
-        let Some(ip) = self.find(owner)? else { return Ok(None) };
-        fs::remove_file(self.path_of(ip)).with_context(|| format!("remove {}", self.path_of(ip).display()))?;
+        let Some(ip) = self.find(owner)? else {
+            return Ok(None);
+        };
+        fs::remove_file(self.path_of(ip))
+            .with_context(|| format!("remove {}", self.path_of(ip).display()))?;
         Ok(Some(ip))
     }
 
@@ -184,7 +207,10 @@ mod tests {
     }
 
     fn owner(i: usize) -> Owner {
-        Owner { container_id: format!("c{i}"), ifname: "eth0".into() }
+        Owner {
+            container_id: format!("c{i}"),
+            ifname: "eth0".into(),
+        }
     }
 
     #[test]
@@ -194,14 +220,22 @@ mod tests {
         let n = net("172.18.10.0/24");
         let a = ipam.allocate(&n, &owner(1), None).unwrap();
         assert_eq!(a, Ipv4Addr::new(172, 18, 10, 2));
-        assert_eq!(ipam.allocate(&n, &owner(1), None).unwrap(), a, "same owner, same address");
+        assert_eq!(
+            ipam.allocate(&n, &owner(1), None).unwrap(),
+            a,
+            "same owner, same address"
+        );
         let b = ipam.allocate(&n, &owner(2), None).unwrap();
         assert_eq!(b, Ipv4Addr::new(172, 18, 10, 3));
         assert_eq!(ipam.release(&owner(1)).unwrap(), Some(a));
         assert_eq!(ipam.release(&owner(1)).unwrap(), None);
         assert_eq!(ipam.allocate(&n, &owner(3), None).unwrap(), a);
         assert!(ipam.allocate(&n, &owner(4), Some(b)).is_err());
-        assert!(ipam.allocate(&n, &owner(4), Some(Ipv4Addr::new(172, 18, 10, 1))).is_err(), "gateway");
+        assert!(
+            ipam.allocate(&n, &owner(4), Some(Ipv4Addr::new(172, 18, 10, 1)))
+                .is_err(),
+            "gateway"
+        );
     }
 
     #[test]
@@ -224,7 +258,11 @@ mod tests {
             .map(|i| {
                 let dir = d.path().to_path_buf();
                 let n = n.clone();
-                std::thread::spawn(move || Ipam::new(&dir, "demo").allocate(&n, &owner(i), None).unwrap())
+                std::thread::spawn(move || {
+                    Ipam::new(&dir, "demo")
+                        .allocate(&n, &owner(i), None)
+                        .unwrap()
+                })
             })
             .collect();
         let mut ips: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();

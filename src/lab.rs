@@ -268,7 +268,17 @@ impl Lab {
             for (m, net) in nets.iter().enumerate() {
                 for k in 1..=spec.containers {
                     let cname = if spec.mode == Mode::Routed { format!("{}-c{k}", node.name) } else { format!("{}-n{}c{k}", node.name, m + 1) };
-                    self.add_container(&node.name, net, &cname).await?;
+                    // Bridged: network m starts m addresses further into the slice, so
+                    // networks share some addresses (same IP, different VNI) and not
+                    // others (an isolation probe has a real target in one network only).
+                    let ip = match spec.mode {
+                        Mode::Routed => None,
+                        Mode::Bridged => {
+                            let st = state::read_network(&node.state_dir, net)?.state;
+                            crate::dataplane::plan::usable_addresses(st.pool, st.subnet, st.gateway).nth(k - 1 + m)
+                        }
+                    };
+                    self.add_container(&node.name, net, &cname, ip).await?;
                 }
             }
         }
@@ -276,7 +286,7 @@ impl Lab {
     }
 
     /// Create a container namespace on `node` and attach it to `network`.
-    pub async fn add_container(&mut self, node: &str, network: &str, cname: &str) -> Result<LabContainer> {
+    pub async fn add_container(&mut self, node: &str, network: &str, cname: &str, ip: Option<Ipv4Addr>) -> Result<LabContainer> {
         let n = self.node(node)?.clone();
         let ns_name = format!("vxm-{}-{cname}", self.info.name);
         let cns = netns::create(&ns_name)?;
@@ -288,7 +298,8 @@ impl Lab {
             ifname: "eth0",
             host_ns: Some(&host_ns),
             container_ns: &cns,
-            ip: None,
+            ip,
+            mtu: None,
         };
         let att = match attach::attach(&req).await {
             Ok(a) => a,

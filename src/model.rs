@@ -18,7 +18,10 @@ impl Vni {
         if (1..=Self::MAX).contains(&v) {
             Ok(Vni(v))
         } else {
-            Err(format!("VNI {v} is out of range: use a value from 1 to {}", Self::MAX))
+            Err(format!(
+                "VNI {v} is out of range: use a value from 1 to {}",
+                Self::MAX
+            ))
         }
     }
 
@@ -97,12 +100,16 @@ impl FromStr for Mac {
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 6 {
-            return Err(format!("'{s}' is not a MAC address (want six hex octets like 0a:00:c6:12:00:01)"));
+            return Err(format!(
+                "'{s}' is not a MAC address (want six hex octets like 0a:00:c6:12:00:01)"
+            ));
         }
         let mut out = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
             if p.is_empty() || p.len() > 2 {
-                return Err(format!("'{s}' is not a MAC address: octet '{p}' is not 1-2 hex digits"));
+                return Err(format!(
+                    "'{s}' is not a MAC address: octet '{p}' is not 1-2 hex digits"
+                ));
             }
             out[i] = u8::from_str_radix(p, 16)
                 .map_err(|_| format!("'{s}' is not a MAC address: octet '{p}' is not hex"))?;

@@ -36,15 +36,22 @@ fn networks_dir(state_dir: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent")?;
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("state")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
     let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+    fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub fn write_network(state_dir: &Path, served: &ServedNetwork) -> Result<()> {
@@ -81,7 +88,9 @@ pub fn list_networks(state_dir: &Path) -> Vec<String> {
 pub fn remove_network(state_dir: &Path, network: &str) -> Result<()> {
     let path = networks_dir(state_dir).join(format!("{network}.json"));
     match fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("remove {}", path.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}", path.display()))
+        }
         _ => Ok(()),
     }
 }
@@ -93,7 +102,8 @@ pub struct AgentLock {
 
 /// Take the agent lock, refusing clearly if another agent holds it.
 pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
-    fs::create_dir_all(state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
+    fs::create_dir_all(state_dir)
+        .with_context(|| format!("create state dir {}", state_dir.display()))?;
     let path = state_dir.join("agent.lock");
     let mut file = OpenOptions::new()
         .create(true)
@@ -113,4 +123,22 @@ pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
     file.set_len(0)?;
     write!(file, "{}", std::process::id())?;
     Ok(AgentLock { _file: file })
+}
+
+/// Is an agent holding the lock of `state_dir` right now?
+pub fn agent_running(state_dir: &Path) -> bool {
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(state_dir.join("agent.lock"))
+    else {
+        return false;
+    };
+    match file.try_lock_exclusive() {
+        Ok(()) => {
+            let _ = FileExt::unlock(&file);
+            false
+        }
+        Err(_) => true,
+    }
 }

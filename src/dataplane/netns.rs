@@ -27,16 +27,26 @@ impl Netns {
     /// Open the named namespace `/run/netns/NAME`.
     pub fn open(name: &str) -> Result<Self> {
         let path = Path::new(NETNS_DIR).join(name);
-        let file = File::open(&path)
-            .with_context(|| format!("network namespace '{name}' does not exist ({})", path.display()))?;
-        Ok(Netns { name: name.to_string(), file })
+        let file = File::open(&path).with_context(|| {
+            format!(
+                "network namespace '{name}' does not exist ({})",
+                path.display()
+            )
+        })?;
+        Ok(Netns {
+            name: name.to_string(),
+            file,
+        })
     }
 
     /// Open a namespace by any path (e.g. `/proc/PID/ns/net` or a CNI_NETNS path).
     pub fn open_path(path: &Path) -> Result<Self> {
         let file = File::open(path)
             .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-        Ok(Netns { name: path.display().to_string(), file })
+        Ok(Netns {
+            name: path.display().to_string(),
+            file,
+        })
     }
 
     /// The namespace of the calling thread.
@@ -57,7 +67,10 @@ impl Netns {
     }
 
     pub fn try_clone(&self) -> Result<Self> {
-        Ok(Netns { name: self.name.clone(), file: self.file.try_clone()? })
+        Ok(Netns {
+            name: self.name.clone(),
+            file: self.file.try_clone()?,
+        })
     }
 
     /// Run `f` on a fresh thread that has entered this namespace. The thread
@@ -100,7 +113,9 @@ pub fn validate_name(name: &str) -> Result<()> {
         || name.contains('/')
         || name == "."
         || name == ".."
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         bail!("invalid network namespace name '{name}': use 1-64 characters from [A-Za-z0-9._-]");
     }
@@ -117,8 +132,14 @@ fn prepare_netns_dir() -> Result<()> {
     std::fs::create_dir_all(NETNS_DIR).with_context(|| format!("create {NETNS_DIR}"))?;
     let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
     if mount(None::<&str>, NETNS_DIR, Some("none"), shared, None::<&str>).is_err() {
-        mount(Some(NETNS_DIR), NETNS_DIR, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .with_context(|| format!("bind-mount {NETNS_DIR} onto itself"))?;
+        mount(
+            Some(NETNS_DIR),
+            NETNS_DIR,
+            Some("none"),
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mount {NETNS_DIR} onto itself"))?;
         mount(None::<&str>, NETNS_DIR, Some("none"), shared, None::<&str>)
             .with_context(|| format!("make {NETNS_DIR} a shared mount"))?;
     }
@@ -134,7 +155,12 @@ pub fn create(name: &str) -> Result<Netns> {
         .write(true)
         .create_new(true)
         .open(&path)
-        .with_context(|| format!("create network namespace '{name}': {} exists or cannot be created", path.display()))?;
+        .with_context(|| {
+            format!(
+                "create network namespace '{name}': {} exists or cannot be created",
+                path.display()
+            )
+        })?;
     let target = path.clone();
     let res = std::thread::Builder::new()
         .name("vxm-netns-new".into())
@@ -161,7 +187,7 @@ pub fn create(name: &str) -> Result<Netns> {
         }
     }
     let ns = Netns::open(name)?;
-    ns.run(|| crate::dataplane::sysctl::set_loopback_up())?;
+    ns.run(crate::dataplane::sysctl::set_loopback_up)?;
     Ok(ns)
 }
 
@@ -199,7 +225,9 @@ pub struct NetnsGuard {
 impl NetnsGuard {
     pub fn create(name: &str) -> Result<Self> {
         create(name)?;
-        Ok(NetnsGuard { name: name.to_string() })
+        Ok(NetnsGuard {
+            name: name.to_string(),
+        })
     }
 
     pub fn open(&self) -> Result<Netns> {

@@ -13,7 +13,9 @@ use crate::model::{self, Endpoint, Mac, NodeRecord, Vni};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("node '{node}' is not in the cluster (known nodes: {known}): check --node or add it to the cluster file")]
+    #[error(
+        "node '{node}' is not in the cluster (known nodes: {known}): check --node or add it to the cluster file"
+    )]
     UnknownNode { node: String, known: String },
     #[error("node '{node}' has no subnet in network '{network}'")]
     NoSubnet { node: String, network: String },
@@ -44,7 +46,11 @@ pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
 
 /// Addresses containers may get from a pool: hosts of `pool` that are neither
 /// the network nor the broadcast address of `segment`, nor `gateway`.
-pub fn usable_addresses(pool: Ipv4Net, segment: Ipv4Net, gateway: Option<Ipv4Addr>) -> impl Iterator<Item = Ipv4Addr> {
+pub fn usable_addresses(
+    pool: Ipv4Net,
+    segment: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+) -> impl Iterator<Item = Ipv4Addr> {
     let lo = u32::from(pool.network());
     let hi = u32::from(pool.broadcast());
     let (net, bcast) = (segment.network(), segment.broadcast());
@@ -60,7 +66,12 @@ pub fn derived_endpoints(cluster: &Cluster, network: &Network) -> Vec<Endpoint> 
     for n in &cluster.nodes {
         if let Some(slice) = n.subnets.get(&network.name) {
             for ip in usable_addresses(*slice, network.cidr, None) {
-                out.push(Endpoint { network: network.name.clone(), ip, mac: model::container_mac(ip), node: n.name.clone() });
+                out.push(Endpoint {
+                    network: network.name.clone(),
+                    ip,
+                    mac: model::container_mac(ip),
+                    node: n.name.clone(),
+                });
             }
         }
     }
@@ -82,10 +93,17 @@ pub struct PlanInput<'a> {
 /// Compute the desired state of `input.node`.
 pub fn plan(input: &PlanInput) -> Result<NodePlan, PlanError> {
     let cluster = input.cluster;
-    let me = cluster.node(input.node).ok_or_else(|| PlanError::UnknownNode {
-        node: input.node.to_string(),
-        known: cluster.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
-    })?;
+    let me = cluster
+        .node(input.node)
+        .ok_or_else(|| PlanError::UnknownNode {
+            node: input.node.to_string(),
+            known: cluster
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
     let mut p = NodePlan::default();
     for net in &cluster.networks {
         match net.mode {
@@ -110,7 +128,10 @@ fn subnet_of(node: &NodeRecord, net: &Network) -> Result<Ipv4Net, PlanError> {
     node.subnets
         .get(&net.name)
         .copied()
-        .ok_or_else(|| PlanError::NoSubnet { node: node.name.clone(), network: net.name.clone() })
+        .ok_or_else(|| PlanError::NoSubnet {
+            node: node.name.clone(),
+            network: net.name.clone(),
+        })
 }
 
 fn vtep_spec(me: &NodeRecord, net: &Network, mtu: u32, bridged: bool, bridge: &str) -> LinkSpec {
@@ -143,7 +164,13 @@ fn bridge_spec(name: &str, me: &NodeRecord, net: &Network, mtu: u32) -> LinkSpec
     }
 }
 
-fn plan_routed(p: &mut NodePlan, cluster: &Cluster, me: &NodeRecord, net: &Network, underlay_mtu: u32) -> Result<(), PlanError> {
+fn plan_routed(
+    p: &mut NodePlan,
+    cluster: &Cluster,
+    me: &NodeRecord,
+    net: &Network,
+    underlay_mtu: u32,
+) -> Result<(), PlanError> {
     let subnet = subnet_of(me, net)?;
     let mtu = net.effective_mtu(underlay_mtu);
     let bridge = model::ROUTED_BRIDGE.to_string();
@@ -151,15 +178,35 @@ fn plan_routed(p: &mut NodePlan, cluster: &Cluster, me: &NodeRecord, net: &Netwo
     p.links.push(bridge_spec(&bridge, me, net, mtu));
     p.links.push(vtep_spec(me, net, mtu, false, &bridge));
     let gw = gateway(subnet);
-    p.addresses.insert(AddrSpec { dev: bridge.clone(), addr: Ipv4Net::new(gw, subnet.prefix_len()).expect("valid prefix") });
-    p.addresses.insert(AddrSpec { dev: vtep.clone(), addr: Ipv4Net::new(vtep_addr(subnet), 32).expect("valid prefix") });
+    p.addresses.insert(AddrSpec {
+        dev: bridge.clone(),
+        addr: Ipv4Net::new(gw, subnet.prefix_len()).expect("valid prefix"),
+    });
+    p.addresses.insert(AddrSpec {
+        dev: vtep.clone(),
+        addr: Ipv4Net::new(vtep_addr(subnet), 32).expect("valid prefix"),
+    });
     p.ip_forward = true;
     for peer in cluster.nodes.iter().filter(|n| n.name != me.name) {
-        let Some(rs) = peer.subnets.get(&net.name) else { continue };
+        let Some(rs) = peer.subnets.get(&net.name) else {
+            continue;
+        };
         let peer_mac = model::vtep_mac(net.vni, peer.underlay_ip);
-        p.routes.insert(RouteSpec { dst: *rs, via: vtep_addr(*rs), dev: vtep.clone() });
-        p.neighbours.insert(NeighSpec { dev: vtep.clone(), ip: vtep_addr(*rs), mac: peer_mac });
-        p.fdb.insert(FdbSpec { dev: vtep.clone(), mac: peer_mac, dst: peer.underlay_ip });
+        p.routes.insert(RouteSpec {
+            dst: *rs,
+            via: vtep_addr(*rs),
+            dev: vtep.clone(),
+        });
+        p.neighbours.insert(NeighSpec {
+            dev: vtep.clone(),
+            ip: vtep_addr(*rs),
+            mac: peer_mac,
+        });
+        p.fdb.insert(FdbSpec {
+            dev: vtep.clone(),
+            mac: peer_mac,
+            dst: peer.underlay_ip,
+        });
     }
     p.networks.insert(
         net.name.clone(),
@@ -193,14 +240,27 @@ fn plan_bridged(
     p.links.push(bridge_spec(&bridge, me, net, mtu));
     p.links.push(vtep_spec(me, net, mtu, true, &bridge));
     let mut seen_ips = BTreeSet::new();
-    for ep in endpoints.iter().filter(|e| e.network == net.name && e.node != me.name) {
-        let Some(peer) = cluster.node(&ep.node) else { continue };
+    for ep in endpoints
+        .iter()
+        .filter(|e| e.network == net.name && e.node != me.name)
+    {
+        let Some(peer) = cluster.node(&ep.node) else {
+            continue;
+        };
         // One IP is one endpoint: if two records claim it, the first wins.
         if !net.cidr.contains(&ep.ip) || !seen_ips.insert(ep.ip) {
             continue;
         }
-        p.neighbours.insert(NeighSpec { dev: vtep.clone(), ip: ep.ip, mac: ep.mac });
-        p.fdb.insert(FdbSpec { dev: vtep.clone(), mac: ep.mac, dst: peer.underlay_ip });
+        p.neighbours.insert(NeighSpec {
+            dev: vtep.clone(),
+            ip: ep.ip,
+            mac: ep.mac,
+        });
+        p.fdb.insert(FdbSpec {
+            dev: vtep.clone(),
+            mac: ep.mac,
+            dst: peer.underlay_ip,
+        });
     }
     p.networks.insert(
         net.name.clone(),
@@ -226,7 +286,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn routed(n: usize) -> Cluster {
-        let mut t = String::from("[[network]]\nname = \"demo\"\ncidr = \"172.18.0.0/16\"\nsubnet_len = 24\nvni = 100\n");
+        let mut t = String::from(
+            "[[network]]\nname = \"demo\"\ncidr = \"172.18.0.0/16\"\nsubnet_len = 24\nvni = 100\n",
+        );
         for i in 0..n {
             t += &format!(
                 "[[node]]\nname = \"host{}\"\nunderlay_ip = \"198.18.0.{}\"\nsubnet = \"172.18.{}.0/24\"\n",
@@ -239,7 +301,12 @@ mod tests {
     }
 
     fn input<'a>(c: &'a Cluster, node: &'a str) -> PlanInput<'a> {
-        PlanInput { cluster: c, node, endpoints: None, underlay_mtu: 1500 }
+        PlanInput {
+            cluster: c,
+            node,
+            endpoints: None,
+            underlay_mtu: 1500,
+        }
     }
 
     #[test]
@@ -252,11 +319,20 @@ mod tests {
         assert_eq!(p.links[1].name, "vxm-vx100");
         assert_eq!(p.links[1].mtu, 1450);
         assert_eq!(p.links[1].mac.to_string(), "0a:64:c6:12:00:01");
-        let LinkKind::Vxlan(vx) = &p.links[1].kind else { panic!() };
+        let LinkKind::Vxlan(vx) = &p.links[1].kind else {
+            panic!()
+        };
         assert_eq!((vx.vni.get(), vx.port, vx.proxy), (100, 4789, false));
         assert_eq!(vx.local, Ipv4Addr::new(198, 18, 0, 1));
-        let addrs: Vec<String> = p.addresses.iter().map(|a| format!("{} {}", a.dev, a.addr)).collect();
-        assert_eq!(addrs, vec!["vxm-br0 172.18.10.1/24", "vxm-vx100 172.18.10.0/32"]);
+        let addrs: Vec<String> = p
+            .addresses
+            .iter()
+            .map(|a| format!("{} {}", a.dev, a.addr))
+            .collect();
+        assert_eq!(
+            addrs,
+            vec!["vxm-br0 172.18.10.1/24", "vxm-vx100 172.18.10.0/32"]
+        );
         let r: Vec<_> = p.routes.iter().collect();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].dst.to_string(), "172.18.20.0/24");
@@ -265,7 +341,10 @@ mod tests {
         assert_eq!(n[0].ip, Ipv4Addr::new(172, 18, 20, 0));
         assert_eq!(n[0].mac.to_string(), "0a:64:c6:12:00:02");
         let f: Vec<_> = p.fdb.iter().collect();
-        assert_eq!((f[0].mac, f[0].dst), (n[0].mac, Ipv4Addr::new(198, 18, 0, 2)));
+        assert_eq!(
+            (f[0].mac, f[0].dst),
+            (n[0].mac, Ipv4Addr::new(198, 18, 0, 2))
+        );
         assert!(p.ip_forward);
         let st = &p.networks["demo"];
         assert_eq!(st.gateway, Some(Ipv4Addr::new(172, 18, 10, 1)));
@@ -296,7 +375,12 @@ mod tests {
         let last: Vec<_> = usable_addresses("10.1.0.248/29".parse().unwrap(), seg, None).collect();
         assert_eq!(last.len(), 7);
         assert!(!last.contains(&Ipv4Addr::new(10, 1, 0, 255)));
-        let routed: Vec<_> = usable_addresses("172.18.10.0/24".parse().unwrap(), "172.18.10.0/24".parse().unwrap(), Some(Ipv4Addr::new(172, 18, 10, 1))).collect();
+        let routed: Vec<_> = usable_addresses(
+            "172.18.10.0/24".parse().unwrap(),
+            "172.18.10.0/24".parse().unwrap(),
+            Some(Ipv4Addr::new(172, 18, 10, 1)),
+        )
+        .collect();
         assert_eq!(routed.len(), 253);
         assert_eq!(routed[0], Ipv4Addr::new(172, 18, 10, 2));
     }
@@ -333,17 +417,30 @@ underlay_ip = "198.18.0.3"
         let c = bridged_cluster();
         let p = plan(&input(&c, "h1")).unwrap();
         // Two networks x (bridge + vtep).
-        assert_eq!(p.links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), vec!["vxm-br200", "vxm-vx200", "vxm-br201", "vxm-vx201"]);
+        assert_eq!(
+            p.links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            vec!["vxm-br200", "vxm-vx200", "vxm-br201", "vxm-vx201"]
+        );
         assert_eq!(p.links[1].master.as_deref(), Some("vxm-br200"));
         assert!(p.addresses.is_empty());
         assert!(!p.ip_forward);
         // h2 holds 10.1.0.8/29 and h3 10.1.0.16/29: 8 + 8 addresses per network.
-        let on200: Vec<_> = p.neighbours.iter().filter(|n| n.dev == "vxm-vx200").collect();
+        let on200: Vec<_> = p
+            .neighbours
+            .iter()
+            .filter(|n| n.dev == "vxm-vx200")
+            .collect();
         assert_eq!(on200.len(), 16);
         assert!(on200.iter().all(|n| n.mac == model::container_mac(n.ip)));
-        assert!(p.fdb.iter().any(|f| f.dev == "vxm-vx201" && f.mac == model::container_mac(Ipv4Addr::new(10, 1, 0, 9)) && f.dst == Ipv4Addr::new(198, 18, 0, 2)));
+        assert!(p.fdb.iter().any(|f| f.dev == "vxm-vx201"
+            && f.mac == model::container_mac(Ipv4Addr::new(10, 1, 0, 9))
+            && f.dst == Ipv4Addr::new(198, 18, 0, 2)));
         // Its own slice (10.1.0.0/29) is not programmed.
-        assert!(!p.neighbours.iter().any(|n| n.ip == Ipv4Addr::new(10, 1, 0, 1)));
+        assert!(
+            !p.neighbours
+                .iter()
+                .any(|n| n.ip == Ipv4Addr::new(10, 1, 0, 1))
+        );
         assert_eq!(p.networks["a"].pool.to_string(), "10.1.0.0/29");
         assert_eq!(p.networks["a"].gateway, None);
     }
@@ -353,17 +450,46 @@ underlay_ip = "198.18.0.3"
         let c = bridged_cluster();
         let ip = Ipv4Addr::new(10, 1, 0, 9);
         let eps = vec![
-            Endpoint { network: "a".into(), ip, mac: model::container_mac(ip), node: "h2".into() },
+            Endpoint {
+                network: "a".into(),
+                ip,
+                mac: model::container_mac(ip),
+                node: "h2".into(),
+            },
             // Duplicate claim of the same IP from another node: first one wins.
-            Endpoint { network: "a".into(), ip, mac: model::container_mac(ip), node: "h3".into() },
+            Endpoint {
+                network: "a".into(),
+                ip,
+                mac: model::container_mac(ip),
+                node: "h3".into(),
+            },
             // Outside the network: ignored.
-            Endpoint { network: "a".into(), ip: Ipv4Addr::new(10, 9, 0, 1), mac: model::container_mac(ip), node: "h3".into() },
+            Endpoint {
+                network: "a".into(),
+                ip: Ipv4Addr::new(10, 9, 0, 1),
+                mac: model::container_mac(ip),
+                node: "h3".into(),
+            },
             // Own endpoint: not programmed.
-            Endpoint { network: "a".into(), ip: Ipv4Addr::new(10, 1, 0, 2), mac: model::container_mac(Ipv4Addr::new(10, 1, 0, 2)), node: "h1".into() },
+            Endpoint {
+                network: "a".into(),
+                ip: Ipv4Addr::new(10, 1, 0, 2),
+                mac: model::container_mac(Ipv4Addr::new(10, 1, 0, 2)),
+                node: "h1".into(),
+            },
         ];
-        let p = plan(&PlanInput { cluster: &c, node: "h1", endpoints: Some(&eps), underlay_mtu: 1500 }).unwrap();
+        let p = plan(&PlanInput {
+            cluster: &c,
+            node: "h1",
+            endpoints: Some(&eps),
+            underlay_mtu: 1500,
+        })
+        .unwrap();
         assert_eq!(p.neighbours.len(), 1);
-        assert_eq!(p.fdb.iter().next().unwrap().dst, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(
+            p.fdb.iter().next().unwrap().dst,
+            Ipv4Addr::new(198, 18, 0, 2)
+        );
     }
 
     proptest! {

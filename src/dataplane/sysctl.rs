@@ -9,7 +9,10 @@ fn write(path: &str, value: &str) -> Result<()> {
 }
 
 pub fn read(path: &str) -> Result<String> {
-    Ok(std::fs::read_to_string(path).with_context(|| format!("read {path}"))?.trim().to_string())
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("read {path}"))?
+        .trim()
+        .to_string())
 }
 
 pub fn ip_forward() -> Result<bool> {
@@ -25,8 +28,13 @@ pub fn set_ip_forward(on: bool) -> Result<()> {
 pub fn set_loopback_up() -> Result<()> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     use std::os::fd::AsRawFd;
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-        .context("socket for loopback ioctl")?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket for loopback ioctl")?;
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (i, b) in b"lo\0".iter().enumerate() {
         req.ifr_name[i] = *b as libc::c_char;

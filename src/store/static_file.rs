@@ -19,20 +19,40 @@ pub struct StaticFile {
 impl StaticFile {
     /// Watch `path`. Must be called inside a tokio runtime.
     pub fn open(path: &Path) -> Result<Self> {
-        let path = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
-        let dir = path.parent().context("cluster file path has no directory")?.to_path_buf();
-        let file_name = path.file_name().context("cluster file path has no file name")?.to_os_string();
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(path)
+        };
+        let dir = path
+            .parent()
+            .context("cluster file path has no directory")?
+            .to_path_buf();
+        let file_name = path
+            .file_name()
+            .context("cluster file path has no file name")?
+            .to_os_string();
         let inotify = Inotify::init().context("inotify init")?;
         // Watch the directory: editors and config managers replace files by rename.
         inotify
             .watches()
             .add(
                 &dir,
-                WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE | WatchMask::MODIFY,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::CREATE
+                    | WatchMask::DELETE
+                    | WatchMask::MODIFY,
             )
             .with_context(|| format!("watch {}", dir.display()))?;
-        let events = inotify.into_event_stream(vec![0u8; 4096]).context("inotify stream")?;
-        Ok(StaticFile { path, file_name, events })
+        let events = inotify
+            .into_event_stream(vec![0u8; 4096])
+            .context("inotify stream")?;
+        Ok(StaticFile {
+            path,
+            file_name,
+            events,
+        })
     }
 }
 
@@ -43,13 +63,18 @@ impl Store for StaticFile {
 
     async fn snapshot(&mut self) -> Result<Snapshot> {
         let cluster = config::load(&self.path)?;
-        Ok(Snapshot { cluster, endpoints: None })
+        Ok(Snapshot {
+            cluster,
+            endpoints: None,
+        })
     }
 
     async fn changed(&mut self) -> Result<()> {
         loop {
             let ev = self.events.next().await.context("inotify stream ended")??;
-            if ev.mask.contains(EventMask::Q_OVERFLOW) || ev.name.as_deref() == Some(self.file_name.as_os_str()) {
+            if ev.mask.contains(EventMask::Q_OVERFLOW)
+                || ev.name.as_deref() == Some(self.file_name.as_os_str())
+            {
                 return Ok(());
             }
         }

@@ -4,6 +4,7 @@
 //! for bridged networks the endpoint records if the store knows them) and
 //! tells the agent when something may have changed.
 
+pub mod etcd;
 pub mod static_file;
 
 use anyhow::Result;

@@ -4,13 +4,14 @@
 //! ([`dataplane::plan`]) computes desired state, the kernel layer
 //! ([`dataplane::kernel`]) dumps what vxmesh owns and applies the difference.
 
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod ipam;
-// pending: pub mod lab;
+pub mod lab;
 pub mod model;
 pub mod probe;
 pub mod state;
 pub mod store;
-// pending: pub mod agent;
-// pending: pub mod attach;
+pub mod agent;
+pub mod attach;

@@ -13,7 +13,8 @@ use ipnet::Ipv4Net;
 
 use super::records::{self, Keys, NodeJson};
 use super::{
-    AbortOnDrop, Backoff, Inner, Me, TaskGuard, lease_opts, op, require_bridged, txn_get, watcher,
+    AbortOnDrop, Backoff, Inner, Me, Owned, TaskGuard, lease_opts, op, require_bridged, txn_get,
+    watcher,
 };
 use crate::config::Network;
 use crate::model::{Endpoint, Mac};
@@ -424,36 +425,32 @@ pub(crate) async fn allocate_endpoint(
     {
         return Ok(ep.clone());
     }
-    // Skip what the view already shows taken; the CAS below settles races
-    // and anything the view has not seen yet.
-    let mut taken = inner.endpoint_keys();
-    taken.extend(owned.endpoints.keys().copied());
-    let candidates = ip_hint
-        .into_iter()
-        .chain(records::address_candidates(&net, owned.subnet.network()));
-    for ip in candidates.filter(|ip| !taken.contains(ip)) {
-        let ep = Endpoint {
-            network: net.name.clone(),
-            ip,
-            mac: mac_from_ip(ip),
-            node: inner.me.node.clone(),
+    // The hint first, whatever the view says (it may lag a release). Then
+    // skip what the view shows taken (the CAS settles races and anything the
+    // view has not seen yet); only if that finds nothing, re-read the
+    // endpoints from etcd and try what is really free.
+    if let Some(ip) = ip_hint
+        && let Some(ep) = try_allocate(inner, &net, &mut owned, ip, mac_from_ip).await?
+    {
+        return Ok(ep);
+    }
+    for fresh in [false, true] {
+        let mut taken = if fresh {
+            let (kvs, _) = watcher::list(&inner.client, &inner.keys.endpoints()).await?;
+            let prefix = inner.keys.endpoints();
+            kvs.keys()
+                .filter_map(|k| k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()))
+                .collect()
+        } else {
+            inner.endpoint_keys()
         };
-        records::check_endpoint(&net, &ep)
-            .map_err(|e| anyhow!("mac_from_ip({ip}) gave an unusable endpoint: {e}"))?;
-        let key = inner.keys.endpoint(ip);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                serde_json::to_string(&ep).expect("serializes"),
-                lease_opts(owned.lease),
-            )]);
-        if op(format!("allocate {key}"), inner.client.kv_client().txn(txn))
-            .await?
-            .succeeded()
-        {
-            owned.endpoints.insert(ip, ep.clone());
-            return Ok(ep);
+        taken.extend(owned.endpoints.keys().copied());
+        taken.extend(ip_hint);
+        let start = owned.subnet.network();
+        for ip in records::address_candidates(&net, start).filter(|ip| !taken.contains(ip)) {
+            if let Some(ep) = try_allocate(inner, &net, &mut owned, ip, mac_from_ip).await? {
+                return Ok(ep);
+            }
         }
     }
     bail!(
@@ -461,6 +458,37 @@ pub(crate) async fn allocate_endpoint(
         net.name,
         net.cidr
     )
+}
+
+/// Create `endpoints/IP` for this node if absent.
+async fn try_allocate(
+    inner: &Inner,
+    net: &Network,
+    owned: &mut Owned,
+    ip: Ipv4Addr,
+    mac_from_ip: fn(Ipv4Addr) -> Mac,
+) -> Result<Option<Endpoint>> {
+    let ep = Endpoint {
+        network: net.name.clone(),
+        ip,
+        mac: mac_from_ip(ip),
+        node: inner.me.node.clone(),
+    };
+    records::check_endpoint(net, &ep)
+        .map_err(|e| anyhow!("mac_from_ip({ip}) gave an unusable endpoint: {e}"))?;
+    let key = inner.keys.endpoint(ip);
+    let value = serde_json::to_string(&ep).expect("an endpoint serializes");
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key.clone(), value, lease_opts(owned.lease))]);
+    if op(format!("allocate {key}"), inner.client.kv_client().txn(txn))
+        .await?
+        .succeeded()
+    {
+        owned.endpoints.insert(ip, ep.clone());
+        return Ok(Some(ep));
+    }
+    Ok(None)
 }
 
 pub(crate) async fn release_endpoint(inner: &Inner, ip: Ipv4Addr) -> Result<()> {

@@ -1,0 +1,350 @@
+//! Reaching etcd: options, connection, per-request timeouts, error hints,
+//! connection health reporting and retry backoff.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use etcd_client::{Client, ConnectOptions, PutOptions, TxnOpResponse};
+use tokio::task::JoinHandle;
+
+use super::records;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "/vxmesh";
+/// Default lease TTL: a crashed node disappears from its peers after this long.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// etcd's smallest lease TTL with its default election timeout.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+/// Every single etcd request gives up after this long.
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Cap of the retry backoff while etcd is unreachable.
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// TLS material for `https://` endpoints (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// CA certificate that signed the etcd server certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key, when etcd requires client authentication
+    /// (`--client-cert-auth`): both or neither.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How to reach etcd.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// `http://host:2379` or `https://host:2379` (one or more members).
+    pub endpoints: Vec<String>,
+    pub tls: Option<TlsOptions>,
+    /// User name and password, when etcd has authentication enabled.
+    pub user: Option<(String, String)>,
+}
+
+impl ClientOptions {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        ClientOptions {
+            endpoints,
+            tls: None,
+            user: None,
+        }
+    }
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
+            .finish()
+    }
+}
+
+/// Everything [`EtcdStore::join`](super::EtcdStore::join) needs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Key prefix, default [`DEFAULT_PREFIX`].
+    pub prefix: String,
+    /// Name of the network to join (its config must exist: [`create_network`](super::create_network)).
+    pub network: String,
+    /// This node's name (unique in the cluster).
+    pub node: String,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_dev: Option<String>,
+    /// Lease TTL (whole seconds, at least [`MIN_TTL`]); default [`DEFAULT_TTL`].
+    pub ttl: Duration,
+    pub tls: Option<TlsOptions>,
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdOptions {
+    /// Options with the default prefix and TTL, no TLS and no user.
+    pub fn new(endpoints: Vec<String>, network: &str, node: &str, underlay_ip: Ipv4Addr) -> Self {
+        EtcdOptions {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_string(),
+            network: network.to_string(),
+            node: node.to_string(),
+            underlay_ip,
+            underlay_dev: None,
+            ttl: DEFAULT_TTL,
+            tls: None,
+            user: None,
+        }
+    }
+
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            endpoints: self.endpoints.clone(),
+            tls: self.tls.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    /// Every problem, each naming the option and the fix.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let mut p = Vec::new();
+        if let Err(e) = check_client(&self.client_options()) {
+            p.push(e);
+        }
+        if let Err(e) = records::check_prefix(&self.prefix) {
+            p.push(format!("prefix: {e}"));
+        }
+        if let Err(e) = records::check_network_name(&self.network) {
+            p.push(format!("network: {e}"));
+        }
+        if let Err(e) = records::check_node_name(&self.node) {
+            p.push(format!("node: {e}"));
+        }
+        if let Err(e) = records::check_underlay_ip(self.underlay_ip) {
+            p.push(format!("underlay_ip: {e}"));
+        }
+        if let Some(d) = &self.underlay_dev
+            && let Err(e) = records::check_underlay_dev(d)
+        {
+            p.push(format!("underlay_dev: {e}"));
+        }
+        if self.ttl < MIN_TTL || self.ttl > Duration::from_secs(3600) {
+            p.push(format!(
+                "ttl: {:?} is out of range: use {}s to 3600s (default {}s)",
+                self.ttl,
+                MIN_TTL.as_secs(),
+                DEFAULT_TTL.as_secs()
+            ));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            bail!("invalid etcd store options: {}", p.join("; "))
+        }
+    }
+}
+
+impl fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("network", &self.network)
+            .field("node", &self.node)
+            .field("underlay_ip", &self.underlay_ip)
+            .field("underlay_dev", &self.underlay_dev)
+            .field("ttl", &self.ttl)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
+            .finish()
+    }
+}
+
+pub(crate) fn check_client(o: &ClientOptions) -> std::result::Result<(), String> {
+    if o.endpoints.is_empty() || o.endpoints.iter().any(|e| e.trim().is_empty()) {
+        return Err(
+            "endpoints: give at least one etcd endpoint, like http://127.0.0.1:2379".into(),
+        );
+    }
+    if let Some(t) = &o.tls {
+        if t.cert.is_some() != t.key.is_some() {
+            return Err("tls: give both a client certificate and its key, or neither".into());
+        }
+        if let Some(e) = o.endpoints.iter().find(|e| e.starts_with("http://")) {
+            return Err(format!(
+                "endpoints: {e} is plain http but TLS options are set: use https://"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Connect (lazily: the first request tells whether etcd is reachable).
+pub(crate) async fn connect(o: &ClientOptions) -> Result<Client> {
+    check_client(o).map_err(|e| anyhow!("invalid etcd client options: {e}"))?;
+    let mut co = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    if let Some((user, password)) = &o.user {
+        co = co.with_user(user.clone(), password.clone());
+    }
+    if let Some(t) = &o.tls {
+        let read = |p: &PathBuf| {
+            let p = p.clone();
+            async move {
+                tokio::fs::read(&p)
+                    .await
+                    .with_context(|| format!("read TLS file {}", p.display()))
+            }
+        };
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca).await?));
+        if let (Some(c), Some(k)) = (&t.cert, &t.key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read(c).await?,
+                read(k).await?,
+            ));
+        }
+        co = co.with_tls(tls);
+    }
+    let eps = o.endpoints.join(",");
+    match tokio::time::timeout(OP_TIMEOUT, Client::connect(&o.endpoints, Some(co))).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(anyhow!("connect to etcd at {eps}: {e}{}", hint(&e))),
+        Err(_) => bail!(
+            "connect to etcd at {eps}: no answer within {OP_TIMEOUT:?}: is etcd running and reachable?"
+        ),
+    }
+}
+
+/// What to do about a few common etcd errors.
+fn hint(e: &etcd_client::Error) -> &'static str {
+    let m = e.to_string();
+    if m.contains("user name is empty") {
+        " (etcd has authentication enabled: give a user and password)"
+    } else if m.contains("authentication failed") {
+        " (check the etcd user name and password)"
+    } else if m.contains("permission denied") {
+        " (the etcd user needs read/write permission on the key prefix)"
+    } else if m.contains("Certificate") || m.contains("certificate") {
+        " (check the TLS CA, client certificate and key)"
+    } else {
+        ""
+    }
+}
+
+/// Run one etcd request with the standard timeout; errors say what was tried.
+pub(crate) async fn op<T>(
+    what: impl fmt::Display,
+    fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(OP_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow!("etcd: {what}: {e}{}", hint(&e))),
+        Err(_) => {
+            bail!("etcd: {what}: no answer within {OP_TIMEOUT:?} (is etcd running and reachable?)")
+        }
+    }
+}
+
+pub(crate) fn lease_opts(lease: i64) -> Option<PutOptions> {
+    Some(PutOptions::new().with_lease(lease))
+}
+
+/// The value of the first `Get` in a transaction's responses.
+pub(crate) fn txn_get(resp: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    })
+}
+
+/// Connection health: logs once per change of state, not per retry.
+pub(crate) struct Health {
+    lease_ok: AtomicBool,
+    watch_ok: AtomicBool,
+    reported: Mutex<bool>,
+    /// "node NODE, network NET", for the log lines.
+    who: String,
+}
+
+impl Health {
+    pub(crate) fn new(who: String) -> Self {
+        Health {
+            lease_ok: AtomicBool::new(true),
+            watch_ok: AtomicBool::new(true),
+            reported: Mutex::new(true),
+            who,
+        }
+    }
+    pub(crate) fn connected(&self) -> bool {
+        self.lease_ok.load(Ordering::SeqCst) && self.watch_ok.load(Ordering::SeqCst)
+    }
+    pub(crate) fn lease(&self, ok: bool, err: Option<&str>) {
+        self.lease_ok.store(ok, Ordering::SeqCst);
+        self.report(err);
+    }
+    pub(crate) fn watch(&self, ok: bool, err: Option<&str>) {
+        self.watch_ok.store(ok, Ordering::SeqCst);
+        self.report(err);
+    }
+    fn report(&self, err: Option<&str>) {
+        let now = self.connected();
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        if *reported != now {
+            *reported = now;
+            if now {
+                tracing::info!(
+                    "{}: etcd connection restored: the view is live again",
+                    self.who
+                );
+            } else {
+                tracing::warn!(
+                    "{}: etcd unreachable ({}): keeping the last known view, the data plane keeps working; retrying with backoff",
+                    self.who,
+                    err.unwrap_or("unknown error")
+                );
+            }
+        } else if let Some(e) = err {
+            tracing::debug!("{}: etcd still unreachable: {e}", self.who);
+        }
+    }
+}
+
+/// Exponential backoff with a little jitter, capped at [`BACKOFF_CAP`].
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+    pub(crate) fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.subsec_nanos() % 50_000_000)
+            .unwrap_or(0);
+        d + Duration::from_nanos(jitter as u64)
+    }
+}
+
+/// Aborts a helper task when dropped (also when the future owning it is cancelled).
+pub(crate) struct AbortOnDrop(pub JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

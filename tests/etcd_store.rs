@@ -1,0 +1,871 @@
+//! The etcd store against a real etcd (`/usr/bin/etcd` on 127.0.0.1, one
+//! throwaway server per test). No root and no network namespace needed.
+
+mod common_etcd;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common_etcd::EtcdServer;
+use etcd_client::{Client, CompactionOptions, PutOptions};
+use etcd_client::{ConnectOptions, GetOptions};
+use ipnet::Ipv4Net;
+use vxmesh::config::{Mode, Network};
+use vxmesh::model::{Endpoint, Vni, container_mac};
+use vxmesh::store::etcd::{self, ClientOptions, EtcdOptions, EtcdStore};
+use vxmesh::store::{Snapshot, Store};
+
+const TTL: Duration = Duration::from_secs(2);
+const PREFIX: &str = "/vxmesh";
+
+fn init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
+    Network {
+        name: name.into(),
+        mode,
+        cidr: cidr.parse().unwrap(),
+        subnet_len,
+        vni: Vni::new(100).unwrap(),
+        port: 4789,
+        mtu: None,
+    }
+}
+
+fn routed() -> Network {
+    network("demo", Mode::Routed, "172.18.0.0/16", 24)
+}
+
+fn bridged(cidr: &str, len: u8) -> Network {
+    network("seg", Mode::Bridged, cidr, len)
+}
+
+fn underlay(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + i)
+}
+
+fn opts(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdOptions {
+    let mut o = EtcdOptions::new(srv.endpoints(), &net.name, node, underlay(i));
+    o.ttl = TTL;
+    o
+}
+
+async fn setup(srv: &EtcdServer, net: &Network) {
+    etcd::create_network(&ClientOptions::new(srv.endpoints()), PREFIX, net)
+        .await
+        .expect("create network");
+}
+
+async fn join(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdStore {
+    EtcdStore::join(opts(srv, net, node, i))
+        .await
+        .unwrap_or_else(|e| panic!("join {node}: {e:#}"))
+}
+
+fn names(s: &Snapshot) -> Vec<String> {
+    s.cluster.nodes.iter().map(|n| n.name.clone()).collect()
+}
+
+fn has_node(s: &Snapshot, name: &str) -> bool {
+    s.cluster.node(name).is_some()
+}
+
+/// Poll the store's snapshot until `pred` holds; the time it took, or None.
+async fn wait_for(
+    store: &mut EtcdStore,
+    timeout: Duration,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if pred(&store.snapshot().await.unwrap()) {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_network_is_idempotent_and_refuses_conflicts() {
+    init();
+    let srv = EtcdServer::start().await;
+    let co = ClientOptions::new(srv.endpoints());
+    let net = routed();
+    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    etcd::create_network(&co, PREFIX, &net)
+        .await
+        .expect("same settings again is fine");
+    assert_eq!(
+        etcd::get_network(&co, PREFIX, "demo").await.unwrap(),
+        Some(net.clone())
+    );
+
+    let mut other = net.clone();
+    other.cidr = "10.0.0.0/16".parse().unwrap();
+    let e = format!(
+        "{:#}",
+        etcd::create_network(&co, PREFIX, &other).await.unwrap_err()
+    );
+    assert!(
+        e.contains("network demo already exists with different settings"),
+        "{e}"
+    );
+    assert!(
+        e.contains("cidr 172.18.0.0/16 there, 10.0.0.0/16 requested")
+            && e.ends_with("delete it first"),
+        "{e}"
+    );
+
+    let mut bad = network("bad", Mode::Routed, "172.18.0.0/16", 24);
+    bad.cidr = "172.18.0.1/16".parse().unwrap();
+    let e = format!(
+        "{:#}",
+        etcd::create_network(&co, PREFIX, &bad).await.unwrap_err()
+    );
+    assert!(e.contains("cidr: '172.18.0.1/16' has host bits set"), "{e}");
+    assert_eq!(etcd::get_network(&co, PREFIX, "bad").await.unwrap(), None);
+    let e = format!(
+        "{:#}",
+        etcd::create_network(&co, "vxmesh", &net).await.unwrap_err()
+    );
+    assert!(e.contains("prefix"), "{e}");
+
+    // Joining a missing network, or with bad options, says what to fix.
+    let e = format!(
+        "{:#}",
+        EtcdStore::join(opts(&srv, &bad, "h1", 1))
+            .await
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("network bad does not exist") && e.contains("create it first"),
+        "{e}"
+    );
+    let mut o = opts(&srv, &net, "bad name", 1);
+    o.underlay_ip = Ipv4Addr::LOCALHOST;
+    o.ttl = Duration::from_millis(500);
+    let e = format!("{:#}", EtcdStore::join(o).await.err().unwrap());
+    assert!(
+        e.contains("node: 'bad name' is not a valid node name"),
+        "{e}"
+    );
+    assert!(
+        e.contains("underlay_ip: 127.0.0.1 cannot carry VXLAN"),
+        "{e}"
+    );
+    assert!(e.contains("ttl:"), "{e}");
+
+    // Deleting refuses while nodes are registered.
+    let h1 = join(&srv, &net, "h1", 1).await;
+    let e = format!(
+        "{:#}",
+        etcd::delete_network(&co, PREFIX, "demo").await.unwrap_err()
+    );
+    assert!(e.contains("still has 1 node(s) (h1)"), "{e}");
+    h1.leave().await.unwrap();
+    etcd::delete_network(&co, PREFIX, "demo").await.unwrap();
+    assert_eq!(etcd::get_network(&co, PREFIX, "demo").await.unwrap(), None);
+    etcd::create_network(&co, PREFIX, &other)
+        .await
+        .expect("re-create with other settings after delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_joins_get_distinct_subnets() {
+    init();
+    let srv = EtcdServer::start().await;
+    // 32 candidate /24s for 20 nodes: hash-ordered starts collide, CAS sorts it out.
+    let net = network("demo", Mode::Routed, "172.18.0.0/19", 24);
+    setup(&srv, &net).await;
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let o = opts(&srv, &net, &format!("node{i:02}"), i);
+            tokio::spawn(async move { EtcdStore::join(o).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for h in handles {
+        stores.push(h.await.unwrap().expect("join"));
+    }
+    eprintln!("20 concurrent joins took {:?}", t0.elapsed());
+    let subnets: BTreeSet<Ipv4Net> = stores.iter().map(|s| s.subnet()).collect();
+    assert_eq!(subnets.len(), 20, "subnets are not distinct: {subnets:?}");
+    assert!(
+        subnets
+            .iter()
+            .all(|s| net.cidr.contains(s) && s.prefix_len() == 24),
+        "{subnets:?}"
+    );
+
+    // Every store converges on the same 20 records.
+    let mut first = stores.remove(0);
+    let took = wait_for(&mut first, Duration::from_secs(3), |s| {
+        s.cluster.nodes.len() == 20
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "view has {:?}",
+        names(&first.snapshot().await.unwrap())
+    );
+    let snap = first.snapshot().await.unwrap();
+    let seen: BTreeSet<Ipv4Net> = snap
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| n.subnets["demo"])
+        .collect();
+    assert_eq!(seen, subnets);
+    assert_eq!(snap.cluster.networks, vec![net.clone()]);
+    for s in stores.iter_mut() {
+        assert!(
+            wait_for(s, Duration::from_secs(3), |s| s.cluster.nodes.len() == 20)
+                .await
+                .is_some()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_reuses_its_claim_and_outlives_the_old_lease() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = routed();
+    setup(&srv, &net).await;
+    let mut obs = join(&srv, &net, "observer", 9).await;
+    let a = join(&srv, &net, "a", 1).await;
+    let (subnet, lease) = (a.subnet(), a.lease_id());
+    a.crash(); // kill -9: claim and record stay until the lease expires
+
+    let a2 = join(&srv, &net, "a", 1).await;
+    assert_eq!(a2.subnet(), subnet, "a restarted node keeps its subnet");
+    assert_ne!(a2.lease_id(), lease);
+
+    // Another host may not take the name while it is alive.
+    let e = format!(
+        "{:#}",
+        EtcdStore::join(opts(&srv, &net, "a", 5))
+            .await
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("node a is already registered") && e.contains(&underlay(1).to_string()),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        EtcdStore::join(opts(&srv, &net, "z", 1))
+            .await
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains(&format!(
+            "underlay IP {} is already used by node a",
+            underlay(1)
+        )),
+        "{e}"
+    );
+
+    // The old lease expires; the records now belong to the new one and stay.
+    tokio::time::sleep(TTL + Duration::from_millis(1500)).await;
+    let snap = obs.snapshot().await.unwrap();
+    assert_eq!(
+        snap.cluster.node("a").map(|n| n.subnets["demo"]),
+        Some(subnet),
+        "{:?}",
+        names(&snap)
+    );
+
+    // After a graceful leave the subnet is free; the deterministic order gives it back.
+    a2.leave().await.unwrap();
+    let a3 = join(&srv, &net, "a", 1).await;
+    assert_eq!(a3.subnet(), subnet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_node_vanishes_within_ttl() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = routed();
+    setup(&srv, &net).await;
+    let mut b = join(&srv, &net, "b", 2).await;
+    let a = join(&srv, &net, "a", 1).await;
+    assert!(
+        wait_for(&mut b, Duration::from_secs(1), |s| has_node(s, "a"))
+            .await
+            .is_some()
+    );
+    // Let a keep-alive renew the lease fully, then crash.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    a.crash();
+    let took = wait_for(&mut b, TTL + Duration::from_secs(2), |s| !has_node(s, "a")).await;
+    eprintln!("crashed node vanished after {took:?} (TTL {TTL:?})");
+    let took = took.expect("crashed node still in the view after TTL + 2 s");
+    assert!(
+        took >= Duration::from_millis(700),
+        "vanished too early ({took:?}): not the lease expiry"
+    );
+    assert_eq!(names(&b.snapshot().await.unwrap()), ["b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_join_and_leave_within_a_second() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = routed();
+    setup(&srv, &net).await;
+    let mut a = join(&srv, &net, "a", 1).await;
+    a.snapshot().await.unwrap();
+
+    let t0 = Instant::now();
+    let b = join(&srv, &net, "b", 2).await;
+    tokio::time::timeout(Duration::from_secs(1), a.changed())
+        .await
+        .expect("changed() within 1 s")
+        .unwrap();
+    let took = wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "b")).await;
+    eprintln!(
+        "join seen after {took:?} ({:?} including the join itself)",
+        t0.elapsed()
+    );
+    assert!(took.is_some());
+    let snap = a.snapshot().await.unwrap();
+    let rec = snap.cluster.node("b").unwrap();
+    assert_eq!(rec.underlay_ip, underlay(2));
+    assert_eq!(rec.subnets["demo"], b.subnet());
+    assert_eq!(snap.endpoints, Some(vec![]));
+
+    let b_subnet = b.subnet();
+    let t0 = Instant::now();
+    b.leave().await.unwrap();
+    let took = wait_for(&mut a, Duration::from_secs(1), |s| !has_node(s, "b")).await;
+    eprintln!(
+        "leave seen after {took:?} ({:?} including the revoke)",
+        t0.elapsed()
+    );
+    assert!(took.is_some());
+    // Removed at once: no claim, no record left.
+    let mut raw = srv.client().await;
+    let root = format!("{PREFIX}/networks/demo/");
+    let left = raw.get(format!("{root}nodes/b"), None).await.unwrap();
+    assert!(left.kvs().is_empty());
+    let claim = raw
+        .get(format!("{root}subnets/{}-24", b_subnet.network()), None)
+        .await
+        .unwrap();
+    assert!(claim.kvs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_keeps_the_last_view_and_recovers() {
+    init();
+    let mut srv = EtcdServer::start().await;
+    let net = routed();
+    setup(&srv, &net).await;
+    let mut a = join(&srv, &net, "a", 1).await;
+    let b = join(&srv, &net, "b", 2).await;
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"])
+            .await
+            .is_some()
+    );
+    let before = a.snapshot().await.unwrap();
+
+    srv.stop();
+    let t0 = Instant::now();
+    // A node starts joining while etcd is down (its agent retries).
+    let c_opts = opts(&srv, &net, "c", 3);
+    let c = tokio::spawn(async move {
+        loop {
+            match EtcdStore::join(c_opts.clone()).await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    let mut saw_disconnect = false;
+    while t0.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            a.snapshot().await.unwrap(),
+            before,
+            "the view must survive the outage"
+        );
+        saw_disconnect |= !a.connected();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        saw_disconnect,
+        "connected() never turned false during the outage"
+    );
+
+    srv.start_again().await;
+    let t1 = Instant::now();
+    let took = wait_for(&mut a, Duration::from_secs(15), |s| {
+        names(s) == ["a", "b", "c"]
+    })
+    .await;
+    eprintln!("after restart: the node that joined meanwhile seen after {took:?}");
+    assert!(
+        took.is_some(),
+        "view after restart: {:?}",
+        names(&a.snapshot().await.unwrap())
+    );
+    let c = c.await.unwrap();
+    let t = Instant::now();
+    while !a.connected() && t.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.connected());
+    eprintln!("a reconnected {:?} after the restart", t1.elapsed());
+    // b's records survived or were re-published, with the same subnet.
+    let snap = a.snapshot().await.unwrap();
+    assert_eq!(snap.cluster.node("b").unwrap().subnets["demo"], b.subnet());
+    assert_ne!(c.subnet(), b.subnet());
+    assert_ne!(c.subnet(), a.subnet());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_behind_a_watcher_is_recovered_by_relist() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = routed();
+    setup(&srv, &net).await;
+    let mut a = join(&srv, &net, "a", 1).await;
+    let b = join(&srv, &net, "b", 2).await;
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"])
+            .await
+            .is_some()
+    );
+
+    a.pause_watch(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _c = join(&srv, &net, "c", 3).await;
+    b.leave().await.unwrap();
+    let _d = join(&srv, &net, "d", 4).await;
+    let mut raw = srv.client().await;
+    let rev = raw
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    raw.compact(rev, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&a.snapshot().await.unwrap()),
+        ["a", "b"],
+        "paused watcher is behind"
+    );
+
+    a.pause_watch(false);
+    let took = wait_for(&mut a, Duration::from_secs(3), |s| {
+        names(s) == ["a", "c", "d"]
+    })
+    .await;
+    eprintln!("re-list after compaction took {took:?}");
+    assert!(
+        took.is_some(),
+        "view: {:?}",
+        names(&a.snapshot().await.unwrap())
+    );
+    assert!(a.relist_count() >= 1, "the watcher did not re-list");
+
+    // And the watch keeps working after the re-list.
+    let _e = join(&srv, &net, "e", 5).await;
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "e"))
+            .await
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = bridged("10.1.0.0/24", 28);
+    setup(&srv, &net).await;
+    let mut a = join(&srv, &net, "a", 1).await;
+    let b = join(&srv, &net, "b", 2).await;
+    let root = format!("{PREFIX}/networks/seg/");
+    let mut raw = srv.client().await;
+    let put = |k: String, v: &str| (k, v.to_string());
+    let junk = [
+        put(format!("{root}nodes/badjson"), "{oops"),
+        put(
+            format!("{root}nodes/outside"),
+            r#"{"name":"outside","underlay_ip":"198.18.1.1","subnet":"10.9.0.0/28"}"#,
+        ),
+        put(
+            format!("{root}nodes/lo"),
+            r#"{"name":"lo","underlay_ip":"127.0.0.1","subnet":"10.1.0.208/28"}"#,
+        ),
+        put(format!("{root}subnets/10.1.0.224-28"), "not a valid name!"),
+        put(
+            format!("{root}endpoints/10.1.0.77"),
+            r#"{"network":"seg","ip":"10.1.0.77","mac":"01:00:5e:00:00:01","node":"b"}"#,
+        ),
+        put(
+            format!("{root}endpoints/10.1.0.79"),
+            r#"{"network":"seg","ip":"10.1.0.80","mac":"02:42:0a:01:00:50","node":"b"}"#,
+        ),
+        // The last one is valid: once it is seen, everything before it was processed.
+        put(
+            format!("{root}endpoints/10.1.0.78"),
+            r#"{"network":"seg","ip":"10.1.0.78","mac":"02:42:0a:01:00:4e","node":"b"}"#,
+        ),
+    ];
+    for (k, v) in junk {
+        raw.put(k, v, Some(PutOptions::new())).await.unwrap();
+    }
+    let valid_ep = |s: &Snapshot| {
+        s.endpoints
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|e| e.ip == Ipv4Addr::new(10, 1, 0, 78))
+    };
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), valid_ep)
+            .await
+            .is_some()
+    );
+    let snap = a.snapshot().await.unwrap();
+    assert_eq!(names(&snap), ["a", "b"]);
+    let eps = snap.endpoints.unwrap();
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(
+        (eps[0].node.as_str(), eps[0].mac),
+        ("b", container_mac(Ipv4Addr::new(10, 1, 0, 78)))
+    );
+
+    // Valid records keep flowing.
+    let _c = join(&srv, &net, "c", 3).await;
+    let ep = b.allocate_endpoint(None, container_mac).await.unwrap();
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "c")
+            && s.endpoints.as_ref().unwrap().contains(&ep))
+        .await
+        .is_some()
+    );
+    // Fixing a bad record makes it count.
+    raw.put(
+        format!("{root}nodes/lo"),
+        r#"{"name":"lo","underlay_ip":"198.18.1.9","subnet":"10.1.0.208/28"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "lo"))
+            .await
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_concurrent_bridged_allocations_are_distinct() {
+    init();
+    let srv = EtcdServer::start().await;
+    // 30 usable addresses, 3 nodes with /29 slices: allocations overflow the
+    // slices and contend network-wide.
+    let net = bridged("10.2.0.0/27", 29);
+    setup(&srv, &net).await;
+    let mut nodes = Vec::new();
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        nodes.push(join(&srv, &net, n, i as u32).await);
+    }
+    let t0 = Instant::now();
+    let allocs = nodes
+        .iter()
+        .flat_map(|s| (0..10).map(move |_| s.allocate_endpoint(None, container_mac)));
+    let results = futures::future::join_all(allocs).await;
+    eprintln!("30 concurrent allocations took {:?}", t0.elapsed());
+    let eps: Vec<Endpoint> = results.into_iter().map(|r| r.expect("allocate")).collect();
+    let ips: BTreeSet<Ipv4Addr> = eps.iter().map(|e| e.ip).collect();
+    assert_eq!(ips.len(), 30, "addresses are not distinct: {ips:?}");
+    for e in &eps {
+        assert!(
+            net.cidr.contains(&e.ip) && e.ip != net.cidr.network() && e.ip != net.cidr.broadcast(),
+            "{e:?}"
+        );
+        assert_eq!(e.mac, container_mac(e.ip));
+    }
+    let mut obs = nodes.remove(0);
+    let all = |s: &Snapshot| s.endpoints.as_ref().unwrap().len() == 30;
+    assert!(
+        wait_for(&mut obs, Duration::from_secs(2), all)
+            .await
+            .is_some()
+    );
+    let e = format!(
+        "{:#}",
+        nodes[0]
+            .allocate_endpoint(None, container_mac)
+            .await
+            .unwrap_err()
+    );
+    assert!(e.contains("no free address left"), "{e}");
+
+    // A released address can be allocated again; a hint held by this node is returned as is.
+    let mine = nodes[0].own_endpoints().await;
+    assert_eq!(mine.len(), 10);
+    nodes[0].release_endpoint(mine[0].ip).await.unwrap();
+    let again = nodes[1]
+        .allocate_endpoint(Some(mine[0].ip), container_mac)
+        .await
+        .unwrap();
+    assert_eq!((again.ip, again.node.as_str()), (mine[0].ip, "c"));
+    assert_eq!(
+        nodes[1]
+            .allocate_endpoint(Some(mine[0].ip), container_mac)
+            .await
+            .unwrap(),
+        again
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_migrates_after_release() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = bridged("10.1.0.0/24", 28);
+    setup(&srv, &net).await;
+    let routed_net = routed();
+    setup(&srv, &routed_net).await;
+    let mut obs = join(&srv, &net, "obs", 0).await;
+    let a = join(&srv, &net, "a", 1).await;
+    let b = join(&srv, &net, "b", 2).await;
+    let ip = Ipv4Addr::new(10, 1, 0, 50);
+    let ep = a.allocate_endpoint(Some(ip), container_mac).await.unwrap();
+    assert_eq!((ep.ip, ep.node.as_str()), (ip, "a"));
+
+    let moved = Endpoint {
+        node: "b".into(),
+        ..ep.clone()
+    };
+    let e = format!("{:#}", b.publish_endpoint(moved.clone()).await.unwrap_err());
+    assert!(
+        e.contains("10.1.0.50 of network seg is attached on node a: release it there first"),
+        "{e}"
+    );
+    let e = format!("{:#}", b.publish_endpoint(ep.clone()).await.unwrap_err());
+    assert!(
+        e.contains("names node a but this store publishes for node b"),
+        "{e}"
+    );
+
+    a.release_endpoint(ip).await.unwrap();
+    let t0 = Instant::now();
+    b.publish_endpoint(moved.clone()).await.unwrap();
+    b.publish_endpoint(moved.clone())
+        .await
+        .expect("re-publishing its own endpoint is fine");
+    let on_b = |s: &Snapshot| s.endpoints.as_ref().unwrap() == &vec![moved.clone()];
+    let took = wait_for(&mut obs, Duration::from_secs(1), on_b).await;
+    eprintln!(
+        "migrated endpoint seen after {took:?} ({:?} including publish)",
+        t0.elapsed()
+    );
+    assert!(took.is_some());
+    // A late release on the old node deletes nothing.
+    a.release_endpoint(ip).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(on_b(&obs.snapshot().await.unwrap()));
+
+    // Leaving removes the node's endpoints with it.
+    b.leave().await.unwrap();
+    assert!(
+        wait_for(&mut obs, Duration::from_secs(1), |s| s
+            .endpoints
+            .as_ref()
+            .unwrap()
+            .is_empty())
+        .await
+        .is_some()
+    );
+
+    // Routed networks have no network-wide endpoints.
+    let r = join(&srv, &routed_net, "r", 3).await;
+    let e = format!(
+        "{:#}",
+        r.allocate_endpoint(None, container_mac).await.unwrap_err()
+    );
+    assert!(e.contains("network demo is routed"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_is_regranted_and_records_republished() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = bridged("10.1.0.0/24", 28);
+    setup(&srv, &net).await;
+    let mut obs = join(&srv, &net, "obs", 0).await;
+    let mut a = join(&srv, &net, "a", 1).await;
+    let ep = a.allocate_endpoint(None, container_mac).await.unwrap();
+    let (old_subnet, old_lease) = (a.subnet(), a.lease_id());
+    assert!(
+        wait_for(&mut obs, Duration::from_secs(1), |s| has_node(s, "a"))
+            .await
+            .is_some()
+    );
+
+    // The lease disappears (as when it expires during an outage) and another
+    // node grabs the subnet before `a` notices.
+    let mut raw = srv.client().await;
+    raw.lease_revoke(old_lease).await.unwrap();
+    raw.put(
+        format!("{PREFIX}/networks/seg/subnets/{}-28", old_subnet.network()),
+        "thief",
+        None,
+    )
+    .await
+    .unwrap();
+
+    let t0 = Instant::now();
+    let back = |s: &Snapshot| {
+        s.cluster
+            .node("a")
+            .is_some_and(|n| n.subnets["seg"] != old_subnet)
+            && s.endpoints.as_ref().unwrap().contains(&ep)
+    };
+    let took = wait_for(&mut obs, Duration::from_secs(5), back).await;
+    eprintln!("records re-published under a new lease after {took:?}");
+    assert!(
+        took.is_some(),
+        "observer view: {:?}",
+        obs.snapshot().await.unwrap()
+    );
+    assert_ne!(a.lease_id(), old_lease);
+    assert_ne!(a.subnet(), old_subnet);
+    assert_eq!(a.own_endpoints().await, vec![ep.clone()]);
+    let own = a.snapshot().await.unwrap();
+    assert_eq!(own.cluster.node("a").unwrap().subnets["seg"], a.subnet());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(a.connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    init();
+    let (srv, files) = EtcdServer::start_tls().await;
+    let tls = etcd::TlsOptions {
+        ca: files.ca.clone(),
+        cert: Some(files.client_cert.clone()),
+        key: Some(files.client_key.clone()),
+    };
+    let mut co = ClientOptions::new(srv.endpoints());
+    co.tls = Some(tls.clone());
+    let net = routed();
+    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    let mut o = opts(&srv, &net, "a", 1);
+    o.tls = Some(tls.clone());
+    let mut a = EtcdStore::join(o.clone()).await.unwrap();
+    assert_eq!(names(&a.snapshot().await.unwrap()), ["a"]);
+
+    // Without the client certificate the server refuses; the error says where.
+    let mut no_cert = o.clone();
+    no_cert.node = "b".into();
+    no_cert.tls = Some(etcd::TlsOptions {
+        ca: files.ca.clone(),
+        cert: None,
+        key: None,
+    });
+    let e = format!(
+        "{:#}",
+        tokio::time::timeout(Duration::from_secs(15), EtcdStore::join(no_cert))
+            .await
+            .unwrap()
+            .err()
+            .unwrap()
+    );
+    eprintln!("expected error: {e}");
+    assert!(e.contains("etcd"), "{e}");
+    // Plain http with TLS options is refused before connecting.
+    let mut http = o.clone();
+    http.endpoints = vec![srv.endpoint().replace("https", "http")];
+    let e = format!("{:#}", EtcdStore::join(http).await.err().unwrap());
+    assert!(e.contains("plain http but TLS options are set"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_authentication() {
+    init();
+    let srv = EtcdServer::start().await;
+    let mut raw = srv.client().await;
+    raw.user_add("root", "rootpw", None).await.unwrap();
+    raw.user_grant_role("root", "root").await.unwrap();
+    raw.auth_enable().await.unwrap();
+
+    let net = routed();
+    let mut co = ClientOptions::new(srv.endpoints());
+    let e = format!(
+        "{:#}",
+        etcd::create_network(&co, PREFIX, &net).await.unwrap_err()
+    );
+    eprintln!("expected error: {e}");
+    assert!(e.contains("etcd"), "{e}");
+    co.user = Some(("root".into(), "rootpw".into()));
+    assert!(
+        !format!("{co:?}").contains("rootpw"),
+        "password leaked into Debug output"
+    );
+    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    let mut o = opts(&srv, &net, "a", 1);
+    o.user = co.user.clone();
+    let mut a = EtcdStore::join(o.clone()).await.unwrap();
+    let mut b_opts = opts(&srv, &net, "b", 2);
+    b_opts.user = co.user.clone();
+    let b = EtcdStore::join(b_opts).await.unwrap();
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"])
+            .await
+            .is_some()
+    );
+    b.leave().await.unwrap();
+    assert!(
+        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a"])
+            .await
+            .is_some()
+    );
+
+    let mut wrong = o.clone();
+    wrong.node = "c".into();
+    wrong.user = Some(("root".into(), "nope".into()));
+    let e = format!("{:#}", EtcdStore::join(wrong).await.err().unwrap());
+    eprintln!("expected error: {e}");
+    assert!(e.contains("authentication failed"), "{e}");
+    let authed = Client::connect(
+        srv.endpoints(),
+        Some(ConnectOptions::new().with_user("root", "rootpw")),
+    )
+    .await
+    .unwrap();
+    let n = authed
+        .kv_client()
+        .get(
+            format!("{PREFIX}/networks/demo/nodes/"),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n.count(), 1);
+}

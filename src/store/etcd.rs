@@ -165,6 +165,13 @@ impl Drop for TaskGuard {
 }
 
 /// A node's membership in one network, kept in etcd.
+///
+/// Lifecycle: [`EtcdStore::join`], then use it as the agent's [`Store`]
+/// (one store per network). To stop, either drop it (what SIGTERM should
+/// do: the records stay until the lease expires, so a restart within the
+/// TTL reuses the claim and adopts the endpoints and peers see no churn), or
+/// call [`EtcdStore::leave`] (records, claim and endpoints deleted at once:
+/// for decommissioning a node, `vxmesh down`).
 pub struct EtcdStore {
     inner: Arc<Inner>,
     changes: watch::Receiver<u64>,

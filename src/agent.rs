@@ -102,8 +102,37 @@ pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) ->
     let snap = store.snapshot().await.with_context(|| format!("read {}", store.describe()))?;
     let p = plan_node(nl, &snap, &opts.node).await?;
     let report = reconcile(nl, &p).await?;
+    let reattached = repair_attachments(nl, &p).await?;
     publish(&opts.state_dir, &opts.node, &p)?;
-    Ok(report.changes)
+    Ok(report.changes + reattached)
+}
+
+/// Container veths (alias `vxmesh:veth:NETWORK:...`) must be ports of their
+/// network's bridge. A bridge that was deleted and recreated has lost them:
+/// put them back. Returns how many were fixed.
+pub async fn repair_attachments(nl: &Netlink, p: &NodePlan) -> Result<usize> {
+    let links = nl.list_links().await?;
+    let index_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.index);
+    let mut fixed = 0;
+    for l in &links {
+        let Some(rest) = l.alias.as_deref().and_then(|a| a.strip_prefix(crate::dataplane::kernel::ATTACHED_ALIAS_PREFIX)) else {
+            continue;
+        };
+        let network = rest.split(':').next().unwrap_or_default();
+        let Some(st) = p.networks.get(network) else { continue };
+        let Some(bridge) = index_of(&st.bridge) else { continue };
+        if l.master != Some(bridge) || !l.up {
+            nl.set_link(
+                &l.name,
+                crate::dataplane::kernel::LinkOptions { master: Some(st.bridge.clone()), up: Some(true), ..Default::default() },
+            )
+            .await
+            .with_context(|| format!("re-attach container veth {} to {}", l.name, st.bridge))?;
+            tracing::info!("re-attached container veth {} to {}", l.name, st.bridge);
+            fixed += 1;
+        }
+    }
+    Ok(fixed)
 }
 
 async fn refresh_owned(nl: &Netlink, owned: &OwnedIndexes) {

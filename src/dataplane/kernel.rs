@@ -1,1 +1,473 @@
-//! Netlink layer.
+//! The netlink layer: a thin typed wrapper over one rtnetlink connection.
+//!
+//! - [`Netlink`] is one rtnetlink socket bound to one network namespace
+//!   (chosen at connect time) and usable from any task afterwards.
+//! - Generic operations (links, addresses, routes) used by attach and the lab
+//!   live in [`ops`](self::ops); every error names the device, the peer and the
+//!   namespace.
+//! - [`Netlink::dump`] reads everything vxmesh owns into an [`ActualState`]
+//!   (one dump per object type); [`crate::dataplane::diff::diff`] compares it
+//!   with a [`NodePlan`](crate::dataplane::NodePlan); [`Netlink::apply`] sends
+//!   the changes, pipelined, phase by phase; [`reconcile`] does all three.
+//!
+//! Requests are raw `RTM_*` messages built in `msg.rs` and sent with
+//! [`rtnetlink::Handle::request`], so every flag (`NLM_F_REPLACE`, `NTF_SELF`,
+//! `RTNH_F_ONLINK`) is explicit. The socket asks for extended acks, so kernel
+//! error strings ("A VXLAN device with the specified VNI already exists")
+//! reach the error messages.
+
+mod actual;
+mod apply;
+mod msg;
+mod ops;
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::AsyncSocket;
+
+pub use actual::{
+    ActualFdb, ActualLink, ActualNeigh, ActualRoute, ActualState, ActualVxlan, Ownership,
+};
+pub use apply::{ApplyError, ApplyReport, ReconcileReport, TeardownReport, reconcile};
+pub use ops::{InterfaceFacts, LinkInfo, LinkOptions};
+
+use crate::dataplane::netns::{self, Netns};
+use crate::model;
+
+/// Alias prefix of the devices the reconciler manages (`vxmesh:net:NETWORK`).
+pub const MANAGED_ALIAS_PREFIX: &str = "vxmesh:net:";
+/// Alias prefix of container veths made by attach (`vxmesh:veth:...`): owned
+/// by vxmesh, never touched by the reconciler.
+pub const ATTACHED_ALIAS_PREFIX: &str = "vxmesh:veth:";
+
+const _: () = {
+    // Both prefixes extend the model's owner marker.
+    let a = model::OWNER_ALIAS_PREFIX.as_bytes();
+    let m = MANAGED_ALIAS_PREFIX.as_bytes();
+    let v = ATTACHED_ALIAS_PREFIX.as_bytes();
+    let mut i = 0;
+    while i < a.len() {
+        assert!(a[i] == m[i] && a[i] == v[i]);
+        i += 1;
+    }
+};
+
+/// The metric vxmesh gives its route to `dst`: the subnet's index within
+/// its /(prefix-12) (so consecutive node subnets get distinct metrics).
+///
+/// Why not 0: the kernel hashes a route's nexthop info by (protocol, scope,
+/// metric, device) but not by gateway, so thousands of onlink routes that
+/// differ only by gateway share one hash chain and each insert walks it:
+/// 10 000 peer routes take 2-5 s of kernel time with metric 0 and ~0.2 s with
+/// spread metrics. The metric never changes routing: vxmesh has one route per
+/// prefix, and the metric only ranks routes to the same prefix.
+pub fn route_metric(dst: Ipv4Net) -> u32 {
+    let host_bits = 32 - u32::from(dst.prefix_len());
+    if host_bits >= 32 {
+        return 0;
+    }
+    (u32::from(dst.network()) >> host_bits) & 0x0fff
+}
+
+/// Receive buffer of the sockets: large dumps and bursts of acks fit.
+const RCVBUF_BYTES: usize = 4 << 20;
+/// Requests per datagram on the batch connection. The kernel answers each
+/// with an ack (about 1 KiB of receive buffer each) before `sendmsg` returns,
+/// and the connection reads them all before it sends the next batch.
+const BATCH_SIZE: usize = 128;
+/// Batches queued at once on the batch connection.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// An error the kernel (or the connection) returned for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelError {
+    /// Positive errno; 0 when the connection itself failed.
+    pub errno: i32,
+    /// The kernel's extended-ack message, if it sent one.
+    pub message: Option<String>,
+}
+
+impl KernelError {
+    fn closed() -> Self {
+        KernelError {
+            errno: 0,
+            message: Some("the netlink connection is closed".into()),
+        }
+    }
+
+    pub fn is(&self, errno: i32) -> bool {
+        self.errno == errno
+    }
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.errno, &self.message) {
+            (0, Some(m)) => write!(f, "{m}"),
+            (0, None) => write!(f, "netlink request failed"),
+            (e, None) => write!(f, "{}", std::io::Error::from_raw_os_error(e)),
+            (e, Some(m)) => write!(f, "{} ({m})", std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+/// Turn an `NLMSG_ERROR` message into a [`KernelError`]; `None` for an ack.
+fn kernel_error(flags: u16, e: &netlink_packet_core::ErrorMessage) -> Option<KernelError> {
+    let code = e.code?.get();
+    const NLMSGERR_ATTR_MSG: u16 = 1;
+    let mut message = None;
+    // The payload is the request's header (NETLINK_CAP_ACK, "capped") or the
+    // whole request, followed by the extended-ack attributes.
+    const NLM_F_CAPPED: u16 = 0x100;
+    let skip = if flags & NLM_F_CAPPED != 0 || e.header.len() < 16 {
+        16
+    } else {
+        let len = u32::from_ne_bytes([e.header[0], e.header[1], e.header[2], e.header[3]]);
+        (len as usize + 3) & !3
+    };
+    if flags & NLM_F_ACK_TLVS != 0 && e.header.len() > skip {
+        let mut tlvs = &e.header[skip..];
+        while tlvs.len() >= 4 {
+            let len = u16::from_ne_bytes([tlvs[0], tlvs[1]]) as usize;
+            let kind = u16::from_ne_bytes([tlvs[2], tlvs[3]]) & 0x3fff;
+            if len < 4 || len > tlvs.len() {
+                break;
+            }
+            if kind == NLMSGERR_ATTR_MSG {
+                let s = &tlvs[4..len];
+                let s = s.split(|b| *b == 0).next().unwrap_or_default();
+                let s = String::from_utf8_lossy(s).trim().to_string();
+                if !s.is_empty() {
+                    message = Some(s);
+                }
+            }
+            tlvs = &tlvs[(len + 3) & !3..];
+            if tlvs.len() < 4 {
+                break;
+            }
+        }
+    }
+    Some(KernelError {
+        errno: code.abs(),
+        message,
+    })
+}
+
+/// One rtnetlink connection bound to a network namespace.
+///
+/// Cheap to clone (clones share the connection). The connection task runs on
+/// the tokio runtime that was current at connect time and ends when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+    /// A second socket for pipelined batches (acks forwarded, see [`Netlink::batch`]).
+    batch: netlink_proto::ConnectionHandle<RouteNetlinkMessage>,
+    ns: Arc<Netns>,
+    label: Arc<str>,
+    /// The kernel runs one dump at a time per socket (EBUSY otherwise).
+    dump_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Netlink")
+            .field("namespace", &self.label)
+            .finish()
+    }
+}
+
+type Connection = netlink_proto::Connection<RouteNetlinkMessage>;
+
+/// Socket options: extended acks (kernel error strings), capped acks (an
+/// error carries the request header only) and a large receive buffer.
+fn tune(sock: &netlink_sys::Socket) {
+    // Best effort: failures only lose error strings or buffer room.
+    let _ = sock.set_ext_ack(true);
+    let _ = sock.set_cap_ack(true);
+    let size = RCVBUF_BYTES as libc::c_int;
+    // SAFETY: plain setsockopt on a valid fd with a c_int value.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        let _ = sock.set_rx_buf_sz(RCVBUF_BYTES);
+    }
+}
+
+/// Both sockets, created in the calling thread's namespace (inside a tokio
+/// runtime context).
+fn new_sockets() -> Result<(
+    Connection,
+    rtnetlink::Handle,
+    Connection,
+    netlink_proto::ConnectionHandle<RouteNetlinkMessage>,
+)> {
+    let (mut conn, handle, _unsolicited) =
+        rtnetlink::new_connection().context("open rtnetlink socket")?;
+    tune(conn.socket_mut().socket_mut());
+    let (mut bconn, bhandle, _unsolicited) =
+        netlink_proto::new_connection::<RouteNetlinkMessage>(netlink_sys::protocols::NETLINK_ROUTE)
+            .context("open rtnetlink socket")?;
+    bconn.set_forward_ack(true);
+    tune(bconn.socket_mut().socket_mut());
+    Ok((conn, handle, bconn, bhandle))
+}
+
+/// A readable name for the calling thread's namespace: its `/run/netns` name
+/// if it has one, "the root namespace" for PID 1's.
+fn describe_current_namespace() -> String {
+    let Ok(me) = std::fs::metadata("/proc/thread-self/ns/net") else {
+        return "the current namespace".into();
+    };
+    if let Ok(init) = std::fs::metadata("/proc/1/ns/net")
+        && init.ino() == me.ino()
+        && init.dev() == me.dev()
+    {
+        return "the root namespace".into();
+    }
+    for name in netns::list("") {
+        if let Ok(m) = std::fs::metadata(Path::new(netns::NETNS_DIR).join(&name))
+            && m.ino() == me.ino()
+            && m.dev() == me.dev()
+        {
+            return format!("namespace {name}");
+        }
+    }
+    "the current namespace".into()
+}
+
+impl Netlink {
+    /// Connect in the namespace of the calling thread. An async fn: call it
+    /// from inside a tokio runtime (the connection task is spawned on it).
+    pub async fn connect() -> Result<Self> {
+        let ns = Netns::current().context("open the current network namespace")?;
+        let label = describe_current_namespace();
+        let (conn, handle, bconn, batch) =
+            new_sockets().with_context(|| format!("connect to rtnetlink in {label}"))?;
+        tokio::spawn(conn);
+        tokio::spawn(bconn);
+        Ok(Netlink {
+            handle,
+            batch,
+            ns: Arc::new(ns),
+            label: label.into(),
+            dump_lock: Default::default(),
+        })
+    }
+
+    /// Connect inside `ns`: the socket is created on a short-lived thread that
+    /// has entered `ns` (and the caller's tokio runtime, so the socket
+    /// registers with its reactor); the handle is then usable from anywhere.
+    /// An async fn: call it from inside a tokio runtime.
+    pub async fn connect_in(ns: &Netns) -> Result<Self> {
+        let rt = tokio::runtime::Handle::current();
+        let label = format!("namespace {}", ns.name());
+        let inner = rt.clone();
+        let (conn, handle, bconn, batch) = ns
+            .run(move || {
+                let _guard = inner.enter();
+                new_sockets()
+            })
+            .with_context(|| format!("connect to rtnetlink in {label}"))?;
+        rt.spawn(conn);
+        rt.spawn(bconn);
+        Ok(Netlink {
+            handle,
+            batch,
+            ns: Arc::new(ns.try_clone()?),
+            label: label.into(),
+            dump_lock: Default::default(),
+        })
+    }
+
+    /// "namespace NAME", "the root namespace", ...: for messages.
+    pub fn namespace(&self) -> &str {
+        &self.label
+    }
+
+    /// The namespace this connection works in.
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The underlying rtnetlink handle, for requests this layer lacks.
+    pub fn handle(&self) -> rtnetlink::Handle {
+        self.handle.clone()
+    }
+
+    /// Run `f` on a thread inside this connection's namespace (sysctls).
+    pub(crate) fn run_in_ns<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        self.ns.run(f)
+    }
+
+    /// Send one request that expects an ack (`extra` flags are added to
+    /// `NLM_F_REQUEST | NLM_F_ACK`).
+    pub(crate) async fn ack(
+        &self,
+        payload: RouteNetlinkMessage,
+        extra: u16,
+    ) -> Result<(), KernelError> {
+        let mut msg = NetlinkMessage::from(payload);
+        msg.header.flags = NLM_F_REQUEST | NLM_F_ACK | extra;
+        let mut handle = self.handle.clone();
+        let mut resp = handle.request(msg).map_err(|_| KernelError::closed())?;
+        while let Some(m) = resp.next().await {
+            if let NetlinkPayload::Error(e) = &m.payload
+                && let Some(err) = kernel_error(m.header.flags, e)
+            {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `reqs` (payload, extra flags) as one datagram; the kernel handles
+    /// them in order and acks each. Returns one result per request, in order.
+    pub(crate) async fn batch(
+        &self,
+        reqs: Vec<(RouteNetlinkMessage, u16)>,
+    ) -> Vec<Result<(), KernelError>> {
+        let n = reqs.len();
+        let msgs: Vec<NetlinkMessage<RouteNetlinkMessage>> = reqs
+            .into_iter()
+            .map(|(payload, extra)| {
+                let mut m = NetlinkMessage::from(payload);
+                m.header.flags = NLM_F_REQUEST | NLM_F_ACK | extra;
+                m
+            })
+            .collect();
+        let Ok(mut resp) = self
+            .batch
+            .request_batch(msgs, netlink_sys::SocketAddr::new(0, 0))
+        else {
+            return vec![Err(KernelError::closed()); n];
+        };
+        // The connection numbers the messages of a batch consecutively; every
+        // one gets exactly one ack or error (acks are forwarded on this socket).
+        let mut answers: Vec<(u32, Result<(), KernelError>)> = Vec::with_capacity(n);
+        while let Some(m) = resp.next().await {
+            if let NetlinkPayload::Error(e) = &m.payload {
+                let r = kernel_error(m.header.flags, e).map_or(Ok(()), Err);
+                answers.push((m.header.sequence_number, r));
+            }
+        }
+        if let Some(first) = answers.first().map(|a| a.0) {
+            answers.sort_by_key(|a| a.0.wrapping_sub(first));
+        }
+        let mut out: Vec<Result<(), KernelError>> = answers.into_iter().map(|a| a.1).collect();
+        out.resize(n, Err(KernelError::closed()));
+        out
+    }
+
+    /// Send one request and collect the inner messages of the reply (a
+    /// `NLM_F_DUMP` request when `dump`). A dump interrupted by a concurrent
+    /// change (`NLM_F_DUMP_INTR`) is retried.
+    pub(crate) async fn query(
+        &self,
+        payload: RouteNetlinkMessage,
+        dump: bool,
+    ) -> Result<Vec<RouteNetlinkMessage>, KernelError> {
+        let _one_dump_at_a_time = if dump {
+            Some(self.dump_lock.lock().await)
+        } else {
+            None
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut msg = NetlinkMessage::from(payload.clone());
+            msg.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+            let mut handle = self.handle.clone();
+            let mut resp = handle.request(msg).map_err(|_| KernelError::closed())?;
+            let mut out = Vec::new();
+            let mut interrupted = false;
+            while let Some(m) = resp.next().await {
+                interrupted |= m.header.flags & NLM_F_DUMP_INTR != 0;
+                match m.payload {
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    NetlinkPayload::Error(e) => {
+                        if let Some(err) = kernel_error(m.header.flags, &e) {
+                            return Err(err);
+                        }
+                    }
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(KernelError {
+                            errno: libc::ENOBUFS,
+                            message: Some("netlink receive buffer overrun during a dump".into()),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if !interrupted || attempt >= 5 {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_metrics_spread_consecutive_subnets() {
+        let m = |s: &str| route_metric(s.parse().unwrap());
+        assert_eq!(m("172.18.10.0/24"), 0x20a);
+        assert_ne!(m("172.18.10.0/24"), m("172.18.11.0/24"));
+        assert_eq!(m("172.18.20.64/26") - m("172.18.20.0/26"), 1);
+        assert_eq!(m("0.0.0.0/0"), 0);
+        assert!(m("10.0.0.1/32") < 4096);
+    }
+
+    #[test]
+    fn extended_ack_message_is_parsed() {
+        let mut header = vec![0u8; 16];
+        let text = b"A VXLAN device with the specified VNI already exists\0";
+        let len = (4 + text.len()) as u16;
+        header.extend_from_slice(&len.to_ne_bytes());
+        header.extend_from_slice(&1u16.to_ne_bytes());
+        header.extend_from_slice(text);
+        while !header.len().is_multiple_of(4) {
+            header.push(0);
+        }
+        let mut e = netlink_packet_core::ErrorMessage::default();
+        e.code = std::num::NonZeroI32::new(-libc::EEXIST);
+        e.header = header;
+        let err = kernel_error(0x300, &e).unwrap();
+        assert_eq!(err.errno, libc::EEXIST);
+        assert_eq!(
+            err.message.as_deref(),
+            Some("A VXLAN device with the specified VNI already exists")
+        );
+        assert!(err.to_string().contains("File exists"));
+        let mut ack = netlink_packet_core::ErrorMessage::default();
+        ack.header = vec![0; 16];
+        assert!(kernel_error(0, &ack).is_none());
+    }
+}

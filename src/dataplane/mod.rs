@@ -1,7 +1,7 @@
 //! The data plane: desired state, diff, and the netlink layer.
 
 pub mod diff;
-// pending: pub mod events;
+pub mod events;
 pub mod kernel;
 pub mod netns;
 pub mod plan;
@@ -9,3 +9,4 @@ pub mod plan_types;
 pub mod sysctl;
 
 pub use plan_types::*;
+pub use kernel::{ReconcileReport, reconcile};

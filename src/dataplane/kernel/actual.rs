@@ -1,0 +1,510 @@
+//! The actual state: what vxmesh owns on a node, read with one dump per
+//! object type (links, IPv4 addresses, IPv4 routes, ARP, FDB) plus the
+//! ip_forward sysctl.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{
+    InfoBridgePort, InfoData, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags,
+    LinkInfo as NlLinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage as R};
+use serde::Serialize;
+
+use super::{ATTACHED_ALIAS_PREFIX, MANAGED_ALIAS_PREFIX, Netlink, msg};
+use crate::dataplane::AddrSpec;
+use crate::model::{self, Mac};
+
+/// Who a `vxm-` device belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Ownership {
+    /// Alias `vxmesh:net:...`: the reconciler creates, fixes and deletes it.
+    Managed,
+    /// Alias `vxmesh:veth:...`: a container veth made by attach; the
+    /// reconciler never touches it.
+    Attached,
+    /// No vxmesh alias: somebody else's device; never touched.
+    Foreign,
+}
+
+/// The vxlan attributes of a device, as the kernel reports them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ActualVxlan {
+    pub vni: u32,
+    pub local: Option<Ipv4Addr>,
+    /// Underlay device (`dev`): index and, if it still exists, name.
+    pub link_index: Option<u32>,
+    pub link: Option<String>,
+    pub port: u16,
+    pub learning: bool,
+    pub proxy: bool,
+}
+
+/// One `vxm-` device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ActualLink {
+    pub name: String,
+    pub index: u32,
+    /// `IFLA_INFO_KIND` ("bridge", "vxlan", "veth", ...), if any.
+    pub kind: Option<String>,
+    pub vxlan: Option<ActualVxlan>,
+    pub mtu: u32,
+    pub mac: Option<Mac>,
+    pub master: Option<String>,
+    pub master_index: Option<u32>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Operational state ("up", "down", "unknown", ...).
+    pub oper: String,
+    pub alias: Option<String>,
+    /// Bridge-port `learning`, when the device is a bridge port.
+    pub port_learning: Option<bool>,
+}
+
+impl ActualLink {
+    pub fn ownership(&self) -> Ownership {
+        ownership(&self.name, self.alias.as_deref())
+    }
+
+    pub fn kind_name(&self) -> &str {
+        self.kind.as_deref().unwrap_or("device of unknown kind")
+    }
+}
+
+pub(crate) fn ownership(name: &str, alias: Option<&str>) -> Ownership {
+    match alias {
+        _ if !name.starts_with(model::DEVICE_PREFIX) => Ownership::Foreign,
+        Some(a) if a.starts_with(MANAGED_ALIAS_PREFIX) => Ownership::Managed,
+        Some(a) if a.starts_with(ATTACHED_ALIAS_PREFIX) => Ownership::Attached,
+        _ => Ownership::Foreign,
+    }
+}
+
+/// An IPv4 route with protocol [`model::ROUTE_PROTOCOL`] in the main table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ActualRoute {
+    pub dst: Ipv4Net,
+    pub via: Option<Ipv4Addr>,
+    /// Output device (name if known).
+    pub dev: Option<String>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    pub table: u32,
+    pub priority: u32,
+    pub tos: u8,
+    /// `RT_SCOPE_*` (0 = universe).
+    pub scope: u8,
+    /// `RTN_*` (1 = unicast).
+    pub kind: u8,
+}
+
+impl ActualRoute {
+    /// `dst via gw dev DEV onlink metric route_metric(dst)`, universe,
+    /// unicast: the shape vxmesh writes.
+    pub fn is_vxmesh_shape(&self) -> bool {
+        self.onlink && self.scope == 0 && self.kind == 1 && self.has_vxmesh_key()
+    }
+
+    /// Same (tos, metric) key as vxmesh's route to `dst`: a replace hits it.
+    pub fn has_vxmesh_key(&self) -> bool {
+        self.tos == 0 && self.priority == super::route_metric(self.dst)
+    }
+}
+
+/// An IPv4 neighbour on a managed device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ActualNeigh {
+    pub dev: String,
+    pub ip: Ipv4Addr,
+    pub mac: Option<Mac>,
+    /// `NUD_PERMANENT`: only these are vxmesh's.
+    pub permanent: bool,
+}
+
+/// An `NTF_SELF` FDB entry (one remote) on a managed vxlan device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ActualFdb {
+    pub dev: String,
+    pub mac: Mac,
+    pub dst: Option<Ipv4Addr>,
+    pub permanent: bool,
+}
+
+/// Everything vxmesh owns on a node (see the module docs of `kernel`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ActualState {
+    /// Every device whose name starts with `vxm-` (managed, attached and
+    /// foreign: the diff needs to see the foreign ones to refuse them).
+    pub links: Vec<ActualLink>,
+    /// IPv4 addresses on managed devices.
+    pub addresses: Vec<AddrSpec>,
+    /// Main-table IPv4 routes with protocol 86.
+    pub routes: Vec<ActualRoute>,
+    /// IPv4 neighbours on managed devices (all states; `permanent` marks ours).
+    pub neighbours: Vec<ActualNeigh>,
+    /// `NTF_SELF` FDB entries on managed vxlan devices, in dump order (the
+    /// kernel's remote-list order per MAC).
+    pub fdb: Vec<ActualFdb>,
+    pub ip_forward: bool,
+}
+
+impl ActualState {
+    pub fn link(&self, name: &str) -> Option<&ActualLink> {
+        self.links.iter().find(|l| l.name == name)
+    }
+
+    pub fn managed_links(&self) -> impl Iterator<Item = &ActualLink> {
+        self.links
+            .iter()
+            .filter(|l| l.ownership() == Ownership::Managed)
+    }
+}
+
+/// A parsed `RTM_NEWLINK` (any device).
+pub(crate) struct LinkRow {
+    pub name: String,
+    pub index: u32,
+    pub kind: Option<String>,
+    pub vxlan: Option<ActualVxlan>,
+    pub mtu: u32,
+    pub mac: Option<Mac>,
+    pub master: Option<u32>,
+    pub up: bool,
+    pub oper: String,
+    pub alias: Option<String>,
+    pub port_learning: Option<bool>,
+}
+
+fn mac_of(b: &[u8]) -> Option<Mac> {
+    <[u8; 6]>::try_from(b).ok().map(Mac)
+}
+
+pub(crate) fn parse_link(m: &LinkMessage) -> Option<LinkRow> {
+    let mut row = LinkRow {
+        name: String::new(),
+        index: m.header.index,
+        kind: None,
+        vxlan: None,
+        mtu: 0,
+        mac: None,
+        master: None,
+        up: m.header.flags.contains(LinkFlags::Up),
+        oper: "unknown".into(),
+        alias: None,
+        port_learning: None,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => row.name = n.clone(),
+            LinkAttribute::Mtu(v) => row.mtu = *v,
+            LinkAttribute::Address(b) => row.mac = mac_of(b),
+            LinkAttribute::Controller(i) if *i != 0 => row.master = Some(*i),
+            LinkAttribute::IfAlias(s) if !s.is_empty() => row.alias = Some(s.clone()),
+            LinkAttribute::OperState(s) => row.oper = s.to_string().to_lowercase(),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        NlLinkInfo::Kind(k) => row.kind = Some(k.to_string()),
+                        NlLinkInfo::Data(InfoData::Vxlan(v)) => row.vxlan = Some(parse_vxlan(v)),
+                        NlLinkInfo::PortData(InfoPortData::BridgePort(p)) => {
+                            row.port_learning = p.iter().find_map(|x| match x {
+                                InfoBridgePort::Learning(b) => Some(*b),
+                                _ => None,
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (!row.name.is_empty()).then_some(row)
+}
+
+fn parse_vxlan(attrs: &[InfoVxlan]) -> ActualVxlan {
+    let mut v = ActualVxlan {
+        vni: 0,
+        local: None,
+        link_index: None,
+        link: None,
+        port: 0,
+        learning: true,
+        proxy: false,
+    };
+    for a in attrs {
+        match a {
+            InfoVxlan::Id(i) => v.vni = *i,
+            InfoVxlan::Local(ip) if !ip.is_unspecified() => v.local = Some(*ip),
+            InfoVxlan::Link(i) if *i != 0 => v.link_index = Some(*i),
+            InfoVxlan::Port(p) => v.port = *p,
+            InfoVxlan::Learning(b) => v.learning = *b,
+            InfoVxlan::Proxy(b) => v.proxy = *b,
+            _ => {}
+        }
+    }
+    v
+}
+
+fn ipv4_of_neigh(a: &NeighbourAddress) -> Option<Ipv4Addr> {
+    match a {
+        NeighbourAddress::Inet(ip) => Some(*ip),
+        NeighbourAddress::Other(b) if b.len() == 4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+        _ => None,
+    }
+}
+
+/// Index → name of every device, and the parsed rows.
+pub(crate) async fn link_rows(nl: &Netlink) -> Result<Vec<LinkRow>> {
+    let msgs = nl
+        .query(msg::link_dump(), true)
+        .await
+        .with_context(|| format!("dump links in {}", nl.namespace()))?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            R::NewLink(l) => parse_link(l),
+            _ => None,
+        })
+        .collect())
+}
+
+impl Netlink {
+    /// Read everything vxmesh owns in this namespace: five dumps (links,
+    /// addresses, routes, ARP, FDB) and one sysctl read.
+    pub async fn dump(&self) -> Result<ActualState> {
+        let ns = self.namespace().to_string();
+        let (rows, addrs, routes, neighs, fdbs) = futures::try_join!(
+            link_rows(self),
+            async {
+                self.query(msg::addr_dump(), true)
+                    .await
+                    .with_context(|| format!("dump addresses in {ns}"))
+            },
+            async {
+                self.query(msg::route_dump(), true)
+                    .await
+                    .with_context(|| format!("dump routes in {ns}"))
+            },
+            async {
+                self.query(msg::neigh_dump(AddressFamily::Inet), true)
+                    .await
+                    .with_context(|| format!("dump neighbours in {ns}"))
+            },
+            async {
+                self.query(msg::neigh_dump(AddressFamily::Bridge), true)
+                    .await
+                    .with_context(|| format!("dump FDB entries in {ns}"))
+            },
+        )?;
+        let ip_forward = self
+            .run_in_ns(crate::dataplane::sysctl::ip_forward)
+            .with_context(|| format!("read net.ipv4.ip_forward in {ns}"))?;
+        Ok(assemble(rows, &addrs, &routes, &neighs, &fdbs, ip_forward))
+    }
+}
+
+/// IPv4 routes with protocol 86, any table.
+pub(crate) fn routes_of(routes: &[R], names: &HashMap<u32, String>) -> Vec<ActualRoute> {
+    let mut out = Vec::new();
+    for m in routes {
+        let R::NewRoute(r) = m else { continue };
+        if u8::from(r.header.protocol) != model::ROUTE_PROTOCOL
+            || r.header.address_family != AddressFamily::Inet
+        {
+            continue;
+        }
+        let mut route = ActualRoute {
+            dst: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, r.header.destination_prefix_length)
+                .unwrap_or_default(),
+            via: None,
+            dev: None,
+            oif: None,
+            onlink: r.header.flags.contains(RouteFlags::Onlink),
+            table: r.header.table as u32,
+            priority: 0,
+            tos: r.header.tos,
+            scope: u8::from(r.header.scope),
+            kind: u8::from(r.header.kind),
+        };
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                    route.dst =
+                        Ipv4Net::new(*ip, r.header.destination_prefix_length).unwrap_or_default()
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.via = Some(*ip),
+                RouteAttribute::Oif(i) => {
+                    route.oif = Some(*i);
+                    route.dev = names.get(i).cloned();
+                }
+                RouteAttribute::Table(t) => route.table = *t,
+                RouteAttribute::Priority(p) => route.priority = *p,
+                _ => {}
+            }
+        }
+        out.push(route);
+    }
+    out
+}
+
+fn assemble(
+    rows: Vec<LinkRow>,
+    addrs: &[R],
+    routes: &[R],
+    neighs: &[R],
+    fdbs: &[R],
+    ip_forward: bool,
+) -> ActualState {
+    let names: HashMap<u32, String> = rows.iter().map(|r| (r.index, r.name.clone())).collect();
+    let mut st = ActualState {
+        ip_forward,
+        ..Default::default()
+    };
+    // Devices whose objects are vxmesh's: managed ones; FDB only on vxlans.
+    let mut managed: HashMap<u32, (String, bool)> = HashMap::new();
+    for r in rows {
+        if !r.name.starts_with(model::DEVICE_PREFIX) {
+            continue;
+        }
+        let mut vxlan = r.vxlan;
+        if let Some(v) = vxlan.as_mut() {
+            v.link = v.link_index.and_then(|i| names.get(&i).cloned());
+        }
+        let link = ActualLink {
+            name: r.name,
+            index: r.index,
+            kind: r.kind,
+            master: r.master.and_then(|i| names.get(&i).cloned()),
+            master_index: r.master,
+            vxlan,
+            mtu: r.mtu,
+            mac: r.mac,
+            up: r.up,
+            oper: r.oper,
+            alias: r.alias,
+            port_learning: r.port_learning,
+        };
+        if link.ownership() == Ownership::Managed {
+            let is_vxlan = link.kind.as_deref() == Some("vxlan");
+            managed.insert(link.index, (link.name.clone(), is_vxlan));
+        }
+        st.links.push(link);
+    }
+    for m in addrs {
+        let R::NewAddress(a) = m else { continue };
+        let Some((dev, _)) = managed.get(&a.header.index) else {
+            continue;
+        };
+        let ip = a
+            .attributes
+            .iter()
+            .find_map(|x| match x {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })
+            .or_else(|| {
+                a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })
+            });
+        if let Some(ip) = ip
+            && let Ok(net) = Ipv4Net::new(ip, a.header.prefix_len)
+        {
+            st.addresses.push(AddrSpec {
+                dev: dev.clone(),
+                addr: net,
+            });
+        }
+    }
+    st.routes = routes_of(routes, &names)
+        .into_iter()
+        .filter(|r| r.table == msg::RT_TABLE_MAIN)
+        .collect();
+    for m in neighs {
+        let R::NewNeighbour(n) = m else { continue };
+        if n.header.family != AddressFamily::Inet {
+            continue;
+        }
+        let Some((dev, _)) = managed.get(&n.header.ifindex) else {
+            continue;
+        };
+        let mut ip = None;
+        let mut mac = None;
+        for a in &n.attributes {
+            match a {
+                NeighbourAttribute::Destination(d) => ip = ipv4_of_neigh(d),
+                NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                _ => {}
+            }
+        }
+        if let Some(ip) = ip {
+            st.neighbours.push(ActualNeigh {
+                dev: dev.clone(),
+                ip,
+                mac,
+                permanent: n.header.state == NeighbourState::Permanent,
+            });
+        }
+    }
+    for m in fdbs {
+        let R::NewNeighbour(n) = m else { continue };
+        if n.header.family != AddressFamily::Bridge || !n.header.flags.contains(NeighbourFlags::Own)
+        {
+            continue;
+        }
+        let Some((dev, true)) = managed.get(&n.header.ifindex) else {
+            continue;
+        };
+        let mut dst = None;
+        let mut mac = None;
+        for a in &n.attributes {
+            match a {
+                NeighbourAttribute::Destination(d) => dst = ipv4_of_neigh(d),
+                NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                _ => {}
+            }
+        }
+        if let Some(mac) = mac {
+            st.fdb.push(ActualFdb {
+                dev: dev.clone(),
+                mac,
+                dst,
+                permanent: n.header.state == NeighbourState::Permanent,
+            });
+        }
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_needs_prefix_and_alias() {
+        assert_eq!(
+            ownership("vxm-br0", Some("vxmesh:net:demo")),
+            Ownership::Managed
+        );
+        assert_eq!(
+            ownership("vxm-0123456789", Some("vxmesh:veth:demo:eth0:c1")),
+            Ownership::Attached
+        );
+        assert_eq!(ownership("vxm-br0", None), Ownership::Foreign);
+        assert_eq!(ownership("vxm-br0", Some("mine")), Ownership::Foreign);
+        assert_eq!(
+            ownership("br0", Some("vxmesh:net:demo")),
+            Ownership::Foreign
+        );
+    }
+}

@@ -299,13 +299,30 @@ fn validate(plan: &NodePlan) -> Result<(), DiffError> {
         .addresses
         .iter()
         .map(|a| (&a.dev, "address"))
-        .chain(plan.routes.iter().map(|r| (&r.dev, "route")))
-        .chain(plan.neighbours.iter().map(|n| (&n.dev, "neighbour")))
-        .chain(plan.fdb.iter().map(|e| (&e.dev, "FDB entry")));
+        .chain(plan.routes.iter().map(|r| (&r.dev, "route")));
     for (dev, what) in devs {
         if !names.contains(dev.as_str()) {
             return Err(DiffError::InvalidPlan(format!(
                 "a planned {what} is on device {dev}, which is not a planned device"
+            )));
+        }
+    }
+    // ARP and FDB entries are only vxmesh's on its vxlan devices.
+    let vteps: HashSet<&str> = plan
+        .links
+        .iter()
+        .filter(|l| matches!(l.kind, LinkKind::Vxlan(_)))
+        .map(|l| l.name.as_str())
+        .collect();
+    let entries = plan
+        .neighbours
+        .iter()
+        .map(|n| (&n.dev, "neighbour"))
+        .chain(plan.fdb.iter().map(|e| (&e.dev, "FDB entry")));
+    for (dev, what) in entries {
+        if !vteps.contains(dev.as_str()) {
+            return Err(DiffError::InvalidPlan(format!(
+                "a planned {what} is on device {dev}, which is not a planned vxlan device"
             )));
         }
     }

@@ -148,7 +148,8 @@ pub struct ActualState {
     pub addresses: Vec<AddrSpec>,
     /// Main-table IPv4 routes with protocol 86.
     pub routes: Vec<ActualRoute>,
-    /// IPv4 neighbours on managed devices (all states; `permanent` marks ours).
+    /// IPv4 neighbours on managed vxlan devices (all states; `permanent`
+    /// marks ours). Neighbours on bridges (containers' ARP) are not vxmesh's.
     pub neighbours: Vec<ActualNeigh>,
     /// `NTF_SELF` FDB entries on managed vxlan devices, in dump order (the
     /// kernel's remote-list order per MAC).
@@ -369,7 +370,8 @@ fn assemble(
         ip_forward,
         ..Default::default()
     };
-    // Devices whose objects are vxmesh's: managed ones; FDB only on vxlans.
+    // Devices whose objects are vxmesh's: managed ones (addresses); ARP and
+    // FDB entries only on managed vxlans.
     let mut managed: HashMap<u32, (String, bool)> = HashMap::new();
     for r in rows {
         if !r.name.starts_with(model::DEVICE_PREFIX) {
@@ -435,7 +437,7 @@ fn assemble(
         if n.header.family != AddressFamily::Inet {
             continue;
         }
-        let Some((dev, _)) = managed.get(&n.header.ifindex) else {
+        let Some((dev, true)) = managed.get(&n.header.ifindex) else {
             continue;
         };
         let mut ip = None;

@@ -42,6 +42,19 @@ pub struct LabSpec {
     pub exe: PathBuf,
     /// Extra agent arguments (e.g. a short --resync for tests).
     pub agent_args: Vec<String>,
+    /// How containers are attached.
+    pub attach: AttachMode,
+}
+
+/// How the lab attaches its containers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Call the attach code in-process.
+    #[default]
+    Library,
+    /// Run the vxmesh binary as a CNI plugin (`CNI_COMMAND=ADD`, network
+    /// configuration on stdin, inside the node's namespace), as a runtime does.
+    Cni,
 }
 
 impl LabSpec {
@@ -54,6 +67,7 @@ impl LabSpec {
             networks: 1,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vxmesh")),
             agent_args: Vec::new(),
+            attach: AttachMode::Library,
         }
     }
 }
@@ -96,6 +110,7 @@ pub struct Lab {
     pub info: LabInfo,
     pub spec_exe: PathBuf,
     pub agent_args: Vec<String>,
+    pub attach: AttachMode,
     children: BTreeMap<String, Child>,
 }
 
@@ -208,7 +223,7 @@ impl Lab {
             nodes: Vec::new(),
             containers: Vec::new(),
         };
-        let mut lab = Lab { info, spec_exe: spec.exe.clone(), agent_args: spec.agent_args.clone(), children: BTreeMap::new() };
+        let mut lab = Lab { info, spec_exe: spec.exe.clone(), agent_args: spec.agent_args.clone(), attach: spec.attach, children: BTreeMap::new() };
         if let Err(e) = lab.build(spec).await {
             if let Err(e2) = lab.down() {
                 tracing::warn!("cleanup after failed lab up: {e2:#}");
@@ -291,24 +306,30 @@ impl Lab {
         let ns_name = format!("vxm-{}-{cname}", self.info.name);
         let cns = netns::create(&ns_name)?;
         let host_ns = Netns::open(&n.netns)?;
-        let req = AttachRequest {
-            state_dir: &n.state_dir,
-            network,
-            container_id: cname,
-            ifname: "eth0",
-            host_ns: Some(&host_ns),
-            container_ns: &cns,
-            ip,
-            mtu: None,
+        let attached = match self.attach {
+            AttachMode::Library => {
+                let req = AttachRequest {
+                    state_dir: &n.state_dir,
+                    network,
+                    container_id: cname,
+                    ifname: "eth0",
+                    host_ns: Some(&host_ns),
+                    container_ns: &cns,
+                    ip,
+                    mtu: None,
+                };
+                attach::attach(&req).await.map(|a| a.ip.addr())
+            }
+            AttachMode::Cni => cni_add(&self.spec_exe, host_ns, &n.state_dir, network, cname, &ns_name, ip).await,
         };
-        let att = match attach::attach(&req).await {
-            Ok(a) => a,
+        let ip = match attached {
+            Ok(ip) => ip,
             Err(e) => {
                 let _ = netns::delete(&ns_name);
                 return Err(e);
             }
         };
-        let c = LabContainer { name: cname.to_string(), node: node.to_string(), network: network.to_string(), netns: ns_name, ip: att.ip.addr() };
+        let c = LabContainer { name: cname.to_string(), node: node.to_string(), network: network.to_string(), netns: ns_name, ip };
         self.info.containers.push(c.clone());
         self.save()?;
         Ok(c)
@@ -319,7 +340,7 @@ impl Lab {
         let path = lab_dir(name).join("lab.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("lab '{name}' does not exist ({} missing)", path.display()))?;
         let info: LabInfo = serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
-        Ok(Lab { info, spec_exe: std::env::current_exe()?, agent_args: Vec::new(), children: BTreeMap::new() })
+        Ok(Lab { info, spec_exe: std::env::current_exe()?, agent_args: Vec::new(), attach: AttachMode::Library, children: BTreeMap::new() })
     }
 
     pub fn save(&self) -> Result<()> {
@@ -504,6 +525,107 @@ impl Lab {
         }
         if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("; ")) }
     }
+}
+
+/// Attach through the CNI protocol, exactly as a runtime does: run `exe` as a
+/// plugin inside the node's namespace with `CNI_COMMAND=ADD` and the network
+/// configuration on stdin, and take the address from its result. A wanted
+/// address goes in `CNI_ARGS` (`IP=`, the host-local/static convention); the
+/// plugin's answer is authoritative.
+async fn cni_add(exe: &Path, host_ns: Netns, state_dir: &Path, network: &str, id: &str, container_ns: &str, ip: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": format!("vxmesh-{network}"), "type": "vxmesh",
+        "network": network, "stateDir": state_dir,
+    });
+    let mut env = vec![
+        ("CNI_COMMAND".to_string(), "ADD".to_string()),
+        ("CNI_CONTAINERID".to_string(), id.to_string()),
+        ("CNI_NETNS".to_string(), Path::new(netns::NETNS_DIR).join(container_ns).display().to_string()),
+        ("CNI_IFNAME".to_string(), "eth0".to_string()),
+        ("CNI_PATH".to_string(), exe.parent().unwrap_or(Path::new("/")).display().to_string()),
+    ];
+    if let Some(ip) = ip {
+        env.push(("CNI_ARGS".to_string(), format!("IgnoreUnknown=1;IP={ip}")));
+    }
+    let exe = exe.to_path_buf();
+    let what = format!("CNI ADD of container '{id}' to network '{network}' ({})", exe.display());
+    let out = tokio::task::spawn_blocking(move || run_plugin(&exe, &host_ns, &env, conf.to_string().as_bytes(), Duration::from_secs(30)))
+        .await
+        .context("plugin thread")?
+        .with_context(|| what.clone())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("{what}: the plugin printed no JSON ({}); stdout: {stdout}; stderr: {}", out.status, String::from_utf8_lossy(&out.stderr)))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): error {}: {}: {}",
+            out.status,
+            result["code"],
+            result["msg"].as_str().unwrap_or_default(),
+            result["details"].as_str().unwrap_or_default()
+        );
+    }
+    let got = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str()?.parse::<Ipv4Net>().ok())
+        .map(|n| n.addr())
+        .next()
+        .with_context(|| format!("{what}: the result has no IPv4 address: {result}"))?;
+    if ip.is_some_and(|w| w != got) {
+        tracing::info!("{what}: asked for {}, the plugin allocated {got}", ip.unwrap_or(got));
+    }
+    Ok(got)
+}
+
+/// Run a CNI plugin in `ns` with exactly `env`, `stdin` as input; give up after `timeout`.
+fn run_plugin(exe: &Path, ns: &Netns, env: &[(String, String)], stdin: &[u8], timeout: Duration) -> Result<std::process::Output> {
+    use std::io::{Read, Write};
+    let fd = ns.raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("run {} in {}", exe.display(), ns.name()))?;
+    let written = child.stdin.take().context("plugin stdin")?.write_all(stdin);
+    // Read both pipes on threads so a chatty plugin can never block on a full pipe.
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err_t = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the plugin did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if status.success() {
+        written.context("write the network configuration to the plugin")?;
+    }
+    Ok(std::process::Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
 }
 
 /// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)

@@ -130,6 +130,25 @@ struct LabUpArgs {
     /// Bridged networks (all on the same subnet, isolated by VNI).
     #[arg(long, default_value_t = 2)]
     networks: usize,
+    /// How containers are attached: in-process (library) or by running vxmesh
+    /// as a CNI plugin exactly as a container runtime does (cni).
+    #[arg(long, value_enum, default_value = "library")]
+    attach: AttachArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AttachArg {
+    Library,
+    Cni,
+}
+
+impl From<AttachArg> for lab::AttachMode {
+    fn from(a: AttachArg) -> lab::AttachMode {
+        match a {
+            AttachArg::Library => lab::AttachMode::Library,
+            AttachArg::Cni => lab::AttachMode::Cni,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +237,7 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
     let mut s = LabSpec::new(name, a.nodes, a.containers);
     s.mode = a.mode.into();
     s.networks = a.networks;
+    s.attach = a.attach.into();
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)
 }

@@ -1,20 +1,33 @@
-//! The netlink layer: a thin typed wrapper over one rtnetlink connection.
+//! The netlink layer: a thin typed wrapper over rtnetlink.
 //!
-//! - [`Netlink`] is one rtnetlink socket bound to one network namespace
-//!   (chosen at connect time) and usable from any task afterwards.
-//! - Generic operations (links, addresses, routes) used by attach and the lab
-//!   live in [`ops`](self::ops); every error names the device, the peer and the
+//! - [`Netlink`] is bound to one network namespace (chosen at connect time)
+//!   and usable from any task afterwards.
+//! - Generic operations (links, addresses, routes) used by attach, the lab
+//!   and CNI live in `ops.rs`; every error names the device, the peer and the
 //!   namespace.
 //! - [`Netlink::dump`] reads everything vxmesh owns into an [`ActualState`]
 //!   (one dump per object type); [`crate::dataplane::diff::diff`] compares it
 //!   with a [`NodePlan`](crate::dataplane::NodePlan); [`Netlink::apply`] sends
-//!   the changes, pipelined, phase by phase; [`reconcile`] does all three.
+//!   the changes phase by phase; [`reconcile`] does all three.
 //!
-//! Requests are raw `RTM_*` messages built in `msg.rs` and sent with
-//! [`rtnetlink::Handle::request`], so every flag (`NLM_F_REPLACE`, `NTF_SELF`,
-//! `RTNH_F_ONLINK`) is explicit. The socket asks for extended acks, so kernel
-//! error strings ("A VXLAN device with the specified VNI already exists")
-//! reach the error messages.
+//! Requests are raw `RTM_*` messages built in `msg.rs`, so every flag
+//! (`NLM_F_REPLACE`, `NTF_SELF`, `RTNH_F_ONLINK`) is explicit. Single requests
+//! and dumps go through [`rtnetlink::Handle::request`]; apply sends its
+//! requests in batches (many messages per datagram, several datagrams queued)
+//! on a second socket of the same namespace, because netlink-proto writes one
+//! queued request per wake-up of its connection task. The sockets ask for
+//! extended acks, so kernel error strings ("A VXLAN device with the specified
+//! VNI already exists") reach the error messages.
+//!
+//! Kernel behaviours this layer relies on or works around:
+//! - `IFLA_IFALIAS` is ignored when a device is created: the alias (vxmesh's
+//!   ownership mark) is set by a second request right after.
+//! - A bridge's MTU follows its ports' minimum (1500 with no port) unless it
+//!   was changed after creation: bridges are created one byte off and set.
+//! - The kernel runs one dump at a time per socket (EBUSY): dumps are
+//!   serialised.
+//! - Onlink routes that differ only by gateway share a kernel hash chain unless
+//!   their metrics differ: see [`route_metric`].
 
 mod actual;
 mod apply;

@@ -369,9 +369,10 @@ impl Netlink {
     }
 
     /// Apply `changes` (normally [`diff`]'s output) in [`Phase`] order. Within
-    /// a phase requests are pipelined: [`BATCH_SIZE`] requests per datagram,
-    /// [`BATCHES_IN_FLIGHT`] datagrams queued; device creation is sequential. Keeps going after a
-    /// failure; returns an [`ApplyError`] listing every failure at the end.
+    /// a phase requests are pipelined: 128 requests per datagram, 4 datagrams
+    /// queued; device creation is sequential. Keeps going after a failure;
+    /// returns an [`ApplyError`] (in the `anyhow::Error`) listing every
+    /// failure at the end.
     pub async fn apply(&self, changes: &[Change]) -> Result<ApplyReport> {
         let t0 = Instant::now();
         let mut rep = ApplyReport {

@@ -195,7 +195,16 @@ async fn invalid_cluster_files_are_refused_and_change_nothing() {
     let good = std::fs::read_to_string(&lab.info.cluster_file).unwrap();
     // `ip -d link` minus the bridge's ticking timers.
     let links = |ns: &str| ip(ns, &["-d", "link"]).split_whitespace().filter(|w| !w.contains('.')).collect::<Vec<_>>().join(" ");
-    let snapshot = |ns: &str| (links(ns), ip(ns, &["route"]), ip(ns, &["neigh"]), bridge(ns, &["fdb"]), ip(ns, &["addr"]));
+    // What vxmesh could touch; learned (ageing) neighbours and FDB entries are not compared.
+    let snapshot = |ns: &str| {
+        (
+            links(ns),
+            ip(ns, &["route"]),
+            ip(ns, &["neigh", "show", "nud", "permanent"]),
+            bridge(ns, &["fdb", "show", "dev", "vxm-vx100"]),
+            ip(ns, &["-4", "addr"]),
+        )
+    };
     // A second state dir so the running agent's lock is not in the way; --once.
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(String, &str)> = vec![

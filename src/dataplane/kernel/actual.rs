@@ -12,9 +12,7 @@ use netlink_packet_route::link::{
     InfoBridgePort, InfoData, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags,
     LinkInfo as NlLinkInfo, LinkMessage,
 };
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
-};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage as R};
 use serde::Serialize;
@@ -440,21 +438,13 @@ fn assemble(
         let Some((dev, true)) = managed.get(&n.header.ifindex) else {
             continue;
         };
-        let mut ip = None;
-        let mut mac = None;
-        for a in &n.attributes {
-            match a {
-                NeighbourAttribute::Destination(d) => ip = ipv4_of_neigh(d),
-                NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
-                _ => {}
-            }
-        }
+        let (ip, mac, permanent) = neigh_fields(&n);
         if let Some(ip) = ip {
             st.neighbours.push(ActualNeigh {
                 dev: dev.clone(),
                 ip,
                 mac,
-                permanent: n.header.state == NeighbourState::Permanent,
+                permanent,
             });
         }
     }
@@ -467,21 +457,13 @@ fn assemble(
         let Some((dev, true)) = managed.get(&n.header.ifindex) else {
             continue;
         };
-        let mut dst = None;
-        let mut mac = None;
-        for a in &n.attributes {
-            match a {
-                NeighbourAttribute::Destination(d) => dst = ipv4_of_neigh(d),
-                NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
-                _ => {}
-            }
-        }
+        let (dst, mac, permanent) = neigh_fields(&n);
         if let Some(mac) = mac {
             st.fdb.push(ActualFdb {
                 dev: dev.clone(),
                 mac,
                 dst,
-                permanent: n.header.state == NeighbourState::Permanent,
+                permanent,
             });
         }
     }
@@ -509,4 +491,23 @@ mod tests {
             Ownership::Foreign
         );
     }
+}
+
+/// Destination, link-layer address and permanence of a neighbour/FDB message.
+/// The state is a bit set: a permanent entry may carry other bits too
+/// (e.g. NUD_NOARP on entries written by other tools), so test the bit.
+fn neigh_fields(
+    n: &netlink_packet_route::neighbour::NeighbourMessage,
+) -> (Option<Ipv4Addr>, Option<Mac>, bool) {
+    const NUD_PERMANENT: u16 = 0x80;
+    let mut ip = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(d) => ip = ipv4_of_neigh(d),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+            _ => {}
+        }
+    }
+    (ip, mac, u16::from(n.header.state) & NUD_PERMANENT != 0)
 }

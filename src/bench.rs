@@ -1,0 +1,277 @@
+//! Measured benchmarks (`vxmesh bench NAME`). Each runs the compared things
+//! side by side in one run, in network namespaces it creates and removes, and
+//! reports figures and ratios: absolute times on a shared machine are noise.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::config::{Cluster, Mode, Network};
+use crate::dataplane::kernel::{LinkOptions, Netlink};
+use crate::dataplane::netns::NetnsGuard;
+use crate::dataplane::plan::{PlanInput, plan};
+use crate::dataplane::{NodePlan, reconcile};
+use crate::model::{Endpoint, NodeRecord, Vni, container_mac};
+
+/// One measured row of the scale benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaleRow {
+    pub mode: String,
+    pub peers: usize,
+    /// Kernel objects programmed (routes + neighbours + FDB entries).
+    pub objects: usize,
+    pub vxmesh_ms: f64,
+    pub vxmesh_messages: usize,
+    pub ip_batch_ms: f64,
+    /// ip -batch time / vxmesh time (> 1: vxmesh is faster).
+    pub speedup: f64,
+    /// One more peer on top of the full set.
+    pub incremental_ms: f64,
+    pub incremental_messages: usize,
+    /// Second pass over the converged set (should send nothing).
+    pub idle_pass_ms: f64,
+    pub idle_pass_messages: usize,
+}
+
+const UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+fn peer_ip(i: usize) -> Ipv4Addr {
+    // Peers live in 198.19.0.0/16 (benchmarking range); only ever programmed, never contacted.
+    Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// A cluster of `peers + 1` nodes; node 0 is the one programmed.
+fn cluster(mode: Mode, peers: usize) -> Cluster {
+    let cidr: Ipv4Net = "10.0.0.0/8".parse().expect("valid");
+    let len = match mode {
+        Mode::Routed => 24,
+        Mode::Bridged => 28,
+    };
+    let net = Network {
+        name: "bench".into(),
+        mode,
+        cidr,
+        subnet_len: len,
+        vni: Vni::new(100).expect("valid"),
+        port: 4789,
+        mtu: None,
+    };
+    let nodes = (0..=peers)
+        .map(|i| NodeRecord {
+            name: format!("n{i}"),
+            underlay_ip: if i == 0 { UNDERLAY } else { peer_ip(i) },
+            underlay_dev: Some("ul0".into()),
+            subnets: BTreeMap::from([(
+                "bench".to_string(),
+                cidr.subnets(len).expect("valid").nth(i).expect("room"),
+            )]),
+        })
+        .collect();
+    Cluster {
+        networks: vec![net],
+        nodes,
+    }
+}
+
+/// Bridged: one endpoint per remote node (the first address of its slice).
+fn endpoints(c: &Cluster) -> Vec<Endpoint> {
+    c.nodes
+        .iter()
+        .skip(1)
+        .map(|n| {
+            let ip = Ipv4Addr::from(u32::from(n.subnets["bench"].network()) + 1);
+            Endpoint {
+                network: "bench".into(),
+                ip,
+                mac: container_mac(ip),
+                node: n.name.clone(),
+            }
+        })
+        .collect()
+}
+
+fn plan_for(mode: Mode, c: &Cluster) -> Result<NodePlan> {
+    let eps = endpoints(c);
+    Ok(plan(&PlanInput {
+        cluster: c,
+        node: "n0",
+        endpoints: (mode == Mode::Bridged).then_some(eps.as_slice()),
+        underlay_mtu: 1500,
+    })?)
+}
+
+/// A namespace with an underlay device `ul0` (a veth whose peer stays inside).
+async fn bench_ns(tag: &str) -> Result<(NetnsGuard, Netlink)> {
+    let name = format!("vxm-bench-{}-{tag}", std::process::id());
+    let g = NetnsGuard::create(&name)?;
+    let nl = Netlink::connect_in(&g.open()?).await?;
+    nl.create_veth("ul0", "ul0p", None, 1500).await?;
+    for d in ["ul0", "ul0p"] {
+        nl.set_link(
+            d,
+            LinkOptions {
+                up: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    nl.add_address("ul0", Ipv4Net::new(UNDERLAY, 24)?).await?;
+    Ok((g, nl))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The same objects as `p`, as `ip -batch` and `bridge -batch` input.
+fn batch_files(p: &NodePlan, dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let mut ipb = String::new();
+    for r in &p.routes {
+        writeln!(
+            ipb,
+            "route replace {} via {} dev {} onlink proto 86 metric {}",
+            r.dst,
+            r.via,
+            r.dev,
+            crate::dataplane::kernel::route_metric(r.dst)
+        )?;
+    }
+    for n in &p.neighbours {
+        writeln!(
+            ipb,
+            "neigh replace {} lladdr {} dev {} nud permanent",
+            n.ip, n.mac, n.dev
+        )?;
+    }
+    let mut brb = String::new();
+    for f in &p.fdb {
+        writeln!(
+            brb,
+            "fdb replace {} dev {} dst {} self permanent",
+            f.mac, f.dev, f.dst
+        )?;
+    }
+    let (a, b) = (dir.join("ip.batch"), dir.join("bridge.batch"));
+    std::fs::write(&a, ipb)?;
+    std::fs::write(&b, brb)?;
+    Ok((a, b))
+}
+
+fn run_batch(tool: &str, ns: &str, file: &Path) -> Result<()> {
+    let out = Command::new(tool)
+        .args(["-n", ns, "-batch"])
+        .arg(file)
+        .output()
+        .with_context(|| format!("run {tool} -batch"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} -batch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Program `peers` remote peers into an empty node with vxmesh, then the same
+/// objects with `ip -batch` + `bridge -batch` into another empty node.
+pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
+    let c = cluster(mode, peers);
+    let p = plan_for(mode, &c)?;
+    let objects = p.routes.len() + p.neighbours.len() + p.fdb.len();
+    // vxmesh: devices first (not part of the timed peer programming), then peers.
+    let (g, nl) = bench_ns("vx").await?;
+    let mut devices_only = p.clone();
+    devices_only.routes.clear();
+    devices_only.neighbours.clear();
+    devices_only.fdb.clear();
+    reconcile(&nl, &devices_only).await?;
+    let t0 = Instant::now();
+    let full = reconcile(&nl, &p).await?;
+    let vx = t0.elapsed();
+    let t1 = Instant::now();
+    let idle = reconcile(&nl, &p).await?;
+    let idle_t = t1.elapsed();
+    let c2 = cluster(mode, peers + 1);
+    let p2 = plan_for(mode, &c2)?;
+    let t2 = Instant::now();
+    let inc = reconcile(&nl, &p2).await?;
+    let inc_t = t2.elapsed();
+    drop(nl);
+    drop(g);
+    // Baseline: ip -batch on the same objects, same starting point.
+    let (g, nl) = bench_ns("ip").await?;
+    reconcile(&nl, &devices_only).await?;
+    let dir = tempfile_dir()?;
+    let (ipf, brf) = batch_files(&p, &dir)?;
+    let t3 = Instant::now();
+    run_batch("ip", &g.name, &ipf)?;
+    run_batch("bridge", &g.name, &brf)?;
+    let ipb = t3.elapsed();
+    // Sanity: the baseline programmed the same set (vxmesh sees nothing to do).
+    let check = reconcile(&nl, &p).await?;
+    if check.changes != 0 {
+        if std::env::var_os("VXMESH_BENCH_DEBUG").is_some() {
+            let _ = Command::new("bridge")
+                .args(["-n", &g.name, "fdb", "show"])
+                .status();
+            let _ = Command::new("cat").arg(&brf).status();
+        }
+        bail!(
+            "ip -batch baseline differs from the plan by {} changes: {:?}",
+            check.changes,
+            check.applied.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ScaleRow {
+        mode: mode.to_string(),
+        peers,
+        objects,
+        vxmesh_ms: ms(vx),
+        vxmesh_messages: full.messages,
+        ip_batch_ms: ms(ipb),
+        speedup: ms(ipb) / ms(vx).max(0.001),
+        incremental_ms: ms(inc_t),
+        incremental_messages: inc.messages,
+        idle_pass_ms: ms(idle_t),
+        idle_pass_messages: idle.messages,
+    })
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("vxmesh-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+pub fn scale_table(rows: &[ScaleRow]) -> String {
+    let mut s = String::from(
+        "mode     peers  objects  vxmesh ms  msgs    ip-batch ms  speedup  +1 peer ms  +1 msgs  idle pass ms  idle msgs\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:8} {:>6} {:>8} {:>10.1} {:>6} {:>12.1} {:>7.1}x {:>11.2} {:>8} {:>13.1} {:>10}",
+            r.mode,
+            r.peers,
+            r.objects,
+            r.vxmesh_ms,
+            r.vxmesh_messages,
+            r.ip_batch_ms,
+            r.speedup,
+            r.incremental_ms,
+            r.incremental_messages,
+            r.idle_pass_ms,
+            r.idle_pass_messages
+        );
+    }
+    s
+}

@@ -6,6 +6,9 @@ pkgs=()
 command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)        # inspection in tests only
 command -v nsenter >/dev/null 2>&1 || pkgs+=(util-linux)
 command -v cc >/dev/null 2>&1 || pkgs+=(gcc)
+command -v podman >/dev/null 2>&1 || pkgs+=(podman)    # tests/podman.rs: a real CNI runtime
+command -v runc >/dev/null 2>&1 || pkgs+=(runc)
+command -v busybox >/dev/null 2>&1 || pkgs+=(busybox-static)  # the locally built test image
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -21,7 +21,10 @@ struct Recorder {
 
 impl Recorder {
     fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("vxm-labcni-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("vxm-labcni-")
+            .tempdir()
+            .unwrap();
         let d = dir.path().display();
         let script = format!(
             "#!/bin/sh\n\
@@ -50,7 +53,11 @@ impl Recorder {
         for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "env") {
-                let env: Vec<String> = std::fs::read_to_string(&p).unwrap().lines().map(str::to_string).collect();
+                let env: Vec<String> = std::fs::read_to_string(&p)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect();
                 let stdin = std::fs::read(p.with_extension("stdin")).unwrap();
                 out.push((env, serde_json::from_slice(&stdin).unwrap()));
             }
@@ -73,27 +80,57 @@ async fn cni_lab(tag: &str, mode: Mode) {
         assert_eq!(calls.len(), 4, "one ADD per container: {calls:?}");
         for c in &lab.info.containers {
             let node = lab.node(&c.node).unwrap();
-            let (env, conf) = calls.iter().find(|(env, _)| env[1] == c.name).unwrap_or_else(|| panic!("no CNI call for {}", c.name));
+            let (env, conf) = calls
+                .iter()
+                .find(|(env, _)| env[1] == c.name)
+                .unwrap_or_else(|| panic!("no CNI call for {}", c.name));
             assert_eq!(env[0], "ADD");
             assert_eq!(env[2], format!("/run/netns/{}", c.netns));
             assert_eq!(env[3], "eth0");
-            assert_eq!(env[4], rec.dir.path().display().to_string(), "CNI_PATH is the plugin's directory");
+            assert_eq!(
+                env[4],
+                rec.dir.path().display().to_string(),
+                "CNI_PATH is the plugin's directory"
+            );
             // The plugin ran in the node's namespace, not the caller's.
-            let host_ns = std::fs::metadata(format!("/run/netns/{}", node.netns)).unwrap().ino();
-            assert_eq!(env[5], format!("net:[{host_ns}]"), "the plugin must run in {}", node.netns);
+            let host_ns = std::fs::metadata(format!("/run/netns/{}", node.netns))
+                .unwrap()
+                .ino();
+            assert_eq!(
+                env[5],
+                format!("net:[{host_ns}]"),
+                "the plugin must run in {}",
+                node.netns
+            );
             assert_eq!(conf["cniVersion"], "1.1.0");
             assert_eq!(conf["type"], "vxmesh");
             assert_eq!(conf["network"], c.network.as_str());
             assert_eq!(conf["stateDir"], node.state_dir.display().to_string());
             // The address the lab recorded is the one the IPAM holds.
-            let held = node.state_dir.join("ipam").join(&c.network).join(c.ip.to_string());
-            assert!(held.exists(), "{} is not allocated in {}", c.ip, held.display());
+            let held = node
+                .state_dir
+                .join("ipam")
+                .join(&c.network)
+                .join(c.ip.to_string());
+            assert!(
+                held.exists(),
+                "{} is not allocated in {}",
+                c.ip,
+                held.display()
+            );
         }
         let report = lab.check(Duration::from_secs(2)).unwrap();
         assert_eq!(report.results.len(), 4 * 3, "all ordered pairs probed");
-        assert!(report.results.iter().all(|r| r.expect_reach), "one network: every pair must reach");
+        assert!(
+            report.results.iter().all(|r| r.expect_reach),
+            "one network: every pair must reach"
+        );
         let fails = report.failures();
-        assert!(fails.is_empty(), "{mode} lab attached by CNI:\n{}\n{fails:?}", report.matrix());
+        assert!(
+            fails.is_empty(),
+            "{mode} lab attached by CNI:\n{}\n{fails:?}",
+            report.matrix()
+        );
     }
     assert_gone(&name);
 }

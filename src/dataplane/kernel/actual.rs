@@ -438,7 +438,7 @@ fn assemble(
         let Some((dev, true)) = managed.get(&n.header.ifindex) else {
             continue;
         };
-        let (ip, mac, permanent) = neigh_fields(&n);
+        let (ip, mac, permanent) = neigh_fields(n);
         if let Some(ip) = ip {
             st.neighbours.push(ActualNeigh {
                 dev: dev.clone(),
@@ -457,7 +457,7 @@ fn assemble(
         let Some((dev, true)) = managed.get(&n.header.ifindex) else {
             continue;
         };
-        let (dst, mac, permanent) = neigh_fields(&n);
+        let (dst, mac, permanent) = neigh_fields(n);
         if let Some(mac) = mac {
             st.fdb.push(ActualFdb {
                 dev: dev.clone(),
@@ -468,6 +468,25 @@ fn assemble(
         }
     }
     st
+}
+
+/// Destination, link-layer address and permanence of a neighbour/FDB message.
+/// The state is a bit set: a permanent entry may carry other bits too
+/// (e.g. NUD_NOARP on entries written by other tools), so test the bit.
+fn neigh_fields(
+    n: &netlink_packet_route::neighbour::NeighbourMessage,
+) -> (Option<Ipv4Addr>, Option<Mac>, bool) {
+    const NUD_PERMANENT: u16 = 0x80;
+    let mut ip = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(d) => ip = ipv4_of_neigh(d),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+            _ => {}
+        }
+    }
+    (ip, mac, u16::from(n.header.state) & NUD_PERMANENT != 0)
 }
 
 #[cfg(test)]
@@ -491,23 +510,4 @@ mod tests {
             Ownership::Foreign
         );
     }
-}
-
-/// Destination, link-layer address and permanence of a neighbour/FDB message.
-/// The state is a bit set: a permanent entry may carry other bits too
-/// (e.g. NUD_NOARP on entries written by other tools), so test the bit.
-fn neigh_fields(
-    n: &netlink_packet_route::neighbour::NeighbourMessage,
-) -> (Option<Ipv4Addr>, Option<Mac>, bool) {
-    const NUD_PERMANENT: u16 = 0x80;
-    let mut ip = None;
-    let mut mac = None;
-    for a in &n.attributes {
-        match a {
-            NeighbourAttribute::Destination(d) => ip = ipv4_of_neigh(d),
-            NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
-            _ => {}
-        }
-    }
-    (ip, mac, u16::from(n.header.state) & NUD_PERMANENT != 0)
 }

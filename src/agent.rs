@@ -1,28 +1,35 @@
 //! The agent: records in, reconcile out.
 //!
 //! One pass = snapshot the store, plan this node, reconcile the kernel,
-//! publish the served networks in the state dir. Passes run at start, when the
-//! store reports a change, when the kernel reports a change to an owned
-//! object, and periodically (drift the events missed). SIGTERM/SIGINT end the
-//! agent and leave the data plane in place: a restart does not interrupt
-//! traffic, and the next start repairs whatever changed meanwhile.
+//! publish the served networks in the state dir, and (etcd store, bridged
+//! networks) keep the endpoints this node publishes equal to the addresses
+//! attached on it. Passes run at start, when the store reports a change, when
+//! the kernel reports a change to an owned object, and periodically (drift
+//! the events missed). SIGTERM/SIGINT end the agent and leave the data plane
+//! in place (and, with the etcd store, the node's lease and records until
+//! their TTL): a restart does not interrupt traffic, and the next start
+//! repairs whatever changed meanwhile. A graceful leave is the caller's
+//! choice afterwards ([`Store::leave`]): [`run`] only borrows the store.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Notify;
 
+use crate::config::Mode;
 use crate::dataplane::events::{self, OwnedIndexes};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile};
+use crate::ipam::Ipam;
 use crate::model::NodeRecord;
-use crate::state::{self, ServedNetwork};
+use crate::state::{self, EtcdSection, ServedNetwork};
 use crate::store::{Snapshot, Store};
 
 #[derive(Clone, Debug)]
@@ -47,10 +54,12 @@ pub async fn find_underlay(nl: &Netlink, me: &NodeRecord) -> Result<(String, u32
             )
         })?,
     };
-    let link = links
-        .iter()
-        .find(|l| l.name == dev)
-        .with_context(|| format!("underlay device '{dev}' of node '{}' does not exist", me.name))?;
+    let link = links.iter().find(|l| l.name == dev).with_context(|| {
+        format!(
+            "underlay device '{dev}' of node '{}' does not exist",
+            me.name
+        )
+    })?;
     Ok((dev, link.mtu))
 }
 
@@ -71,7 +80,12 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
     let me = snap.cluster.node(node).with_context(|| {
         format!(
             "node '{node}' is not in the cluster (known: {}): check --node",
-            snap.cluster.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+            snap.cluster
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })?;
     let (_, underlay_mtu) = find_underlay(nl, me).await?;
@@ -84,10 +98,24 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
 }
 
 /// Publish what attach/CNI need and drop networks no longer served.
-pub fn publish(state_dir: &std::path::Path, node: &str, p: &NodePlan) -> Result<()> {
+/// `etcd` gives a network's etcd section (bridged networks on etcd).
+pub fn publish(
+    state_dir: &std::path::Path,
+    node: &str,
+    p: &NodePlan,
+    etcd: impl Fn(&str) -> Option<EtcdSection>,
+) -> Result<()> {
     let now = state::now_secs();
     for st in p.networks.values() {
-        state::write_network(state_dir, &ServedNetwork { node: node.to_string(), state: st.clone(), confirmed_at: now })?;
+        state::write_network(
+            state_dir,
+            &ServedNetwork {
+                node: node.to_string(),
+                state: st.clone(),
+                confirmed_at: now,
+                etcd: etcd(&st.network),
+            },
+        )?;
     }
     for name in state::list_networks(state_dir) {
         if !p.networks.contains_key(&name) {
@@ -99,12 +127,44 @@ pub fn publish(state_dir: &std::path::Path, node: &str, p: &NodePlan) -> Result<
 
 /// One full pass. Returns the number of changes applied.
 pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) -> Result<usize> {
-    let snap = store.snapshot().await.with_context(|| format!("read {}", store.describe()))?;
+    let snap = store
+        .snapshot()
+        .await
+        .with_context(|| format!("read {}", store.describe()))?;
     let p = plan_node(nl, &snap, &opts.node).await?;
     let report = reconcile(nl, &p).await?;
     let reattached = repair_attachments(nl, &p).await?;
-    publish(&opts.state_dir, &opts.node, &p)?;
+    publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
+    sync_endpoints(store, &opts.state_dir, &p).await?;
     Ok(report.changes + reattached)
+}
+
+/// Bridged networks whose addresses the store allocates (etcd): publish
+/// exactly the addresses attached on this node. Runs under the IPAM lock,
+/// so it never races an attach or detach in progress.
+async fn sync_endpoints<S: Store>(
+    store: &mut S,
+    state_dir: &std::path::Path,
+    p: &NodePlan,
+) -> Result<()> {
+    for (name, st) in &p.networks {
+        if st.mode != Mode::Bridged || store.attach_section(name).is_none() {
+            continue;
+        }
+        let (dir, net) = (state_dir.to_path_buf(), name.clone());
+        let (lock, allocated) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let ipam = Ipam::new(&dir, &net);
+            let lock = ipam.lock()?;
+            let allocated: BTreeSet<Ipv4Addr> = ipam.list()?.into_iter().map(|a| a.ip).collect();
+            Ok((lock, allocated))
+        })
+        .await
+        .context("IPAM lock task")??;
+        let r = store.sync_endpoints(name, &allocated).await;
+        drop(lock);
+        r.with_context(|| format!("publish the endpoints of network {name}"))?;
+    }
+    Ok(())
 }
 
 /// Container veths (alias `vxmesh:veth:NETWORK:...`) must be ports of their
@@ -115,16 +175,28 @@ pub async fn repair_attachments(nl: &Netlink, p: &NodePlan) -> Result<usize> {
     let index_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.index);
     let mut fixed = 0;
     for l in &links {
-        let Some(rest) = l.alias.as_deref().and_then(|a| a.strip_prefix(crate::dataplane::kernel::ATTACHED_ALIAS_PREFIX)) else {
+        let Some(rest) = l
+            .alias
+            .as_deref()
+            .and_then(|a| a.strip_prefix(crate::dataplane::kernel::ATTACHED_ALIAS_PREFIX))
+        else {
             continue;
         };
         let network = rest.split(':').next().unwrap_or_default();
-        let Some(st) = p.networks.get(network) else { continue };
-        let Some(bridge) = index_of(&st.bridge) else { continue };
+        let Some(st) = p.networks.get(network) else {
+            continue;
+        };
+        let Some(bridge) = index_of(&st.bridge) else {
+            continue;
+        };
         if l.master != Some(bridge) || !l.up {
             nl.set_link(
                 &l.name,
-                crate::dataplane::kernel::LinkOptions { master: Some(st.bridge.clone()), up: Some(true), ..Default::default() },
+                crate::dataplane::kernel::LinkOptions {
+                    master: Some(st.bridge.clone()),
+                    up: Some(true),
+                    ..Default::default()
+                },
             )
             .await
             .with_context(|| format!("re-attach container veth {} to {}", l.name, st.bridge))?;
@@ -148,26 +220,107 @@ async fn refresh_owned(nl: &Netlink, owned: &OwnedIndexes) {
     }
 }
 
+/// SIGTERM and SIGINT, installed once for the agent's whole life.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
+    }
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
 /// Run the agent until SIGTERM/SIGINT (or after one pass with `once`).
-pub async fn run<S: Store>(mut store: S, opts: AgentOptions) -> Result<()> {
+/// Takes the state dir's agent lock first. The store is only borrowed: the
+/// caller may leave the network afterwards ([`Store::leave`]).
+pub async fn run<S: Store>(store: &mut S, opts: &AgentOptions) -> Result<()> {
     let _lock = state::lock_agent(&opts.state_dir)?;
+    let mut signals = Signals::install()?;
+    serve(store, opts, &mut signals).await
+}
+
+/// Like [`run`], but first obtain the store with `join` (the etcd store:
+/// join the network), retrying with backoff while that fails (etcd
+/// unreachable, network not created yet), logging once per distinct error.
+/// The agent lock is held from the start, so two agents never join as one
+/// node. Returns the store after a signal (for a graceful leave), or `None`
+/// if the signal came before the join succeeded. With `once`, one attempt.
+pub async fn join_and_run<S, F, Fut>(opts: &AgentOptions, mut join: F) -> Result<Option<S>>
+where
+    S: Store,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<S>>,
+{
+    let _lock = state::lock_agent(&opts.state_dir)?;
+    let mut signals = Signals::install()?;
+    let mut delay = Duration::from_millis(200);
+    let mut last_error: Option<String> = None;
+    let mut attempts = 0u32;
+    let mut store = loop {
+        attempts += 1;
+        let r = tokio::select! {
+            r = join() => r,
+            sig = signals.recv() => {
+                tracing::info!("{sig} before joining: exiting");
+                return Ok(None);
+            }
+        };
+        match r {
+            Ok(s) => {
+                if last_error.is_some() {
+                    tracing::info!(attempts, "joined after retrying");
+                }
+                break s;
+            }
+            Err(e) if opts.once => return Err(e),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("cannot join yet, retrying with backoff: {msg}");
+                    last_error = Some(msg);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    sig = signals.recv() => {
+                        tracing::info!("{sig} before joining: exiting");
+                        return Ok(None);
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    serve(&mut store, opts, &mut signals).await?;
+    Ok(Some(store))
+}
+
+async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signals) -> Result<()> {
     let nl = Netlink::connect().await.context("connect to rtnetlink")?;
     if opts.once {
-        let n = pass(&mut store, &nl, &opts).await?;
+        let n = pass(store, &nl, opts).await?;
         tracing::info!(changes = n, "reconciled once");
         return Ok(());
     }
     let owned: OwnedIndexes = Arc::new(Mutex::new(HashSet::new()));
     let kernel_changed = Arc::new(Notify::new());
     let _watcher = events::spawn_watcher(owned.clone(), kernel_changed.clone())?;
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut last_error: Option<String> = None;
     let mut retry = Duration::from_millis(200);
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         let started = Instant::now();
-        let outcome = pass(&mut store, &nl, &opts).await;
+        let outcome = pass(store, &nl, opts).await;
         refresh_owned(&nl, &owned).await;
         let wait = match outcome {
             Ok(n) => {
@@ -175,7 +328,11 @@ pub async fn run<S: Store>(mut store: S, opts: AgentOptions) -> Result<()> {
                     tracing::info!("recovered: node is converged again");
                 }
                 if n > 0 {
-                    tracing::info!(changes = n, elapsed_ms = started.elapsed().as_millis() as u64, "reconciled");
+                    tracing::info!(
+                        changes = n,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "reconciled"
+                    );
                 } else {
                     tracing::debug!("pass: no changes");
                 }
@@ -203,8 +360,7 @@ pub async fn run<S: Store>(mut store: S, opts: AgentOptions) -> Result<()> {
                 tracing::debug!("kernel changed an owned object");
             }
             _ = tokio::time::sleep(wait) => {}
-            _ = term.recv() => { tracing::info!("SIGTERM: exiting, data plane left in place"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT: exiting, data plane left in place"); return Ok(()); }
+            sig = signals.recv() => { tracing::info!("{sig}: exiting, data plane left in place"); return Ok(()); }
         }
         // Coalesce bursts (an editor's several writes, a flurry of kernel events).
         tokio::time::sleep(Duration::from_millis(30)).await;

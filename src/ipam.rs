@@ -152,24 +152,50 @@ impl Ipam {
                     )
                 })?,
         };
+        self.write_owner(ip, owner)?;
+        Ok(ip)
+    }
+
+    /// Record `ip` as held by `owner`: an address allocated elsewhere
+    /// (network-wide, in etcd). Needs the lock; fails if `ip` is taken here.
+    pub fn record(&self, _lock: &IpamLock, owner: &Owner, ip: Ipv4Addr) -> Result<()> {
+        if let Some(a) = self
+            .list()?
+            .into_iter()
+            .find(|a| a.ip == ip && &a.owner != owner)
+        {
+            bail!(
+                "address {ip} is already allocated on this node to {}/{}",
+                a.owner.container_id,
+                a.owner.ifname
+            );
+        }
+        self.write_owner(ip, owner)
+    }
+
+    fn write_owner(&self, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
         let path = self.path_of(ip);
         let tmp = self.dir.join(format!(".{ip}.tmp"));
         let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(serde_json::to_string(owner)?.as_bytes())?;
         f.sync_all()?;
-        fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
-        Ok(ip)
+        fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
     }
 
-    /// Release whatever `owner` holds. Releasing nothing is fine.
-    pub fn release(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
-        let _lock = self.lock()?;
+    /// Release whatever `owner` holds, with the lock already held.
+    pub fn release_locked(&self, _lock: &IpamLock, owner: &Owner) -> Result<Option<Ipv4Addr>> {
         let Some(ip) = self.find(owner)? else {
             return Ok(None);
         };
         fs::remove_file(self.path_of(ip))
             .with_context(|| format!("remove {}", self.path_of(ip).display()))?;
         Ok(Some(ip))
+    }
+
+    /// Release whatever `owner` holds. Releasing nothing is fine.
+    pub fn release(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
+        let lock = self.lock()?;
+        self.release_locked(&lock, owner)
     }
 
     /// Release every allocation for which `keep` returns false; returns them.

@@ -7,6 +7,16 @@
 //! containers (namespaces `vxm-LAB-hostN-...`) are attached with the same
 //! attach code users run. Nothing is created in the root namespace and no
 //! packet leaves the lab's namespaces.
+//!
+//! The store is a cluster file, or etcd ([`LabStore::Etcd`], see [`etcd`]):
+//! then an etcd server runs inside the underlay namespace, hosts join and
+//! leave while the lab runs ([`Lab::add_node`], [`Lab::remove_node`]) and
+//! bridged containers can move between hosts ([`Lab::move_container`]).
+
+mod etcd;
+mod membership;
+
+pub use etcd::{ETCD_IP, ETCD_PORT, LAB_TTL, LabEtcd, LabStore};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -44,6 +54,10 @@ pub struct LabSpec {
     pub agent_args: Vec<String>,
     /// How containers are attached.
     pub attach: AttachMode,
+    /// Where node and endpoint records live.
+    pub store: LabStore,
+    /// etcd store: the agents' lease TTL (short: crashed hosts vanish fast).
+    pub ttl: Duration,
 }
 
 /// How the lab attaches its containers.
@@ -68,6 +82,8 @@ impl LabSpec {
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vxmesh")),
             agent_args: Vec::new(),
             attach: AttachMode::Library,
+            store: LabStore::Static,
+            ttl: LAB_TTL,
         }
     }
 }
@@ -102,6 +118,12 @@ pub struct LabInfo {
     pub cluster_file: PathBuf,
     pub nodes: Vec<LabNode>,
     pub containers: Vec<LabContainer>,
+    /// Containers per host (per network), for hosts added later.
+    #[serde(default)]
+    pub containers_per_node: usize,
+    /// The etcd store, if the lab uses one (no cluster file then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<LabEtcd>,
 }
 
 /// A lab in this process. Dropping it does NOT tear it down (the CLI's `lab up`
@@ -112,6 +134,8 @@ pub struct Lab {
     pub agent_args: Vec<String>,
     pub attach: AttachMode,
     children: BTreeMap<String, Child>,
+    /// The etcd server, when this process started it.
+    etcd_child: Option<Child>,
 }
 
 /// Tears the lab down when dropped (tests, `lab demo`).
@@ -138,7 +162,10 @@ impl std::ops::DerefMut for LabGuard {
 }
 
 pub fn validate_lab_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 16 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    if name.is_empty()
+        || name.len() > 16
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
         bail!("invalid lab name '{name}': use 1-16 characters from [A-Za-z0-9-]");
     }
     Ok(())
@@ -189,10 +216,12 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let nodes = (1..=spec.nodes)
         .map(|i| NodeFile {
             name: format!("host{i}"),
-            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8).to_string(),
+            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8)
+                .to_string(),
             underlay_dev: Some("eth0".into()),
             // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
-            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25).then(|| format!("172.18.{}.0/24", i * 10)),
+            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25)
+                .then(|| format!("172.18.{}.0/24", i * 10)),
             subnets: BTreeMap::new(),
         })
         .collect();
@@ -211,7 +240,11 @@ impl Lab {
         }
         let dir = lab_dir(&spec.name);
         if dir.exists() || !netns::list(&ns_prefix(&spec.name)).is_empty() {
-            bail!("lab '{}' already exists: run `vxmesh lab down {}` first", spec.name, spec.name);
+            bail!(
+                "lab '{}' already exists: run `vxmesh lab down {}` first",
+                spec.name,
+                spec.name
+            );
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let info = LabInfo {
@@ -222,8 +255,17 @@ impl Lab {
             cluster_file: dir.join("cluster.toml"),
             nodes: Vec::new(),
             containers: Vec::new(),
+            containers_per_node: spec.containers,
+            etcd: None,
         };
-        let mut lab = Lab { info, spec_exe: spec.exe.clone(), agent_args: spec.agent_args.clone(), attach: spec.attach, children: BTreeMap::new() };
+        let mut lab = Lab {
+            info,
+            spec_exe: spec.exe.clone(),
+            agent_args: spec.agent_args.clone(),
+            attach: spec.attach,
+            children: BTreeMap::new(),
+            etcd_child: None,
+        };
         if let Err(e) = lab.build(spec).await {
             if let Err(e2) = lab.down() {
                 tracing::warn!("cleanup after failed lab up: {e2:#}");
@@ -234,39 +276,49 @@ impl Lab {
     }
 
     async fn build(&mut self, spec: &LabSpec) -> Result<()> {
-        let name = spec.name.clone();
         // Underlay: one namespace with a bridge.
         let ul = netns::create(&self.info.underlay_ns)?;
         let ul_nl = Netlink::connect_in(&ul).await?;
-        ul_nl.create_bridge("br-ul", 1500, None, None).await.context("underlay bridge")?;
-        ul_nl.set_link("br-ul", LinkOptions { up: Some(true), ..Default::default() }).await?;
-        // Hosts.
-        let cluster = cluster_file_for(spec);
-        let toml = toml::to_string(&cluster)?;
-        state::write_atomic(&self.info.cluster_file, toml.as_bytes())?;
-        let resolved = crate::config::load(&self.info.cluster_file)?;
+        // A fixed MAC: a bridge without one takes its ports' lowest, which
+        // changes when a host leaves, and hosts would keep ARP entries for
+        // etcd's address (on this bridge) that no longer reach it.
+        let ul_mac = crate::model::Mac([0x02, 0x00, 198, 18, 0, 254]);
+        ul_nl
+            .create_bridge("br-ul", 1500, Some(ul_mac), None)
+            .await
+            .context("underlay bridge")?;
+        ul_nl
+            .set_link(
+                "br-ul",
+                LinkOptions {
+                    up: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        // Hosts: subnets from the cluster file, or claimed in etcd by the agents.
+        let resolved = match spec.store {
+            LabStore::Static => {
+                let cluster = cluster_file_for(spec);
+                let toml = toml::to_string(&cluster)?;
+                state::write_atomic(&self.info.cluster_file, toml.as_bytes())?;
+                Some(crate::config::load(&self.info.cluster_file)?)
+            }
+            LabStore::Etcd => {
+                self.setup_etcd(&ul_nl, spec).await?;
+                None
+            }
+        };
         for i in 1..=spec.nodes {
-            let node = format!("host{i}");
-            let ns_name = format!("vxm-{name}-{node}");
-            let ns = netns::create(&ns_name)?;
-            let ul_port = format!("p-{node}");
-            ul_nl.create_veth(&ul_port, "eth0", Some(&ns), 1500).await.with_context(|| format!("underlay link of {node}"))?;
-            ul_nl.set_link(&ul_port, LinkOptions { master: Some("br-ul".into()), up: Some(true), ..Default::default() }).await?;
-            let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8);
-            let h = Netlink::connect_in(&ns).await?;
-            h.set_link("eth0", LinkOptions { up: Some(true), ..Default::default() }).await?;
-            h.add_address("eth0", Ipv4Net::new(ip, 24)?).await?;
-            let rec = resolved.node(&node).context("node in cluster")?;
-            let node_dir = self.info.dir.join(&node);
-            self.info.nodes.push(LabNode {
-                name: node.clone(),
-                netns: ns_name,
-                underlay_ip: ip,
-                subnets: rec.subnets.clone(),
-                state_dir: node_dir.join("state"),
-                agent_pid: None,
-                agent_log: node_dir.join("agent.log"),
-            });
+            let subnets = match &resolved {
+                Some(c) => c
+                    .node(&format!("host{i}"))
+                    .context("node in cluster")?
+                    .subnets
+                    .clone(),
+                None => BTreeMap::new(),
+            };
+            self.create_host(&ul_nl, i, subnets).await?;
         }
         self.save()?;
         for i in 0..self.info.nodes.len() {
@@ -280,28 +332,100 @@ impl Lab {
         // Containers: K per node per network.
         let nets = network_names(spec.mode, spec.networks);
         for node in self.info.nodes.clone() {
-            for (m, net) in nets.iter().enumerate() {
-                for k in 1..=spec.containers {
-                    let cname = if spec.mode == Mode::Routed { format!("{}-c{k}", node.name) } else { format!("{}-n{}c{k}", node.name, m + 1) };
-                    // Bridged: network m starts m addresses further into the slice, so
-                    // networks share some addresses (same IP, different VNI) and not
-                    // others (an isolation probe has a real target in one network only).
-                    let ip = match spec.mode {
-                        Mode::Routed => None,
-                        Mode::Bridged => {
-                            let st = state::read_network(&node.state_dir, net)?.state;
-                            crate::dataplane::plan::usable_addresses(st.pool, st.subnet, st.gateway).nth(k - 1 + m)
-                        }
-                    };
-                    self.add_container(&node.name, net, &cname, ip).await?;
-                }
-            }
+            self.attach_containers(&node.name, &nets, spec.containers)
+                .await?;
         }
         self.save()
     }
 
+    /// Create host `hostI`: its namespace, its underlay link into the
+    /// underlay bridge and its address 198.18.0.I (no agent yet).
+    async fn create_host(
+        &mut self,
+        ul_nl: &Netlink,
+        i: usize,
+        subnets: BTreeMap<String, Ipv4Net>,
+    ) -> Result<String> {
+        if !(1..=253).contains(&i) {
+            bail!("host{i}: the underlay has room for host1..host253");
+        }
+        let node = format!("host{i}");
+        let ns_name = format!("vxm-{}-{node}", self.info.name);
+        let ns = netns::create(&ns_name)?;
+        let ul_port = format!("p-{node}");
+        ul_nl
+            .create_veth(&ul_port, "eth0", Some(&ns), 1500)
+            .await
+            .with_context(|| format!("underlay link of {node}"))?;
+        ul_nl
+            .set_link(
+                &ul_port,
+                LinkOptions {
+                    master: Some("br-ul".into()),
+                    up: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8);
+        let h = Netlink::connect_in(&ns).await?;
+        h.set_link(
+            "eth0",
+            LinkOptions {
+                up: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+        h.add_address("eth0", Ipv4Net::new(ip, 24)?).await?;
+        let node_dir = self.info.dir.join(&node);
+        self.info.nodes.push(LabNode {
+            name: node.clone(),
+            netns: ns_name,
+            underlay_ip: ip,
+            subnets,
+            state_dir: node_dir.join("state"),
+            agent_pid: None,
+            agent_log: node_dir.join("agent.log"),
+        });
+        Ok(node)
+    }
+
+    /// Attach `k` containers per network of `nets` on `node`.
+    async fn attach_containers(&mut self, node: &str, nets: &[String], k: usize) -> Result<()> {
+        let state_dir = self.node(node)?.state_dir.clone();
+        for (m, net) in nets.iter().enumerate() {
+            for k in 1..=k {
+                let cname = if self.info.mode == Mode::Routed {
+                    format!("{node}-c{k}")
+                } else {
+                    format!("{node}-n{}c{k}", m + 1)
+                };
+                // Bridged: network m starts m addresses further into the slice, so
+                // networks share some addresses (same IP, different VNI) and not
+                // others (an isolation probe has a real target in one network only).
+                let ip = match self.info.mode {
+                    Mode::Routed => None,
+                    Mode::Bridged => {
+                        let st = state::read_network(&state_dir, net)?.state;
+                        crate::dataplane::plan::usable_addresses(st.pool, st.subnet, st.gateway)
+                            .nth(k - 1 + m)
+                    }
+                };
+                self.add_container(node, net, &cname, ip).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Create a container namespace on `node` and attach it to `network`.
-    pub async fn add_container(&mut self, node: &str, network: &str, cname: &str, ip: Option<Ipv4Addr>) -> Result<LabContainer> {
+    pub async fn add_container(
+        &mut self,
+        node: &str,
+        network: &str,
+        cname: &str,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<LabContainer> {
         let n = self.node(node)?.clone();
         let ns_name = format!("vxm-{}-{cname}", self.info.name);
         let cns = netns::create(&ns_name)?;
@@ -320,7 +444,18 @@ impl Lab {
                 };
                 attach::attach(&req).await.map(|a| a.ip.addr())
             }
-            AttachMode::Cni => cni_add(&self.spec_exe, host_ns, &n.state_dir, network, cname, &ns_name, ip).await,
+            AttachMode::Cni => {
+                cni_add(
+                    &self.spec_exe,
+                    host_ns,
+                    &n.state_dir,
+                    network,
+                    cname,
+                    &ns_name,
+                    ip,
+                )
+                .await
+            }
         };
         let ip = match attached {
             Ok(ip) => ip,
@@ -329,7 +464,13 @@ impl Lab {
                 return Err(e);
             }
         };
-        let c = LabContainer { name: cname.to_string(), node: node.to_string(), network: network.to_string(), netns: ns_name, ip };
+        let c = LabContainer {
+            name: cname.to_string(),
+            node: node.to_string(),
+            network: network.to_string(),
+            netns: ns_name,
+            ip,
+        };
         self.info.containers.push(c.clone());
         self.save()?;
         Ok(c)
@@ -338,39 +479,78 @@ impl Lab {
     pub fn load(name: &str) -> Result<Lab> {
         validate_lab_name(name)?;
         let path = lab_dir(name).join("lab.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("lab '{name}' does not exist ({} missing)", path.display()))?;
-        let info: LabInfo = serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
-        Ok(Lab { info, spec_exe: std::env::current_exe()?, agent_args: Vec::new(), attach: AttachMode::Library, children: BTreeMap::new() })
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("lab '{name}' does not exist ({} missing)", path.display()))?;
+        let info: LabInfo =
+            serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        Ok(Lab {
+            info,
+            spec_exe: std::env::current_exe()?,
+            agent_args: Vec::new(),
+            attach: AttachMode::Library,
+            children: BTreeMap::new(),
+            etcd_child: None,
+        })
     }
 
     pub fn save(&self) -> Result<()> {
-        state::write_atomic(&self.info.dir.join("lab.json"), serde_json::to_string_pretty(&self.info)?.as_bytes())
+        state::write_atomic(
+            &self.info.dir.join("lab.json"),
+            serde_json::to_string_pretty(&self.info)?.as_bytes(),
+        )
     }
 
     pub fn node(&self, name: &str) -> Result<&LabNode> {
-        self.info.nodes.iter().find(|n| n.name == name).with_context(|| {
-            format!("lab '{}' has no node '{name}' (nodes: {})", self.info.name, self.info.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "))
-        })
+        self.info
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| {
+                format!(
+                    "lab '{}' has no node '{name}' (nodes: {})",
+                    self.info.name,
+                    self.info
+                        .nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
     }
 
     fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
         let lab = self.info.name.clone();
-        self.info.nodes.iter_mut().find(|n| n.name == name).with_context(|| format!("lab '{lab}' has no node '{name}'"))
+        self.info
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("lab '{lab}' has no node '{name}'"))
     }
 
     /// Start (or restart) the agent of `node` as a process inside its namespace.
     pub fn start_agent(&mut self, node: &str) -> Result<u32> {
         let n = self.node(node)?.clone();
         std::fs::create_dir_all(&n.state_dir)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.agent_log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.agent_log)?;
         let mut cmd = Command::new(&self.spec_exe);
-        cmd.arg("--netns")
-            .arg(&n.netns)
-            .arg("-v")
-            .arg("agent")
-            .arg("--cluster")
-            .arg(&self.info.cluster_file)
-            .arg("--node")
+        cmd.arg("--netns").arg(&n.netns).arg("-v").arg("agent");
+        match &self.info.etcd {
+            None => cmd.arg("--cluster").arg(&self.info.cluster_file),
+            Some(e) => cmd
+                .args(["--store", &e.store, "--network", &e.networks.join(",")])
+                .args([
+                    "--underlay-ip",
+                    &n.underlay_ip.to_string(),
+                    "--underlay-dev",
+                    "eth0",
+                ])
+                .args(["--ttl", &e.ttl_secs.to_string()]),
+        };
+        cmd.arg("--node")
             .arg(&n.name)
             .arg("--state-dir")
             .arg(&n.state_dir)
@@ -379,7 +559,9 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().with_context(|| format!("start agent of {node} ({})", self.spec_exe.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start agent of {node} ({})", self.spec_exe.display()))?;
         let pid = child.id();
         self.children.insert(node.to_string(), child);
         self.node_mut(node)?.agent_pid = Some(pid);
@@ -390,10 +572,25 @@ impl Lab {
     /// Wait until the agent of `node` has published every network.
     pub async fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
         let n = self.node(node)?.clone();
-        let want = network_names(self.info.mode, n.subnets.len());
+        let want = match &self.info.etcd {
+            Some(e) => e.networks.clone(),
+            None => network_names(self.info.mode, n.subnets.len()),
+        };
         let deadline = Instant::now() + timeout;
         loop {
-            if want.iter().all(|w| state::read_network(&n.state_dir, w).is_ok()) {
+            if want
+                .iter()
+                .all(|w| state::read_network(&n.state_dir, w).is_ok())
+            {
+                if self.info.etcd.is_some() {
+                    // The subnets the agent claimed in etcd.
+                    let mut subnets = BTreeMap::new();
+                    for w in &want {
+                        subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
+                    }
+                    self.node_mut(node)?.subnets = subnets;
+                    self.save()?;
+                }
                 return Ok(());
             }
             if let Some(c) = self.children.get_mut(node)
@@ -435,7 +632,10 @@ impl Lab {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         self.node_mut(node)?.agent_pid = None;
@@ -448,7 +648,9 @@ impl Lab {
     }
 
     pub fn read_cluster(&self) -> Result<ClusterFile> {
-        Ok(toml::from_str(&std::fs::read_to_string(&self.info.cluster_file)?)?)
+        Ok(toml::from_str(&std::fs::read_to_string(
+            &self.info.cluster_file,
+        )?)?)
     }
 
     /// Probe every container pair (both directions). In bridged mode, pairs in
@@ -467,11 +669,20 @@ impl Lab {
                     // a probe would (rightly) reach that container instead.
                     continue;
                 }
-                jobs.push(probe::PairJob { src_ns: a.netns.clone(), src_label: a.name.clone(), dst: b.ip, dst_label: b.name.clone(), expect_reach: same });
+                jobs.push(probe::PairJob {
+                    src_ns: a.netns.clone(),
+                    src_label: a.name.clone(),
+                    dst: b.ip,
+                    dst_label: b.name.clone(),
+                    expect_reach: same,
+                });
             }
         }
         let results = probe::probe_pairs(&jobs, timeout);
-        Ok(CheckReport { containers: cs.iter().map(|c| c.name.clone()).collect(), results })
+        Ok(CheckReport {
+            containers: cs.iter().map(|c| c.name.clone()).collect(),
+            results,
+        })
     }
 
     /// Run a command inside a node's namespace (or a container's, by name).
@@ -481,9 +692,14 @@ impl Lab {
         } else if let Some(c) = self.info.containers.iter().find(|c| c.name == target) {
             c.netns.clone()
         } else {
-            bail!("lab '{}' has no node or container '{target}'", self.info.name);
+            bail!(
+                "lab '{}' has no node or container '{target}'",
+                self.info.name
+            );
         };
-        let (prog, args) = argv.split_first().context("no command given: use `vxmesh lab exec LAB NODE -- CMD ARGS`")?;
+        let (prog, args) = argv
+            .split_first()
+            .context("no command given: use `vxmesh lab exec LAB NODE -- CMD ARGS`")?;
         let ns = Netns::open(&ns_name)?;
         let fd = ns.raw_fd();
         let mut cmd = Command::new(prog);
@@ -497,7 +713,9 @@ impl Lab {
                 Ok(())
             });
         }
-        let status = cmd.status().with_context(|| format!("run {prog} in {ns_name}"))?;
+        let status = cmd
+            .status()
+            .with_context(|| format!("run {prog} in {ns_name}"))?;
         drop(ns);
         Ok(status)
     }
@@ -513,6 +731,10 @@ impl Lab {
         }
         // Agents whose pid we lost track of (e.g. a crashed `lab up`).
         kill_stray_agents(&self.info.name);
+        if let Err(e) = self.stop_etcd() {
+            problems.push(format!("stop etcd: {e:#}"));
+        }
+        etcd::kill_lab_etcd(&self.info.dir);
         for ns in netns::list(&ns_prefix(&self.info.name)) {
             if let Err(e) = netns::delete(&ns) {
                 problems.push(format!("delete namespace {ns}: {e:#}"));
@@ -523,7 +745,11 @@ impl Lab {
         {
             problems.push(format!("remove {}: {e}", self.info.dir.display()));
         }
-        if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("; ")) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", problems.join("; "))
+        }
     }
 }
 
@@ -532,7 +758,15 @@ impl Lab {
 /// configuration on stdin, and take the address from its result. A wanted
 /// address goes in `CNI_ARGS` (`IP=`, the host-local/static convention); the
 /// plugin's answer is authoritative.
-async fn cni_add(exe: &Path, host_ns: Netns, state_dir: &Path, network: &str, id: &str, container_ns: &str, ip: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+async fn cni_add(
+    exe: &Path,
+    host_ns: Netns,
+    state_dir: &Path,
+    network: &str,
+    id: &str,
+    container_ns: &str,
+    ip: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
     let conf = serde_json::json!({
         "cniVersion": "1.1.0", "name": format!("vxmesh-{network}"), "type": "vxmesh",
         "network": network, "stateDir": state_dir,
@@ -540,22 +774,47 @@ async fn cni_add(exe: &Path, host_ns: Netns, state_dir: &Path, network: &str, id
     let mut env = vec![
         ("CNI_COMMAND".to_string(), "ADD".to_string()),
         ("CNI_CONTAINERID".to_string(), id.to_string()),
-        ("CNI_NETNS".to_string(), Path::new(netns::NETNS_DIR).join(container_ns).display().to_string()),
+        (
+            "CNI_NETNS".to_string(),
+            Path::new(netns::NETNS_DIR)
+                .join(container_ns)
+                .display()
+                .to_string(),
+        ),
         ("CNI_IFNAME".to_string(), "eth0".to_string()),
-        ("CNI_PATH".to_string(), exe.parent().unwrap_or(Path::new("/")).display().to_string()),
+        (
+            "CNI_PATH".to_string(),
+            exe.parent().unwrap_or(Path::new("/")).display().to_string(),
+        ),
     ];
     if let Some(ip) = ip {
         env.push(("CNI_ARGS".to_string(), format!("IgnoreUnknown=1;IP={ip}")));
     }
     let exe = exe.to_path_buf();
-    let what = format!("CNI ADD of container '{id}' to network '{network}' ({})", exe.display());
-    let out = tokio::task::spawn_blocking(move || run_plugin(&exe, &host_ns, &env, conf.to_string().as_bytes(), Duration::from_secs(30)))
-        .await
-        .context("plugin thread")?
-        .with_context(|| what.clone())?;
+    let what = format!(
+        "CNI ADD of container '{id}' to network '{network}' ({})",
+        exe.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        run_plugin(
+            &exe,
+            &host_ns,
+            &env,
+            conf.to_string().as_bytes(),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .context("plugin thread")?
+    .with_context(|| what.clone())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let result: serde_json::Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("{what}: the plugin printed no JSON ({}); stdout: {stdout}; stderr: {}", out.status, String::from_utf8_lossy(&out.stderr)))?;
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "{what}: the plugin printed no JSON ({}); stdout: {stdout}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     if !out.status.success() {
         bail!(
             "{what} failed ({}): error {}: {}: {}",
@@ -574,19 +833,33 @@ async fn cni_add(exe: &Path, host_ns: Netns, state_dir: &Path, network: &str, id
         .next()
         .with_context(|| format!("{what}: the result has no IPv4 address: {result}"))?;
     if ip.is_some_and(|w| w != got) {
-        tracing::info!("{what}: asked for {}, the plugin allocated {got}", ip.unwrap_or(got));
+        tracing::info!(
+            "{what}: asked for {}, the plugin allocated {got}",
+            ip.unwrap_or(got)
+        );
     }
     Ok(got)
 }
 
 /// Run a CNI plugin in `ns` with exactly `env`, `stdin` as input; give up after `timeout`.
-fn run_plugin(exe: &Path, ns: &Netns, env: &[(String, String)], stdin: &[u8], timeout: Duration) -> Result<std::process::Output> {
+fn run_plugin(
+    exe: &Path,
+    ns: &Netns,
+    env: &[(String, String)],
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<std::process::Output> {
     use std::io::{Read, Write};
     let fd = ns.raw_fd();
     let mut cmd = Command::new(exe);
-    cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    cmd.env_clear().env(
+        "PATH",
+        std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+    );
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
@@ -596,7 +869,9 @@ fn run_plugin(exe: &Path, ns: &Netns, env: &[(String, String)], stdin: &[u8], ti
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("run {} in {}", exe.display(), ns.name()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("run {} in {}", exe.display(), ns.name()))?;
     let written = child.stdin.take().context("plugin stdin")?.write_all(stdin);
     // Read both pipes on threads so a chatty plugin can never block on a full pipe.
     let drain = |p: Option<Box<dyn Read + Send>>| {
@@ -608,8 +883,18 @@ fn run_plugin(exe: &Path, ns: &Netns, env: &[(String, String)], stdin: &[u8], ti
             buf
         })
     };
-    let out_t = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err_t = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out_t = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(st) = child.try_wait()? {
@@ -625,7 +910,11 @@ fn run_plugin(exe: &Path, ns: &Netns, env: &[(String, String)], stdin: &[u8], ti
     if status.success() {
         written.context("write the network configuration to the plugin")?;
     }
-    Ok(std::process::Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
+    Ok(std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
 }
 
 /// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)
@@ -636,11 +925,18 @@ fn is_our_agent(pid: u32, lab: &str) -> bool {
 }
 
 fn kill_stray_agents(lab: &str) {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid != std::process::id() && is_our_agent(pid, lab) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -652,6 +948,7 @@ pub fn down_by_name(name: &str) -> Result<()> {
         Ok(mut lab) => lab.down(),
         Err(_) => {
             kill_stray_agents(name);
+            etcd::kill_lab_etcd(&lab_dir(name));
             for ns in netns::list(&ns_prefix(name)) {
                 netns::delete(&ns)?;
             }
@@ -679,7 +976,13 @@ impl CheckReport {
     /// A matrix: rows are sources, columns destinations. `ok` reached as
     /// expected, `iso` correctly isolated, `FAIL`/`LEAK` otherwise.
     pub fn matrix(&self) -> String {
-        let w = self.containers.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
+        let w = self
+            .containers
+            .iter()
+            .map(|c| c.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
         let mut out = format!("{:w$} ", "from\\to");
         for c in &self.containers {
             out += &format!("{c:>w$} ");
@@ -691,7 +994,11 @@ impl CheckReport {
                 let cell = if a == b {
                     "-".to_string()
                 } else {
-                    match self.results.iter().find(|r| &r.src_label == a && &r.dst_label == b) {
+                    match self
+                        .results
+                        .iter()
+                        .find(|r| &r.src_label == a && &r.dst_label == b)
+                    {
                         None => ".".to_string(),
                         Some(r) => match (r.expect_reach, r.ok()) {
                             (true, true) => "ok".to_string(),

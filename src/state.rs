@@ -26,6 +26,34 @@ pub struct ServedNetwork {
     pub state: NetworkState,
     /// Unix seconds of the last reconcile pass that confirmed this network.
     pub confirmed_at: u64,
+    /// Bridged networks on the etcd store: attach allocates addresses
+    /// network-wide in etcd, bound to the agent's lease. Absent: the local
+    /// file IPAM allocates from `pool` (static store, routed networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdSection>,
+}
+
+/// How attach (CLI, CNI, lab) reaches the etcd store of a network: the
+/// agent's connection settings (file paths only, never secrets) and the
+/// lease its records are bound to (rewritten when the lease is re-granted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdSection {
+    /// `http://HOST:2379` or `https://HOST:2379`.
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub network: String,
+    pub node: String,
+    pub lease: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 fn networks_dir(state_dir: &Path) -> PathBuf {

@@ -94,6 +94,38 @@ impl Netns {
             .map_err(|_| anyhow!("work inside network namespace '{name}' panicked"))?
     }
 
+    /// Run the async job `f` inside this namespace: on a fresh thread that
+    /// has entered it, with its own single-threaded tokio runtime, so every
+    /// socket the job opens (an etcd client, say) belongs to the namespace.
+    /// The caller's runtime is not blocked; the thread ends with the job.
+    pub async fn run_async<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let ns = self.try_clone()?;
+        let name = self.name.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("vxm-netns-rt".into())
+            .spawn(move || {
+                let r = (|| {
+                    setns(ns.fd(), CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("setns into network namespace '{}'", ns.name))?;
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("start a runtime inside the namespace")?
+                        .block_on(f())
+                })();
+                let _ = tx.send(r);
+            })
+            .context("spawn namespace thread")?;
+        rx.await
+            .map_err(|_| anyhow!("work inside network namespace '{name}' panicked"))?
+    }
+
     /// Enter this namespace for the calling thread for good. Only for the start
     /// of a process (before any other thread exists), e.g. `vxmesh --netns`.
     pub fn enter_for_process(&self) -> Result<()> {

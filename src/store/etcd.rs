@@ -45,8 +45,10 @@
 //! handled by a re-list, and a lease lost during an outage is re-established.
 
 mod client;
+mod multi;
 mod network;
 mod records;
+mod remote;
 mod session;
 mod view;
 mod watcher;
@@ -66,9 +68,15 @@ use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, Mac, NodeRecord};
 pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, op, txn_get};
-pub use client::{ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions};
-pub use network::{create_network, delete_network, get_network};
+pub use client::{
+    ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
+};
+pub use multi::EtcdNetworks;
+pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;
+pub use remote::{
+    LeaseGone, claim_address, leave_node, read_password, release_address, section_client_options,
+};
 use view::View;
 
 /// This node's identity.
@@ -189,7 +197,7 @@ impl EtcdStore {
         let keys = Keys::new(&opts.prefix, &opts.network);
         let net = network::read_network(&client, &keys, &opts.network).await?.ok_or_else(|| {
             anyhow!(
-                "network {} does not exist in etcd (no key {}): create it first (create_network)",
+                "network {} does not exist in etcd (no key {}): create it first (`vxmesh net create`)",
                 opts.network,
                 keys.config()
             )
@@ -350,6 +358,19 @@ impl EtcdStore {
         session::publish_endpoint(&self.inner, ep).await
     }
 
+    /// Make this node's endpoints equal `allocated` (the addresses attached
+    /// on this node, from its local IPAM): publish what attach published
+    /// (so that a re-granted lease re-publishes it too), withdraw what was
+    /// detached or whose container is gone (e.g. adopted at join). Returns
+    /// the addresses that could not be published and why (another node
+    /// holds them). Routed networks: nothing to do.
+    pub async fn sync_endpoints(
+        &self,
+        allocated: &std::collections::BTreeSet<Ipv4Addr>,
+    ) -> Result<Vec<(Ipv4Addr, String)>> {
+        session::sync_endpoints(&self.inner, allocated).await
+    }
+
     /// The endpoints this node publishes (including ones adopted at join
     /// from a previous run: release those whose container is gone).
     pub async fn own_endpoints(&self) -> Vec<Endpoint> {
@@ -385,6 +406,10 @@ impl Drop for EtcdStore {
 impl Store for EtcdStore {
     fn describe(&self) -> String {
         self.inner.describe.clone()
+    }
+
+    async fn leave(self) -> Result<()> {
+        EtcdStore::leave(self).await
     }
 
     async fn snapshot(&mut self) -> Result<Snapshot> {

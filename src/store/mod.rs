@@ -7,10 +7,14 @@
 pub mod etcd;
 pub mod static_file;
 
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
 use anyhow::Result;
 
 use crate::config::Cluster;
 use crate::model::Endpoint;
+use crate::state::EtcdSection;
 
 /// A consistent view of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,4 +33,33 @@ pub trait Store {
     async fn snapshot(&mut self) -> Result<Snapshot>;
     /// Resolves when the records may have changed since the last snapshot.
     async fn changed(&mut self) -> Result<()>;
+
+    /// What attach/CNI on this node need to allocate the addresses of
+    /// `network` through the store (the agent writes it into the network's
+    /// state file). `None`: the local file IPAM allocates from the node's
+    /// pool (static store, routed networks).
+    fn attach_section(&self, _network: &str) -> Option<EtcdSection> {
+        None
+    }
+
+    /// Make the endpoints this node publishes in `network` equal the
+    /// addresses allocated on this node (`allocated`, from the local IPAM):
+    /// adopt what attach published, withdraw what is no longer attached.
+    /// Stores that publish no endpoints do nothing.
+    async fn sync_endpoints(
+        &mut self,
+        _network: &str,
+        _allocated: &BTreeSet<Ipv4Addr>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Graceful leave: withdraw this node's records at once (peers drop it
+    /// immediately). Stores without membership (a static file) do nothing.
+    async fn leave(self) -> Result<()>
+    where
+        Self: Sized,
+    {
+        Ok(())
+    }
 }

@@ -109,7 +109,7 @@ impl EtcdOptions {
     }
 
     /// Every problem, each naming the option and the fix.
-    pub(crate) fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let mut p = Vec::new();
         if let Err(e) = check_client(&self.client_options()) {
             p.push(e);
@@ -161,6 +161,56 @@ impl fmt::Debug for EtcdOptions {
             .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
             .finish()
     }
+}
+
+/// Endpoints of a `--store` URL: `etcd://HOST:PORT[,HOST2:PORT2]` (port
+/// default 2379; `https://` when `tls`, else `http://`), or a comma-separated
+/// list of `http://` / `https://` URLs taken as they are.
+pub fn parse_store_url(url: &str, tls: bool) -> Result<Vec<String>> {
+    let usage = || {
+        anyhow!(
+            "--store {url:?}: write it like etcd://HOST:2379 or etcd://HOST1:2379,HOST2:2379 (or http(s)://HOST:2379,...)"
+        )
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let mut out = Vec::new();
+    if let Some(hosts) = url.strip_prefix("etcd://") {
+        for h in hosts.split(',') {
+            let h = h.trim().trim_end_matches('/');
+            if h.is_empty() || h.contains('/') || h.contains('@') || h.contains(char::is_whitespace)
+            {
+                return Err(usage());
+            }
+            // A bare IPv4 address or name gets the default port.
+            let with_port = match h.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+                    port.parse::<u16>().map_err(|_| usage())?;
+                    h.to_string()
+                }
+                Some(_) if h.starts_with('[') && h.ends_with(']') => format!("{h}:2379"),
+                Some(_) if h.starts_with('[') => h.to_string(),
+                Some(_) => return Err(usage()),
+                None => format!("{h}:2379"),
+            };
+            out.push(format!("{scheme}://{with_port}"));
+        }
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        for u in url.split(',') {
+            let u = u.trim();
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.len() <= "https://".len()
+            {
+                return Err(usage());
+            }
+            out.push(u.to_string());
+        }
+    } else {
+        return Err(usage());
+    }
+    if out.is_empty() {
+        return Err(usage());
+    }
+    Ok(out)
 }
 
 pub(crate) fn check_client(o: &ClientOptions) -> std::result::Result<(), String> {
@@ -315,15 +365,18 @@ impl Health {
     }
 }
 
-/// Exponential backoff with a little jitter, capped at [`BACKOFF_CAP`].
+/// Exponential backoff with a little jitter, capped at [`BACKOFF_CAP`] (or
+/// less: a lease must be renewed well within its TTL once etcd is back).
 pub(crate) struct Backoff {
     next: Duration,
+    cap: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn capped(cap: Duration) -> Self {
         Backoff {
             next: Duration::from_millis(100),
+            cap: cap.clamp(Duration::from_millis(100), BACKOFF_CAP),
         }
     }
     pub(crate) fn reset(&mut self) {
@@ -331,7 +384,7 @@ impl Backoff {
     }
     pub(crate) fn next(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(BACKOFF_CAP);
+        self.next = (self.next * 2).min(self.cap);
         let jitter = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|t| t.subsec_nanos() % 50_000_000)
@@ -346,5 +399,37 @@ pub(crate) struct AbortOnDrop(pub JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(
+            parse_store_url("etcd://198.18.0.254:2379", false).unwrap(),
+            ["http://198.18.0.254:2379"]
+        );
+        assert_eq!(
+            parse_store_url("etcd://a:2379,b", true).unwrap(),
+            ["https://a:2379", "https://b:2379"]
+        );
+        assert_eq!(
+            parse_store_url("http://a:1,https://b:2", false).unwrap(),
+            ["http://a:1", "https://b:2"]
+        );
+        for bad in [
+            "",
+            "etcd://",
+            "etcd://a:b",
+            "etcd://a/x",
+            "a:2379",
+            "etcd://a:1,,b",
+            "http://",
+        ] {
+            assert!(parse_store_url(bad, false).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -7,6 +7,12 @@ use super::client::{ClientOptions, connect, op, txn_get};
 use super::records::{self, Keys};
 use crate::config::Network;
 
+/// Validate a network given as in a cluster file (`vxmesh net create`),
+/// with the cluster file's rules and messages.
+pub fn validate_network(file: &crate::config::NetworkFile) -> Result<Network> {
+    records::validate_network(file).map_err(|e| anyhow!("{e}"))
+}
+
 /// Write network `net` under `prefix` (validated first). Idempotent: an
 /// identical existing config is fine; a different one is an error.
 pub async fn create_network(client: &ClientOptions, prefix: &str, net: &Network) -> Result<()> {

@@ -31,7 +31,7 @@ pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> 
     Ok((resp.id(), resp.ttl().max(1)))
 }
 
-fn period(ttl_secs: i64) -> Duration {
+pub(crate) fn period(ttl_secs: i64) -> Duration {
     Duration::from_millis((ttl_secs.max(1) as u64 * 1000) / 3)
 }
 
@@ -206,12 +206,12 @@ pub(crate) async fn claim(
     )
 }
 
-/// Publish `ep` under `lease` if its address is free or already this node's.
+/// Publish `ep` under `lease` if its address is free or already `node`'s.
 /// `Ok(Err(holder))` names whoever holds it otherwise.
-async fn put_endpoint(
+pub(crate) async fn put_endpoint(
     client: &Client,
     keys: &Keys,
-    me: &Me,
+    node: &str,
     lease: i64,
     ep: &Endpoint,
 ) -> Result<std::result::Result<(), String>> {
@@ -228,7 +228,7 @@ async fn put_endpoint(
         }
         let Some(kv) = txn_get(&resp) else { continue };
         match serde_json::from_slice::<Endpoint>(kv.value()) {
-            Ok(old) if old.node == me.node => {
+            Ok(old) if old.node == node => {
                 let txn = Txn::new()
                     .when([Compare::mod_revision(
                         key.clone(),
@@ -296,7 +296,9 @@ enum KeepEnd {
 /// Keep the lease alive every TTL/3; on loss, grant a new one and re-publish.
 pub(crate) async fn keepalive_loop(inner: Arc<Inner>, mut ttl: i64) {
     let _guard = TaskGuard(inner.clone());
-    let mut backoff = Backoff::new();
+    // Retry at least every TTL/3: once etcd is back (a restart extends
+    // leases by about one TTL), the lease must be renewed before it expires.
+    let mut backoff = Backoff::capped(period(ttl));
     loop {
         let lease = inner.lease_id.load(Ordering::SeqCst);
         match keep(&inner, lease, ttl, &mut backoff).await {
@@ -382,7 +384,7 @@ async fn regrant(inner: &Inner) -> Result<i64> {
         }
         let mut lost = Vec::new();
         for ep in owned.endpoints.values() {
-            if let Err(holder) = put_endpoint(&inner.client, &inner.keys, &inner.me, lease, ep).await? {
+            if let Err(holder) = put_endpoint(&inner.client, &inner.keys, &inner.me.node, lease, ep).await? {
                 tracing::warn!(ip = %ep.ip, "endpoint was taken by {holder} while this node's lease was expired: dropping it");
                 lost.push(ep.ip);
             }
@@ -394,6 +396,9 @@ async fn regrant(inner: &Inner) -> Result<i64> {
         owned.subnet = subnet;
         inner.lease_id.store(lease, Ordering::SeqCst);
         inner.set_own(subnet);
+        // Wake the agent even if the snapshot is unchanged: what it publishes
+        // for attach (the lease) changed.
+        inner.changes.send_modify(|n| *n += 1);
         tracing::info!(lease, %subnet, endpoints = owned.endpoints.len(), "records re-published under a new lease");
         Ok(ttl)
     }
@@ -494,18 +499,29 @@ async fn try_allocate(
 pub(crate) async fn release_endpoint(inner: &Inner, ip: Ipv4Addr) -> Result<()> {
     let mut owned = inner.owned.lock().await;
     owned.endpoints.remove(&ip);
-    let key = inner.keys.endpoint(ip);
+    delete_endpoint_if_ours(&inner.client, &inner.keys, &inner.me.node, ip).await
+}
+
+/// Delete `endpoints/IP` if `node` holds it (absent, or held by another
+/// node after a migration, is fine and deletes nothing).
+pub(crate) async fn delete_endpoint_if_ours(
+    client: &Client,
+    keys: &Keys,
+    node: &str,
+    ip: Ipv4Addr,
+) -> Result<()> {
+    let key = keys.endpoint(ip);
     for _ in 0..5 {
         let resp = op(
             format!("read {key}"),
-            inner.client.kv_client().get(key.clone(), None),
+            client.kv_client().get(key.clone(), None),
         )
         .await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(());
         };
         match serde_json::from_slice::<Endpoint>(kv.value()) {
-            Ok(ep) if ep.node == inner.me.node => {}
+            Ok(ep) if ep.node == node => {}
             Ok(ep) => {
                 tracing::debug!(%ip, holder = %ep.node, "release: the address is now held by another node, leaving it");
                 return Ok(());
@@ -519,7 +535,7 @@ pub(crate) async fn release_endpoint(inner: &Inner, ip: Ipv4Addr) -> Result<()> 
                 kv.mod_revision(),
             )])
             .and_then([TxnOp::delete(key.clone(), None)]);
-        if op(format!("release {key}"), inner.client.kv_client().txn(txn))
+        if op(format!("release {key}"), client.kv_client().txn(txn))
             .await?
             .succeeded()
         {
@@ -527,6 +543,57 @@ pub(crate) async fn release_endpoint(inner: &Inner, ip: Ipv4Addr) -> Result<()> 
         }
     }
     bail!("etcd: release {key}: the key kept changing under this node, try again")
+}
+
+/// Make this node's published endpoints equal `allocated`: publish the
+/// missing ones (bound to the lease, so a re-grant re-publishes them),
+/// withdraw the others. Returns the addresses that could not be published,
+/// with the reason (another node holds them, or they are not usable).
+pub(crate) async fn sync_endpoints(
+    inner: &Inner,
+    allocated: &std::collections::BTreeSet<Ipv4Addr>,
+) -> Result<Vec<(Ipv4Addr, String)>> {
+    let net = inner.network();
+    if net.mode != crate::config::Mode::Bridged {
+        return Ok(Vec::new());
+    }
+    let mut owned = inner.owned.lock().await;
+    let mut refused = Vec::new();
+    let missing: Vec<Ipv4Addr> = allocated
+        .iter()
+        .filter(|ip| !owned.endpoints.contains_key(ip))
+        .copied()
+        .collect();
+    for ip in missing {
+        let ep = Endpoint {
+            network: net.name.clone(),
+            ip,
+            mac: crate::model::container_mac(ip),
+            node: inner.me.node.clone(),
+        };
+        if let Err(e) = records::check_endpoint(&net, &ep) {
+            refused.push((ip, e));
+            continue;
+        }
+        let lease = owned.lease;
+        match put_endpoint(&inner.client, &inner.keys, &inner.me.node, lease, &ep).await? {
+            Ok(()) => {
+                owned.endpoints.insert(ip, ep);
+            }
+            Err(holder) => refused.push((ip, format!("held by {holder}"))),
+        }
+    }
+    let stale: Vec<Ipv4Addr> = owned
+        .endpoints
+        .keys()
+        .filter(|ip| !allocated.contains(ip))
+        .copied()
+        .collect();
+    for ip in stale {
+        delete_endpoint_if_ours(&inner.client, &inner.keys, &inner.me.node, ip).await?;
+        owned.endpoints.remove(&ip);
+    }
+    Ok(refused)
 }
 
 pub(crate) async fn publish_endpoint(inner: &Inner, ep: Endpoint) -> Result<()> {
@@ -542,7 +609,7 @@ pub(crate) async fn publish_endpoint(inner: &Inner, ep: Endpoint) -> Result<()> 
     }
     records::check_endpoint(&net, &ep).map_err(|e| anyhow!("endpoint {}: {e}", ep.ip))?;
     let mut owned = inner.owned.lock().await;
-    match put_endpoint(&inner.client, &inner.keys, &inner.me, owned.lease, &ep).await? {
+    match put_endpoint(&inner.client, &inner.keys, &inner.me.node, owned.lease, &ep).await? {
         Ok(()) => {
             owned.endpoints.insert(ep.ip, ep);
             Ok(())

@@ -88,7 +88,7 @@ async fn paused(rx: &mut watch::Receiver<bool>) {
 /// Watch from `rev + 1` forever, re-listing when history was compacted.
 pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
     let _guard = TaskGuard(inner.clone());
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::capped(super::session::period(inner.ttl_secs));
     let mut pause = inner.paused.subscribe();
     let mut relist = false;
     loop {

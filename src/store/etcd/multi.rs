@@ -1,0 +1,276 @@
+//! The agent's etcd store: one node's membership in one or more networks of
+//! the same etcd cluster (one [`EtcdStore`], lease and claim per network),
+//! seen as one merged snapshot.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use super::{EtcdOptions, EtcdStore};
+use crate::config::Mode;
+use crate::model::NodeRecord;
+use crate::state::EtcdSection;
+use crate::store::{Snapshot, Store};
+
+pub struct EtcdNetworks {
+    stores: Vec<EtcdStore>,
+    opts: EtcdOptions,
+    password_file: Option<PathBuf>,
+    /// Addresses sync could not publish, per network (warned once each).
+    refused: HashMap<String, BTreeMap<Ipv4Addr, String>>,
+}
+
+impl EtcdNetworks {
+    /// Join every network of `networks` with `opts` (its `network` field is
+    /// ignored). `password_file` is where `opts.user`'s password came from:
+    /// attach reads it there (the state file holds paths, never secrets).
+    /// If one join fails, the networks already joined are dropped without
+    /// revoking their leases (a retry reuses their claims).
+    pub async fn join(
+        opts: &EtcdOptions,
+        networks: &[String],
+        password_file: Option<PathBuf>,
+    ) -> Result<EtcdNetworks> {
+        if networks.is_empty() {
+            bail!("give at least one network to join (--network NAME)");
+        }
+        let mut uniq = BTreeSet::new();
+        if let Some(dup) = networks.iter().find(|n| !uniq.insert(n.as_str())) {
+            bail!("network {dup} is given twice");
+        }
+        let mut stores = Vec::new();
+        for n in networks {
+            let mut o = opts.clone();
+            o.network = n.clone();
+            stores.push(EtcdStore::join(o).await?);
+        }
+        // What one node can serve side by side.
+        let nets: Vec<_> = stores.iter().map(|s| s.network()).collect();
+        let routed: Vec<&str> = nets
+            .iter()
+            .filter(|n| n.mode == Mode::Routed)
+            .map(|n| n.name.as_str())
+            .collect();
+        if routed.len() > 1 {
+            bail!(
+                "networks {} are all routed: a node serves one routed network (bridge vxm-br0); join one of them",
+                routed.join(", ")
+            );
+        }
+        for (i, a) in nets.iter().enumerate() {
+            if let Some(b) = nets[..i].iter().find(|b| b.vni == a.vni) {
+                bail!(
+                    "networks {} and {} both use VNI {}: a node cannot serve both (re-create one with its own VNI)",
+                    b.name,
+                    a.name,
+                    a.vni
+                );
+            }
+        }
+        Ok(EtcdNetworks {
+            stores,
+            opts: opts.clone(),
+            password_file,
+            refused: HashMap::new(),
+        })
+    }
+
+    /// The per-network stores (subnet, lease, connection state).
+    pub fn stores(&self) -> &[EtcdStore] {
+        &self.stores
+    }
+
+    fn store(&self, network: &str) -> Option<&EtcdStore> {
+        self.stores.iter().find(|s| s.network().name == network)
+    }
+}
+
+/// Merge per-network snapshots: one node record per node name, its subnets
+/// of every network (a record whose underlay IP differs from the one seen
+/// first for that name is left out of the merge).
+fn merge(snaps: Vec<Snapshot>) -> Snapshot {
+    let mut networks = Vec::new();
+    let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    for s in snaps {
+        networks.extend(s.cluster.networks);
+        for n in s.cluster.nodes {
+            match nodes.get_mut(&n.name) {
+                None => {
+                    nodes.insert(n.name.clone(), n);
+                }
+                Some(have) if have.underlay_ip == n.underlay_ip => have.subnets.extend(n.subnets),
+                Some(have) => tracing::debug!(
+                    node = %n.name,
+                    "node has underlay IP {} in one network and {} in another: using the first",
+                    have.underlay_ip,
+                    n.underlay_ip
+                ),
+            }
+        }
+        endpoints.extend(s.endpoints.unwrap_or_default());
+    }
+    Snapshot {
+        cluster: crate::config::Cluster {
+            networks,
+            nodes: nodes.into_values().collect(),
+        },
+        endpoints: Some(endpoints),
+    }
+}
+
+impl Store for EtcdNetworks {
+    fn describe(&self) -> String {
+        let nets: Vec<String> = self.stores.iter().map(|s| s.network().name).collect();
+        format!(
+            "etcd {} {} networks {} (node {})",
+            self.opts.endpoints.join(","),
+            self.opts.prefix,
+            nets.join(","),
+            self.opts.node
+        )
+    }
+
+    async fn snapshot(&mut self) -> Result<Snapshot> {
+        let mut snaps = Vec::with_capacity(self.stores.len());
+        for s in &mut self.stores {
+            snaps.push(s.snapshot().await?);
+        }
+        Ok(merge(snaps))
+    }
+
+    async fn changed(&mut self) -> Result<()> {
+        let futs = self.stores.iter_mut().map(|s| Box::pin(s.changed()));
+        futures::future::select_all(futs).await.0
+    }
+
+    fn attach_section(&self, network: &str) -> Option<EtcdSection> {
+        let s = self.store(network)?;
+        if s.network().mode != Mode::Bridged {
+            return None;
+        }
+        let tls = self.opts.tls.as_ref();
+        Some(EtcdSection {
+            endpoints: self.opts.endpoints.clone(),
+            prefix: self.opts.prefix.clone(),
+            network: network.to_string(),
+            node: self.opts.node.clone(),
+            lease: s.lease_id(),
+            ca: tls.map(|t| t.ca.clone()),
+            cert: tls.and_then(|t| t.cert.clone()),
+            key: tls.and_then(|t| t.key.clone()),
+            user: self.opts.user.as_ref().map(|(u, _)| u.clone()),
+            password_file: self.password_file.clone(),
+        })
+    }
+
+    async fn sync_endpoints(
+        &mut self,
+        network: &str,
+        allocated: &BTreeSet<Ipv4Addr>,
+    ) -> Result<()> {
+        let Some(s) = self.store(network) else {
+            return Ok(());
+        };
+        let refused: BTreeMap<Ipv4Addr, String> =
+            s.sync_endpoints(allocated).await?.into_iter().collect();
+        let warned = self.refused.entry(network.to_string()).or_default();
+        for (ip, why) in &refused {
+            if warned.get(ip) != Some(why) {
+                tracing::warn!(
+                    network,
+                    %ip,
+                    "address allocated on this node cannot be published ({why}): detach the container here or there"
+                );
+            }
+        }
+        *warned = refused;
+        Ok(())
+    }
+
+    async fn leave(self) -> Result<()> {
+        let mut problems = Vec::new();
+        for s in self.stores {
+            let net = s.network().name;
+            if let Err(e) = s.leave().await {
+                problems.push(format!("network {net}: {e:#}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("leave: {}", problems.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cluster, Network};
+    use crate::model::{Endpoint, Vni, container_mac};
+
+    fn net(name: &str, vni: u32) -> Network {
+        Network {
+            name: name.into(),
+            mode: Mode::Bridged,
+            cidr: "10.1.0.0/24".parse().unwrap(),
+            subnet_len: 28,
+            vni: Vni::new(vni).unwrap(),
+            port: 4789,
+            mtu: None,
+        }
+    }
+
+    fn node(name: &str, ip: [u8; 4], net: &str, subnet: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            underlay_ip: ip.into(),
+            underlay_dev: None,
+            subnets: BTreeMap::from([(net.to_string(), subnet.parse().unwrap())]),
+        }
+    }
+
+    #[test]
+    fn snapshots_merge_by_node() {
+        let ep = |n: &str, ip: [u8; 4], node: &str| Endpoint {
+            network: n.into(),
+            ip: ip.into(),
+            mac: container_mac(ip.into()),
+            node: node.into(),
+        };
+        let a = Snapshot {
+            cluster: Cluster {
+                networks: vec![net("a", 200)],
+                nodes: vec![
+                    node("h1", [198, 18, 0, 1], "a", "10.1.0.16/28"),
+                    node("h2", [198, 18, 0, 2], "a", "10.1.0.32/28"),
+                ],
+            },
+            endpoints: Some(vec![ep("a", [10, 1, 0, 17], "h1")]),
+        };
+        let b = Snapshot {
+            cluster: Cluster {
+                networks: vec![net("b", 201)],
+                nodes: vec![
+                    node("h1", [198, 18, 0, 1], "b", "10.1.0.48/28"),
+                    node("h3", [198, 18, 0, 3], "b", "10.1.0.64/28"),
+                    // Same name, another IP: left out.
+                    node("h2", [198, 18, 0, 9], "b", "10.1.0.80/28"),
+                ],
+            },
+            endpoints: Some(vec![ep("b", [10, 1, 0, 49], "h1")]),
+        };
+        let m = merge(vec![a, b]);
+        assert_eq!(m.cluster.networks.len(), 2);
+        let names: Vec<_> = m.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["h1", "h2", "h3"]);
+        let h1 = m.cluster.node("h1").unwrap();
+        assert_eq!(h1.subnets.len(), 2);
+        let h2 = m.cluster.node("h2").unwrap();
+        assert_eq!(h2.subnets.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(m.endpoints.unwrap().len(), 2);
+    }
+}

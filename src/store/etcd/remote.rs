@@ -1,0 +1,183 @@
+//! Operations of processes other than the node's agent: attach / CNI claim
+//! and release container addresses of bridged networks (bound to the
+//! agent's lease, read from the network's state file), and an operator
+//! removes a node at once (`vxmesh leave`).
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, anyhow, bail};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+
+use super::client::{ClientOptions, TlsOptions, connect, lease_opts, op};
+use super::records::{self, Keys};
+use super::session::{delete_endpoint_if_ours, put_endpoint};
+use super::{network, require_bridged, watcher};
+use crate::model::{self, Endpoint};
+use crate::state::EtcdSection;
+
+/// The error of a claim made with a lease that no longer exists (the agent
+/// is not running, or re-granted its lease and has not yet rewritten the
+/// state file). Find it with `err.downcast_ref::<LeaseGone>()`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the agent's etcd lease {0} no longer exists: is `vxmesh agent` running on this node? (it rewrites the lease in the state file when it renews it)"
+)]
+pub struct LeaseGone(pub i64);
+
+/// Connection settings of a state file's etcd section (reads the password file).
+pub fn section_client_options(sec: &EtcdSection) -> Result<ClientOptions> {
+    let user = match (&sec.user, &sec.password_file) {
+        (Some(u), Some(f)) => Some((u.clone(), read_password(f)?)),
+        (Some(u), None) => Some((u.clone(), String::new())),
+        (None, _) => None,
+    };
+    Ok(ClientOptions {
+        endpoints: sec.endpoints.clone(),
+        tls: sec.ca.as_ref().map(|ca| TlsOptions {
+            ca: ca.clone(),
+            cert: sec.cert.clone(),
+            key: sec.key.clone(),
+        }),
+        user,
+    })
+}
+
+/// An etcd password file: its content without the trailing newline.
+pub fn read_password(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read etcd password file {}", path.display()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn is_lease_not_found(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("lease not found")
+}
+
+/// Claim an address of a bridged network for a container on `sec.node`,
+/// publishing its endpoint (IP, MAC derived from the IP, node) under the
+/// agent's lease with a compare-and-swap: `want` if it is free or already
+/// this node's (re-attach, or migration after a detach elsewhere); else the
+/// first free address from `start` (the node's slice) on, wrapping around.
+pub async fn claim_address(
+    sec: &EtcdSection,
+    want: Option<Ipv4Addr>,
+    start: Ipv4Addr,
+) -> Result<Endpoint> {
+    let client = connect(&section_client_options(sec)?).await?;
+    let keys = Keys::new(&sec.prefix, &sec.network);
+    let net = network::read_network(&client, &keys, &sec.network)
+        .await?
+        .ok_or_else(|| anyhow!("network {} no longer exists in etcd", sec.network))?;
+    require_bridged(&net)?;
+    let endpoint = |ip: Ipv4Addr| Endpoint {
+        network: net.name.clone(),
+        ip,
+        mac: model::container_mac(ip),
+        node: sec.node.clone(),
+    };
+    let lease_gone = |e: anyhow::Error| {
+        if is_lease_not_found(&e) {
+            anyhow::Error::new(LeaseGone(sec.lease))
+        } else {
+            e
+        }
+    };
+    if let Some(ip) = want {
+        records::check_endpoint_ip(&net, ip).map_err(|e| anyhow!("{e}"))?;
+        let ep = endpoint(ip);
+        return match put_endpoint(&client, &keys, &sec.node, sec.lease, &ep)
+            .await
+            .map_err(lease_gone)?
+        {
+            Ok(()) => Ok(ep),
+            Err(holder) => bail!(
+                "address {ip} of network {} is attached on {holder}: detach it there first \
+                 (or wait for that node's lease to expire if it is gone)",
+                net.name
+            ),
+        };
+    }
+    let (kvs, _) = watcher::list(&client, &keys.endpoints()).await?;
+    let prefix = keys.endpoints();
+    let taken: HashSet<Ipv4Addr> = kvs
+        .keys()
+        .filter_map(|k| k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()))
+        .collect();
+    for ip in records::address_candidates(&net, start).filter(|ip| !taken.contains(ip)) {
+        let ep = endpoint(ip);
+        if create_endpoint(&client, &keys, sec.lease, &ep)
+            .await
+            .map_err(lease_gone)?
+        {
+            return Ok(ep);
+        }
+    }
+    bail!(
+        "network {} cidr {} has no free address left: detach containers or widen the cidr",
+        net.name,
+        net.cidr
+    )
+}
+
+/// Create `endpoints/IP` under `lease` if absent.
+async fn create_endpoint(client: &Client, keys: &Keys, lease: i64, ep: &Endpoint) -> Result<bool> {
+    let key = keys.endpoint(ep.ip);
+    let value = serde_json::to_string(ep).expect("an endpoint serializes");
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key.clone(), value, lease_opts(lease))]);
+    Ok(op(format!("allocate {key}"), client.kv_client().txn(txn))
+        .await?
+        .succeeded())
+}
+
+/// Withdraw the endpoint `ip` if `sec.node` holds it (idempotent; after a
+/// migration the address belongs to another node and is left alone).
+pub async fn release_address(sec: &EtcdSection, ip: Ipv4Addr) -> Result<()> {
+    let client = connect(&section_client_options(sec)?).await?;
+    let keys = Keys::new(&sec.prefix, &sec.network);
+    delete_endpoint_if_ours(&client, &keys, &sec.node, ip).await
+}
+
+/// Remove node `node` from network `network` at once: revoke the lease its
+/// record is bound to, which deletes its record, subnet claim and
+/// endpoints. Returns false if the node has no record (already gone). Stop
+/// the node's agent first: a running agent would re-grant a lease and
+/// re-publish its records.
+pub async fn leave_node(
+    client: &ClientOptions,
+    prefix: &str,
+    network: &str,
+    node: &str,
+) -> Result<bool> {
+    records::check_prefix(prefix).map_err(|e| anyhow!("prefix: {e}"))?;
+    records::check_node_name(node).map_err(|e| anyhow!("node: {e}"))?;
+    let c = connect(client).await?;
+    let keys = Keys::new(prefix, network);
+    let key = keys.node(node);
+    let resp = op(format!("read {key}"), c.kv_client().get(key.clone(), None)).await?;
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(false);
+    };
+    let lease = kv.lease();
+    if lease == 0 {
+        // Not lease-bound (written by hand): delete the record itself.
+        op(
+            format!("delete {key}"),
+            c.kv_client().delete(key.clone(), None),
+        )
+        .await?;
+        return Ok(true);
+    }
+    match op(
+        format!("revoke lease {lease}"),
+        c.lease_client().revoke(lease),
+    )
+    .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_lease_not_found(&e) => Ok(true),
+        Err(e) => Err(e),
+    }
+}

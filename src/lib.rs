@@ -4,6 +4,9 @@
 //! ([`dataplane::plan`]) computes desired state, the kernel layer
 //! ([`dataplane::kernel`]) dumps what vxmesh owns and applies the difference.
 
+pub mod agent;
+pub mod attach;
+pub mod bench;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
@@ -13,5 +16,3 @@ pub mod model;
 pub mod probe;
 pub mod state;
 pub mod store;
-pub mod agent;
-pub mod attach;

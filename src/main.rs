@@ -109,6 +109,9 @@ enum Cmd {
     /// A whole multi-host cluster on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Measured benchmarks (build with --release).
+    #[command(subcommand)]
+    Bench(BenchCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +149,26 @@ enum NetCmd {
         name: String,
         #[command(flatten)]
         etcd: EtcdArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Program P remote peers into an empty node, vs `ip -batch` of the same objects.
+    Scale {
+        /// Peer counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        peers: Vec<usize>,
+        /// Modes to measure.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "routed,bridged"
+        )]
+        mode: Vec<ModeArg>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -539,6 +562,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             None => println!("{id} was not attached"),
         },
         Cmd::Lab(l) => return lab_cmd(l).await,
+        Cmd::Bench(BenchCmd::Scale { peers, mode, json }) => {
+            let mut rows = Vec::new();
+            for m in mode {
+                for &p in &peers {
+                    if p == 0 || p > 60_000 {
+                        anyhow::bail!("--peers values must be 1..=60000 (got {p})");
+                    }
+                    let row = vxmesh::bench::scale_one(m.into(), p).await?;
+                    if !json {
+                        eprintln!(
+                            "{} {p} peers: vxmesh {:.1} ms, ip -batch {:.1} ms",
+                            row.mode, row.vxmesh_ms, row.ip_batch_ms
+                        );
+                    }
+                    rows.push(row);
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", vxmesh::bench::scale_table(&rows));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -278,10 +278,13 @@ async fn a_stopped_agent_drops_a_node_that_left_meanwhile() {
             (2, 2, 2),
             "the stopped agent touched nothing"
         );
+        let claim = lab.node("host1").unwrap().subnets.clone();
         lab.start_agent("host1").unwrap();
         lab.wait_agent_ready("host1", Duration::from_secs(10))
             .await
             .unwrap();
+        // SIGTERM kept the lease: the restarted agent has its old subnet.
+        assert_eq!(lab.node("host1").unwrap().subnets, claim);
         let took = wait_until(Duration::from_secs(3), || {
             entries(&h1, "vxm-vx100") == (1, 1, 1)
         })
@@ -647,5 +650,32 @@ async fn cli_net_create_leave_and_agent_leave() {
         assert_eq!(code, 0);
         assert!(out.contains("already gone"), "{out}");
     }
+    assert_all_gone(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_cli_etcd_bridged() {
+    let name = unique("ecli");
+    let (code, out, err) = vxmesh(&[
+        "lab",
+        "demo",
+        "--name",
+        &name,
+        "--store",
+        "etcd",
+        "--mode",
+        "bridged",
+        "--nodes",
+        "3",
+        "--containers",
+        "1",
+        "--networks",
+        "2",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("PASS") && out.contains("etcd store") && out.contains("iso"),
+        "{out}"
+    );
     assert_all_gone(&name);
 }

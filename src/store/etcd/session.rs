@@ -583,12 +583,26 @@ pub(crate) async fn sync_endpoints(
             Err(holder) => refused.push((ip, format!("held by {holder}"))),
         }
     }
-    let stale: Vec<Ipv4Addr> = owned
+    // Withdraw what this node holds but no longer has attached: its own
+    // endpoints, and any endpoint of this node the view shows (a claim whose
+    // attach died before recording it locally). The caller holds the IPAM
+    // lock, so no attach or detach is half-way.
+    let mut stale: std::collections::BTreeSet<Ipv4Addr> = owned
         .endpoints
         .keys()
         .filter(|ip| !allocated.contains(ip))
         .copied()
         .collect();
+    let seen: Vec<Ipv4Addr> = inner
+        .view()
+        .snapshot()
+        .endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.node == inner.me.node && !allocated.contains(&e.ip))
+        .map(|e| e.ip)
+        .collect();
+    stale.extend(seen);
     for ip in stale {
         delete_endpoint_if_ours(&inner.client, &inner.keys, &inner.me.node, ip).await?;
         owned.endpoints.remove(&ip);

@@ -8,7 +8,7 @@
 //! attach code users run. Nothing is created in the root namespace and no
 //! packet leaves the lab's namespaces.
 //!
-//! The store is a cluster file, or etcd ([`LabStore::Etcd`], see [`etcd`]):
+//! The store is a cluster file, or etcd ([`LabStore::Etcd`], see [`LabEtcd`]):
 //! then an etcd server runs inside the underlay namespace, hosts join and
 //! leave while the lab runs ([`Lab::add_node`], [`Lab::remove_node`]) and
 //! bridged containers can move between hosts ([`Lab::move_container`]).

@@ -37,7 +37,16 @@
 //!   granted and the claim, record and endpoints are re-published under it.
 //! - Lost nodes disappear when their lease expires: every peer's watch sees
 //!   the deletes. [`EtcdStore::leave`] revokes the lease: the record, claim and
-//!   endpoints vanish at once.
+//!   endpoints vanish at once; [`leave_node`] does it for a stopped node.
+//! - The agent uses [`EtcdNetworks`]: one store (lease, claim) per network it
+//!   joins, one merged snapshot. For bridged networks it writes an `etcd`
+//!   section into the network's state file (endpoints, prefix, TLS and
+//!   password *file paths*, node, lease); attach, the CNI plugin and the lab
+//!   ([`crate::attach`]) claim container addresses with [`claim_address`]
+//!   (CAS on `endpoints/IP`, bound to that lease) and withdraw them with
+//!   [`release_address`]. Every agent pass makes the node's endpoints equal
+//!   the addresses its file IPAM holds ([`EtcdStore::sync_endpoints`]), so
+//!   they are re-published if the lease is ever re-granted.
 //!
 //! Unlike flannel's etcd subnet manager: the claim is one CAS transaction
 //! with the record (no read-then-write race), the watch resumes from the

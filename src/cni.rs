@@ -46,7 +46,11 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
-        CniError { code, msg: msg.into(), details: details.into() }
+        CniError {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
     }
     pub fn to_json(&self, version: &str) -> Value {
         json!({ "cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details })
@@ -104,7 +108,11 @@ impl Env {
 
     fn require<'a>(&self, v: &'a Option<String>, name: &str) -> CniResult<&'a str> {
         v.as_deref().ok_or_else(|| {
-            CniError::new(code::INVALID_ENV, format!("{name} is not set"), format!("the runtime must set {name} for {}", self.command))
+            CniError::new(
+                code::INVALID_ENV,
+                format!("{name} is not set"),
+                format!("the runtime must set {name} for {}", self.command),
+            )
         })
     }
 }
@@ -119,8 +127,13 @@ fn at_least_1_1(v: &str) -> bool {
 
 /// Parse and check the configuration on stdin.
 pub fn parse_conf(stdin: &[u8]) -> CniResult<NetConf> {
-    let conf: NetConf = serde_json::from_slice(stdin)
-        .map_err(|e| CniError::new(code::DECODE_FAILURE, "cannot decode the network configuration", e.to_string()))?;
+    let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            "cannot decode the network configuration",
+            e.to_string(),
+        )
+    })?;
     if !version_ok(&conf.cni_version) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -129,23 +142,37 @@ pub fn parse_conf(stdin: &[u8]) -> CniResult<NetConf> {
         ));
     }
     if conf.plugin_type != "vxmesh" {
-        return Err(CniError::new(code::INVALID_CONFIG, format!("type is '{}', not 'vxmesh'", conf.plugin_type), ""));
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("type is '{}', not 'vxmesh'", conf.plugin_type),
+            "",
+        ));
     }
     if let Some(m) = conf.mtu
         && !(crate::config::MIN_MTU..=crate::config::MAX_MTU).contains(&m)
     {
-        return Err(CniError::new(code::INVALID_CONFIG, format!("mtu {m} is out of range"), format!("use {}-{}", crate::config::MIN_MTU, crate::config::MAX_MTU)));
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("mtu {m} is out of range"),
+            format!("use {}-{}", crate::config::MIN_MTU, crate::config::MAX_MTU),
+        ));
     }
     Ok(conf)
 }
 
 impl NetConf {
     fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR))
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR))
     }
     fn network(&self) -> CniResult<&str> {
         self.network.as_deref().ok_or_else(|| {
-            CniError::new(code::INVALID_CONFIG, "\"network\" is missing", "set \"network\" to a network the node's vxmesh agent serves")
+            CniError::new(
+                code::INVALID_CONFIG,
+                "\"network\" is missing",
+                "set \"network\" to a network the node's vxmesh agent serves",
+            )
         })
     }
     /// The served network, or error 7 naming the known ones.
@@ -168,14 +195,21 @@ fn io_err(e: anyhow::Error, what: &str) -> CniError {
 }
 
 fn open_netns(path: &str) -> CniResult<Netns> {
-    Netns::open_path(Path::new(path))
-        .map_err(|e| CniError::new(code::UNKNOWN_CONTAINER, format!("network namespace {path} does not exist"), format!("{e:#}")))
+    Netns::open_path(Path::new(path)).map_err(|e| {
+        CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("network namespace {path} does not exist"),
+            format!("{e:#}"),
+        )
+    })
 }
 
 /// Run one plugin invocation. Returns the JSON to print on success.
 pub async fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
     if env.command == "VERSION" {
-        return Ok(Some(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS })));
+        return Ok(Some(
+            json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS }),
+        ));
     }
     let conf = parse_conf(stdin)?;
     match env.command.as_str() {
@@ -184,8 +218,16 @@ pub async fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
         "CHECK" => check(env, &conf).await.map(|_| None),
         "STATUS" => status(&conf).map(|_| None),
         "GC" => gc(&conf).await.map(|_| None),
-        "" => Err(CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set", "")),
-        other => Err(CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND '{other}'"), "use ADD, DEL, CHECK, STATUS, GC or VERSION")),
+        "" => Err(CniError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set",
+            "",
+        )),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("unknown CNI_COMMAND '{other}'"),
+            "use ADD, DEL, CHECK, STATUS, GC or VERSION",
+        )),
     }
 }
 
@@ -233,23 +275,39 @@ async fn add(env: &Env, conf: &NetConf) -> CniResult<Value> {
 async fn host_mac(name: &str) -> Option<String> {
     let nl = Netlink::connect().await.ok()?;
     let links = nl.list_links().await.ok()?;
-    links.into_iter().find(|l| l.name == name).and_then(|l| l.mac).map(|m| m.to_string())
+    links
+        .into_iter()
+        .find(|l| l.name == name)
+        .and_then(|l| l.mac)
+        .map(|m| m.to_string())
 }
 
 /// Put the previous plugin's interfaces/ips/routes first, re-indexing ours.
 fn merge_prev(result: &mut Value, prev: &Value) {
-    let prev_ifaces = prev.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
+    let prev_ifaces = prev
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let offset = prev_ifaces.len() as u64;
     let mut ifaces = prev_ifaces;
     ifaces.extend(result["interfaces"].as_array().cloned().unwrap_or_default());
-    let mut ips = prev.get("ips").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut ips = prev
+        .get("ips")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     for mut ip in result["ips"].as_array().cloned().unwrap_or_default() {
         if let Some(i) = ip.get("interface").and_then(Value::as_u64) {
             ip["interface"] = json!(i + offset);
         }
         ips.push(ip);
     }
-    let mut routes = prev.get("routes").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut routes = prev
+        .get("routes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     routes.extend(result["routes"].as_array().cloned().unwrap_or_default());
     result["interfaces"] = json!(ifaces);
     result["ips"] = json!(ips);
@@ -264,7 +322,9 @@ async fn del(env: &Env, conf: &NetConf) -> CniResult<()> {
     let ifname = env.require(&env.ifname, "CNI_IFNAME")?;
     // DEL must succeed even if the network is gone from the node's state.
     let net = conf.network()?;
-    attach::detach(&conf.state_dir(), net, id, ifname, None).await.map_err(|e| io_err(e, "detach failed"))?;
+    attach::detach(&conf.state_dir(), net, id, ifname, None)
+        .await
+        .map_err(|e| io_err(e, "detach failed"))?;
     Ok(())
 }
 
@@ -273,35 +333,77 @@ async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
     let netns_path = env.require(&env.netns, "CNI_NETNS")?;
     let ifname = env.require(&env.ifname, "CNI_IFNAME")?;
     let served = conf.served()?;
-    let prev = conf
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult", "the runtime must pass the ADD result"))?;
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "CHECK needs prevResult",
+            "the runtime must pass the ADD result",
+        )
+    })?;
     let ns = open_netns(netns_path)?;
     let fail = |m: String| CniError::new(code::IO_FAILURE, m, format!("container {id}"));
     // The allocation is still ours.
-    let owner = crate::ipam::Owner { container_id: id.to_string(), ifname: ifname.to_string() };
-    let held = Ipam::new(&conf.state_dir(), &served.state.network).find(&owner).map_err(|e| io_err(e, "read allocations"))?;
+    let owner = crate::ipam::Owner {
+        container_id: id.to_string(),
+        ifname: ifname.to_string(),
+    };
+    let held = Ipam::new(&conf.state_dir(), &served.state.network)
+        .find(&owner)
+        .map_err(|e| io_err(e, "read allocations"))?;
     let held = held.ok_or_else(|| fail(format!("no address is allocated to {id}/{ifname}")))?;
     // The interface, its addresses and routes match prevResult.
-    let nl = Netlink::connect_in(&ns).await.map_err(|e| io_err(e, "netlink in container"))?;
-    let facts = nl.interface_facts(ifname).await.map_err(|e| io_err(e, "inspect container interface"))?;
-    let facts = facts.ok_or_else(|| fail(format!("interface {ifname} is missing in {netns_path}")))?;
+    let nl = Netlink::connect_in(&ns)
+        .await
+        .map_err(|e| io_err(e, "netlink in container"))?;
+    let facts = nl
+        .interface_facts(ifname)
+        .await
+        .map_err(|e| io_err(e, "inspect container interface"))?;
+    let facts =
+        facts.ok_or_else(|| fail(format!("interface {ifname} is missing in {netns_path}")))?;
     if !facts.up {
         return Err(fail(format!("interface {ifname} is down")));
     }
-    for ip in prev.get("ips").and_then(Value::as_array).cloned().unwrap_or_default() {
-        let Some(addr) = ip.get("address").and_then(Value::as_str) else { continue };
-        let net: ipnet::Ipv4Net = addr.parse().map_err(|_| CniError::new(code::DECODE_FAILURE, format!("bad address {addr} in prevResult"), ""))?;
+    for ip in prev
+        .get("ips")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        let Some(addr) = ip.get("address").and_then(Value::as_str) else {
+            continue;
+        };
+        let net: ipnet::Ipv4Net = addr.parse().map_err(|_| {
+            CniError::new(
+                code::DECODE_FAILURE,
+                format!("bad address {addr} in prevResult"),
+                "",
+            )
+        })?;
         if net.addr() == held && !facts.addresses.contains(&net) {
             return Err(fail(format!("address {net} is missing on {ifname}")));
         }
     }
-    for r in prev.get("routes").and_then(Value::as_array).cloned().unwrap_or_default() {
+    for r in prev
+        .get("routes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
         let dst = r.get("dst").and_then(Value::as_str).unwrap_or_default();
-        let gw = r.get("gw").and_then(Value::as_str).map(|g| g.parse().ok()).unwrap_or(None);
-        let Ok(dst) = dst.parse::<ipnet::Ipv4Net>() else { continue };
-        if !facts.routes.iter().any(|(d, g)| *d == dst && (gw.is_none() || *g == gw)) {
+        let gw = r
+            .get("gw")
+            .and_then(Value::as_str)
+            .map(|g| g.parse().ok())
+            .unwrap_or(None);
+        let Ok(dst) = dst.parse::<ipnet::Ipv4Net>() else {
+            continue;
+        };
+        if !facts
+            .routes
+            .iter()
+            .any(|(d, g)| *d == dst && (gw.is_none() || *g == gw))
+        {
             return Err(fail(format!("route {dst} is missing in the container")));
         }
     }
@@ -310,23 +412,40 @@ async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
 
 fn status(conf: &NetConf) -> CniResult<()> {
     if !at_least_1_1(&conf.cni_version) {
-        return Err(CniError::new(code::INCOMPATIBLE_VERSION, "STATUS needs cniVersion 1.1.0", ""));
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "STATUS needs cniVersion 1.1.0",
+            "",
+        ));
     }
     let dir = conf.state_dir();
-    conf.served().map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg, e.details))?;
+    conf.served()
+        .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg, e.details))?;
     if !state::agent_running(&dir) {
-        return Err(CniError::new(code::NOT_AVAILABLE, "the vxmesh agent is not running", format!("no agent holds {}", dir.join("agent.lock").display())));
+        return Err(CniError::new(
+            code::NOT_AVAILABLE,
+            "the vxmesh agent is not running",
+            format!("no agent holds {}", dir.join("agent.lock").display()),
+        ));
     }
     Ok(())
 }
 
 async fn gc(conf: &NetConf) -> CniResult<()> {
     if !at_least_1_1(&conf.cni_version) {
-        return Err(CniError::new(code::INCOMPATIBLE_VERSION, "GC needs cniVersion 1.1.0", ""));
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "GC needs cniVersion 1.1.0",
+            "",
+        ));
     }
     let net = conf.network()?;
     let valid = conf.valid_attachments.clone().unwrap_or_default();
-    let keep = |id: &str, ifname: &str| valid.iter().any(|v| v.container_id == id && v.ifname == ifname);
+    let keep = |id: &str, ifname: &str| {
+        valid
+            .iter()
+            .any(|v| v.container_id == id && v.ifname == ifname)
+    };
     let dir = conf.state_dir();
     let released = Ipam::new(&dir, net)
         .retain(|a| keep(&a.owner.container_id, &a.owner.ifname))
@@ -337,14 +456,24 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
     let links = nl.list_links().await.map_err(|e| io_err(e, "list links"))?;
     let prefix = format!("{}veth:{net}:", crate::model::OWNER_ALIAS_PREFIX);
     for l in links {
-        let Some(rest) = l.alias.as_deref().and_then(|a| a.strip_prefix(&prefix)) else { continue };
+        let Some(rest) = l.alias.as_deref().and_then(|a| a.strip_prefix(&prefix)) else {
+            continue;
+        };
         let (ifname, id) = rest.split_once(':').unwrap_or((rest, ""));
         if !keep(id, ifname) {
-            nl.delete_link(&l.name).await.map_err(|e| io_err(e, "delete stale veth"))?;
+            nl.delete_link(&l.name)
+                .await
+                .map_err(|e| io_err(e, "delete stale veth"))?;
         }
     }
     for a in released {
-        let _ = nl.delete_link(&attach::host_veth_name(net, &a.owner.container_id, &a.owner.ifname)).await;
+        let _ = nl
+            .delete_link(&attach::host_veth_name(
+                net,
+                &a.owner.container_id,
+                &a.owner.ifname,
+            ))
+            .await;
     }
     Ok(())
 }
@@ -364,13 +493,24 @@ pub fn main() -> i32 {
     }
     let version = serde_json::from_slice::<Value>(&stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .filter(|v| version_ok(v))
         .unwrap_or_else(|| "1.1.0".to_string());
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            println!("{}", CniError::new(code::IO_FAILURE, "cannot start runtime", e.to_string()).to_json(&version));
+            println!(
+                "{}",
+                CniError::new(code::IO_FAILURE, "cannot start runtime", e.to_string())
+                    .to_json(&version)
+            );
             return 1;
         }
     };
@@ -393,12 +533,17 @@ mod tests {
 
     #[test]
     fn decode_errors_have_code_6() {
-        assert_eq!(parse_conf(b"{not json").unwrap_err().code, code::DECODE_FAILURE);
+        assert_eq!(
+            parse_conf(b"{not json").unwrap_err().code,
+            code::DECODE_FAILURE
+        );
     }
 
     #[test]
     fn unsupported_version_has_code_1() {
-        let e = parse_conf(br#"{"cniVersion":"0.4.0","name":"n","type":"vxmesh","network":"demo"}"#).unwrap_err();
+        let e =
+            parse_conf(br#"{"cniVersion":"0.4.0","name":"n","type":"vxmesh","network":"demo"}"#)
+                .unwrap_err();
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
     }
 
@@ -406,7 +551,8 @@ mod tests {
     fn wrong_type_or_mtu_has_code_7() {
         let e = parse_conf(br#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#).unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
-        let e = parse_conf(br#"{"cniVersion":"1.0.0","name":"n","type":"vxmesh","mtu":10}"#).unwrap_err();
+        let e = parse_conf(br#"{"cniVersion":"1.0.0","name":"n","type":"vxmesh","mtu":10}"#)
+            .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
     }
 

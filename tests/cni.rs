@@ -26,7 +26,9 @@ fn cni(host_ns: &str, command: &str, env: &[(&str, &str)], conf: &str) -> Out {
     let ns = Netns::open(host_ns).unwrap();
     let fd = ns.raw_fd();
     let mut cmd = Command::new(exe());
-    cmd.env_clear().env("CNI_COMMAND", command).env("CNI_PATH", "/opt/cni/bin");
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/opt/cni/bin");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -38,13 +40,28 @@ fn cni(host_ns: &str, command: &str, env: &[(&str, &str)], conf: &str) -> Out {
             Ok(())
         });
     }
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     Out {
         code: out.status.code().unwrap_or(-1),
-        json: if stdout.trim().is_empty() { Value::Null } else { serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}")) },
+        json: if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
+        },
         stderr: String::from_utf8_lossy(&out.stderr).to_string(),
     }
 }
@@ -69,19 +86,34 @@ async fn spec_conformance_both_versions() {
     let mut lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().clone();
     let sd = h1.state_dir.to_str().unwrap().to_string();
-    let peer = lab.info.containers.iter().find(|c| c.node == "host2").unwrap().clone();
+    let peer = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host2")
+        .unwrap()
+        .clone();
 
     // VERSION
     let v = cni(&h1.netns, "VERSION", &[], "");
     assert_eq!(v.code, 0, "{}", v.stderr);
-    let sup: Vec<&str> = v.json["supportedVersions"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    let sup: Vec<&str> = v.json["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
     assert!(sup.contains(&"1.0.0") && sup.contains(&"1.1.0"));
 
     for (i, version) in ["1.0.0", "1.1.0"].iter().enumerate() {
         let cname = format!("vxm-{}-cni{i}", lab.info.name);
         let guard = NetnsGuard::create(&cname).unwrap();
         let id = format!("ctr{i}");
-        let env = [("CNI_CONTAINERID", id.as_str()), ("CNI_NETNS", &*netns_path(&cname)), ("CNI_IFNAME", "eth0")];
+        let env = [
+            ("CNI_CONTAINERID", id.as_str()),
+            ("CNI_NETNS", &*netns_path(&cname)),
+            ("CNI_IFNAME", "eth0"),
+        ];
         let c = conf(version, "demo", &sd);
         // ADD
         let add = cni(&h1.netns, "ADD", &env, &c);
@@ -91,20 +123,42 @@ async fn spec_conformance_both_versions() {
         assert!(addr.starts_with("172.18.10."), "{addr}");
         assert_eq!(add.json["ips"][0]["gateway"], json!("172.18.10.1"));
         assert_eq!(add.json["interfaces"][1]["name"], json!("eth0"));
-        assert_eq!(add.json["interfaces"][1]["sandbox"], json!(netns_path(&cname)));
+        assert_eq!(
+            add.json["interfaces"][1]["sandbox"],
+            json!(netns_path(&cname))
+        );
         assert_eq!(add.json["ips"][0]["interface"], json!(1));
         // Cross-host reachability of the plugin-attached container.
         let ns = guard.open().unwrap();
-        let reached = (0..3).any(|_| matches!(probe::icmp_echo(&ns, peer.ip, 56, false, Duration::from_secs(1)), Ok(probe::EchoOutcome::Reply { .. })));
-        assert!(reached, "container attached by CNI {version} cannot reach {}", peer.ip);
+        let reached = (0..3).any(|_| {
+            matches!(
+                probe::icmp_echo(&ns, peer.ip, 56, false, Duration::from_secs(1)),
+                Ok(probe::EchoOutcome::Reply { .. })
+            )
+        });
+        assert!(
+            reached,
+            "container attached by CNI {version} cannot reach {}",
+            peer.ip
+        );
         // CHECK against prevResult
         let chk = cni(&h1.netns, "CHECK", &env, &with_prev(&c, &add.json));
         assert_eq!(chk.code, 0, "CHECK {version}: {}", chk.json);
         // Break it: CHECK must notice.
-        assert!(Command::new("ip").args(["-n", &cname, "route", "del", "default"]).status().unwrap().success());
+        assert!(
+            Command::new("ip")
+                .args(["-n", &cname, "route", "del", "default"])
+                .status()
+                .unwrap()
+                .success()
+        );
         let chk = cni(&h1.netns, "CHECK", &env, &with_prev(&c, &add.json));
         assert_ne!(chk.code, 0, "CHECK must fail without the default route");
-        assert!(chk.json["msg"].as_str().unwrap().contains("route"), "{}", chk.json);
+        assert!(
+            chk.json["msg"].as_str().unwrap().contains("route"),
+            "{}",
+            chk.json
+        );
         // DEL, twice, then with the namespace gone.
         let del = cni(&h1.netns, "DEL", &env, &c);
         assert_eq!(del.code, 0, "{}", del.json);
@@ -113,7 +167,12 @@ async fn spec_conformance_both_versions() {
         drop(guard);
         let del = cni(&h1.netns, "DEL", &env, &c);
         assert_eq!(del.code, 0, "DEL after the namespace is gone: {}", del.json);
-        let del = cni(&h1.netns, "DEL", &[("CNI_CONTAINERID", "never-seen"), ("CNI_IFNAME", "eth0")], &c);
+        let del = cni(
+            &h1.netns,
+            "DEL",
+            &[("CNI_CONTAINERID", "never-seen"), ("CNI_IFNAME", "eth0")],
+            &c,
+        );
         assert_eq!(del.code, 0, "DEL of an unknown container: {}", del.json);
     }
 
@@ -124,10 +183,17 @@ async fn spec_conformance_both_versions() {
     let st = cni(&h1.netns, "STATUS", &[], &conf("1.1.0", "demo", &sd));
     assert_ne!(st.code, 0);
     assert_eq!(st.json["code"], json!(50));
-    let st = cni(&h1.netns, "STATUS", &[], &conf("1.1.0", "demo", "/nonexistent/vxmesh"));
+    let st = cni(
+        &h1.netns,
+        "STATUS",
+        &[],
+        &conf("1.1.0", "demo", "/nonexistent/vxmesh"),
+    );
     assert_eq!(st.json["code"], json!(50));
     lab.start_agent("host1").unwrap();
-    lab.wait_agent_ready("host1", Duration::from_secs(10)).await.unwrap();
+    lab.wait_agent_ready("host1", Duration::from_secs(10))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,10 +205,24 @@ async fn error_codes() {
     let cname = format!("vxm-{}-e", lab.info.name);
     let _g = NetnsGuard::create(&cname).unwrap();
     let p = netns_path(&cname);
-    let full = [("CNI_CONTAINERID", "x"), ("CNI_NETNS", p.as_str()), ("CNI_IFNAME", "eth0")];
+    let full = [
+        ("CNI_CONTAINERID", "x"),
+        ("CNI_NETNS", p.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
     // Missing environment: 4.
-    let o = cni(&h1.netns, "ADD", &[("CNI_NETNS", p.as_str()), ("CNI_IFNAME", "eth0")], &conf("1.1.0", "demo", &sd));
-    assert_eq!((o.code != 0, o.json["code"].clone()), (true, json!(4)), "{}", o.json);
+    let o = cni(
+        &h1.netns,
+        "ADD",
+        &[("CNI_NETNS", p.as_str()), ("CNI_IFNAME", "eth0")],
+        &conf("1.1.0", "demo", &sd),
+    );
+    assert_eq!(
+        (o.code != 0, o.json["code"].clone()),
+        (true, json!(4)),
+        "{}",
+        o.json
+    );
     assert!(o.json["msg"].as_str().unwrap().contains("CNI_CONTAINERID"));
     // Bad JSON: 6.
     let o = cni(&h1.netns, "ADD", &full, "{\"cniVersion\": ");
@@ -150,7 +230,11 @@ async fn error_codes() {
     // Unknown network: 7, naming the served ones.
     let o = cni(&h1.netns, "ADD", &full, &conf("1.1.0", "nosuch", &sd));
     assert_eq!(o.json["code"], json!(7), "{}", o.json);
-    assert!(o.json["details"].as_str().unwrap().contains("demo"), "{}", o.json);
+    assert!(
+        o.json["details"].as_str().unwrap().contains("demo"),
+        "{}",
+        o.json
+    );
     // Unsupported version: 1.
     let o = cni(&h1.netns, "ADD", &full, &conf("0.3.1", "demo", &sd));
     assert_eq!(o.json["code"], json!(1), "{}", o.json);
@@ -168,18 +252,38 @@ async fn fifty_concurrent_adds_then_dels_and_gc() {
     let h1 = lab.node("host1").unwrap().clone();
     let sd = h1.state_dir.to_str().unwrap().to_string();
     let c = conf("1.1.0", "demo", &sd);
-    let names: Vec<String> = (0..50).map(|i| format!("vxm-{}-{i}", lab.info.name)).collect();
-    let guards: Vec<NetnsGuard> = names.iter().map(|n| NetnsGuard::create(n).unwrap()).collect();
+    let names: Vec<String> = (0..50)
+        .map(|i| format!("vxm-{}-{i}", lab.info.name))
+        .collect();
+    let guards: Vec<NetnsGuard> = names
+        .iter()
+        .map(|n| NetnsGuard::create(n).unwrap())
+        .collect();
     let run_all = |cmd: &'static str| {
         let handles: Vec<_> = names
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let (host, c, p, id) = (h1.netns.clone(), c.clone(), netns_path(n), format!("c{i}"));
-                std::thread::spawn(move || cni(&host, cmd, &[("CNI_CONTAINERID", &id), ("CNI_NETNS", &p), ("CNI_IFNAME", "eth0")], &c))
+                let (host, c, p, id) =
+                    (h1.netns.clone(), c.clone(), netns_path(n), format!("c{i}"));
+                std::thread::spawn(move || {
+                    cni(
+                        &host,
+                        cmd,
+                        &[
+                            ("CNI_CONTAINERID", &id),
+                            ("CNI_NETNS", &p),
+                            ("CNI_IFNAME", "eth0"),
+                        ],
+                        &c,
+                    )
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
     };
     let adds = run_all("ADD");
     let mut ips: Vec<String> = adds
@@ -193,22 +297,57 @@ async fn fifty_concurrent_adds_then_dels_and_gc() {
     ips.dedup();
     assert_eq!(ips.len(), 50, "distinct addresses");
     // GC keeps the first 10 only.
-    let valid: Vec<Value> = (0..10).map(|i| json!({"containerID": format!("c{i}"), "ifname": "eth0"})).collect();
+    let valid: Vec<Value> = (0..10)
+        .map(|i| json!({"containerID": format!("c{i}"), "ifname": "eth0"}))
+        .collect();
     let mut gc_conf: Value = serde_json::from_str(&c).unwrap();
     gc_conf["cni.dev/valid-attachments"] = json!(valid);
     let o = cni(&h1.netns, "GC", &[], &gc_conf.to_string());
     assert_eq!(o.code, 0, "{}", o.json);
-    let allocs = std::fs::read_dir(h1.state_dir.join("ipam/demo")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("172.")).count();
+    let allocs = std::fs::read_dir(h1.state_dir.join("ipam/demo"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .starts_with("172.")
+        })
+        .count();
     assert_eq!(allocs, 10);
-    let veths = ip(&h1.netns, &["-o", "link", "show", "type", "veth"]).lines().filter(|l| l.contains(": vxm-")).count();
-    assert_eq!(veths, 10, "GC removed the host veths of invalid attachments");
+    let veths = ip(&h1.netns, &["-o", "link", "show", "type", "veth"])
+        .lines()
+        .filter(|l| l.contains(": vxm-"))
+        .count();
+    assert_eq!(
+        veths, 10,
+        "GC removed the host veths of invalid attachments"
+    );
     for o in run_all("DEL") {
         assert_eq!(o.code, 0, "{}", o.json);
     }
-    let allocs = std::fs::read_dir(h1.state_dir.join("ipam/demo")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("172.")).count();
+    let allocs = std::fs::read_dir(h1.state_dir.join("ipam/demo"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .starts_with("172.")
+        })
+        .count();
     assert_eq!(allocs, 0, "all addresses released");
-    let veths = ip(&h1.netns, &["-o", "link", "show", "type", "veth"]).lines().filter(|l| l.contains(": vxm-")).count();
+    let veths = ip(&h1.netns, &["-o", "link", "show", "type", "veth"])
+        .lines()
+        .filter(|l| l.contains(": vxm-"))
+        .count();
     assert_eq!(veths, 0, "no host veth left");
     drop(guards);
-    assert!(netns::list(&format!("vxm-{}-", lab.info.name)).iter().all(|n| !n.ends_with("-0")));
+    assert!(
+        netns::list(&format!("vxm-{}-", lab.info.name))
+            .iter()
+            .all(|n| !n.ends_with("-0"))
+    );
 }

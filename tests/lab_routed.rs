@@ -18,9 +18,19 @@ fn ns(name: &str) -> Netns {
 
 /// Count vxmesh's routes, permanent neighbours and FDB entries on a host.
 fn entries(host_ns: &str) -> (usize, usize, usize) {
-    let routes = ip(host_ns, &["route", "show", "proto", "86"]).lines().count();
-    let neigh = ip(host_ns, &["neigh", "show", "dev", "vxm-vx100", "nud", "permanent"]).lines().count();
-    let fdb = bridge(host_ns, &["fdb", "show", "dev", "vxm-vx100"]).lines().filter(|l| l.contains(" dst ")).count();
+    let routes = ip(host_ns, &["route", "show", "proto", "86"])
+        .lines()
+        .count();
+    let neigh = ip(
+        host_ns,
+        &["neigh", "show", "dev", "vxm-vx100", "nud", "permanent"],
+    )
+    .lines()
+    .count();
+    let fdb = bridge(host_ns, &["fdb", "show", "dev", "vxm-vx100"])
+        .lines()
+        .filter(|l| l.contains(" dst "))
+        .count();
     (routes, neigh, fdb)
 }
 
@@ -28,7 +38,10 @@ async fn zero_change_pass(lab: &vxmesh::lab::Lab, node: &str) -> (usize, usize) 
     let n = lab.node(node).unwrap();
     let nl = Netlink::connect_in(&ns(&n.netns)).await.unwrap();
     let cluster = vxmesh::config::load(&lab.info.cluster_file).unwrap();
-    let snap = vxmesh::store::Snapshot { cluster, endpoints: None };
+    let snap = vxmesh::store::Snapshot {
+        cluster,
+        endpoints: None,
+    };
     let plan = vxmesh::agent::plan_node(&nl, &snap, node).await.unwrap();
     let r = vxmesh::dataplane::reconcile(&nl, &plan).await.unwrap();
     (r.changes, r.messages)
@@ -49,8 +62,14 @@ async fn demo_three_nodes_all_pairs_and_clean_teardown() {
             assert_eq!(entries(&n.netns), (2, 2, 2), "entries on {}", n.name);
         }
         // Subnets follow the reference lab.
-        assert_eq!(lab.info.nodes[0].subnets["demo"].to_string(), "172.18.10.0/24");
-        assert_eq!(lab.info.nodes[1].subnets["demo"].to_string(), "172.18.20.0/24");
+        assert_eq!(
+            lab.info.nodes[0].subnets["demo"].to_string(),
+            "172.18.10.0/24"
+        );
+        assert_eq!(
+            lab.info.nodes[1].subnets["demo"].to_string(),
+            "172.18.20.0/24"
+        );
         // The planner/reconciler is idempotent: another pass changes nothing.
         assert_eq!(zero_change_pass(&lab, "host1").await, (0, 0));
     }
@@ -60,7 +79,16 @@ async fn demo_three_nodes_all_pairs_and_clean_teardown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_cli_passes_and_leaves_nothing() {
     let name = unique("cli");
-    let (code, out, err) = vxmesh(&["lab", "demo", "--name", &name, "--nodes", "3", "--containers", "2"]);
+    let (code, out, err) = vxmesh(&[
+        "lab",
+        "demo",
+        "--name",
+        &name,
+        "--nodes",
+        "3",
+        "--containers",
+        "2",
+    ]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("PASS"), "{out}");
     assert_gone(&name);
@@ -71,10 +99,25 @@ async fn drift_is_repaired_within_two_seconds() {
     let s = spec("rdr", 2, 1, Mode::Routed, 1);
     let lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().netns.clone();
-    let c1 = lab.info.containers.iter().find(|c| c.node == "host1").unwrap().clone();
-    let c2 = lab.info.containers.iter().find(|c| c.node == "host2").unwrap().clone();
+    let c1 = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host1")
+        .unwrap()
+        .clone();
+    let c2 = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host2")
+        .unwrap()
+        .clone();
     let reach = |c1: &vxmesh::lab::LabContainer, dst: Ipv4Addr| {
-        matches!(probe::icmp_echo(&ns(&c1.netns), dst, 56, false, Duration::from_millis(300)), Ok(probe::EchoOutcome::Reply { .. }))
+        matches!(
+            probe::icmp_echo(&ns(&c1.netns), dst, 56, false, Duration::from_millis(300)),
+            Ok(probe::EchoOutcome::Reply { .. })
+        )
     };
     assert!(reach(&c1, c2.ip));
     let steps: Vec<Vec<&str>> = vec![
@@ -86,18 +129,54 @@ async fn drift_is_repaired_within_two_seconds() {
     ];
     for step in steps {
         // Injecting drift by hand is what an operator would do; only tests run `ip`.
-        let st = std::process::Command::new("ip").arg("-n").arg(&h1).args(&step).status().unwrap();
+        let st = std::process::Command::new("ip")
+            .arg("-n")
+            .arg(&h1)
+            .args(&step)
+            .status()
+            .unwrap();
         assert!(st.success(), "inject {step:?}");
-        let took = wait_until(Duration::from_secs(2), || entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)).await;
-        assert!(took.is_some(), "not repaired within 2 s after `ip {}`: entries {:?}", step.join(" "), entries(&h1));
+        let took = wait_until(Duration::from_secs(2), || {
+            entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)
+        })
+        .await;
+        assert!(
+            took.is_some(),
+            "not repaired within 2 s after `ip {}`: entries {:?}",
+            step.join(" "),
+            entries(&h1)
+        );
         eprintln!("repaired `ip {}` in {:?}", step.join(" "), took.unwrap());
     }
     // FDB entry removal.
     let fdb = bridge(&h1, &["fdb", "show", "dev", "vxm-vx100"]);
-    let mac = fdb.lines().find(|l| l.contains(" dst ")).unwrap().split_whitespace().next().unwrap().to_string();
-    let st = std::process::Command::new("bridge").args(["-n", &h1, "fdb", "del", &mac, "dev", "vxm-vx100", "dst", "198.18.0.2"]).status().unwrap();
+    let mac = fdb
+        .lines()
+        .find(|l| l.contains(" dst "))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let st = std::process::Command::new("bridge")
+        .args([
+            "-n",
+            &h1,
+            "fdb",
+            "del",
+            &mac,
+            "dev",
+            "vxm-vx100",
+            "dst",
+            "198.18.0.2",
+        ])
+        .status()
+        .unwrap();
     assert!(st.success());
-    let took = wait_until(Duration::from_secs(2), || entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)).await;
+    let took = wait_until(Duration::from_secs(2), || {
+        entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)
+    })
+    .await;
     assert!(took.is_some(), "fdb entry not restored");
 }
 
@@ -128,9 +207,20 @@ async fn kill_9_mid_apply_then_restart_converges_without_duplicates() {
         lab.stop_agent("host1", Signal::SIGKILL).unwrap();
         lab.start_agent("host1").unwrap();
         let want = file.nodes.len() - 1;
-        let took = wait_until(Duration::from_secs(30), || entries(&h1) == (want, want, want)).await;
-        assert!(took.is_some(), "round {round}: entries {:?}, want {want} each", entries(&h1));
-        assert_eq!(zero_change_pass(&lab, "host1").await, (0, 0), "round {round}: converged state is stable");
+        let took = wait_until(Duration::from_secs(30), || {
+            entries(&h1) == (want, want, want)
+        })
+        .await;
+        assert!(
+            took.is_some(),
+            "round {round}: entries {:?}, want {want} each",
+            entries(&h1)
+        );
+        assert_eq!(
+            zero_change_pass(&lab, "host1").await,
+            (0, 0),
+            "round {round}: converged state is stable"
+        );
     }
     let report = lab.check(Duration::from_secs(2)).unwrap();
     assert!(report.failures().is_empty(), "{}", report.matrix());
@@ -140,20 +230,37 @@ async fn kill_9_mid_apply_then_restart_converges_without_duplicates() {
 async fn agent_restart_loses_no_replies() {
     let s = spec("rr", 2, 1, Mode::Routed, 1);
     let mut lab = up(&s).await;
-    let c1 = lab.info.containers.iter().find(|c| c.node == "host1").unwrap().clone();
-    let c2 = lab.info.containers.iter().find(|c| c.node == "host2").unwrap().clone();
+    let c1 = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host1")
+        .unwrap()
+        .clone();
+    let c2 = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host2")
+        .unwrap()
+        .clone();
     let stream = probe::continuous(&ns(&c1.netns), c2.ip, Duration::from_millis(20)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     for node in ["host1", "host2"] {
         lab.stop_agent(node, Signal::SIGTERM).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         lab.start_agent(node).unwrap();
-        lab.wait_agent_ready(node, Duration::from_secs(10)).await.unwrap();
+        lab.wait_agent_ready(node, Duration::from_secs(10))
+            .await
+            .unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
     let stats = stream.stop();
     assert!(stats.sent > 50, "{stats:?}");
-    assert_eq!(stats.lost, 0, "replies lost across agent restarts: {stats:?}");
+    assert_eq!(
+        stats.lost, 0,
+        "replies lost across agent restarts: {stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,9 +280,17 @@ async fn node_join_and_leave_via_cluster_file() {
     lab.write_cluster(&file).unwrap();
     for n in &lab.info.nodes {
         let ok = wait_until(Duration::from_secs(3), || entries(&n.netns) == (3, 3, 3)).await;
-        assert!(ok.is_some(), "{} did not gain host9's three entries: {:?}", n.name, entries(&n.netns));
+        assert!(
+            ok.is_some(),
+            "{} did not gain host9's three entries: {:?}",
+            n.name,
+            entries(&n.netns)
+        );
         let r = ip(&n.netns, &["route", "show", "proto", "86"]);
-        let line = r.lines().find(|l| l.starts_with("172.18.90.0/24 via 172.18.90.0 dev vxm-vx100")).unwrap_or_else(|| panic!("no route to host9 on {}: {r}", n.name));
+        let line = r
+            .lines()
+            .find(|l| l.starts_with("172.18.90.0/24 via 172.18.90.0 dev vxm-vx100"))
+            .unwrap_or_else(|| panic!("no route to host9 on {}: {r}", n.name));
         assert!(line.contains("onlink"), "{line}");
         assert!(bridge(&n.netns, &["fdb", "show", "dev", "vxm-vx100"]).contains("dst 198.18.0.99"));
     }
@@ -194,7 +309,13 @@ async fn invalid_cluster_files_are_refused_and_change_nothing() {
     let h1 = lab.node("host1").unwrap().netns.clone();
     let good = std::fs::read_to_string(&lab.info.cluster_file).unwrap();
     // `ip -d link` minus the bridge's ticking timers.
-    let links = |ns: &str| ip(ns, &["-d", "link"]).split_whitespace().filter(|w| !w.contains('.')).collect::<Vec<_>>().join(" ");
+    let links = |ns: &str| {
+        ip(ns, &["-d", "link"])
+            .split_whitespace()
+            .filter(|w| !w.contains('.'))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     // What vxmesh could touch; learned (ageing) neighbours and FDB entries are not compared.
     let snapshot = |ns: &str| {
         (
@@ -208,15 +329,42 @@ async fn invalid_cluster_files_are_refused_and_change_nothing() {
     // A second state dir so the running agent's lock is not in the way; --once.
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(String, &str)> = vec![
-        (good.replace("172.18.0.0/16", "172.18.0.0/33"), "network[0].cidr"),
-        (good.replace("172.18.20.0/24", "172.19.20.0/24"), "is outside network 'demo' cidr"),
-        (good.replace("172.18.20.0/24", "172.18.10.0/24"), "overlaps the one of node[0]"),
-        (good.replace("name = \"host2\"", "name = \"host1\""), "node 'host1' is already declared"),
-        (good.replace("198.18.0.2", "198.18.0.1"), "is already the underlay IP"),
-        (good.replace("vni = 100", "vni = 16777216"), "VNI 16777216 is out of range"),
-        (good.replace("port = 4789", "port = 0"), "UDP port 0 is out of range"),
-        (good.replace("vni = 100", "vni = 100\nmtu = 100"), "MTU 100 is out of range"),
-        (good.replace("vni = 100", "vni = 100\nbogus = 1"), "unknown field `bogus`"),
+        (
+            good.replace("172.18.0.0/16", "172.18.0.0/33"),
+            "network[0].cidr",
+        ),
+        (
+            good.replace("172.18.20.0/24", "172.19.20.0/24"),
+            "is outside network 'demo' cidr",
+        ),
+        (
+            good.replace("172.18.20.0/24", "172.18.10.0/24"),
+            "overlaps the one of node[0]",
+        ),
+        (
+            good.replace("name = \"host2\"", "name = \"host1\""),
+            "node 'host1' is already declared",
+        ),
+        (
+            good.replace("198.18.0.2", "198.18.0.1"),
+            "is already the underlay IP",
+        ),
+        (
+            good.replace("vni = 100", "vni = 16777216"),
+            "VNI 16777216 is out of range",
+        ),
+        (
+            good.replace("port = 4789", "port = 0"),
+            "UDP port 0 is out of range",
+        ),
+        (
+            good.replace("vni = 100", "vni = 100\nmtu = 100"),
+            "MTU 100 is out of range",
+        ),
+        (
+            good.replace("vni = 100", "vni = 100\nbogus = 1"),
+            "unknown field `bogus`",
+        ),
     ];
     for (text, want) in cases {
         assert_ne!(text, good, "case '{want}' must change the file");
@@ -224,17 +372,38 @@ async fn invalid_cluster_files_are_refused_and_change_nothing() {
         std::fs::write(&bad, &text).unwrap();
         let before = snapshot(&h1);
         let (code, _out, err) = vxmesh(&[
-            "--netns", &h1, "agent", "--once", "--cluster", bad.to_str().unwrap(), "--node", "host1",
-            "--state-dir", dir.path().join("state").to_str().unwrap(),
+            "--netns",
+            &h1,
+            "agent",
+            "--once",
+            "--cluster",
+            bad.to_str().unwrap(),
+            "--node",
+            "host1",
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
         ]);
         assert_ne!(code, 0, "case '{want}' accepted");
         assert!(err.contains(want), "case '{want}': stderr was {err}");
         assert_eq!(snapshot(&h1), before, "case '{want}' changed the host");
     }
     // Unknown node, too.
-    let (code, _, err) = vxmesh(&["validate", "--cluster", lab.info.cluster_file.to_str().unwrap()]);
+    let (code, _, err) = vxmesh(&[
+        "validate",
+        "--cluster",
+        lab.info.cluster_file.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = vxmesh(&["--netns", &h1, "agent", "--once", "--cluster", lab.info.cluster_file.to_str().unwrap(), "--node", "nosuch"]);
+    let (code, _, err) = vxmesh(&[
+        "--netns",
+        &h1,
+        "agent",
+        "--once",
+        "--cluster",
+        lab.info.cluster_file.to_str().unwrap(),
+        "--node",
+        "nosuch",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("node 'nosuch' is not in"), "{err}");
 }
@@ -243,18 +412,60 @@ async fn invalid_cluster_files_are_refused_and_change_nothing() {
 async fn data_plane_transfer_and_mtu() {
     let s = spec("rm", 2, 1, Mode::Routed, 1);
     let lab = up(&s).await;
-    let c1 = lab.info.containers.iter().find(|c| c.node == "host1").unwrap().clone();
-    let c2 = lab.info.containers.iter().find(|c| c.node == "host2").unwrap().clone();
-    let r = probe::tcp_transfer(&ns(&c2.netns), c2.ip, &ns(&c1.netns), 256 << 20, Duration::from_secs(120)).unwrap();
+    let c1 = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host1")
+        .unwrap()
+        .clone();
+    let c2 = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host2")
+        .unwrap()
+        .clone();
+    let r = probe::tcp_transfer(
+        &ns(&c2.netns),
+        c2.ip,
+        &ns(&c1.netns),
+        256 << 20,
+        Duration::from_secs(120),
+    )
+    .unwrap();
     assert_eq!(r.sent_sha256, r.received_sha256);
     eprintln!("256 MiB across hosts: {r:?}");
     // Overlay MTU = 1500 - 50. A full-size DF packet passes, one byte more does not.
     let full = probe::icmp_payload_for_ip_len(1450);
     let out = probe::icmp_echo(&ns(&c1.netns), c2.ip, full, true, Duration::from_secs(1)).unwrap();
-    assert!(matches!(out, probe::EchoOutcome::Reply { .. }), "full-MTU packet: {out:?}");
-    let out = probe::icmp_echo(&ns(&c1.netns), c2.ip, full + 1, true, Duration::from_secs(1)).unwrap();
-    assert!(matches!(out, probe::EchoOutcome::Refused { .. }), "MTU+1 with DF must be refused: {out:?}");
+    assert!(
+        matches!(out, probe::EchoOutcome::Reply { .. }),
+        "full-MTU packet: {out:?}"
+    );
+    let out = probe::icmp_echo(
+        &ns(&c1.netns),
+        c2.ip,
+        full + 1,
+        true,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    assert!(
+        matches!(out, probe::EchoOutcome::Refused { .. }),
+        "MTU+1 with DF must be refused: {out:?}"
+    );
     // Without DF the kernel fragments it and it arrives.
-    let out = probe::icmp_echo(&ns(&c1.netns), c2.ip, full + 1, false, Duration::from_secs(1)).unwrap();
-    assert!(matches!(out, probe::EchoOutcome::Reply { .. }), "fragmented packet: {out:?}");
+    let out = probe::icmp_echo(
+        &ns(&c1.netns),
+        c2.ip,
+        full + 1,
+        false,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    assert!(
+        matches!(out, probe::EchoOutcome::Reply { .. }),
+        "fragmented packet: {out:?}"
+    );
 }

@@ -23,12 +23,12 @@ pub type OwnedIndexes = Arc<Mutex<HashSet<u32>>>;
 fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
     let is_owned = |idx: u32| owned.lock().map(|s| s.contains(&idx)).unwrap_or(true);
     match msg {
-        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
-            is_owned(l.header.index)
-                || l.attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with(model::DEVICE_PREFIX)))
-        }
+        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => is_owned(
+            l.header.index,
+        ) || l
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with(model::DEVICE_PREFIX))),
         RouteNetlinkMessage::DelRoute(r) => u8::from(r.header.protocol) == model::ROUTE_PROTOCOL,
         RouteNetlinkMessage::NewRoute(r) => {
             // Someone may have replaced one of our routes with a foreign one.
@@ -37,8 +37,12 @@ fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
                     matches!(a, netlink_packet_route::route::RouteAttribute::Oif(i) if is_owned(*i))
                 })
         }
-        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => is_owned(n.header.ifindex),
-        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => is_owned(a.header.index),
+        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+            is_owned(n.header.ifindex)
+        }
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+            is_owned(a.header.index)
+        }
         _ => false,
     }
 }
@@ -46,7 +50,10 @@ fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
 /// Start listening in the calling thread's namespace (call from inside the
 /// runtime, in the namespace the agent serves). Every relevant event calls
 /// `notify.notify_one()`.
-pub fn spawn_watcher(owned: OwnedIndexes, notify: Arc<Notify>) -> Result<tokio::task::JoinHandle<()>> {
+pub fn spawn_watcher(
+    owned: OwnedIndexes,
+    notify: Arc<Notify>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Neigh,

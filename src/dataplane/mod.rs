@@ -8,5 +8,5 @@ pub mod plan;
 pub mod plan_types;
 pub mod sysctl;
 
-pub use plan_types::*;
 pub use kernel::{ReconcileReport, reconcile};
+pub use plan_types::*;

@@ -46,7 +46,10 @@ pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> Opti
 
 /// Run `vxmesh ARGS` and return (exit code, stdout, stderr).
 pub fn vxmesh(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(exe()).args(args).output().expect("run vxmesh");
+    let out = std::process::Command::new(exe())
+        .args(args)
+        .output()
+        .expect("run vxmesh");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -56,13 +59,23 @@ pub fn vxmesh(args: &[&str]) -> (i32, String, String) {
 
 /// `ip -n NS ARGS` output, for inspection only.
 pub fn ip(ns: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("ip").arg("-n").arg(ns).args(args).output().expect("run ip");
+    let out = std::process::Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("run ip");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `bridge -n NS ARGS` output, for inspection only.
 pub fn bridge(ns: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("bridge").arg("-n").arg(ns).args(args).output().expect("run bridge");
+    let out = std::process::Command::new("bridge")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("run bridge");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -71,7 +84,12 @@ pub fn assert_gone(name: &str) {
     let prefix = format!("vxm-{name}-");
     let left = vxmesh::dataplane::netns::list(&prefix);
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
-    assert!(!std::path::Path::new(vxmesh::lab::LAB_ROOT).join(name).exists(), "lab dir left behind");
+    assert!(
+        !std::path::Path::new(vxmesh::lab::LAB_ROOT)
+            .join(name)
+            .exists(),
+        "lab dir left behind"
+    );
     let procs = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()

@@ -73,6 +73,61 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// Capability arguments from the runtime (`ips` is honoured).
+    pub runtime_config: Option<Value>,
+}
+
+/// The address a runtime asks for: `runtimeConfig.ips` (the `ips`
+/// capability) or `IP=` in CNI_ARGS. CNI_ARGS keys other than `IP` and
+/// `IgnoreUnknown` are an error unless `IgnoreUnknown=1|true`.
+pub fn requested_ip(env: &Env, conf: &NetConf) -> CniResult<Option<std::net::Ipv4Addr>> {
+    let bad = |what: &str, v: &str| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("{what} '{v}' is not an IPv4 address"),
+            "use A.B.C.D or A.B.C.D/LEN",
+        )
+    };
+    let parse = |what: &str, v: &str| -> CniResult<std::net::Ipv4Addr> {
+        let host = v.split('/').next().unwrap_or(v);
+        host.parse().map_err(|_| bad(what, v))
+    };
+    if let Some(ips) = conf
+        .runtime_config
+        .as_ref()
+        .and_then(|r| r.get("ips"))
+        .and_then(Value::as_array)
+        && let Some(first) = ips.iter().filter_map(Value::as_str).next()
+    {
+        return parse("runtimeConfig.ips", first).map(Some);
+    }
+    let Some(args) = env.args.as_deref() else {
+        return Ok(None);
+    };
+    let pairs: Vec<(&str, &str)> = args
+        .split(';')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    let ignore_unknown = pairs
+        .iter()
+        .any(|(k, v)| *k == "IgnoreUnknown" && (*v == "1" || v.eq_ignore_ascii_case("true")));
+    let mut ip = None;
+    for (k, v) in pairs {
+        match k {
+            "IP" => ip = Some(parse("CNI_ARGS IP", v)?),
+            "IgnoreUnknown" => {}
+            other if !ignore_unknown => {
+                return Err(CniError::new(
+                    code::UNSUPPORTED_FIELD,
+                    format!("unknown CNI_ARGS key '{other}'"),
+                    "vxmesh understands IP=; add IgnoreUnknown=1 to pass other keys",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(ip)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -236,6 +291,7 @@ async fn add(env: &Env, conf: &NetConf) -> CniResult<Value> {
     let netns_path = env.require(&env.netns, "CNI_NETNS")?;
     let ifname = env.require(&env.ifname, "CNI_IFNAME")?;
     let served = conf.served()?;
+    let want_ip = requested_ip(env, conf)?;
     let ns = open_netns(netns_path)?;
     let a = attach::attach(&AttachRequest {
         state_dir: &conf.state_dir(),
@@ -244,7 +300,7 @@ async fn add(env: &Env, conf: &NetConf) -> CniResult<Value> {
         ifname,
         host_ns: None,
         container_ns: &ns,
-        ip: None,
+        ip: want_ip,
         mtu: conf.mtu,
     })
     .await
@@ -554,6 +610,43 @@ mod tests {
         let e = parse_conf(br#"{"cniVersion":"1.0.0","name":"n","type":"vxmesh","mtu":10}"#)
             .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    fn conf_with(extra: &str) -> NetConf {
+        let text = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"vxmesh","network":"demo"{extra}}}"#
+        );
+        parse_conf(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn requested_ip_from_args_and_runtime_config() {
+        let mut env = Env {
+            command: "ADD".into(),
+            ..Default::default()
+        };
+        assert_eq!(requested_ip(&env, &conf_with("")).unwrap(), None);
+        env.args = Some("IgnoreUnknown=1;K8S_POD_NAME=x;IP=10.10.0.5".into());
+        assert_eq!(
+            requested_ip(&env, &conf_with("")).unwrap(),
+            Some("10.10.0.5".parse().unwrap())
+        );
+        env.args = Some("K8S_POD_NAME=x".into());
+        assert_eq!(
+            requested_ip(&env, &conf_with("")).unwrap_err().code,
+            code::UNSUPPORTED_FIELD
+        );
+        env.args = Some("IP=banana".into());
+        assert_eq!(
+            requested_ip(&env, &conf_with("")).unwrap_err().code,
+            code::INVALID_CONFIG
+        );
+        env.args = None;
+        let c = conf_with(r#","runtimeConfig":{"ips":["10.10.0.9/22"]}"#);
+        assert_eq!(
+            requested_ip(&env, &c).unwrap(),
+            Some("10.10.0.9".parse().unwrap())
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ command -v nsenter >/dev/null 2>&1 || pkgs+=(util-linux)
 command -v cc >/dev/null 2>&1 || pkgs+=(gcc)
 command -v podman >/dev/null 2>&1 || pkgs+=(podman)    # tests/podman.rs: a real CNI runtime
 command -v runc >/dev/null 2>&1 || pkgs+=(runc)
-command -v busybox >/dev/null 2>&1 || pkgs+=(busybox-static)  # the locally built test image
+dpkg -s busybox-static >/dev/null 2>&1 || pkgs+=(busybox-static)  # the locally built test image
 command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)   # the etcd store: lab --store etcd, tests
 command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)  # etcd-client compiles protobufs
 command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)    # throwaway certificates of the etcd TLS tests
@@ -16,7 +16,7 @@ if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+  apt-get install -y -qq "${pkgs[@]}"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "vxmesh needs a Rust toolchain (1.85 or newer, e.g. from rustup)" >&2

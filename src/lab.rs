@@ -701,18 +701,9 @@ impl Lab {
             .split_first()
             .context("no command given: use `vxmesh lab exec LAB NODE -- CMD ARGS`")?;
         let ns = Netns::open(&ns_name)?;
-        let fd = ns.raw_fd();
         let mut cmd = Command::new(prog);
         cmd.args(args);
-        // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        ns.enter_on_exec(&mut cmd);
         let status = cmd
             .status()
             .with_context(|| format!("run {prog} in {ns_name}"))?;
@@ -850,7 +841,6 @@ fn run_plugin(
     timeout: Duration,
 ) -> Result<std::process::Output> {
     use std::io::{Read, Write};
-    let fd = ns.raw_fd();
     let mut cmd = Command::new(exe);
     cmd.env_clear().env(
         "PATH",
@@ -860,15 +850,7 @@ fn run_plugin(
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    ns.enter_on_exec(&mut cmd);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("run {} in {}", exe.display(), ns.name()))?;

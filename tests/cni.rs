@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -24,7 +23,6 @@ struct Out {
 /// Run the plugin in `host_ns` with CNI_* variables and `conf` on stdin.
 fn cni(host_ns: &str, command: &str, env: &[(&str, &str)], conf: &str) -> Out {
     let ns = Netns::open(host_ns).unwrap();
-    let fd = ns.raw_fd();
     let mut cmd = Command::new(exe());
     cmd.env_clear()
         .env("CNI_COMMAND", command)
@@ -32,14 +30,7 @@ fn cni(host_ns: &str, command: &str, env: &[(&str, &str)], conf: &str) -> Out {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    ns.enter_on_exec(&mut cmd);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -126,6 +126,22 @@ impl Netns {
             .map_err(|_| anyhow!("work inside network namespace '{name}' panicked"))?
     }
 
+    /// Make `cmd` enter this namespace between fork and exec (the child runs
+    /// inside it; the caller's thread never moves). Keep `self` alive until
+    /// `spawn` has returned: the child uses its file descriptor.
+    pub fn enter_on_exec(&self, cmd: &mut std::process::Command) {
+        let fd = self.raw_fd();
+        // SAFETY: only setns, an async-signal-safe syscall, runs in the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// Enter this namespace for the calling thread for good. Only for the start
     /// of a process (before any other thread exists), e.g. `vxmesh --netns`.
     pub fn enter_for_process(&self) -> Result<()> {

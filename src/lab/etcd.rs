@@ -202,16 +202,7 @@ impl Lab {
         // Its own process group (a terminal's Ctrl-C is not for it), and
         // entered into the underlay namespace before exec.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let fd = ul.raw_fd();
-        // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        ul.enter_on_exec(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("start {ETCD_BIN} in {}", self.info.underlay_ns))?;

@@ -1,0 +1,167 @@
+//! The lab's CNI attach path: the vxmesh binary run as a plugin, exactly as a
+//! container runtime runs it.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+
+use crate::dataplane::netns::{self, Netns};
+
+/// Attach through the CNI protocol, exactly as a runtime does: run `exe` as a
+/// plugin inside the node's namespace with `CNI_COMMAND=ADD` and the network
+/// configuration on stdin, and take the address from its result. A wanted
+/// address goes in `CNI_ARGS` (`IP=`, the host-local/static convention); the
+/// plugin's answer is authoritative.
+pub(super) async fn cni_add(
+    exe: &Path,
+    host_ns: Netns,
+    state_dir: &Path,
+    network: &str,
+    id: &str,
+    container_ns: &str,
+    ip: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": format!("vxmesh-{network}"), "type": "vxmesh",
+        "network": network, "stateDir": state_dir,
+    });
+    let mut env = vec![
+        ("CNI_COMMAND".to_string(), "ADD".to_string()),
+        ("CNI_CONTAINERID".to_string(), id.to_string()),
+        (
+            "CNI_NETNS".to_string(),
+            Path::new(netns::NETNS_DIR)
+                .join(container_ns)
+                .display()
+                .to_string(),
+        ),
+        ("CNI_IFNAME".to_string(), "eth0".to_string()),
+        (
+            "CNI_PATH".to_string(),
+            exe.parent().unwrap_or(Path::new("/")).display().to_string(),
+        ),
+    ];
+    if let Some(ip) = ip {
+        env.push(("CNI_ARGS".to_string(), format!("IgnoreUnknown=1;IP={ip}")));
+    }
+    let exe = exe.to_path_buf();
+    let what = format!(
+        "CNI ADD of container '{id}' to network '{network}' ({})",
+        exe.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        run_plugin(
+            &exe,
+            &host_ns,
+            &env,
+            conf.to_string().as_bytes(),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .context("plugin thread")?
+    .with_context(|| what.clone())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "{what}: the plugin printed no JSON ({}); stdout: {stdout}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): error {}: {}: {}",
+            out.status,
+            result["code"],
+            result["msg"].as_str().unwrap_or_default(),
+            result["details"].as_str().unwrap_or_default()
+        );
+    }
+    let got = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str()?.parse::<Ipv4Net>().ok())
+        .map(|n| n.addr())
+        .next()
+        .with_context(|| format!("{what}: the result has no IPv4 address: {result}"))?;
+    if ip.is_some_and(|w| w != got) {
+        tracing::info!(
+            "{what}: asked for {}, the plugin allocated {got}",
+            ip.unwrap_or(got)
+        );
+    }
+    Ok(got)
+}
+
+/// Run a CNI plugin in `ns` with exactly `env`, `stdin` as input; give up after `timeout`.
+fn run_plugin(
+    exe: &Path,
+    ns: &Netns,
+    env: &[(String, String)],
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<std::process::Output> {
+    use std::io::{Read, Write};
+    let mut cmd = Command::new(exe);
+    cmd.env_clear().env(
+        "PATH",
+        std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+    );
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    ns.enter_on_exec(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("run {} in {}", exe.display(), ns.name()))?;
+    let written = child.stdin.take().context("plugin stdin")?.write_all(stdin);
+    // Read both pipes on threads so a chatty plugin can never block on a full pipe.
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the plugin did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if status.success() {
+        written.context("write the network configuration to the plugin")?;
+    }
+    Ok(std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
+}

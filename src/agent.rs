@@ -135,6 +135,20 @@ pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) ->
     let report = reconcile(nl, &p).await?;
     let reattached = repair_attachments(nl, &p).await?;
     publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
+    crate::status::write_plan(
+        &opts.state_dir,
+        &crate::status::SavedPlan {
+            node: opts.node.clone(),
+            applied_at: state::now_secs(),
+            nodes: snap
+                .cluster
+                .nodes
+                .iter()
+                .map(|n| (n.underlay_ip, n.name.clone()))
+                .collect(),
+            plan: p.clone(),
+        },
+    )?;
     sync_endpoints(store, &opts.state_dir, &p).await?;
     Ok(report.changes + reattached)
 }

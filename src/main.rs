@@ -41,6 +41,26 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// This node's networks and peers, and whether each planned kernel entry is in place.
+    Status {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Walk the packet path to every peer (or to --to IP) and name the first broken hop.
+    Doctor {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// A container IP on a remote node.
+        #[arg(long)]
+        to: Option<std::net::Ipv4Addr>,
+        /// Skip the ICMP echo to each peer's underlay IP.
+        #[arg(long)]
+        no_ping: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a cluster file and print the resolved cluster.
     Validate {
         #[arg(long)]
@@ -479,6 +499,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             for n in vxmesh::state::list_networks(&state_dir) {
                 vxmesh::state::remove_network(&state_dir, &n)?;
             }
+            let _ = std::fs::remove_file(state_dir.join(vxmesh::status::PLAN_FILE));
             println!(
                 "removed {} device(s) ({}) and {} route(s)",
                 report.links_deleted.len(),
@@ -490,6 +511,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !report.errors.is_empty() {
                 anyhow::bail!("teardown incomplete: {}", report.errors.join("; "));
+            }
+        }
+        Cmd::Status { state_dir, json } => {
+            let r = vxmesh::status::status(&state_dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", vxmesh::status::render(&r));
+            }
+        }
+        Cmd::Doctor {
+            state_dir,
+            to,
+            no_ping,
+            json,
+        } => {
+            let opts = vxmesh::doctor::DoctorOptions { to, ping: !no_ping };
+            let r = vxmesh::doctor::doctor(&state_dir, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", vxmesh::doctor::render(&r));
+            }
+            if !r.ok {
+                return Ok(ExitCode::from(2));
             }
         }
         Cmd::Validate { cluster } => {

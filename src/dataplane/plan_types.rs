@@ -5,18 +5,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Mac, Vni};
 
 /// What kind of device a link is, with the attributes vxmesh sets at creation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LinkKind {
     Bridge,
     Vxlan(VxlanSpec),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VxlanSpec {
     pub vni: Vni,
     /// Local underlay address (`local`).
@@ -31,7 +31,7 @@ pub struct VxlanSpec {
 }
 
 /// A device vxmesh owns on a node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkSpec {
     pub name: String,
     pub kind: LinkKind,
@@ -47,14 +47,14 @@ pub struct LinkSpec {
 }
 
 /// An IPv4 address on one of vxmesh's devices.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AddrSpec {
     pub dev: String,
     pub addr: Ipv4Net,
 }
 
 /// `dst via gateway dev DEV onlink proto vxmesh` in the main table.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RouteSpec {
     pub dst: Ipv4Net,
     pub via: Ipv4Addr,
@@ -62,7 +62,7 @@ pub struct RouteSpec {
 }
 
 /// A permanent ARP entry `ip lladdr mac` on `dev`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct NeighSpec {
     pub dev: String,
     pub ip: Ipv4Addr,
@@ -70,7 +70,7 @@ pub struct NeighSpec {
 }
 
 /// A vxlan FDB entry `mac dst underlay_ip self permanent` on `dev`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FdbSpec {
     pub dev: String,
     pub mac: Mac,
@@ -79,7 +79,7 @@ pub struct FdbSpec {
 
 /// Everything vxmesh wants on one node. Links are in creation order (a
 /// bridge before the VTEP enslaved to it).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
     pub links: Vec<LinkSpec>,
     pub addresses: BTreeSet<AddrSpec>,

@@ -469,3 +469,27 @@ async fn data_plane_transfer_and_mtu() {
         "fragmented packet: {out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_for_the_same_node_refuses() {
+    let s = spec("r2a", 1, 0, Mode::Routed, 1);
+    let lab = up(&s).await;
+    let n = lab.node("host1").unwrap().clone();
+    let (code, _out, err) = vxmesh(&[
+        "--netns",
+        &n.netns,
+        "agent",
+        "--cluster",
+        lab.info.cluster_file.to_str().unwrap(),
+        "--node",
+        "host1",
+        "--state-dir",
+        n.state_dir.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("another vxmesh agent"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", n.agent_pid.unwrap())),
+        "{err}"
+    );
+}

@@ -532,6 +532,7 @@ pub fn examine(
     opts: &DoctorOptions,
 ) -> Result<DoctorReport> {
     let mut paths = Vec::new();
+    let mut reachable: std::collections::HashMap<Ipv4Addr, Hop> = Default::default();
     for st in saved.plan.networks.values() {
         for (f, neighs, routes) in status::peers_of(&st.vtep, saved) {
             if let Some(to) = opts.to {
@@ -567,7 +568,11 @@ pub fn examine(
                 &status::check_fdb(&f, actual),
                 &format!("the FDB entry for {} (dst {}) on {}", f.mac, f.dst, f.dev),
             ));
-            hops.push(reachability_hop(f.dst, opts.ping));
+            // One lookup (and echo) per underlay IP: bridged peers share it.
+            let reach = reachable
+                .entry(f.dst)
+                .or_insert_with(|| reachability_hop(f.dst, opts.ping));
+            hops.push(reach.clone());
             hops.push(mtu_hop(st, actual, underlay_mtu));
             hops.push(offload_hop(st, offload(&st.vtep)));
             let first_broken = hops.iter().find(|h| h.state == HopState::Broken).cloned();

@@ -533,3 +533,115 @@ pub fn render(r: &StatusReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::kernel::{ActualFdb, ActualNeigh, ActualRoute, route_metric};
+
+    fn mac(last: u8) -> Mac {
+        Mac([0x0a, 0x64, 0xc6, 0x12, 0, last])
+    }
+
+    fn saved() -> SavedPlan {
+        let mut plan = NodePlan::default();
+        plan.routes.insert(RouteSpec {
+            dst: "172.18.20.0/24".parse().unwrap(),
+            via: "172.18.20.0".parse().unwrap(),
+            dev: "vxm-vx100".into(),
+        });
+        plan.neighbours.insert(NeighSpec {
+            dev: "vxm-vx100".into(),
+            ip: "172.18.20.0".parse().unwrap(),
+            mac: mac(2),
+        });
+        plan.fdb.insert(FdbSpec {
+            dev: "vxm-vx100".into(),
+            mac: mac(2),
+            dst: "198.18.0.2".parse().unwrap(),
+        });
+        SavedPlan {
+            node: "host1".into(),
+            applied_at: 100,
+            nodes: [("198.18.0.2".parse().unwrap(), "host2".to_string())].into(),
+            plan,
+        }
+    }
+
+    fn actual_of(s: &SavedPlan) -> ActualState {
+        let r = s.plan.routes.first().unwrap();
+        let n = s.plan.neighbours.first().unwrap();
+        let f = s.plan.fdb.first().unwrap();
+        ActualState {
+            routes: vec![ActualRoute {
+                dst: r.dst,
+                via: Some(r.via),
+                dev: Some(r.dev.clone()),
+                oif: Some(7),
+                onlink: true,
+                table: 254,
+                priority: route_metric(r.dst),
+                tos: 0,
+                scope: 0,
+                kind: 1,
+            }],
+            neighbours: vec![ActualNeigh {
+                dev: n.dev.clone(),
+                ip: n.ip,
+                mac: Some(n.mac),
+                permanent: true,
+            }],
+            fdb: vec![ActualFdb {
+                dev: f.dev.clone(),
+                mac: f.mac,
+                dst: Some(f.dst),
+                permanent: true,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entries_in_place_are_ok() {
+        let s = saved();
+        let a = actual_of(&s);
+        assert_eq!(
+            check_route(s.plan.routes.first().unwrap(), &a).state,
+            Check::Ok
+        );
+        assert_eq!(
+            check_neigh(s.plan.neighbours.first().unwrap(), &a).state,
+            Check::Ok
+        );
+        assert_eq!(check_fdb(s.plan.fdb.first().unwrap(), &a).state, Check::Ok);
+        let peers = peers_of("vxm-vx100", &s);
+        assert_eq!(peers.len(), 1);
+        assert_eq!((peers[0].1.len(), peers[0].2.len()), (1, 1));
+    }
+
+    #[test]
+    fn missing_and_different_entries_show_the_drift() {
+        let s = saved();
+        let mut a = actual_of(&s);
+        a.routes.clear();
+        a.neighbours[0].mac = Some(mac(9));
+        a.fdb[0].dst = Some("198.18.0.9".parse().unwrap());
+        assert_eq!(
+            check_route(s.plan.routes.first().unwrap(), &a).state,
+            Check::Missing
+        );
+        let n = check_neigh(s.plan.neighbours.first().unwrap(), &a);
+        assert_eq!(n.state, Check::Different);
+        assert!(n.actual.unwrap().contains("0a:64:c6:12:00:09"));
+        let f = check_fdb(s.plan.fdb.first().unwrap(), &a);
+        assert_eq!(f.state, Check::Different);
+        assert!(f.actual.unwrap().contains("198.18.0.9"));
+    }
+
+    #[test]
+    fn saved_plan_round_trips_through_json() {
+        let s = saved();
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<SavedPlan>(&text).unwrap(), s);
+    }
+}

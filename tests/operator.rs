@@ -132,6 +132,37 @@ async fn status_reports_every_entry_and_a_route_deleted_by_hand() {
             !v["pending_changes"].as_array().unwrap().is_empty(),
             "diff sees the missing route"
         );
+        must(
+            "ip",
+            &ns,
+            &[
+                "neigh",
+                "replace",
+                "172.18.20.0",
+                "lladdr",
+                "0a:64:00:00:00:99",
+                "dev",
+                "vxm-vx100",
+                "nud",
+                "permanent",
+            ],
+        );
+        let (_, v) = tool(&lab, "host1", "status", &[]);
+        let neigh = v["networks"][0]["peers"][0]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "neighbour")
+            .unwrap()
+            .clone();
+        assert_eq!(neigh["state"], "different", "{neigh:#}");
+        assert!(
+            neigh["actual"]
+                .as_str()
+                .unwrap()
+                .contains("0a:64:00:00:00:99"),
+            "{neigh:#}"
+        );
     }
     assert_gone(&name);
 }
@@ -277,6 +308,73 @@ async fn doctor_names_the_first_broken_hop() {
         assert_ne!(code, 0);
         assert!(out.contains("first broken hop: fdb"), "{out}");
         assert!(out.contains("is the agent running?"), "{out}");
+    }
+    assert_gone(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_in_bridged_mode_follows_one_endpoint() {
+    let s = spec("ob", 2, 1, Mode::Bridged, 1);
+    let name = s.name.clone();
+    {
+        let mut lab = up(&s).await;
+        wait_plan(&lab, "host1").await;
+        let remote = lab
+            .info
+            .containers
+            .iter()
+            .find(|c| c.node == "host2")
+            .unwrap()
+            .ip;
+        let to = remote.to_string();
+        let (code, v) = tool(&lab, "host1", "doctor", &["--to", &to]);
+        assert_eq!(code, 0, "{v:#}");
+        let path = &v["paths"][0];
+        assert_eq!(v["paths"].as_array().unwrap().len(), 1);
+        let hops: Vec<&str> = path["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["hop"].as_str().unwrap())
+            .collect();
+        assert!(!hops.contains(&"ip_forward") && !hops.contains(&"route"));
+
+        // A local address is not a path over the overlay: refused with a reason.
+        let local = lab
+            .info
+            .containers
+            .iter()
+            .find(|c| c.node == "host1")
+            .unwrap()
+            .ip
+            .to_string();
+        let n = lab.node("host1").unwrap().clone();
+        let (code, _, err) = vxmesh(&[
+            "--netns",
+            &n.netns,
+            "doctor",
+            "--state-dir",
+            n.state_dir.to_str().unwrap(),
+            "--to",
+            &local,
+        ]);
+        assert_ne!(code, 0);
+        assert!(err.contains("no peer of this node serves"), "{err}");
+
+        lab.stop_agent("host1", Signal::SIGTERM).unwrap();
+        let mac = vxmesh::model::container_mac(remote).to_string();
+        must(
+            "bridge",
+            &n.netns,
+            &["fdb", "del", &mac, "dev", "vxm-vx200", "dst", "198.18.0.2"],
+        );
+        let (code, v) = tool(&lab, "host1", "doctor", &["--to", &to, "--no-ping"]);
+        assert_ne!(code, 0);
+        assert_eq!(v["first_broken"]["hop"], "fdb", "{v:#}");
+        assert!(
+            v["first_broken"]["fix"].as_str().unwrap().contains(&mac),
+            "{v:#}"
+        );
     }
     assert_gone(&name);
 }

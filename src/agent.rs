@@ -1,7 +1,8 @@
 //! The agent: records in, reconcile out.
 //!
 //! One pass = snapshot the store, plan this node, reconcile the kernel,
-//! publish the served networks in the state dir, and (etcd store, bridged
+//! publish the served networks and the applied plan (`plan.json`, read by
+//! `vxmesh status` and `doctor`) in the state dir, and (etcd store, bridged
 //! networks) keep the endpoints this node publishes equal to the addresses
 //! attached on it. Passes run at start, when the store reports a change, when
 //! the kernel reports a change to an owned object, and periodically (drift

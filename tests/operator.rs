@@ -308,6 +308,14 @@ async fn doctor_names_the_first_broken_hop() {
         assert_ne!(code, 0);
         assert!(out.contains("first broken hop: fdb"), "{out}");
         assert!(out.contains("is the agent running?"), "{out}");
+        repair(&lab, "host1").await;
+
+        // The underlay device down: named before the (intact) entries.
+        must("ip", &ns, &["link", "set", "eth0", "down"]);
+        let (code, v) = tool(&lab, "host1", "doctor", &["--no-ping"]);
+        must("ip", &ns, &["link", "set", "eth0", "up"]);
+        assert_ne!(code, 0);
+        assert_eq!(v["first_broken"]["hop"], "underlay_device", "{v:#}");
     }
     assert_gone(&name);
 }

@@ -136,22 +136,48 @@ pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) ->
     let report = reconcile(nl, &p).await?;
     let reattached = repair_attachments(nl, &p).await?;
     publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
+    save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
+    sync_endpoints(store, &opts.state_dir, &p).await?;
+    Ok(report.changes + reattached)
+}
+
+/// Save the applied plan for `vxmesh status`/`doctor`, only when it differs
+/// from what the file already holds (a 10 000-peer plan is megabytes: it is
+/// not rewritten on every pass). A deleted file is written again.
+fn save_plan(state_dir: &std::path::Path, node: &str, snap: &Snapshot, p: &NodePlan) -> Result<()> {
+    use std::sync::Mutex as StdMutex;
+    static LAST: StdMutex<Option<(std::path::PathBuf, u64)>> = StdMutex::new(None);
+    let nodes: std::collections::BTreeMap<Ipv4Addr, String> = snap
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| (n.underlay_ip, n.name.clone()))
+        .collect();
+    // A cheap fingerprint of what would be written (without the timestamp).
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        node.hash(&mut h);
+        nodes.hash(&mut h);
+        serde_json::to_vec(p).unwrap_or_default().hash(&mut h);
+        h.finish()
+    };
+    let path = state_dir.join(crate::status::PLAN_FILE);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.as_ref() == Some(&(path.clone(), fingerprint)) && path.exists() {
+        return Ok(());
+    }
     crate::status::write_plan(
-        &opts.state_dir,
+        state_dir,
         &crate::status::SavedPlan {
-            node: opts.node.clone(),
+            node: node.to_string(),
             applied_at: state::now_secs(),
-            nodes: snap
-                .cluster
-                .nodes
-                .iter()
-                .map(|n| (n.underlay_ip, n.name.clone()))
-                .collect(),
+            nodes,
             plan: p.clone(),
         },
     )?;
-    sync_endpoints(store, &opts.state_dir, &p).await?;
-    Ok(report.changes + reattached)
+    *last = Some((path, fingerprint));
+    Ok(())
 }
 
 /// Bridged networks whose addresses the store allocates (etcd): publish

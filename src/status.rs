@@ -25,7 +25,8 @@ pub const PLAN_FILE: &str = "plan.json";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedPlan {
     pub node: String,
-    /// Seconds since the epoch of the pass that applied it.
+    /// Seconds since the epoch of the first pass that applied this plan (the
+    /// file is rewritten only when the plan changes).
     pub applied_at: u64,
     /// Underlay IP -> node name of every node of the cluster.
     pub nodes: BTreeMap<Ipv4Addr, String>,

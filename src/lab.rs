@@ -523,6 +523,15 @@ impl Lab {
             })
     }
 
+    /// The first container on `node` (any network).
+    pub fn container_on(&self, node: &str) -> Result<&LabContainer> {
+        self.info
+            .containers
+            .iter()
+            .find(|c| c.node == node)
+            .with_context(|| format!("lab '{}' has no container on '{node}'", self.info.name))
+    }
+
     fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
         let lab = self.info.name.clone();
         self.info

@@ -77,13 +77,7 @@ async fn spec_conformance_both_versions() {
     let mut lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().clone();
     let sd = h1.state_dir.to_str().unwrap().to_string();
-    let peer = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host2")
-        .unwrap()
-        .clone();
+    let peer = lab.container_on("host2").unwrap().clone();
 
     // VERSION
     let v = cni(&h1.netns, "VERSION", &[], "");

@@ -111,20 +111,8 @@ async fn demo_cli_bridged() {
 async fn arp_is_answered_locally_by_proxy() {
     let s = spec("bp", 2, 1, Mode::Bridged, 1);
     let lab = up(&s).await;
-    let c1 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host1")
-        .unwrap()
-        .clone();
-    let c2 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host2")
-        .unwrap()
-        .clone();
+    let c1 = lab.container_on("host1").unwrap().clone();
+    let c2 = lab.container_on("host2").unwrap().clone();
     let h2 = lab.node("host2").unwrap().netns.clone();
     // Forget c2's MAC in c1, so the next packet must ARP first.
     assert!(
@@ -152,20 +140,8 @@ async fn bridged_drift_kill_and_restart() {
     let s = spec("bk", 2, 1, Mode::Bridged, 1);
     let mut lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().netns.clone();
-    let c1 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host1")
-        .unwrap()
-        .clone();
-    let c2 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host2")
-        .unwrap()
-        .clone();
+    let c1 = lab.container_on("host1").unwrap().clone();
+    let c2 = lab.container_on("host2").unwrap().clone();
     let want = entries(&h1, "vxm-vx200");
     assert_eq!(want.0, 16, "every address of host2's /28 slice");
     let reach = || {

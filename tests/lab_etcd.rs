@@ -178,20 +178,8 @@ async fn etcd_outage_loses_no_replies_and_a_node_added_meanwhile_joins_later() {
     let name = s.name.clone();
     {
         let mut lab = up(&s).await;
-        let c1 = lab
-            .info
-            .containers
-            .iter()
-            .find(|c| c.node == "host1")
-            .unwrap()
-            .clone();
-        let c2 = lab
-            .info
-            .containers
-            .iter()
-            .find(|c| c.node == "host2")
-            .unwrap()
-            .clone();
+        let c1 = lab.container_on("host1").unwrap().clone();
+        let c2 = lab.container_on("host2").unwrap().clone();
         let stream = probe::continuous(&ns(&c1.netns), c2.ip, Duration::from_millis(20)).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let down = Instant::now();

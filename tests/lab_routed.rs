@@ -99,20 +99,8 @@ async fn drift_is_repaired_within_two_seconds() {
     let s = spec("rdr", 2, 1, Mode::Routed, 1);
     let lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().netns.clone();
-    let c1 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host1")
-        .unwrap()
-        .clone();
-    let c2 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host2")
-        .unwrap()
-        .clone();
+    let c1 = lab.container_on("host1").unwrap().clone();
+    let c2 = lab.container_on("host2").unwrap().clone();
     let reach = |c1: &vxmesh::lab::LabContainer, dst: Ipv4Addr| {
         matches!(
             probe::icmp_echo(&ns(&c1.netns), dst, 56, false, Duration::from_millis(300)),
@@ -230,20 +218,8 @@ async fn kill_9_mid_apply_then_restart_converges_without_duplicates() {
 async fn agent_restart_loses_no_replies() {
     let s = spec("rr", 2, 1, Mode::Routed, 1);
     let mut lab = up(&s).await;
-    let c1 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host1")
-        .unwrap()
-        .clone();
-    let c2 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host2")
-        .unwrap()
-        .clone();
+    let c1 = lab.container_on("host1").unwrap().clone();
+    let c2 = lab.container_on("host2").unwrap().clone();
     let stream = probe::continuous(&ns(&c1.netns), c2.ip, Duration::from_millis(20)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     for node in ["host1", "host2"] {
@@ -412,20 +388,8 @@ async fn invalid_cluster_files_are_refused_and_change_nothing() {
 async fn data_plane_transfer_and_mtu() {
     let s = spec("rm", 2, 1, Mode::Routed, 1);
     let lab = up(&s).await;
-    let c1 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host1")
-        .unwrap()
-        .clone();
-    let c2 = lab
-        .info
-        .containers
-        .iter()
-        .find(|c| c.node == "host2")
-        .unwrap()
-        .clone();
+    let c1 = lab.container_on("host1").unwrap().clone();
+    let c2 = lab.container_on("host2").unwrap().clone();
     let r = probe::tcp_transfer(
         &ns(&c2.netns),
         c2.ip,

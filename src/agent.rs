@@ -21,13 +21,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::Notify;
 
 use crate::config::Mode;
-use crate::dataplane::events::{self, OwnedIndexes};
+use crate::dataplane::events::{self, KernelEvents, OwnedIndexes};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
-use crate::dataplane::{NodePlan, reconcile};
+use crate::dataplane::{NodePlan, reconcile, reconcile_from};
 use crate::ipam::Ipam;
 use crate::model::NodeRecord;
 use crate::state::{self, EtcdSection, ServedNetwork};
@@ -126,19 +125,52 @@ pub fn publish(
     Ok(())
 }
 
-/// One full pass. Returns the number of changes applied.
-pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) -> Result<usize> {
+/// What one pass did.
+#[derive(Debug)]
+pub struct PassOutcome {
+    /// Kernel changes applied (plus container veths re-attached).
+    pub changes: usize,
+    /// The plan the kernel now holds.
+    pub plan: NodePlan,
+    /// Applied from the previous plan, without a dump.
+    pub incremental: bool,
+}
+
+/// One pass. With `base`, the plan the kernel is known to hold (applied by
+/// the previous pass, and no kernel event since), a change of peer entries
+/// only is applied straight from the two plans, with no dump: a joining peer
+/// costs its few messages, not a walk over every entry. Anything else (and
+/// every pass without `base`) dumps, diffs and repairs container veths.
+pub async fn pass<S: Store>(
+    store: &mut S,
+    nl: &Netlink,
+    opts: &AgentOptions,
+    base: Option<&NodePlan>,
+) -> Result<PassOutcome> {
     let snap = store
         .snapshot()
         .await
         .with_context(|| format!("read {}", store.describe()))?;
     let p = plan_node(nl, &snap, &opts.node).await?;
-    let report = reconcile(nl, &p).await?;
-    let reattached = repair_attachments(nl, &p).await?;
+    let incremental = match base {
+        Some(old) => reconcile_from(nl, old, &p).await?,
+        None => None,
+    };
+    let (changes, incremental) = match incremental {
+        Some(r) => (r.changes, true),
+        None => {
+            let r = reconcile(nl, &p).await?;
+            (r.changes + repair_attachments(nl, &p).await?, false)
+        }
+    };
     publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
     save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, &opts.state_dir, &p).await?;
-    Ok(report.changes + reattached)
+    Ok(PassOutcome {
+        changes,
+        plan: p,
+        incremental,
+    })
 }
 
 /// Save the applied plan for `vxmesh status`/`doctor`, only when it differs
@@ -349,34 +381,46 @@ where
 async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signals) -> Result<()> {
     let nl = Netlink::connect().await.context("connect to rtnetlink")?;
     if opts.once {
-        let n = pass(store, &nl, opts).await?;
-        tracing::info!(changes = n, "reconciled once");
+        let o = pass(store, &nl, opts, None).await?;
+        tracing::info!(changes = o.changes, "reconciled once");
         return Ok(());
     }
     let owned: OwnedIndexes = Arc::new(Mutex::new(HashSet::new()));
-    let kernel_changed = Arc::new(Notify::new());
-    let _watcher = events::spawn_watcher(owned.clone(), kernel_changed.clone())?;
+    let kernel = Arc::new(KernelEvents::default());
+    let _watcher = events::spawn_watcher(owned.clone(), kernel.clone())?;
     let mut last_error: Option<String> = None;
     let mut retry = Duration::from_millis(200);
+    // The plan the kernel holds and the kernel event count when the pass
+    // that applied it started: while the count is unchanged, nothing but
+    // that pass touched what vxmesh owns.
+    let mut trusted: Option<(NodePlan, u64)> = None;
+    let mut resync_due = false;
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         let started = Instant::now();
-        let outcome = pass(store, &nl, opts).await;
+        let seen = kernel.count();
+        let base = trusted
+            .take()
+            .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
+            .map(|(p, _)| p);
+        let outcome = pass(store, &nl, opts, base.as_ref()).await;
         refresh_owned(&nl, &owned).await;
         let wait = match outcome {
-            Ok(n) => {
+            Ok(o) => {
                 if last_error.take().is_some() {
                     tracing::info!("recovered: node is converged again");
                 }
-                if n > 0 {
+                if o.changes > 0 {
                     tracing::info!(
-                        changes = n,
+                        changes = o.changes,
+                        incremental = o.incremental,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "reconciled"
                     );
                 } else {
-                    tracing::debug!("pass: no changes");
+                    tracing::debug!(incremental = o.incremental, "pass: no changes");
                 }
+                trusted = Some((o.plan, seen));
                 retry = Duration::from_millis(200);
                 opts.resync
             }
@@ -392,15 +436,16 @@ async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signa
                 w
             }
         };
+        resync_due = false;
         tokio::select! {
             r = store.changed() => {
                 if let Err(e) = r { bail!("watching {}: {e:#}", store.describe()); }
                 tracing::debug!("store changed");
             }
-            _ = kernel_changed.notified() => {
+            _ = kernel.notify.notified() => {
                 tracing::debug!("kernel changed an owned object");
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => { resync_due = true; }
             sig = signals.recv() => { tracing::info!("{sig}: exiting, data plane left in place"); return Ok(()); }
         }
         // Coalesce bursts (an editor's several writes, a flurry of kernel events).

@@ -269,6 +269,22 @@ async fn node_join_and_leave_via_cluster_file() {
             .unwrap_or_else(|| panic!("no route to host9 on {}: {r}", n.name));
         assert!(line.contains("onlink"), "{line}");
         assert!(bridge(&n.netns, &["fdb", "show", "dev", "vxm-vx100"]).contains("dst 198.18.0.99"));
+        // A join changes peer entries only: applied from the plans, no dump.
+        // (The line is written once the pass ends, after the kernel has it.)
+        let incremental = || {
+            std::fs::read_to_string(&n.agent_log).is_ok_and(|log| {
+                log.lines()
+                    .any(|l| l.contains("reconciled changes=3 incremental=true"))
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(2), incremental)
+                .await
+                .is_some(),
+            "{}: the join was not applied incrementally:\n{}",
+            n.name,
+            std::fs::read_to_string(&n.agent_log).unwrap_or_default()
+        );
     }
     lab.write_cluster(&orig).unwrap();
     for (n, b) in lab.info.nodes.iter().zip(before) {

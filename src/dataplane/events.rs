@@ -4,6 +4,7 @@
 //! for the next periodic pass.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -47,12 +48,45 @@ fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
     }
 }
 
+/// What the watcher reports: a wake-up, and a count of relevant events so the
+/// agent can tell whether the kernel was touched since it last looked.
+#[derive(Debug, Default)]
+pub struct KernelEvents {
+    pub notify: Notify,
+    count: AtomicU64,
+    lost: AtomicBool,
+}
+
+impl KernelEvents {
+    /// Relevant events seen so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// False once the notification stream ended (socket overflow or
+    /// close): from then on only a dump tells what the kernel holds.
+    pub fn reliable(&self) -> bool {
+        !self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Count one relevant event and wake the agent.
+    pub fn record(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.record();
+    }
+}
+
 /// Start listening in the calling thread's namespace (call from inside the
-/// runtime, in the namespace the agent serves). Every relevant event calls
-/// `notify.notify_one()`.
+/// runtime, in the namespace the agent serves). Every relevant event is
+/// recorded in `events`.
 pub fn spawn_watcher(
     owned: OwnedIndexes,
-    notify: Arc<Notify>,
+    events: Arc<KernelEvents>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
@@ -68,12 +102,12 @@ pub fn spawn_watcher(
                 && concerns_us(inner, &owned)
             {
                 tracing::debug!("kernel event on owned object: {}", event_name(inner));
-                notify.notify_one();
+                events.record();
             }
         }
         // The socket overflowed or closed: ask for a full pass so nothing is missed.
         tracing::warn!("rtnetlink notification stream ended; relying on periodic passes");
-        notify.notify_one();
+        events.mark_lost();
     }))
 }
 

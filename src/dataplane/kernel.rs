@@ -53,7 +53,10 @@ use netlink_sys::AsyncSocket;
 pub use actual::{
     ActualFdb, ActualLink, ActualNeigh, ActualRoute, ActualState, ActualVxlan, Ownership,
 };
-pub use apply::{ApplyError, ApplyReport, ReconcileReport, TeardownReport, reconcile};
+pub use apply::{
+    ApplyError, ApplyReport, ReconcileReport, TeardownReport, reconcile, reconcile_from,
+};
+pub(crate) use msg::RT_TABLE_MAIN;
 pub use ops::{InterfaceFacts, LinkInfo, LinkOptions};
 
 use crate::dataplane::netns::{self, Netns};

@@ -8,5 +8,5 @@ pub mod plan;
 pub mod plan_types;
 pub mod sysctl;
 
-pub use kernel::{ReconcileReport, reconcile};
+pub use kernel::{ReconcileReport, reconcile, reconcile_from};
 pub use plan_types::*;

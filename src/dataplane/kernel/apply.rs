@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::actual::{Ownership, link_rows, routes_of};
 use super::{BATCH_SIZE, BATCHES_IN_FLIGHT, KernelError, Netlink, msg};
 use crate::dataplane::NodePlan;
-use crate::dataplane::diff::{Change, Phase, diff};
+use crate::dataplane::diff::{Change, Phase, diff, diff_entries};
 use crate::dataplane::{LinkKind, sysctl};
 use crate::model;
 
@@ -551,6 +551,26 @@ pub async fn reconcile(nl: &Netlink, plan: &NodePlan) -> Result<ReconcileReport>
     let t0 = Instant::now();
     let actual = nl.dump().await?;
     let changes = diff(plan, &actual).with_context(|| format!("reconcile {}", nl.namespace()))?;
+    apply_logged(nl, &changes, t0).await
+}
+
+/// The incremental pass: the kernel is known to hold exactly `old` (it was
+/// applied and no kernel event came since), so the changes to `new` are
+/// computed from the two plans, with no dump. `None` when more than peer
+/// entries differ: the caller then runs a full [`reconcile`].
+pub async fn reconcile_from(
+    nl: &Netlink,
+    old: &NodePlan,
+    new: &NodePlan,
+) -> Result<Option<ReconcileReport>> {
+    let t0 = Instant::now();
+    let Some(changes) = diff_entries(old, new) else {
+        return Ok(None);
+    };
+    apply_logged(nl, &changes, t0).await.map(Some)
+}
+
+async fn apply_logged(nl: &Netlink, changes: &[Change], t0: Instant) -> Result<ReconcileReport> {
     const LOGGED: usize = 50;
     for (i, c) in changes.iter().enumerate() {
         if i < LOGGED {
@@ -569,7 +589,7 @@ pub async fn reconcile(nl: &Netlink, plan: &NodePlan) -> Result<ReconcileReport>
     let apply = if changes.is_empty() {
         ApplyReport::default()
     } else {
-        nl.apply(&changes).await?
+        nl.apply(changes).await?
     };
     Ok(ReconcileReport {
         changes: changes.len(),

@@ -29,6 +29,7 @@ use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile};
 use crate::ipam::Ipam;
+use crate::metrics::Metrics;
 use crate::model::NodeRecord;
 use crate::state::{self, EtcdSection, ServedNetwork};
 use crate::store::{Snapshot, Store};
@@ -41,6 +42,8 @@ pub struct AgentOptions {
     pub resync: Duration,
     /// One pass, then exit.
     pub once: bool,
+    /// Where passes and reconciles are recorded (served with `--metrics`).
+    pub metrics: Metrics,
 }
 
 /// The underlay device that carries `ip` and its MTU.
@@ -133,7 +136,7 @@ pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) ->
         .await
         .with_context(|| format!("read {}", store.describe()))?;
     let p = plan_node(nl, &snap, &opts.node).await?;
-    let report = reconcile(nl, &p).await?;
+    let report = opts.metrics.reconcile(&p, reconcile(nl, &p)).await?;
     let reattached = repair_attachments(nl, &p).await?;
     publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
     save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
@@ -347,9 +350,12 @@ where
 }
 
 async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signals) -> Result<()> {
+    opts.metrics.store_ready();
     let nl = Netlink::connect().await.context("connect to rtnetlink")?;
     if opts.once {
-        let n = pass(store, &nl, opts).await?;
+        let outcome = pass(store, &nl, opts).await;
+        opts.metrics.pass_done(outcome.is_ok());
+        let n = outcome?;
         tracing::info!(changes = n, "reconciled once");
         return Ok(());
     }
@@ -362,6 +368,7 @@ async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signa
     loop {
         let started = Instant::now();
         let outcome = pass(store, &nl, opts).await;
+        opts.metrics.pass_done(outcome.is_ok());
         refresh_owned(&nl, &owned).await;
         let wait = match outcome {
             Ok(n) => {

@@ -226,6 +226,9 @@ struct AgentArgs {
     /// peers drop this node at once) instead of keeping the records for a restart.
     #[arg(long)]
     leave: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 10.0.0.1:9472).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<String>,
 }
 
 /// Where the etcd store is and how to log in.
@@ -639,11 +642,21 @@ async fn agent(a: AgentArgs) -> Result<()> {
     if !(a.resync > 0.0 && a.resync < 86400.0) {
         anyhow::bail!("--resync must be between 0 and 86400 seconds");
     }
+    let metrics = vxmesh::metrics::Metrics::new();
+    // Listen before anything is applied: a bad --metrics fails at once.
+    let _metrics_server = match &a.metrics {
+        Some(addr) => {
+            let listener = vxmesh::metrics::bind(addr).await?;
+            Some(vxmesh::metrics::serve(listener, metrics.clone()))
+        }
+        None => None,
+    };
     let opts = vxmesh::agent::AgentOptions {
         node: a.node.clone(),
         state_dir: a.state_dir.clone(),
         resync: Duration::from_secs_f64(a.resync),
         once: a.once,
+        metrics: metrics.clone(),
     };
     let etcd_only = a.etcd.given()
         || !a.networks.is_empty()
@@ -698,6 +711,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
             o.ttl = a.ttl.map_or(etcd::DEFAULT_TTL, Duration::from_secs);
             o.tls = client.tls;
             o.user = client.user;
+            o.metrics = metrics.clone();
             o.validate()?;
             let (networks, pw) = (a.networks.clone(), a.etcd.etcd_password_file.clone());
             let store = vxmesh::agent::join_and_run(&opts, || {

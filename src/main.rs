@@ -348,6 +348,10 @@ struct LabUpArgs {
     /// etcd store: the agents' lease TTL in seconds.
     #[arg(long, default_value_t = lab::LAB_TTL.as_secs())]
     ttl: u64,
+    /// Each agent serves metrics on its underlay address at this port
+    /// (scrape from inside the host: `vxmesh lab exec LAB hostN -- curl ...`).
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -482,6 +486,7 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
         StoreArg::Etcd => lab::LabStore::Etcd,
     };
     s.ttl = Duration::from_secs(a.ttl);
+    s.metrics_port = a.metrics_port;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)
 }
@@ -872,6 +877,9 @@ fn print_info(info: &lab::LabInfo) {
             "  etcd     {} (in {}), pid {pid}, lease TTL {} s",
             e.store, info.underlay_ns, e.ttl_secs
         );
+    }
+    if let Some(port) = info.metrics_port {
+        println!("  metrics  http://UNDERLAY_IP:{port}/metrics (inside each host's namespace)");
     }
     for n in &info.nodes {
         let subs: Vec<String> = n.subnets.iter().map(|(k, v)| format!("{k} {v}")).collect();

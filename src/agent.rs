@@ -138,6 +138,7 @@ pub async fn pass<S: Store>(store: &mut S, nl: &Netlink, opts: &AgentOptions) ->
     let p = plan_node(nl, &snap, &opts.node).await?;
     let report = opts.metrics.reconcile(&p, reconcile(nl, &p)).await?;
     let reattached = repair_attachments(nl, &p).await?;
+    opts.metrics.reattached(reattached);
     publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
     save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, &opts.state_dir, &p).await?;

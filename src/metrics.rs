@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `vxmesh_peers{network}` | gauge | remote nodes (routed) or remote endpoints (bridged) in the last applied plan |
 //! | `vxmesh_reconcile_passes_total{result="ok\|error"}` | counter | agent passes and how they ended |
-//! | `vxmesh_reconcile_changes_total` | counter | kernel objects changed (changes the diff asked for) |
+//! | `vxmesh_reconcile_changes_total` | counter | kernel objects changed (changes the diff asked for, container veths re-attached) |
 //! | `vxmesh_netlink_messages_total` | counter | netlink requests sent to apply them |
 //! | `vxmesh_netlink_errors_total` | counter | changes that failed (the kernel refused the request, or a device it needs was missing) |
 //! | `vxmesh_apply_duration_seconds` | histogram | one reconcile: dump, diff and apply (100 µs .. 10 s buckets) |
@@ -273,6 +273,12 @@ impl Metrics {
             }
         }
         r
+    }
+
+    /// Container veths put back on their bridge (one netlink request each).
+    pub fn reattached(&self, n: usize) {
+        self.inner.changes.inc_by(n as u64);
+        self.inner.messages.inc_by(n as u64);
     }
 
     /// Per served network: the neighbour entries on its VTEP, one per remote

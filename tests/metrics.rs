@@ -189,9 +189,16 @@ async fn etcd_lab_counts_rejected_records_once_and_connection_state() {
         let nodes = ["host1", "host2", "host3"];
         let mut before = Vec::new();
         for n in nodes {
-            let m = scrape(&lab, n);
+            // Hosts joined one after the other: the first ones may still be
+            // applying the last join.
+            let mut m = String::new();
+            let all = wait_until(Duration::from_secs(5), || {
+                m = scrape(&lab, n);
+                value(&m, "vxmesh_peers{network=\"demo\"}") == Some(2.0)
+            })
+            .await;
+            assert!(all.is_some(), "{n} does not see 2 peers:\n{m}");
             assert_eq!(must(&m, "vxmesh_store_connected"), 1.0, "{n}: {m}");
-            assert_eq!(must(&m, "vxmesh_peers{network=\"demo\"}"), 2.0, "{n}");
             before.push(m);
         }
 

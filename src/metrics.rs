@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `vxmesh_peers{network}` | gauge | remote nodes (routed) or remote endpoints (bridged) in the last applied plan |
 //! | `vxmesh_reconcile_passes_total{result="ok\|error"}` | counter | agent passes and how they ended |
-//! | `vxmesh_reconcile_changes_total` | counter | kernel objects changed (changes the diff asked for, container veths re-attached) |
+//! | `vxmesh_reconcile_changes_total` | counter | kernel objects changed (changes applied without error, container veths re-attached) |
 //! | `vxmesh_netlink_messages_total` | counter | netlink requests sent to apply them |
 //! | `vxmesh_netlink_errors_total` | counter | changes that failed (the kernel refused the request, or a device it needs was missing) |
 //! | `vxmesh_apply_duration_seconds` | histogram | one reconcile: dump, diff and apply (100 µs .. 10 s buckets) |
@@ -248,8 +248,10 @@ impl Metrics {
     }
 
     /// Run one reconcile (`fut`, for `plan`) and record it: its duration,
-    /// the changes and messages it sent, failed changes, and (if it
-    /// succeeded) the peers of every network in `plan`.
+    /// the changes made and the messages sent, the changes that failed
+    /// (from an [`ApplyError`]), and (if it succeeded) the peers of every
+    /// network in `plan`. Failures before the apply (a dump, the diff) count
+    /// only in the pass result.
     pub async fn reconcile<F>(&self, plan: &NodePlan, fut: F) -> Result<ReconcileReport>
     where
         F: Future<Output = Result<ReconcileReport>>,
@@ -266,9 +268,11 @@ impl Metrics {
             }
             Err(e) => {
                 if let Some(a) = e.downcast_ref::<ApplyError>() {
-                    m.changes.inc_by(a.report.changes as u64);
+                    let failed = a.report.errors.len();
+                    m.changes
+                        .inc_by(a.report.changes.saturating_sub(failed) as u64);
                     m.messages.inc_by(a.report.messages() as u64);
-                    m.netlink_errors.inc_by(a.report.errors.len() as u64);
+                    m.netlink_errors.inc_by(failed as u64);
                 }
             }
         }
@@ -578,7 +582,8 @@ mod tests {
         );
         assert!(sample(&t, "vxmesh_last_success_timestamp_seconds").unwrap() > 1.0e9);
 
-        // A failed apply: errors and what was sent are counted, peers kept.
+        // A failed apply: what was changed and sent, and the failures, are
+        // counted; the peers of the last applied plan are kept.
         let failed = ApplyError {
             namespace: "test".into(),
             report: ApplyReport {
@@ -598,7 +603,7 @@ mod tests {
         m.pass_done(false);
         let t = m.encode();
         assert_eq!(sample(&t, "vxmesh_netlink_errors_total"), Some(2.0), "{t}");
-        assert_eq!(sample(&t, "vxmesh_reconcile_changes_total"), Some(13.0));
+        assert_eq!(sample(&t, "vxmesh_reconcile_changes_total"), Some(11.0));
         assert_eq!(sample(&t, "vxmesh_netlink_messages_total"), Some(13.0));
         assert_eq!(sample(&t, "vxmesh_apply_duration_seconds_count"), Some(2.0));
         assert_eq!(

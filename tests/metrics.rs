@@ -296,3 +296,82 @@ async fn etcd_lab_counts_rejected_records_once_and_connection_state() {
     }
     assert_gone(&name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_the_kernel_refuses_are_counted_as_netlink_errors() {
+    let mut s = spec("mne", 2, 0, Mode::Routed, 1);
+    s.metrics_port = Some(PORT);
+    let name = s.name.clone();
+    {
+        let mut lab = up(&s).await;
+        let h1 = lab.node("host1").unwrap().netns.clone();
+        // With the agent stopped, a foreign vxlan device takes VNI 100 on
+        // the VTEP's port: the kernel refuses to create vxm-vx100 again.
+        lab.stop_agent("host1", nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        let run_ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .arg("-n")
+                .arg(&h1)
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        run_ip(&["link", "del", "vxm-vx100"]);
+        run_ip(&[
+            "link",
+            "add",
+            "squat100",
+            "type",
+            "vxlan",
+            "id",
+            "100",
+            "dstport",
+            "4789",
+            "local",
+            "198.18.0.1",
+            "dev",
+            "eth0",
+            "nolearning",
+        ]);
+        lab.start_agent("host1").unwrap();
+        let mut m = String::new();
+        let failed = wait_until(Duration::from_secs(5), || {
+            m = http_get(&h1, lab.metrics_addr("host1").unwrap(), "/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            value(&m, "vxmesh_netlink_errors_total").is_some_and(|v| v >= 1.0)
+        })
+        .await;
+        assert!(failed.is_some(), "no netlink error counted:\n{m}");
+        assert!(must(&m, "vxmesh_reconcile_passes_total{result=\"error\"}") >= 1.0);
+        assert_eq!(
+            must(&m, "vxmesh_last_success_timestamp_seconds"),
+            0.0,
+            "{m}"
+        );
+        // The applied plan never succeeded: no peers series yet.
+        assert_eq!(value(&m, "vxmesh_peers{network=\"demo\"}"), None, "{m}");
+
+        // The squatter gone, the next pass succeeds and errors stop rising.
+        run_ip(&["link", "del", "squat100"]);
+        let healed = wait_until(Duration::from_secs(5), || {
+            m = scrape(&lab, "host1");
+            value(&m, "vxmesh_peers{network=\"demo\"}") == Some(1.0)
+        })
+        .await;
+        assert!(healed.is_some(), "did not recover:\n{m}");
+        let errors = must(&m, "vxmesh_netlink_errors_total");
+        let ok = must(&m, OK_PASSES);
+        // (Kernel events or, at the latest, the 5 s resync.)
+        let more = wait_until(Duration::from_secs(7), || {
+            m = scrape(&lab, "host1");
+            must(&m, OK_PASSES) > ok
+        })
+        .await;
+        assert!(more.is_some(), "no further pass:\n{m}");
+        assert_eq!(must(&m, "vxmesh_netlink_errors_total"), errors, "{m}");
+    }
+    assert_gone(&name);
+}

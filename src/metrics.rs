@@ -378,6 +378,9 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
     })
 }
 
+/// Connections served at once (further ones wait in the listen backlog).
+const MAX_CONNECTIONS: usize = 16;
+
 /// The HTTP server [`serve`] started; dropping it stops the server.
 pub struct Server(tokio::task::JoinHandle<()>);
 
@@ -396,9 +399,14 @@ pub fn serve(listener: TcpListener, metrics: Metrics) -> Server {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     tracing::info!("serving metrics on http://{local}/metrics");
+    // Scrapers are few; a client opening many connections gets no more.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Server(tokio::spawn(async move {
         let mut last_error: Option<String> = None;
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -414,6 +422,7 @@ pub fn serve(listener: TcpListener, metrics: Metrics) -> Server {
             };
             let m = metrics.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let svc = hyper::service::service_fn(move |req| {
                     let m = m.clone();

@@ -28,6 +28,7 @@ use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile, reconcile_from};
 use crate::ipam::Ipam;
+use crate::metrics::Metrics;
 use crate::model::NodeRecord;
 use crate::state::{self, EtcdSection, ServedNetwork};
 use crate::store::{Snapshot, Store};
@@ -40,6 +41,8 @@ pub struct AgentOptions {
     pub resync: Duration,
     /// One pass, then exit.
     pub once: bool,
+    /// Where passes and reconciles are recorded (served with `--metrics`).
+    pub metrics: Metrics,
 }
 
 /// The underlay device that carries `ip` and its MTU.
@@ -152,17 +155,26 @@ pub async fn pass<S: Store>(
         .await
         .with_context(|| format!("read {}", store.describe()))?;
     let p = plan_node(nl, &snap, &opts.node).await?;
-    let incremental = match base {
-        Some(old) => reconcile_from(nl, old, &p).await?,
-        None => None,
+    let mut incremental = false;
+    let report = opts
+        .metrics
+        .reconcile(&p, async {
+            if let Some(old) = base
+                && let Some(r) = reconcile_from(nl, old, &p).await?
+            {
+                incremental = true;
+                return Ok(r);
+            }
+            reconcile(nl, &p).await
+        })
+        .await?;
+    let reattached = if incremental {
+        0
+    } else {
+        repair_attachments(nl, &p).await?
     };
-    let (changes, incremental) = match incremental {
-        Some(r) => (r.changes, true),
-        None => {
-            let r = reconcile(nl, &p).await?;
-            (r.changes + repair_attachments(nl, &p).await?, false)
-        }
-    };
+    opts.metrics.reattached(reattached);
+    let changes = report.changes + reattached;
     publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
     save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, &opts.state_dir, &p).await?;
@@ -379,9 +391,12 @@ where
 }
 
 async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signals) -> Result<()> {
+    opts.metrics.store_ready();
     let nl = Netlink::connect().await.context("connect to rtnetlink")?;
     if opts.once {
-        let o = pass(store, &nl, opts, None).await?;
+        let outcome = pass(store, &nl, opts, None).await;
+        opts.metrics.pass_done(outcome.is_ok());
+        let o = outcome?;
         tracing::info!(changes = o.changes, "reconciled once");
         return Ok(());
     }
@@ -404,6 +419,7 @@ async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signa
             .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
             .map(|(p, _)| p);
         let outcome = pass(store, &nl, opts, base.as_ref()).await;
+        opts.metrics.pass_done(outcome.is_ok());
         refresh_owned(&nl, &owned).await;
         let wait = match outcome {
             Ok(o) => {

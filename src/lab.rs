@@ -62,6 +62,8 @@ pub struct LabSpec {
     pub store: LabStore,
     /// etcd store: the agents' lease TTL (short: crashed hosts vanish fast).
     pub ttl: Duration,
+    /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
+    pub metrics_port: Option<u16>,
 }
 
 /// How the lab attaches its containers.
@@ -88,6 +90,7 @@ impl LabSpec {
             attach: AttachMode::Library,
             store: LabStore::Static,
             ttl: LAB_TTL,
+            metrics_port: None,
         }
     }
 }
@@ -128,6 +131,9 @@ pub struct LabInfo {
     /// The etcd store, if the lab uses one (no cluster file then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<LabEtcd>,
+    /// Agents serve metrics on their underlay address at this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
 }
 
 /// A lab in this process. Dropping it does NOT tear it down (the CLI's `lab up`
@@ -261,6 +267,7 @@ impl Lab {
             containers: Vec::new(),
             containers_per_node: spec.containers,
             etcd: None,
+            metrics_port: spec.metrics_port,
         };
         let mut lab = Lab {
             info,
@@ -541,6 +548,14 @@ impl Lab {
             .with_context(|| format!("lab '{lab}' has no node '{name}'"))
     }
 
+    /// Where the agent of `node` serves its metrics (its underlay address, in
+    /// its namespace), if the lab runs agents with metrics.
+    pub fn metrics_addr(&self, node: &str) -> Option<std::net::SocketAddr> {
+        let port = self.info.metrics_port?;
+        let n = self.info.nodes.iter().find(|n| n.name == node)?;
+        Some((n.underlay_ip, port).into())
+    }
+
     /// Start (or restart) the agent of `node` as a process inside its namespace.
     pub fn start_agent(&mut self, node: &str) -> Result<u32> {
         let n = self.node(node)?.clone();
@@ -563,6 +578,9 @@ impl Lab {
                 ])
                 .args(["--ttl", &e.ttl_secs.to_string()]),
         };
+        if let Some(addr) = self.metrics_addr(node) {
+            cmd.arg("--metrics").arg(addr.to_string());
+        }
         cmd.arg("--node")
             .arg(&n.name)
             .arg("--state-dir")

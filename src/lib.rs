@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod doctor;
 pub mod ipam;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod probe;
 pub mod state;

@@ -226,6 +226,9 @@ struct AgentArgs {
     /// peers drop this node at once) instead of keeping the records for a restart.
     #[arg(long)]
     leave: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 10.0.0.1:9472).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<String>,
 }
 
 /// Where the etcd store is and how to log in.
@@ -345,6 +348,10 @@ struct LabUpArgs {
     /// etcd store: the agents' lease TTL in seconds.
     #[arg(long, default_value_t = lab::LAB_TTL.as_secs())]
     ttl: u64,
+    /// Each agent serves metrics on its underlay address at this port
+    /// (scrape from inside the host: `vxmesh lab exec LAB hostN -- curl ...`).
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -480,6 +487,7 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
         StoreArg::Etcd => lab::LabStore::Etcd,
     };
     s.ttl = Duration::from_secs(a.ttl);
+    s.metrics_port = a.metrics_port;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)
 }
@@ -640,11 +648,21 @@ async fn agent(a: AgentArgs) -> Result<()> {
     if !(a.resync > 0.0 && a.resync < 86400.0) {
         anyhow::bail!("--resync must be between 0 and 86400 seconds");
     }
+    let metrics = vxmesh::metrics::Metrics::new();
+    // Listen before anything is applied: a bad --metrics fails at once.
+    let _metrics_server = match &a.metrics {
+        Some(addr) => {
+            let listener = vxmesh::metrics::bind(addr).await?;
+            Some(vxmesh::metrics::serve(listener, metrics.clone()))
+        }
+        None => None,
+    };
     let opts = vxmesh::agent::AgentOptions {
         node: a.node.clone(),
         state_dir: a.state_dir.clone(),
         resync: Duration::from_secs_f64(a.resync),
         once: a.once,
+        metrics: metrics.clone(),
     };
     let etcd_only = a.etcd.given()
         || !a.networks.is_empty()
@@ -699,6 +717,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
             o.ttl = a.ttl.map_or(etcd::DEFAULT_TTL, Duration::from_secs);
             o.tls = client.tls;
             o.user = client.user;
+            o.metrics = metrics.clone();
             o.validate()?;
             let (networks, pw) = (a.networks.clone(), a.etcd.etcd_password_file.clone());
             let store = vxmesh::agent::join_and_run(&opts, || {
@@ -859,6 +878,9 @@ fn print_info(info: &lab::LabInfo) {
             "  etcd     {} (in {}), pid {pid}, lease TTL {} s",
             e.store, info.underlay_ns, e.ttl_secs
         );
+    }
+    if let Some(port) = info.metrics_port {
+        println!("  metrics  http://UNDERLAY_IP:{port}/metrics (inside each host's namespace)");
     }
     for n in &info.nodes {
         let subs: Vec<String> = n.subnets.iter().map(|(k, v)| format!("{k} {v}")).collect();

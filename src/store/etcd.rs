@@ -149,7 +149,11 @@ impl Inner {
         let changed = {
             let mut v = self.view();
             f(&mut v);
-            v.rebuild().0
+            let (changed, skipped) = v.rebuild();
+            for s in skipped {
+                self.health.metrics().record_rejected(s.kind);
+            }
+            changed
         };
         if changed {
             self.changes.send_modify(|n| *n += 1);
@@ -250,7 +254,9 @@ impl EtcdStore {
         let mut view = View::new(keys.clone(), net.clone());
         view.set_own(me.record(&net.name, subnet));
         view.reset(kvs);
-        view.rebuild();
+        for s in view.rebuild().1 {
+            opts.metrics.record_rejected(s.kind);
+        }
         let (changes, rx) = watch::channel(0u64);
         let describe = format!(
             "etcd {} {} (node {})",
@@ -273,7 +279,10 @@ impl EtcdStore {
             subnet: Mutex::new(subnet),
             view: Mutex::new(view),
             changes,
-            health: Health::new(format!("node {}, network {}", opts.node, opts.network)),
+            health: Health::new(
+                format!("node {}, network {}", opts.node, opts.network),
+                opts.metrics.clone(),
+            ),
             relists: AtomicU64::new(0),
             paused: watch::channel(false).0,
             failed: AtomicBool::new(false),

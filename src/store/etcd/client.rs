@@ -13,6 +13,7 @@ use etcd_client::{Client, ConnectOptions, PutOptions, TxnOpResponse};
 use tokio::task::JoinHandle;
 
 use super::records;
+use crate::metrics::Metrics;
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/vxmesh";
@@ -82,6 +83,9 @@ pub struct EtcdOptions {
     pub ttl: Duration,
     pub tls: Option<TlsOptions>,
     pub user: Option<(String, String)>,
+    /// Where the store records whether it is connected and the invalid
+    /// records it skipped (the agent's; default: a fresh, unserved set).
+    pub metrics: Metrics,
 }
 
 impl EtcdOptions {
@@ -97,6 +101,7 @@ impl EtcdOptions {
             ttl: DEFAULT_TTL,
             tls: None,
             user: None,
+            metrics: Metrics::new(),
         }
     }
 
@@ -320,16 +325,22 @@ pub(crate) struct Health {
     reported: Mutex<bool>,
     /// "node NODE, network NET", for the log lines.
     who: String,
+    /// Told of every reported transition (`vxmesh_store_connected`).
+    metrics: Metrics,
 }
 
 impl Health {
-    pub(crate) fn new(who: String) -> Self {
+    pub(crate) fn new(who: String, metrics: Metrics) -> Self {
         Health {
             lease_ok: AtomicBool::new(true),
             watch_ok: AtomicBool::new(true),
             reported: Mutex::new(true),
             who,
+            metrics,
         }
+    }
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
     pub(crate) fn connected(&self) -> bool {
         self.lease_ok.load(Ordering::SeqCst) && self.watch_ok.load(Ordering::SeqCst)
@@ -347,6 +358,7 @@ impl Health {
         let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
         if *reported != now {
             *reported = now;
+            self.metrics.store_link(now);
             if now {
                 tracing::info!(
                     "{}: etcd connection restored: the view is live again",
@@ -361,6 +373,16 @@ impl Health {
             }
         } else if let Some(e) = err {
             tracing::debug!("{}: etcd still unreachable: {e}", self.who);
+        }
+    }
+}
+
+impl Drop for Health {
+    /// A store dropped while disconnected no longer holds the gauge at 0.
+    fn drop(&mut self) {
+        let reported = self.reported.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !*reported {
+            self.metrics.store_link(true);
         }
     }
 }

@@ -9,6 +9,7 @@ use ipnet::Ipv4Net;
 
 use super::records::{self, KeyKind, Keys};
 use crate::config::{Cluster, Network};
+use crate::metrics::RecordKind;
 use crate::model::{Endpoint, NodeRecord};
 use crate::store::Snapshot;
 
@@ -24,6 +25,7 @@ pub(crate) struct Kv {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Skipped {
     pub key: String,
+    pub kind: RecordKind,
     pub mod_rev: i64,
     pub reason: String,
 }
@@ -102,9 +104,10 @@ impl View {
     /// once with `tracing::warn`).
     pub(crate) fn rebuild(&mut self) -> (bool, Vec<Skipped>) {
         let mut skipped = Vec::new();
-        let mut skip = |key: &str, kv: &Kv, reason: String| {
+        let mut skip = |key: &str, kind: RecordKind, kv: &Kv, reason: String| {
             skipped.push(Skipped {
                 key: key.to_string(),
+                kind,
                 mod_rev: kv.mod_rev,
                 reason,
             });
@@ -119,6 +122,7 @@ impl View {
                     Ok(n) => self.network = n,
                     Err(e) => skip(
                         &config_key,
+                        RecordKind::Network,
                         kv,
                         format!("{e} (keeping the last valid config)"),
                     ),
@@ -152,7 +156,7 @@ impl View {
                         Ok((s, owner)) => {
                             claims.insert(s, owner);
                         }
-                        Err(e) => skip(key, kv, e),
+                        Err(e) => skip(key, RecordKind::Subnet, kv, e),
                     }
                 }
                 KeyKind::Node(name) => match records::parse_node(&net, name, &kv.value) {
@@ -166,11 +170,11 @@ impl View {
                             subnets: BTreeMap::from([(net.name.clone(), n.subnet)]),
                         },
                     )),
-                    Err(e) => skip(key, kv, e),
+                    Err(e) => skip(key, RecordKind::Node, kv, e),
                 },
                 KeyKind::Endpoint(ip) => match records::parse_endpoint(&net, ip, &kv.value) {
                     Ok(ep) => endpoints.push(ep),
-                    Err(e) => skip(key, kv, e),
+                    Err(e) => skip(key, RecordKind::Endpoint, kv, e),
                 },
             }
         }
@@ -188,10 +192,16 @@ impl View {
             if let Some(owner) = claims.get(&s)
                 && *owner != rec.name
             {
-                skip(key, kv, format!("subnet {s} is claimed by node '{owner}'"));
+                skip(
+                    key,
+                    RecordKind::Node,
+                    kv,
+                    format!("subnet {s} is claimed by node '{owner}'"),
+                );
             } else if let Some(other) = ips.get(&rec.underlay_ip) {
                 skip(
                     key,
+                    RecordKind::Node,
                     kv,
                     format!(
                         "underlay IP {} is already used by node '{other}'",
@@ -204,6 +214,7 @@ impl View {
             {
                 skip(
                     key,
+                    RecordKind::Node,
                     kv,
                     format!("subnet {s} overlaps the one of node '{other}'"),
                 );
@@ -359,6 +370,16 @@ mod tests {
         for k in ["bad", "lo", "out", "dup", "thief", "10.1.0.18"] {
             assert!(keys.contains(&k), "{k} not skipped: {skipped:#?}");
         }
+        let kinds: Vec<RecordKind> = skipped.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == RecordKind::Node).count(),
+            5,
+            "{skipped:#?}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| **k == RecordKind::Endpoint).count(),
+            1
+        );
         let s = v.snapshot();
         assert_eq!(
             s.cluster
@@ -397,6 +418,7 @@ mod tests {
         let (changed, skipped) = v.rebuild();
         assert!(!changed);
         assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].kind, RecordKind::Network);
         assert_eq!(v.network().mtu, Some(1400));
         v.delete(&k.config());
         v.rebuild();

@@ -1,0 +1,716 @@
+//! Prometheus metrics of the agent (`vxmesh agent --metrics ADDR`).
+//!
+//! [`Metrics`] is a cheap handle (an `Arc` inside) that the agent and the
+//! etcd store always record into; it is served over HTTP (`GET /metrics`,
+//! OpenMetrics text, which Prometheus scrapes natively) only when the agent
+//! is given `--metrics ADDR` ([`bind`], then [`serve`]).
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `vxmesh_peers{network}` | gauge | remote nodes (routed) or remote endpoints (bridged) in the last applied plan |
+//! | `vxmesh_reconcile_passes_total{result="ok\|error"}` | counter | agent passes and how they ended |
+//! | `vxmesh_reconcile_changes_total` | counter | kernel objects changed (changes applied without error, container veths re-attached) |
+//! | `vxmesh_netlink_messages_total` | counter | netlink requests sent to apply them |
+//! | `vxmesh_netlink_errors_total` | counter | changes that failed (the kernel refused the request, or a device it needs was missing) |
+//! | `vxmesh_apply_duration_seconds` | histogram | one reconcile: dump, diff and apply (100 µs .. 10 s buckets) |
+//! | `vxmesh_store_connected` | gauge | 1 while the store is live (static file: always once open; etcd: joined, lease kept alive and watch running), else 0 |
+//! | `vxmesh_records_rejected_total{kind="node\|subnet\|endpoint\|network"}` | counter | invalid etcd records skipped, each key counted once per revision (as it is logged) |
+//! | `vxmesh_last_pass_timestamp_seconds` | gauge | Unix time the last pass ended (either result) |
+//! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+
+use crate::dataplane::kernel::ApplyError;
+use crate::dataplane::{NodePlan, ReconcileReport};
+
+/// Content type of the OpenMetrics text format that prometheus-client writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the `apply_duration` buckets: 100 µs (a converged pass
+/// in a small cluster) to 10 s (tens of thousands of peers programmed).
+const APPLY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The kind of an etcd record that failed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordKind {
+    /// `nodes/NODE`
+    Node,
+    /// `subnets/A.B.C.D-LEN`
+    Subnet,
+    /// `endpoints/A.B.C.D`
+    Endpoint,
+    /// The network's `config`.
+    Network,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Node => "node",
+            RecordKind::Subnet => "subnet",
+            RecordKind::Endpoint => "endpoint",
+            RecordKind::Network => "network",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetworkLabel {
+    network: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Whether the store is live: opened or joined, and none of its connections down.
+#[derive(Default)]
+struct StoreLinks {
+    ready: bool,
+    down: u32,
+}
+
+struct Inner {
+    registry: Registry,
+    peers: Family<NetworkLabel, Gauge>,
+    /// Networks with a `peers` series (to drop those no longer served).
+    peer_networks: Mutex<BTreeSet<String>>,
+    passes: Family<ResultLabel, Counter>,
+    changes: Counter,
+    messages: Counter,
+    netlink_errors: Counter,
+    apply_duration: Histogram,
+    store_connected: Gauge,
+    store_links: Mutex<StoreLinks>,
+    records_rejected: Family<KindLabel, Counter>,
+    last_pass: Gauge<f64, AtomicU64>,
+    last_success: Gauge<f64, AtomicU64>,
+}
+
+/// The agent's metrics; clones share them.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Equal when they are the same set (clones of one [`Metrics::new`]).
+impl PartialEq for Metrics {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Eq for Metrics {}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vxmesh");
+        let peers = Family::<NetworkLabel, Gauge>::default();
+        registry.register(
+            "peers",
+            "Remote nodes (routed) or remote endpoints (bridged) per network in the last applied plan",
+            peers.clone(),
+        );
+        let passes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reconcile_passes",
+            "Agent passes (snapshot, plan, reconcile, publish), by result",
+            passes.clone(),
+        );
+        // Both results exist from the start, so rate() and alerts see a 0.
+        for result in ["ok", "error"] {
+            let _ = passes.get_or_create(&ResultLabel { result });
+        }
+        let changes = Counter::default();
+        registry.register(
+            "reconcile_changes",
+            "Kernel objects changed by reconcile passes",
+            changes.clone(),
+        );
+        let messages = Counter::default();
+        registry.register(
+            "netlink_messages",
+            "Netlink requests sent to change kernel state",
+            messages.clone(),
+        );
+        let netlink_errors = Counter::default();
+        registry.register(
+            "netlink_errors",
+            "Changes that failed to apply (kernel refused the request, or a device it needs was missing)",
+            netlink_errors.clone(),
+        );
+        let apply_duration = Histogram::new(APPLY_BUCKETS);
+        registry.register_with_unit(
+            "apply_duration",
+            "Time of one reconcile: dump, diff and apply",
+            Unit::Seconds,
+            apply_duration.clone(),
+        );
+        let store_connected = Gauge::default();
+        registry.register(
+            "store_connected",
+            "1 while the store is live (etcd: joined, lease kept alive and watch running), else 0",
+            store_connected.clone(),
+        );
+        let records_rejected = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "records_rejected",
+            "Invalid store records skipped, each key counted once per revision",
+            records_rejected.clone(),
+        );
+        for k in [
+            RecordKind::Node,
+            RecordKind::Subnet,
+            RecordKind::Endpoint,
+            RecordKind::Network,
+        ] {
+            let _ = records_rejected.get_or_create(&KindLabel { kind: k.as_str() });
+        }
+        let last_pass = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "last_pass_timestamp",
+            "Unix time the last agent pass ended (either result)",
+            Unit::Seconds,
+            last_pass.clone(),
+        );
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "last_success_timestamp",
+            "Unix time the last successful agent pass ended",
+            Unit::Seconds,
+            last_success.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                peers,
+                peer_networks: Mutex::new(BTreeSet::new()),
+                passes,
+                changes,
+                messages,
+                netlink_errors,
+                apply_duration,
+                store_connected,
+                store_links: Mutex::new(StoreLinks::default()),
+                records_rejected,
+                last_pass,
+                last_success,
+            }),
+        }
+    }
+
+    /// The exposition (OpenMetrics text, ending in `# EOF`).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Run one reconcile (`fut`, for `plan`) and record it: its duration,
+    /// the changes made and the messages sent, the changes that failed
+    /// (from an [`ApplyError`]), and (if it succeeded) the peers of every
+    /// network in `plan`. Failures before the apply (a dump, the diff) count
+    /// only in the pass result.
+    pub async fn reconcile<F>(&self, plan: &NodePlan, fut: F) -> Result<ReconcileReport>
+    where
+        F: Future<Output = Result<ReconcileReport>>,
+    {
+        let t0 = Instant::now();
+        let r = fut.await;
+        let m = &self.inner;
+        m.apply_duration.observe(t0.elapsed().as_secs_f64());
+        match &r {
+            Ok(rep) => {
+                m.changes.inc_by(rep.changes as u64);
+                m.messages.inc_by(rep.messages as u64);
+                self.set_peers(plan);
+            }
+            Err(e) => {
+                if let Some(a) = e.downcast_ref::<ApplyError>() {
+                    let failed = a.report.errors.len();
+                    m.changes
+                        .inc_by(a.report.changes.saturating_sub(failed) as u64);
+                    m.messages.inc_by(a.report.messages() as u64);
+                    m.netlink_errors.inc_by(failed as u64);
+                }
+            }
+        }
+        r
+    }
+
+    /// Container veths put back on their bridge (one netlink request each).
+    pub fn reattached(&self, n: usize) {
+        self.inner.changes.inc_by(n as u64);
+        self.inner.messages.inc_by(n as u64);
+    }
+
+    /// Per served network: the neighbour entries on its VTEP, one per remote
+    /// node (routed) or remote endpoint (bridged).
+    fn set_peers(&self, plan: &NodePlan) {
+        let m = &self.inner;
+        let mut known = m.peer_networks.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, st) in &plan.networks {
+            let n = plan.neighbours.iter().filter(|n| n.dev == st.vtep).count();
+            m.peers
+                .get_or_create(&NetworkLabel {
+                    network: name.clone(),
+                })
+                .set(n as i64);
+        }
+        for gone in known.iter().filter(|n| !plan.networks.contains_key(*n)) {
+            m.peers.remove(&NetworkLabel {
+                network: gone.clone(),
+            });
+        }
+        *known = plan.networks.keys().cloned().collect();
+    }
+
+    /// One agent pass ended.
+    pub fn pass_done(&self, ok: bool) {
+        let m = &self.inner;
+        let result = if ok { "ok" } else { "error" };
+        m.passes.get_or_create(&ResultLabel { result }).inc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        m.last_pass.set(now);
+        if ok {
+            m.last_success.set(now);
+        }
+    }
+
+    /// The store is open (static file) or joined (etcd).
+    pub fn store_ready(&self) {
+        self.update_links(|l| l.ready = true);
+    }
+
+    /// A connection of the store went down (`up == false`) or came back.
+    /// Call once per transition.
+    pub(crate) fn store_link(&self, up: bool) {
+        self.update_links(|l| {
+            if up {
+                l.down = l.down.saturating_sub(1);
+            } else {
+                l.down += 1;
+            }
+        });
+    }
+
+    fn update_links(&self, f: impl FnOnce(&mut StoreLinks)) {
+        let mut l = self
+            .inner
+            .store_links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        f(&mut l);
+        self.inner
+            .store_connected
+            .set(i64::from(l.ready && l.down == 0));
+    }
+
+    /// An invalid store record was skipped (call once per key and revision).
+    pub(crate) fn record_rejected(&self, kind: RecordKind) {
+        self.inner
+            .records_rejected
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+}
+
+/// Parse and bind `--metrics ADDR` (IP:PORT). Call before anything is
+/// applied: a bad address fails the agent at once.
+pub async fn bind(addr: &str) -> Result<TcpListener> {
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--metrics {addr}: not an IP:PORT address: give an address of this host and a port, \
+             e.g. --metrics 10.0.0.1:9472 (0.0.0.0:9472 listens on every address)"
+        )
+    })?;
+    TcpListener::bind(sa).await.with_context(|| {
+        format!(
+            "--metrics {addr}: cannot listen there: use an address this host (its network namespace) has \
+             and a port no other process uses"
+        )
+    })
+}
+
+/// Connections served at once (further ones wait in the listen backlog).
+const MAX_CONNECTIONS: usize = 16;
+
+/// The HTTP server [`serve`] started; dropping it stops the server.
+pub struct Server(tokio::task::JoinHandle<()>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serve `GET /metrics` on `listener` (on the current tokio runtime) until
+/// the returned [`Server`] is dropped. Other paths get 404, methods other
+/// than GET and HEAD 405.
+pub fn serve(listener: TcpListener, metrics: Metrics) -> Server {
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    tracing::info!("serving metrics on http://{local}/metrics");
+    // Scrapers are few; a client opening many connections gets no more.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    Server(tokio::spawn(async move {
+        let mut last_error: Option<String> = None;
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: log once, back off.
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!("metrics listener {local}: accept: {msg}");
+                        last_error = Some(msg);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let svc = hyper::service::service_fn(move |req| {
+                    let m = m.clone();
+                    async move { Ok::<_, Infallible>(respond(&m, &req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .keep_alive(true)
+                    .serve_connection(io, svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!("metrics connection: {e}");
+                }
+            });
+        }
+    }))
+}
+
+fn respond<B>(m: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, text: &str| {
+        let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
+    }
+    let mut r = Response::new(Full::new(Bytes::from(m.encode())));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::kernel::ApplyReport;
+    use crate::dataplane::plan::{PlanInput, plan};
+
+    /// The value of the series written exactly as `series` (name and labels).
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().expect("a sample value"))
+    }
+
+    fn cluster_plan(nodes: usize, bridged_networks: usize) -> NodePlan {
+        let mut t = String::new();
+        if bridged_networks == 0 {
+            t.push_str(
+                "[[network]]\nname = \"demo\"\nmode = \"routed\"\ncidr = \"172.18.0.0/16\"\nsubnet_len = 24\nvni = 100\n",
+            );
+        }
+        for i in 0..bridged_networks {
+            t.push_str(&format!(
+                "[[network]]\nname = \"net{i}\"\nmode = \"bridged\"\ncidr = \"10.10.0.0/22\"\nsubnet_len = 28\nvni = {}\n",
+                200 + i
+            ));
+        }
+        for i in 1..=nodes {
+            t.push_str(&format!(
+                "[[node]]\nname = \"h{i}\"\nunderlay_ip = \"198.18.0.{i}\"\n"
+            ));
+        }
+        let c = crate::config::parse(&t, "test").unwrap();
+        plan(&PlanInput {
+            cluster: &c,
+            node: "h1",
+            endpoints: None,
+            underlay_mtu: 1500,
+        })
+        .unwrap()
+    }
+
+    fn report(changes: usize, messages: usize) -> ReconcileReport {
+        ReconcileReport {
+            changes,
+            messages,
+            duration: Duration::from_millis(1),
+            applied: vec![],
+            apply: ApplyReport::default(),
+        }
+    }
+
+    #[test]
+    fn exposition_format_of_a_fresh_set() {
+        let text = Metrics::new().encode();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for line in [
+            "# TYPE vxmesh_reconcile_passes counter",
+            "vxmesh_reconcile_passes_total{result=\"ok\"} 0",
+            "vxmesh_reconcile_passes_total{result=\"error\"} 0",
+            "vxmesh_reconcile_changes_total 0",
+            "vxmesh_netlink_messages_total 0",
+            "vxmesh_netlink_errors_total 0",
+            "# TYPE vxmesh_apply_duration_seconds histogram",
+            "# UNIT vxmesh_apply_duration_seconds seconds",
+            "vxmesh_apply_duration_seconds_count 0",
+            "vxmesh_store_connected 0",
+            "vxmesh_records_rejected_total{kind=\"node\"} 0",
+            "vxmesh_records_rejected_total{kind=\"subnet\"} 0",
+            "vxmesh_records_rejected_total{kind=\"endpoint\"} 0",
+            "vxmesh_records_rejected_total{kind=\"network\"} 0",
+            "# TYPE vxmesh_last_pass_timestamp_seconds gauge",
+            "vxmesh_last_pass_timestamp_seconds 0.0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+        // No network served yet: no peers series (not even its HELP).
+        assert!(!text.contains("vxmesh_peers"), "{text}");
+        // Buckets from 100 µs to 10 s, then +Inf.
+        let les: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("vxmesh_apply_duration_seconds_bucket{le=\""))
+            .map(|l| l.split('"').next().unwrap())
+            .collect();
+        assert_eq!(les.len(), 17, "{les:?}");
+        assert_eq!(les[0], "0.0001");
+        assert_eq!(les[15], "10.0");
+        assert_eq!(les[16], "+Inf");
+        let bounds: Vec<f64> = les[..16].iter().map(|l| l.parse().unwrap()).collect();
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{les:?}");
+    }
+
+    #[tokio::test]
+    async fn reconciles_record_peers_changes_and_errors() {
+        let m = Metrics::new();
+        // Routed, 4 nodes: 3 peers of h1.
+        let p = cluster_plan(4, 0);
+        let r = m.reconcile(&p, async { Ok(report(9, 9)) }).await.unwrap();
+        assert_eq!(r.changes, 9);
+        m.pass_done(true);
+        let t = m.encode();
+        assert!(t.lines().any(|l| l == "# TYPE vxmesh_peers gauge"), "{t}");
+        assert_eq!(
+            sample(&t, "vxmesh_peers{network=\"demo\"}"),
+            Some(3.0),
+            "{t}"
+        );
+        assert_eq!(sample(&t, "vxmesh_reconcile_changes_total"), Some(9.0));
+        assert_eq!(sample(&t, "vxmesh_netlink_messages_total"), Some(9.0));
+        assert_eq!(sample(&t, "vxmesh_apply_duration_seconds_count"), Some(1.0));
+        assert_eq!(
+            sample(&t, "vxmesh_reconcile_passes_total{result=\"ok\"}"),
+            Some(1.0)
+        );
+        assert!(sample(&t, "vxmesh_last_success_timestamp_seconds").unwrap() > 1.0e9);
+
+        // A failed apply: what was changed and sent, and the failures, are
+        // counted; the peers of the last applied plan are kept.
+        let failed = ApplyError {
+            namespace: "test".into(),
+            report: ApplyReport {
+                changes: 4,
+                routes: 2,
+                fdb: 2,
+                errors: vec!["a".into(), "b".into()],
+                ..Default::default()
+            },
+        };
+        let bridged = cluster_plan(3, 2);
+        let e = m
+            .reconcile(&bridged, async { Err(anyhow::Error::new(failed)) })
+            .await
+            .unwrap_err();
+        assert!(e.downcast_ref::<ApplyError>().is_some());
+        m.pass_done(false);
+        let t = m.encode();
+        assert_eq!(sample(&t, "vxmesh_netlink_errors_total"), Some(2.0), "{t}");
+        assert_eq!(sample(&t, "vxmesh_reconcile_changes_total"), Some(11.0));
+        assert_eq!(sample(&t, "vxmesh_netlink_messages_total"), Some(13.0));
+        assert_eq!(sample(&t, "vxmesh_apply_duration_seconds_count"), Some(2.0));
+        assert_eq!(
+            sample(&t, "vxmesh_reconcile_passes_total{result=\"error\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&t, "vxmesh_peers{network=\"demo\"}"), Some(3.0));
+
+        // Bridged, applied: per network the remote endpoints (derived from
+        // the two other nodes' slices); the routed network's series is gone.
+        m.reconcile(&bridged, async { Ok(report(0, 0)) })
+            .await
+            .unwrap();
+        let t = m.encode();
+        let remote = bridged
+            .neighbours
+            .iter()
+            .filter(|n| n.dev == bridged.networks["net0"].vtep)
+            .count();
+        assert!(remote >= 2, "{remote}");
+        assert_eq!(
+            sample(&t, "vxmesh_peers{network=\"net0\"}"),
+            Some(remote as f64)
+        );
+        assert_eq!(
+            sample(&t, "vxmesh_peers{network=\"net1\"}"),
+            Some(remote as f64)
+        );
+        assert_eq!(sample(&t, "vxmesh_peers{network=\"demo\"}"), None, "{t}");
+    }
+
+    #[test]
+    fn store_connected_needs_ready_and_every_link_up() {
+        let m = Metrics::new();
+        let connected = |m: &Metrics| sample(&m.encode(), "vxmesh_store_connected");
+        assert_eq!(connected(&m), Some(0.0));
+        m.store_ready();
+        assert_eq!(connected(&m), Some(1.0));
+        m.store_link(false);
+        m.store_link(false);
+        assert_eq!(connected(&m), Some(0.0));
+        m.store_link(true);
+        assert_eq!(connected(&m), Some(0.0));
+        m.store_link(true);
+        assert_eq!(connected(&m), Some(1.0));
+    }
+
+    #[test]
+    fn rejected_records_count_by_kind() {
+        let m = Metrics::new();
+        m.record_rejected(RecordKind::Node);
+        m.record_rejected(RecordKind::Node);
+        m.record_rejected(RecordKind::Endpoint);
+        let t = m.encode();
+        assert_eq!(
+            sample(&t, "vxmesh_records_rejected_total{kind=\"node\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&t, "vxmesh_records_rejected_total{kind=\"endpoint\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vxmesh_records_rejected_total{kind=\"subnet\"}"),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn http_answers() {
+        let m = Metrics::new();
+        let req = |method: Method, path: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .unwrap()
+        };
+        let r = respond(&m, &req(Method::GET, "/metrics"));
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(
+            respond(&m, &req(Method::GET, "/")).status(),
+            StatusCode::NOT_FOUND
+        );
+        let r = respond(&m, &req(Method::POST, "/metrics"));
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[hyper::header::ALLOW], "GET, HEAD");
+    }
+
+    #[tokio::test]
+    async fn bad_addresses_name_the_option_and_the_fix() {
+        for bad in ["localhost", "10.0.0.1", "10.0.0.1:99999", ":9472"] {
+            let e = format!("{:#}", bind(bad).await.unwrap_err());
+            assert!(
+                e.contains("--metrics") && e.contains("IP:PORT"),
+                "{bad}: {e}"
+            );
+        }
+    }
+}

@@ -6,7 +6,12 @@
 //! networks) keep the endpoints this node publishes equal to the addresses
 //! attached on it. Passes run at start, when the store reports a change, when
 //! the kernel reports a change to an owned object, and periodically (drift
-//! the events missed). SIGTERM/SIGINT end the agent and leave the data plane
+//! the events missed). A pass triggered by the store alone, while the kernel
+//! is known to hold the previous plan (no kernel event since it was applied),
+//! applies a change of peer entries straight from the two plans: a node
+//! joining a 10 000-peer cluster costs its 3 messages and no dump. Any kernel
+//! event, the periodic resync and every error fall back to a full pass.
+//! SIGTERM/SIGINT end the agent and leave the data plane
 //! in place (and, with the etcd store, the node's lease and records until
 //! their TTL): a restart does not interrupt traffic, and the next start
 //! repairs whatever changed meanwhile. A graceful leave is the caller's

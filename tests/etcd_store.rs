@@ -508,7 +508,36 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
     let root = format!("{PREFIX}/networks/seg/");
     let mut raw = srv.client().await;
     let put = |k: String, v: &str| (k, v.to_string());
+    let snap = a.snapshot().await.unwrap();
+    let slice = |n: &str| snap.cluster.node(n).unwrap().subnets["seg"].to_string();
+    let (slice_a, slice_b) = (slice("a"), slice("b"));
     let junk = [
+        // A node claiming this node's own slice, and another live claim.
+        put(
+            format!("{root}nodes/mine"),
+            &format!(r#"{{"name":"mine","underlay_ip":"198.18.1.2","subnet":"{slice_a}"}}"#),
+        ),
+        put(
+            format!("{root}nodes/theirs"),
+            &format!(r#"{{"name":"theirs","underlay_ip":"198.18.1.3","subnet":"{slice_b}"}}"#),
+        ),
+        put(
+            format!("{root}nodes/zero"),
+            r#"{"name":"zero","underlay_ip":"0.0.0.0","subnet":"10.1.0.192/28"}"#,
+        ),
+        // Zero and broadcast MACs, an address outside the network.
+        put(
+            format!("{root}endpoints/10.1.0.70"),
+            r#"{"network":"seg","ip":"10.1.0.70","mac":"00:00:00:00:00:00","node":"b"}"#,
+        ),
+        put(
+            format!("{root}endpoints/10.1.0.71"),
+            r#"{"network":"seg","ip":"10.1.0.71","mac":"ff:ff:ff:ff:ff:ff","node":"b"}"#,
+        ),
+        put(
+            format!("{root}endpoints/10.9.0.5"),
+            r#"{"network":"seg","ip":"10.9.0.5","mac":"02:42:0a:09:00:05","node":"b"}"#,
+        ),
         put(format!("{root}nodes/badjson"), "{oops"),
         put(
             format!("{root}nodes/outside"),
@@ -550,6 +579,14 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
     );
     let snap = a.snapshot().await.unwrap();
     assert_eq!(names(&snap), ["a", "b"]);
+    assert_eq!(
+        snap.cluster.node("a").unwrap().subnets["seg"].to_string(),
+        slice_a
+    );
+    assert_eq!(
+        snap.cluster.node("b").unwrap().subnets["seg"].to_string(),
+        slice_b
+    );
     let eps = snap.endpoints.unwrap();
     assert_eq!(eps.len(), 1, "{eps:?}");
     assert_eq!(

@@ -787,3 +787,60 @@ async fn etcd_killed_and_restarted_loses_no_replies_and_a_node_added_meanwhile_j
     }
     assert_all_gone(&name);
 }
+
+/// Bad input while running: the cluster file replaced by an invalid one
+/// (two nodes claim one subnet). Every agent refuses it, logs why and keeps
+/// the last applied state; the fixed file is applied at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_cluster_file_edit_keeps_the_data_plane() {
+    let lab = static_lab("fi", 3).await;
+    let name = lab.info.name.clone();
+    {
+        let good = std::fs::read_to_string(&lab.info.cluster_file).unwrap();
+        let bad = good.replace("172.18.20.0/24", "172.18.10.0/24");
+        assert_ne!(bad, good);
+        let streams = Streams::between(&lab, &["host1", "host2", "host3"]);
+        std::thread::sleep(Duration::from_millis(200));
+        let before: Vec<_> = lab
+            .info
+            .nodes
+            .iter()
+            .map(|n| kernel_snapshot(&n.netns))
+            .collect();
+        vxmesh::state::write_atomic(&lab.info.cluster_file, bad.as_bytes()).unwrap();
+        // Every agent saw it and said why.
+        let logs: Vec<_> = lab.info.nodes.iter().map(|n| n.agent_log.clone()).collect();
+        let refused = wait_until(Duration::from_secs(5), || {
+            logs.iter().all(|l| {
+                std::fs::read_to_string(l).is_ok_and(|t| t.contains("overlaps the one of node[0]"))
+            })
+        })
+        .await;
+        assert!(refused.is_some(), "not every agent logged the refusal");
+        std::thread::sleep(Duration::from_secs(1));
+        let after: Vec<_> = lab
+            .info
+            .nodes
+            .iter()
+            .map(|n| kernel_snapshot(&n.netns))
+            .collect();
+        assert_eq!(after, before, "an invalid cluster file changed a host");
+        let t0 = Instant::now();
+        vxmesh::state::write_atomic(&lab.info.cluster_file, good.as_bytes()).unwrap();
+        let took = wait_converged(&lab, "invalid_cluster_file", t0, REPAIR_BOUND).await;
+        let (sent, lost, detail) = streams.stop();
+        report(
+            "invalid_cluster_file",
+            took,
+            lost,
+            "measured_from=fixed_file",
+        );
+        assert!(sent > 100, "probes sent {sent}");
+        assert_eq!(
+            lost, 0,
+            "replies lost with an invalid cluster file:{detail}"
+        );
+    }
+    drop(lab);
+    assert_gone(&name);
+}

@@ -290,19 +290,17 @@ struct AllocationMemory(BTreeMap<String, Vec<Allocation>>);
 
 impl AllocationMemory {
     /// Restore every remembered allocation whose file is gone while its
-    /// container veth still exists, then remember what the state dir holds.
+    /// container veth still exists, then remember what the state dir holds
+    /// (networks no longer served are remembered as long as the agent runs).
     /// Runs under each network's IPAM lock: detach deletes the veth before
     /// it releases the address, so a released address is never restored.
     async fn keep(&mut self, nl: &Netlink, state_dir: &std::path::Path) -> Result<()> {
-        let served = state::list_networks(state_dir);
-        // Networks not published right now (a failed pass): remembered as they were.
         let remembered = std::mem::take(&mut self.0);
-        let mut seen: BTreeMap<String, Vec<Allocation>> = remembered
-            .iter()
-            .filter(|(net, _)| !served.contains(net))
-            .map(|(net, a)| (net.clone(), a.clone()))
-            .collect();
-        for net in served {
+        // The networks served now, and those remembered (their files may be gone).
+        let mut networks: BTreeSet<String> = state::list_networks(state_dir).into_iter().collect();
+        networks.extend(remembered.keys().cloned());
+        let mut seen = BTreeMap::new();
+        for net in networks {
             let (dir, name) = (state_dir.to_path_buf(), net.clone());
             let (lock, on_disk) = tokio::task::spawn_blocking(move || -> Result<_> {
                 let ipam = Ipam::new(&dir, &name);
@@ -482,6 +480,12 @@ async fn serve<S: Store>(
                 opts.state_dir.display()
             );
         }
+        // Before the pass: it publishes the network files (attach must not
+        // allocate from an emptied IPAM) and, bridged on etcd, exactly the
+        // endpoints the IPAM holds (none must be withdrawn by mistake).
+        if let Err(e) = allocations.keep(&nl, &opts.state_dir).await {
+            tracing::error!("keeping the address allocations: {e:#}");
+        }
         let started = Instant::now();
         let seen = kernel.count();
         let base = trusted
@@ -489,9 +493,6 @@ async fn serve<S: Store>(
             .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
             .map(|(p, _)| p);
         let outcome = pass(store, &nl, opts, base.as_ref()).await;
-        if let Err(e) = allocations.keep(&nl, &opts.state_dir).await {
-            tracing::error!("keeping the address allocations: {e:#}");
-        }
         refresh_owned(&nl, &owned).await;
         let wait = match outcome {
             Ok(o) => {

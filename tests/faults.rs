@@ -844,3 +844,68 @@ async fn an_invalid_cluster_file_edit_keeps_the_data_plane() {
     drop(lab);
     assert_gone(&name);
 }
+
+/// Fault 5, bridged on etcd: there the agent publishes exactly the
+/// endpoints its IPAM holds, so an emptied state dir must not withdraw the
+/// node's endpoints from etcd (peers would drop their entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_dir_deleted_on_etcd_bridged_keeps_the_endpoints() {
+    let mut s = spec("fb", 3, 1, Mode::Bridged, 1);
+    s.store = LabStore::Etcd;
+    s.ttl = TTL;
+    let name = s.name.clone();
+    {
+        let lab = up(&s).await;
+        // Endpoints reach the peers through etcd's watch after the attach.
+        let ready = wait_until(Duration::from_secs(10), || all_pairs_answer(&lab)).await;
+        assert!(
+            ready.is_some(),
+            "a fresh lab answers: {}",
+            lab.check(Duration::from_millis(300)).unwrap().matrix()
+        );
+        let n3 = lab.node("host3").unwrap().clone();
+        let unaffected = Streams::between(&lab, &["host1", "host2"]);
+        let affected = Streams::between(&lab, &["host3", "host1"]);
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        std::fs::remove_dir_all(&n3.state_dir).unwrap();
+        let sd = n3.state_dir.clone();
+        let back = wait_until(Duration::from_secs(10), || {
+            vxmesh::state::read_network(&sd, "net1").is_ok()
+                && vxmesh::state::agent_running(&sd)
+                && vxmesh::ipam::Ipam::new(&sd, "net1")
+                    .list()
+                    .is_ok_and(|l| l.len() == 1)
+        })
+        .await
+        .map(|_| t0.elapsed())
+        .expect("host3's state dir (with its allocation) not recreated within 10 s");
+        // Past one more pass (etcd endpoints synced from the IPAM).
+        std::thread::sleep(Duration::from_secs(1));
+        let converged = all_pairs_answer(&lab);
+        let took = t0.elapsed();
+        let (sent, lost, detail) = unaffected.stop();
+        let (_, lost_affected, detail_affected) = affected.stop();
+        report(
+            "state_dir_deleted_etcd_bridged",
+            back,
+            lost,
+            &format!(
+                "lost_affected={lost_affected} checked_at={}",
+                took.as_millis()
+            ),
+        );
+        assert!(
+            converged,
+            "{}",
+            lab.check(Duration::from_millis(300)).unwrap().matrix()
+        );
+        assert!(sent > 100, "probes sent {sent}");
+        assert_eq!(lost, 0, "replies lost between unaffected hosts:{detail}");
+        assert_eq!(
+            lost_affected, 0,
+            "replies lost on host3's pairs:{detail_affected}"
+        );
+    }
+    assert_all_gone(&name);
+}

@@ -14,10 +14,13 @@
 //! SIGTERM/SIGINT end the agent and leave the data plane
 //! in place (and, with the etcd store, the node's lease and records until
 //! their TTL): a restart does not interrupt traffic, and the next start
-//! repairs whatever changed meanwhile. A graceful leave is the caller's
+//! repairs whatever changed meanwhile. A state dir deleted under a running
+//! agent is recreated by its next pass: the lock taken again, the network
+//! and plan files rewritten, and the address allocations of containers still
+//! attached restored from memory. A graceful leave is the caller's
 //! choice afterwards ([`Store::leave`]): [`run`] only borrows the store.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -32,7 +35,7 @@ use crate::dataplane::events::{self, KernelEvents, OwnedIndexes};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile, reconcile_from};
-use crate::ipam::Ipam;
+use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
 use crate::model::NodeRecord;
 use crate::state::{self, EtcdSection, ServedNetwork};
@@ -297,6 +300,71 @@ pub async fn repair_attachments(nl: &Netlink, p: &NodePlan) -> Result<usize> {
     Ok(fixed)
 }
 
+/// The address allocations of the state dir as last seen, per network, so
+/// that a deleted state dir does not hand out addresses still in use.
+#[derive(Default)]
+struct AllocationMemory(BTreeMap<String, Vec<Allocation>>);
+
+impl AllocationMemory {
+    /// Restore every remembered allocation whose file is gone while its
+    /// container veth still exists, then remember what the state dir holds
+    /// (networks no longer served are remembered as long as the agent runs).
+    /// Runs under each network's IPAM lock: detach deletes the veth before
+    /// it releases the address, so a released address is never restored.
+    async fn keep(&mut self, nl: &Netlink, state_dir: &std::path::Path) -> Result<()> {
+        let remembered = std::mem::take(&mut self.0);
+        // The networks served now, and those remembered (their files may be gone).
+        let mut networks: BTreeSet<String> = state::list_networks(state_dir).into_iter().collect();
+        networks.extend(remembered.keys().cloned());
+        let mut seen = BTreeMap::new();
+        for net in networks {
+            let (dir, name) = (state_dir.to_path_buf(), net.clone());
+            let (lock, on_disk) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let ipam = Ipam::new(&dir, &name);
+                let lock = ipam.lock()?;
+                let list = ipam.list()?;
+                Ok((lock, list))
+            })
+            .await
+            .context("IPAM lock task")??;
+            let missing: Vec<&Allocation> = remembered
+                .get(&net)
+                .into_iter()
+                .flatten()
+                .filter(|a| !on_disk.iter().any(|d| d.ip == a.ip || d.owner == a.owner))
+                .collect();
+            let mut now = on_disk;
+            if !missing.is_empty() {
+                let aliases: HashSet<String> = nl
+                    .list_links()
+                    .await?
+                    .into_iter()
+                    .filter_map(|l| l.alias)
+                    .collect();
+                let ipam = Ipam::new(state_dir, &net);
+                for a in missing {
+                    let alias =
+                        crate::attach::veth_alias(&net, &a.owner.container_id, &a.owner.ifname);
+                    if aliases.contains(&alias) {
+                        ipam.record(&lock, &a.owner, a.ip)?;
+                        tracing::warn!(
+                            "restored the allocation of {} to {}/{} in network {net}",
+                            a.ip,
+                            a.owner.container_id,
+                            a.owner.ifname
+                        );
+                        now.push(a.clone());
+                    }
+                }
+            }
+            drop(lock);
+            seen.insert(net, now);
+        }
+        self.0 = seen;
+        Ok(())
+    }
+}
+
 async fn refresh_owned(nl: &Netlink, owned: &OwnedIndexes) {
     if let Ok(links) = nl.list_links().await {
         let set: HashSet<u32> = links
@@ -335,9 +403,9 @@ impl Signals {
 /// Takes the state dir's agent lock first. The store is only borrowed: the
 /// caller may leave the network afterwards ([`Store::leave`]).
 pub async fn run<S: Store>(store: &mut S, opts: &AgentOptions) -> Result<()> {
-    let _lock = state::lock_agent(&opts.state_dir)?;
+    let mut lock = state::lock_agent(&opts.state_dir)?;
     let mut signals = Signals::install()?;
-    serve(store, opts, &mut signals).await
+    serve(store, opts, &mut signals, &mut lock).await
 }
 
 /// Like [`run`], but first obtain the store with `join` (the etcd store:
@@ -352,7 +420,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<S>>,
 {
-    let _lock = state::lock_agent(&opts.state_dir)?;
+    let mut lock = state::lock_agent(&opts.state_dir)?;
     let mut signals = Signals::install()?;
     let mut delay = Duration::from_millis(200);
     let mut last_error: Option<String> = None;
@@ -391,11 +459,16 @@ where
             }
         }
     };
-    serve(&mut store, opts, &mut signals).await?;
+    serve(&mut store, opts, &mut signals, &mut lock).await?;
     Ok(Some(store))
 }
 
-async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signals) -> Result<()> {
+async fn serve<S: Store>(
+    store: &mut S,
+    opts: &AgentOptions,
+    signals: &mut Signals,
+    lock: &mut state::AgentLock,
+) -> Result<()> {
     opts.metrics.store_ready();
     let nl = Netlink::connect().await.context("connect to rtnetlink")?;
     if opts.once {
@@ -415,8 +488,24 @@ async fn serve<S: Store>(store: &mut S, opts: &AgentOptions, signals: &mut Signa
     // that pass touched what vxmesh owns.
     let mut trusted: Option<(NodePlan, u64)> = None;
     let mut resync_due = false;
+    let mut allocations = AllocationMemory::default();
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
+        // The state dir may have been deleted under us: take the lock again
+        // (before the pass recreates the rest) and put back the addresses
+        // of containers still attached.
+        if lock.keep()? {
+            tracing::warn!(
+                "state dir {} was removed: lock taken again, its files are being recreated",
+                opts.state_dir.display()
+            );
+        }
+        // Before the pass: it publishes the network files (attach must not
+        // allocate from an emptied IPAM) and, bridged on etcd, exactly the
+        // endpoints the IPAM holds (none must be withdrawn by mistake).
+        if let Err(e) = allocations.keep(&nl, &opts.state_dir).await {
+            tracing::error!("keeping the address allocations: {e:#}");
+        }
         let started = Instant::now();
         let seen = kernel.count();
         let base = trusted

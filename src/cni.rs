@@ -503,10 +503,10 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
             .any(|v| v.container_id == id && v.ifname == ifname)
     };
     let dir = conf.state_dir();
-    let released = Ipam::new(&dir, net)
-        .retain(|a| keep(&a.owner.container_id, &a.owner.ifname))
-        .map_err(|e| io_err(e, "release stale allocations"))?;
     let nl = Netlink::connect().await.map_err(|e| io_err(e, "netlink"))?;
+    // Veths first, addresses after, as detach does: the agent restores an
+    // allocation whose veth still exists (a deleted state dir), so an
+    // address must never be released while its veth is there.
     // Host veths of this network whose attachment is not valid (including
     // ones whose allocation was already lost).
     let links = nl.list_links().await.map_err(|e| io_err(e, "list links"))?;
@@ -522,6 +522,9 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
                 .map_err(|e| io_err(e, "delete stale veth"))?;
         }
     }
+    let released = Ipam::new(&dir, net)
+        .retain(|a| keep(&a.owner.container_id, &a.owner.ifname))
+        .map_err(|e| io_err(e, "release stale allocations"))?;
     for a in released {
         let _ = nl
             .delete_link(&attach::host_veth_name(

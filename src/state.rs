@@ -125,7 +125,25 @@ pub fn remove_network(state_dir: &Path, network: &str) -> Result<()> {
 
 /// The single-agent lock of a state dir.
 pub struct AgentLock {
-    _file: File,
+    path: PathBuf,
+    file: File,
+}
+
+impl AgentLock {
+    /// Take the lock again if its file was deleted (the state dir removed
+    /// under a running agent): a lock on a deleted file keeps nobody out.
+    /// Returns whether it had to; an error if another agent took the new
+    /// file first.
+    pub fn keep(&mut self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let held = self.file.metadata()?;
+        if fs::metadata(&self.path).is_ok_and(|m| m.dev() == held.dev() && m.ino() == held.ino()) {
+            return Ok(false);
+        }
+        let dir = self.path.parent().context("lock path has no parent")?;
+        *self = lock_agent(dir)?;
+        Ok(true)
+    }
 }
 
 /// Take the agent lock, refusing clearly if another agent holds it.
@@ -150,7 +168,7 @@ pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
     }
     file.set_len(0)?;
     write!(file, "{}", std::process::id())?;
-    Ok(AgentLock { _file: file })
+    Ok(AgentLock { path, file })
 }
 
 /// Is an agent holding the lock of `state_dir` right now?
@@ -168,5 +186,29 @@ pub fn agent_running(state_dir: &Path) -> bool {
             false
         }
         Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deleted_lock_file_is_taken_again() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        let mut lock = lock_agent(&dir).unwrap();
+        assert!(
+            !lock.keep().unwrap(),
+            "nothing to do while the file is there"
+        );
+        let e = lock_agent(&dir).err().unwrap().to_string();
+        assert!(e.contains("another vxmesh agent"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+        // The old lock keeps nobody out now; keep() closes that gap.
+        assert!(lock.keep().unwrap());
+        assert!(agent_running(&dir));
+        let e = lock_agent(&dir).err().unwrap().to_string();
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
     }
 }

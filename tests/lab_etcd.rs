@@ -64,20 +64,6 @@ fn pairs_involving(lab: &Lab, node: &str) -> Vec<PairJob> {
     jobs
 }
 
-/// Nothing of the lab is left, its etcd included.
-fn assert_all_gone(name: &str) {
-    assert_gone(name);
-    let dir = format!("{}/{name}/", vxmesh::lab::LAB_ROOT);
-    let etcds: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.starts_with("/usr/bin/etcd") && c.contains(&dir))
-        .collect();
-    assert!(etcds.is_empty(), "etcd left behind: {etcds:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
     let s = etcd_spec("ej", 5, 1, Mode::Routed);
@@ -168,70 +154,6 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
         assert!(took <= TTL + Duration::from_secs(2), "took {took:?}");
         let report = lab.check(Duration::from_secs(2)).unwrap();
         assert!(report.failures().is_empty(), "{}", report.matrix());
-    }
-    assert_all_gone(&name);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_outage_loses_no_replies_and_a_node_added_meanwhile_joins_later() {
-    let s = etcd_spec("eo", 3, 1, Mode::Routed);
-    let name = s.name.clone();
-    {
-        let mut lab = up(&s).await;
-        let c1 = lab.container_on("host1").unwrap().clone();
-        let c2 = lab.container_on("host2").unwrap().clone();
-        let stream = probe::continuous(&ns(&c1.netns), c2.ip, Duration::from_millis(20)).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let down = Instant::now();
-        lab.stop_etcd().unwrap();
-        // A host added while etcd is down: its agent keeps trying to join.
-        let node = lab.add_host().await.unwrap();
-        lab.start_agent(&node).unwrap();
-        tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
-        let state = lab
-            .node(&node)
-            .unwrap()
-            .state_dir
-            .join("networks/demo.json");
-        assert!(
-            !state.exists(),
-            "{node} cannot have joined while etcd was down"
-        );
-        lab.start_etcd().await.unwrap();
-        let back = Instant::now();
-        eprintln!("etcd was down for {:?}", back - down);
-        lab.wait_agent_ready(&node, Duration::from_secs(15))
-            .await
-            .unwrap();
-        let joined = back.elapsed();
-        lab.attach_node_containers(&node).await.unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        let stats = stream.stop();
-        eprintln!("MEASURED outage: {stats:?}; {node} joined {joined:?} after etcd came back");
-        assert!(stats.sent > 400, "{stats:?}");
-        assert_eq!(stats.lost, 0, "replies lost while etcd was down: {stats:?}");
-        // The new host converges with everyone.
-        let jobs = pairs_involving(&lab, &node);
-        let ok = wait_until(Duration::from_secs(5), || {
-            probe::probe_pairs(&jobs, Duration::from_millis(100))
-                .iter()
-                .all(|r| r.reached)
-        })
-        .await;
-        assert!(ok.is_some(), "{node} did not converge after the outage");
-        for n in &lab.info.nodes {
-            assert_eq!(
-                entries(&n.netns, "vxm-vx100"),
-                (3, 3, 3),
-                "entries on {}",
-                n.name
-            );
-        }
-        // The existing agents kept their leases (no re-grant, no churn).
-        for n in ["host1", "host2", "host3"] {
-            let log = std::fs::read_to_string(&lab.node(n).unwrap().agent_log).unwrap();
-            assert!(!log.contains("lease expired"), "{n} lost its lease:\n{log}");
-        }
     }
     assert_all_gone(&name);
 }

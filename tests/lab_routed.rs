@@ -111,7 +111,6 @@ async fn drift_is_repaired_within_two_seconds() {
     let steps: Vec<Vec<&str>> = vec![
         vec!["route", "del", "172.18.20.0/24"],
         vec!["neigh", "del", "172.18.20.0", "dev", "vxm-vx100"],
-        vec!["link", "del", "vxm-vx100"],
         vec!["link", "del", "vxm-br0"],
         vec!["addr", "flush", "dev", "vxm-br0"],
     ];
@@ -136,7 +135,8 @@ async fn drift_is_repaired_within_two_seconds() {
         );
         eprintln!("repaired `ip {}` in {:?}", step.join(" "), took.unwrap());
     }
-    // FDB entry removal.
+    // FDB entry removal. (A deleted VTEP, its MTU and a rewritten FDB entry:
+    // tests/faults.rs.)
     let fdb = bridge(&h1, &["fdb", "show", "dev", "vxm-vx100"]);
     let mac = fdb
         .lines()
@@ -166,52 +166,6 @@ async fn drift_is_repaired_within_two_seconds() {
     })
     .await;
     assert!(took.is_some(), "fdb entry not restored");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_apply_then_restart_converges_without_duplicates() {
-    let s = spec("rk", 2, 1, Mode::Routed, 1);
-    let mut lab = up(&s).await;
-    // Give the cluster 1500 more (simulated) nodes: a long apply to interrupt.
-    let mut file = lab.read_cluster().unwrap();
-    file.networks[0].cidr = "172.16.0.0/12".into();
-    for i in 0..1500u32 {
-        file.nodes.push(NodeFile {
-            name: format!("sim{i}"),
-            underlay_ip: Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8).to_string(),
-            underlay_dev: None,
-            subnet: None,
-            subnets: Default::default(),
-        });
-    }
-    let h1 = lab.node("host1").unwrap().netns.clone();
-    for (round, delay_ms) in [5u64, 20, 60].into_iter().enumerate() {
-        if round == 1 {
-            // Second round: shrink back while killing, so deletes get interrupted too.
-            file.nodes.truncate(800);
-        }
-        lab.write_cluster(&file).unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        lab.stop_agent("host1", Signal::SIGKILL).unwrap();
-        lab.start_agent("host1").unwrap();
-        let want = file.nodes.len() - 1;
-        let took = wait_until(Duration::from_secs(30), || {
-            entries(&h1) == (want, want, want)
-        })
-        .await;
-        assert!(
-            took.is_some(),
-            "round {round}: entries {:?}, want {want} each",
-            entries(&h1)
-        );
-        assert_eq!(
-            zero_change_pass(&lab, "host1").await,
-            (0, 0),
-            "round {round}: converged state is stable"
-        );
-    }
-    let report = lab.check(Duration::from_secs(2)).unwrap();
-    assert!(report.failures().is_empty(), "{}", report.matrix());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,29 +401,5 @@ async fn data_plane_transfer_and_mtu() {
     assert!(
         matches!(out, probe::EchoOutcome::Reply { .. }),
         "fragmented packet: {out:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_agent_for_the_same_node_refuses() {
-    let s = spec("r2a", 1, 0, Mode::Routed, 1);
-    let lab = up(&s).await;
-    let n = lab.node("host1").unwrap().clone();
-    let (code, _out, err) = vxmesh(&[
-        "--netns",
-        &n.netns,
-        "agent",
-        "--cluster",
-        lab.info.cluster_file.to_str().unwrap(),
-        "--node",
-        "host1",
-        "--state-dir",
-        n.state_dir.to_str().unwrap(),
-    ]);
-    assert_ne!(code, 0);
-    assert!(err.contains("another vxmesh agent"), "{err}");
-    assert!(
-        err.contains(&format!("pid {}", n.agent_pid.unwrap())),
-        "{err}"
     );
 }

@@ -99,3 +99,17 @@ pub fn assert_gone(name: &str) {
         .collect::<Vec<_>>();
     assert!(procs.is_empty(), "agent processes left behind: {procs:?}");
 }
+
+/// [`assert_gone`], and no etcd server of the lab left either.
+pub fn assert_all_gone(name: &str) {
+    assert_gone(name);
+    let dir = format!("{}/{name}/", vxmesh::lab::LAB_ROOT);
+    let etcds: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("/usr/bin/etcd") && c.contains(&dir))
+        .collect();
+    assert!(etcds.is_empty(), "etcd left behind: {etcds:?}");
+}

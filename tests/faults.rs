@@ -161,24 +161,6 @@ async fn wait_converged(lab: &Lab, fault: &str, t0: Instant, bound: Duration) ->
     );
 }
 
-/// vxmesh's (routes, permanent neighbours, FDB entries with a dst) on a host's VTEP.
-fn entries(host_ns: &str) -> (usize, usize, usize) {
-    let routes = ip(host_ns, &["route", "show", "proto", "86"])
-        .lines()
-        .count();
-    let neigh = ip(
-        host_ns,
-        &["neigh", "show", "dev", "vxm-vx100", "nud", "permanent"],
-    )
-    .lines()
-    .count();
-    let fdb = bridge(host_ns, &["fdb", "show", "dev", "vxm-vx100"])
-        .lines()
-        .filter(|l| l.contains(" dst "))
-        .count();
-    (routes, neigh, fdb)
-}
-
 /// Run `prog -n NS ARGS` to inject a fault (tests only; the product uses netlink).
 fn inject(prog: &str, netns: &str, args: &[&str]) {
     let out = std::process::Command::new(prog)
@@ -429,7 +411,7 @@ async fn kill_9_at_random_points_of_an_apply_converges_every_time() {
             worst = worst.max(took);
             // Exactly the planned entries: none lost, none twice, none stale.
             assert_eq!(
-                entries(&h1),
+                vtep_entries(&h1),
                 (want, want, want),
                 "round {round} (seed {seed}): entries on host1"
             );
@@ -576,7 +558,7 @@ async fn vtep_deleted_mtu_changed_and_fdb_rewritten_are_repaired() {
                 lost, 0,
                 "{fault}: replies lost between unaffected hosts:{detail}"
             );
-            assert_eq!(entries(&h4), (3, 3, 3), "{fault}: entries on host4");
+            assert_eq!(vtep_entries(&h4), (3, 3, 3), "{fault}: entries on host4");
         }
         assert!(
             ip(&h4, &["link", "show", "vxm-vx100"]).contains("mtu 1450"),
@@ -782,7 +764,7 @@ async fn etcd_killed_and_restarted_loses_no_replies_and_a_node_added_meanwhile_j
                 .info
                 .nodes
                 .iter()
-                .all(|n| entries(&n.netns) == (3, 3, 3))
+                .all(|n| vtep_entries(&n.netns) == (3, 3, 3))
                 && all_pairs_answer(&lab)
             {
                 took = Some(back.elapsed());

@@ -28,21 +28,6 @@ fn etcd_spec(tag: &str, nodes: usize, containers: usize, mode: Mode) -> LabSpec 
     s
 }
 
-/// vxmesh's (routes, permanent neighbours, fdb entries with a dst) on a host's VTEP.
-fn entries(host_ns: &str, vtep: &str) -> (usize, usize, usize) {
-    let routes = ip(host_ns, &["route", "show", "proto", "86"])
-        .lines()
-        .count();
-    let neigh = ip(host_ns, &["neigh", "show", "dev", vtep, "nud", "permanent"])
-        .lines()
-        .count();
-    let fdb = bridge(host_ns, &["fdb", "show", "dev", vtep])
-        .lines()
-        .filter(|l| l.contains(" dst "))
-        .count();
-    (routes, neigh, fdb)
-}
-
 fn reach(src: &LabContainer, dst: Ipv4Addr) -> bool {
     matches!(
         probe::icmp_echo(&ns(&src.netns), dst, 56, false, Duration::from_millis(100)),
@@ -75,7 +60,7 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
         assert!(report.failures().is_empty(), "{}", report.matrix());
         for n in &lab.info.nodes {
             assert_eq!(
-                entries(&n.netns, "vxm-vx100"),
+                entries_on(&n.netns, "vxm-vx100"),
                 (4, 4, 4),
                 "entries on {}",
                 n.name
@@ -121,14 +106,14 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
         );
         for n in &lab.info.nodes {
             let ok = wait_until(Duration::from_secs(2), || {
-                entries(&n.netns, "vxm-vx100") == (5, 5, 5)
+                entries_on(&n.netns, "vxm-vx100") == (5, 5, 5)
             })
             .await;
             assert!(
                 ok.is_some(),
                 "{}: {:?}",
                 n.name,
-                entries(&n.netns, "vxm-vx100")
+                entries_on(&n.netns, "vxm-vx100")
             );
         }
 
@@ -141,7 +126,7 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
         let peers = lab.info.nodes.clone();
         let took = wait_until(TTL + Duration::from_secs(3), || {
             peers.iter().all(|n| {
-                entries(&n.netns, "vxm-vx100") == (4, 4, 4)
+                entries_on(&n.netns, "vxm-vx100") == (4, 4, 4)
                     && !ip(&n.netns, &["route", "show", "proto", "86"]).contains(&route)
             })
         })
@@ -171,20 +156,20 @@ async fn a_stopped_agent_drops_a_node_that_left_meanwhile() {
         // host2 leaves gracefully: host3 drops it at once, host1 cannot (stopped).
         lab.remove_node("host2", false).await.unwrap();
         let took = wait_until(Duration::from_secs(1), || {
-            entries(&h3, "vxm-vx100") == (1, 1, 1)
+            entries_on(&h3, "vxm-vx100") == (1, 1, 1)
         })
         .await;
         assert!(
             took.is_some(),
             "host3 kept host2: {:?}",
-            entries(&h3, "vxm-vx100")
+            entries_on(&h3, "vxm-vx100")
         );
         eprintln!(
             "MEASURED graceful leave: host3 dropped host2 {:?} after the revoke",
             took.unwrap()
         );
         assert_eq!(
-            entries(&h1, "vxm-vx100"),
+            entries_on(&h1, "vxm-vx100"),
             (2, 2, 2),
             "the stopped agent touched nothing"
         );
@@ -196,13 +181,13 @@ async fn a_stopped_agent_drops_a_node_that_left_meanwhile() {
         // SIGTERM kept the lease: the restarted agent has its old subnet.
         assert_eq!(lab.node("host1").unwrap().subnets, claim);
         let took = wait_until(Duration::from_secs(3), || {
-            entries(&h1, "vxm-vx100") == (1, 1, 1)
+            entries_on(&h1, "vxm-vx100") == (1, 1, 1)
         })
         .await;
         assert!(
             took.is_some(),
             "restarted host1 kept host2's entries: {:?}; its log:\n{}",
-            entries(&h1, "vxm-vx100"),
+            entries_on(&h1, "vxm-vx100"),
             std::fs::read_to_string(&lab.node("host1").unwrap().agent_log).unwrap_or_default()
         );
         assert!(!ip(&h1, &["route", "show", "proto", "86"]).contains(&gone));
@@ -225,7 +210,12 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
         let vtep = "vxm-vx200";
         // Only real endpoints: 4 remote containers, not 2 slices of 16 addresses.
         for n in &lab.info.nodes {
-            assert_eq!(entries(&n.netns, vtep), (0, 4, 4), "entries on {}", n.name);
+            assert_eq!(
+                entries_on(&n.netns, vtep),
+                (0, 4, 4),
+                "entries on {}",
+                n.name
+            );
         }
         let host = |n: &str| lab.node(n).unwrap().clone();
         let (h1, h2, h3) = (host("host1"), host("host2"), host("host3"));
@@ -257,7 +247,12 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
         let took = took.expect("the new endpoint did not reach every peer");
         assert!(took <= Duration::from_secs(1), "{took:?}");
         for n in [&h2, &h3] {
-            assert_eq!(entries(&n.netns, vtep), (0, 5, 5), "entries on {}", n.name);
+            assert_eq!(
+                entries_on(&n.netns, vtep),
+                (0, 5, 5),
+                "entries on {}",
+                n.name
+            );
         }
 
         // Migration: host1-n1c1 detached on host1, re-attached on host2 with the same IP.
@@ -305,17 +300,17 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
                 .contains(&format!("{mac} dst {}", h2.underlay_ip))
                 && bridge(&h3.netns, &["fdb", "show", "dev", vtep])
                     .contains(&format!("{mac} dst {}", h2.underlay_ip))
-                && entries(&h1.netns, vtep) == (0, 5, 5)
-                && entries(&h2.netns, vtep) == (0, 4, 4)
-                && entries(&h3.netns, vtep) == (0, 5, 5)
+                && entries_on(&h1.netns, vtep) == (0, 5, 5)
+                && entries_on(&h2.netns, vtep) == (0, 4, 4)
+                && entries_on(&h3.netns, vtep) == (0, 5, 5)
         })
         .await;
         assert!(
             ok.is_some(),
             "{:?} {:?} {:?}",
-            entries(&h1.netns, vtep),
-            entries(&h2.netns, vtep),
-            entries(&h3.netns, vtep)
+            entries_on(&h1.netns, vtep),
+            entries_on(&h2.netns, vtep),
+            entries_on(&h3.netns, vtep)
         );
         // The address cannot be taken twice: host1 asking for it is refused.
         let e = lab
@@ -348,13 +343,13 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
             .unwrap();
         assert!(left);
         let ok = wait_until(Duration::from_secs(5), || {
-            lease(&h2) != old && entries(&h3.netns, vtep) == (0, 5, 5) && reach(&watcher, c.ip)
+            lease(&h2) != old && entries_on(&h3.netns, vtep) == (0, 5, 5) && reach(&watcher, c.ip)
         })
         .await;
         assert!(
             ok.is_some(),
             "host2 did not come back: {:?}",
-            entries(&h3.netns, vtep)
+            entries_on(&h3.netns, vtep)
         );
         eprintln!(
             "MEASURED re-grant: host2 re-published under a new lease {:?} after its lease was revoked",
@@ -513,17 +508,17 @@ async fn cli_net_create_leave_and_agent_leave() {
         // SIGTERM an agent run with --leave: peers drop it at once.
         lab.stop_agent("host2", Signal::SIGTERM).unwrap();
         let took = wait_until(Duration::from_secs(2), || {
-            entries(&h1, "vxm-vx100") == (1, 1, 1)
+            entries_on(&h1, "vxm-vx100") == (1, 1, 1)
         })
         .await;
         assert!(
             took.is_some(),
             "host2 did not leave on SIGTERM: {:?}",
-            entries(&h1, "vxm-vx100")
+            entries_on(&h1, "vxm-vx100")
         );
         // `vxmesh leave` for a stopped node (run from the underlay namespace).
         lab.stop_agent("host3", Signal::SIGKILL).unwrap();
-        assert_eq!(entries(&h1, "vxm-vx100"), (1, 1, 1));
+        assert_eq!(entries_on(&h1, "vxm-vx100"), (1, 1, 1));
         let (code, out, err) = vxmesh(&[
             "--netns",
             &ul,
@@ -538,13 +533,13 @@ async fn cli_net_create_leave_and_agent_leave() {
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("node host3 left network demo"), "{out}");
         let took = wait_until(Duration::from_secs(2), || {
-            entries(&h1, "vxm-vx100") == (0, 0, 0)
+            entries_on(&h1, "vxm-vx100") == (0, 0, 0)
         })
         .await;
         assert!(
             took.is_some(),
             "host3 still there: {:?}",
-            entries(&h1, "vxm-vx100")
+            entries_on(&h1, "vxm-vx100")
         );
         let (code, out, _) = vxmesh(&[
             "--netns",

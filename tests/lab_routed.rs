@@ -16,24 +16,6 @@ fn ns(name: &str) -> Netns {
     Netns::open(name).unwrap()
 }
 
-/// Count vxmesh's routes, permanent neighbours and FDB entries on a host.
-fn entries(host_ns: &str) -> (usize, usize, usize) {
-    let routes = ip(host_ns, &["route", "show", "proto", "86"])
-        .lines()
-        .count();
-    let neigh = ip(
-        host_ns,
-        &["neigh", "show", "dev", "vxm-vx100", "nud", "permanent"],
-    )
-    .lines()
-    .count();
-    let fdb = bridge(host_ns, &["fdb", "show", "dev", "vxm-vx100"])
-        .lines()
-        .filter(|l| l.contains(" dst "))
-        .count();
-    (routes, neigh, fdb)
-}
-
 async fn zero_change_pass(lab: &vxmesh::lab::Lab, node: &str) -> (usize, usize) {
     let n = lab.node(node).unwrap();
     let nl = Netlink::connect_in(&ns(&n.netns)).await.unwrap();
@@ -59,7 +41,7 @@ async fn demo_three_nodes_all_pairs_and_clean_teardown() {
         assert!(report.failures().is_empty(), "{}", report.matrix());
         // Exactly three entries per remote node on every host.
         for n in &lab.info.nodes {
-            assert_eq!(entries(&n.netns), (2, 2, 2), "entries on {}", n.name);
+            assert_eq!(vtep_entries(&n.netns), (2, 2, 2), "entries on {}", n.name);
         }
         // Subnets follow the reference lab.
         assert_eq!(
@@ -124,14 +106,14 @@ async fn drift_is_repaired_within_two_seconds() {
             .unwrap();
         assert!(st.success(), "inject {step:?}");
         let took = wait_until(Duration::from_secs(2), || {
-            entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)
+            vtep_entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)
         })
         .await;
         assert!(
             took.is_some(),
             "not repaired within 2 s after `ip {}`: entries {:?}",
             step.join(" "),
-            entries(&h1)
+            vtep_entries(&h1)
         );
         eprintln!("repaired `ip {}` in {:?}", step.join(" "), took.unwrap());
     }
@@ -162,7 +144,7 @@ async fn drift_is_repaired_within_two_seconds() {
         .unwrap();
     assert!(st.success());
     let took = wait_until(Duration::from_secs(2), || {
-        entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)
+        vtep_entries(&h1) == (1, 1, 1) && reach(&c1, c2.ip)
     })
     .await;
     assert!(took.is_some(), "fdb entry not restored");
@@ -206,15 +188,23 @@ async fn node_join_and_leave_via_cluster_file() {
         subnet: Some("172.18.90.0/24".into()),
         subnets: Default::default(),
     });
-    let before: Vec<_> = lab.info.nodes.iter().map(|n| entries(&n.netns)).collect();
+    let before: Vec<_> = lab
+        .info
+        .nodes
+        .iter()
+        .map(|n| vtep_entries(&n.netns))
+        .collect();
     lab.write_cluster(&file).unwrap();
     for n in &lab.info.nodes {
-        let ok = wait_until(Duration::from_secs(3), || entries(&n.netns) == (3, 3, 3)).await;
+        let ok = wait_until(Duration::from_secs(3), || {
+            vtep_entries(&n.netns) == (3, 3, 3)
+        })
+        .await;
         assert!(
             ok.is_some(),
             "{} did not gain host9's three entries: {:?}",
             n.name,
-            entries(&n.netns)
+            vtep_entries(&n.netns)
         );
         let r = ip(&n.netns, &["route", "show", "proto", "86"]);
         let line = r
@@ -242,7 +232,7 @@ async fn node_join_and_leave_via_cluster_file() {
     }
     lab.write_cluster(&orig).unwrap();
     for (n, b) in lab.info.nodes.iter().zip(before) {
-        let ok = wait_until(Duration::from_secs(3), || entries(&n.netns) == b).await;
+        let ok = wait_until(Duration::from_secs(3), || vtep_entries(&n.netns) == b).await;
         assert!(ok.is_some(), "{} did not drop host9's entries", n.name);
         assert!(!ip(&n.netns, &["route", "show", "proto", "86"]).contains("172.18.90.0"));
     }

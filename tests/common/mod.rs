@@ -79,6 +79,27 @@ pub fn bridge(ns: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// vxmesh's routes (protocol 86), and the permanent neighbours and FDB
+/// entries with a remote on VTEP `vtep` of a host (inspection with `ip`/`bridge`).
+pub fn entries_on(host_ns: &str, vtep: &str) -> (usize, usize, usize) {
+    let routes = ip(host_ns, &["route", "show", "proto", "86"])
+        .lines()
+        .count();
+    let neigh = ip(host_ns, &["neigh", "show", "dev", vtep, "nud", "permanent"])
+        .lines()
+        .count();
+    let fdb = bridge(host_ns, &["fdb", "show", "dev", vtep])
+        .lines()
+        .filter(|l| l.contains(" dst "))
+        .count();
+    (routes, neigh, fdb)
+}
+
+/// [`entries_on`] the routed labs' VTEP `vxm-vx100`.
+pub fn vtep_entries(host_ns: &str) -> (usize, usize, usize) {
+    entries_on(host_ns, "vxm-vx100")
+}
+
 /// Assert nothing of lab `name` is left on the machine.
 pub fn assert_gone(name: &str) {
     let prefix = format!("vxm-{name}-");

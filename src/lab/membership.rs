@@ -79,6 +79,16 @@ impl Lab {
             .with_context(|| format!("{node} leaves the network(s)"))?;
         }
         let mut problems = Vec::new();
+        // The underlay port would go with the host's namespace, but the
+        // kernel dismantles namespaces asynchronously: delete the veth now, so
+        // a host added right after can reuse the name.
+        let port = format!("p-{node}");
+        let ul_nl = Netlink::connect_in(&Netns::open(&self.info.underlay_ns)?).await?;
+        if ul_nl.get_link(&port).await?.is_some()
+            && let Err(e) = ul_nl.delete_link(&port).await
+        {
+            problems.push(format!("delete underlay port {port}: {e:#}"));
+        }
         for c in self.info.containers.iter().filter(|c| c.node == node) {
             if let Err(e) = netns::delete(&c.netns) {
                 problems.push(format!("delete {}: {e:#}", c.netns));
@@ -86,6 +96,13 @@ impl Lab {
         }
         if let Err(e) = netns::delete(&n.netns) {
             problems.push(format!("delete {}: {e:#}", n.netns));
+        }
+        // Its state too: a host added later under the same name must not
+        // look ready before its own agent has published anything.
+        if n.state_dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&n.state_dir)
+        {
+            problems.push(format!("remove {}: {e}", n.state_dir.display()));
         }
         self.info.containers.retain(|c| c.node != node);
         self.info.nodes.retain(|x| x.name != node);

@@ -20,6 +20,7 @@ mod membership;
 
 pub use check::CheckReport;
 use cni::cni_add;
+pub(crate) use cni::run_plugin;
 
 pub use etcd::{ETCD_IP, ETCD_PORT, LAB_TTL, LabEtcd, LabStore};
 

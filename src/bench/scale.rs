@@ -1,18 +1,18 @@
-//! Measured benchmarks (`vxmesh bench NAME`). Each runs the compared things
-//! side by side in one run, in network namespaces it creates and removes, and
-//! reports figures and ratios: absolute times on a shared machine are noise.
+//! `vxmesh bench scale`: program P remote peers into one node with one
+//! reconcile pass, vs `ip -batch` + `bridge -batch` of the very same objects.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
+use super::{Table, ms};
 use crate::config::{Cluster, Mode, Network};
 use crate::dataplane::kernel::{LinkOptions, Netlink};
 use crate::dataplane::netns::NetnsGuard;
@@ -46,7 +46,7 @@ pub struct ScaleRow {
 
 const UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
-fn peer_ip(i: usize) -> Ipv4Addr {
+pub(super) fn peer_ip(i: usize) -> Ipv4Addr {
     // Peers live in 198.19.0.0/16 (benchmarking range); only ever programmed, never contacted.
     Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
 }
@@ -129,10 +129,6 @@ async fn bench_ns(tag: &str) -> Result<(NetnsGuard, Netlink)> {
     }
     nl.add_address("ul0", Ipv4Net::new(UNDERLAY, 24)?).await?;
     Ok((g, nl))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// The same objects as `p`, as `ip -batch` and `bridge -batch` input.
@@ -226,8 +222,8 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
     // Baseline: ip -batch on the same objects, same starting point.
     let (g, nl) = bench_ns("ip").await?;
     reconcile(&nl, &devices_only).await?;
-    let dir = tempfile_dir()?;
-    let (ipf, brf) = batch_files(&p, &dir)?;
+    let dir = super::TempDir::new("scale")?;
+    let (ipf, brf) = batch_files(&p, dir.path())?;
     let t3 = Instant::now();
     run_batch("ip", &g.name, &ipf)?;
     run_batch("bridge", &g.name, &brf)?;
@@ -247,7 +243,6 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
             check.applied.iter().take(3).collect::<Vec<_>>()
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(ScaleRow {
         mode: mode.to_string(),
         peers,
@@ -273,34 +268,36 @@ fn cpu_ms() -> Result<(f64, f64)> {
     Ok((ms(u.user_time()), ms(u.system_time())))
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!("vxmesh-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
-}
-
-pub fn scale_table(rows: &[ScaleRow]) -> String {
-    let mut s = String::from(
-        "mode     peers  objects  vxmesh ms (user/kernel)  msgs    ip-batch ms  speedup  +1 peer ms  +1 msgs  idle pass ms  idle msgs\n",
-    );
+pub fn scale_table(rows: &[ScaleRow]) -> Table {
+    let mut t = Table::new(&[
+        "mode",
+        "peers",
+        "objects",
+        "vxmesh ms",
+        "(user/kernel)",
+        "msgs",
+        "ip-batch ms",
+        "speedup",
+        "+1 peer ms",
+        "+1 msgs",
+        "idle pass ms",
+        "idle msgs",
+    ]);
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{:8} {:>6} {:>8} {:>10.1} ({:>5.0}/{:>5.0}) {:>6} {:>12.1} {:>7.1}x {:>11.2} {:>8} {:>13.1} {:>10}",
-            r.mode,
-            r.peers,
-            r.objects,
-            r.vxmesh_ms,
-            r.vxmesh_user_ms,
-            r.vxmesh_kernel_ms,
-            r.vxmesh_messages,
-            r.ip_batch_ms,
-            r.speedup,
-            r.incremental_ms,
-            r.incremental_messages,
-            r.idle_pass_ms,
-            r.idle_pass_messages
-        );
+        t.row(vec![
+            r.mode.clone(),
+            r.peers.to_string(),
+            r.objects.to_string(),
+            format!("{:.1}", r.vxmesh_ms),
+            format!("({:.0}/{:.0})", r.vxmesh_user_ms, r.vxmesh_kernel_ms),
+            r.vxmesh_messages.to_string(),
+            format!("{:.1}", r.ip_batch_ms),
+            format!("{:.1}x", r.speedup),
+            format!("{:.2}", r.incremental_ms),
+            r.incremental_messages.to_string(),
+            format!("{:.1}", r.idle_pass_ms),
+            r.idle_pass_messages.to_string(),
+        ]);
     }
-    s
+    t
 }

@@ -100,7 +100,7 @@ pub(super) async fn cni_add(
 }
 
 /// Run a CNI plugin in `ns` with exactly `env`, `stdin` as input; give up after `timeout`.
-fn run_plugin(
+pub(crate) fn run_plugin(
     exe: &Path,
     ns: &Netns,
     env: &[(String, String)],

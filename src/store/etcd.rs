@@ -76,7 +76,9 @@ use tokio::task::JoinHandle;
 use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, Mac, NodeRecord};
-pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, op, txn_get};
+pub(crate) use client::{
+    AbortOnDrop, Backoff, Health, OP_TIMEOUT, connect, lease_opts, op, txn_get,
+};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
 };

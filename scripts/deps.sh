@@ -12,6 +12,9 @@ dpkg -s busybox-static >/dev/null 2>&1 || pkgs+=(busybox-static)  # the locally 
 command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)   # the etcd store: lab --store etcd, tests
 command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)  # etcd-client compiles protobufs
 command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)    # throwaway certificates of the etcd TLS tests
+[ -x /usr/bin/iperf3 ] || pkgs+=(iperf3)                  # bench throughput (and its smoke test)
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] \
+  || pkgs+=(containernetworking-plugins)                 # bench cni: the reference plugins
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,0 +1,185 @@
+//! Smoke tests of the benchmarks (`vxmesh bench NAME --json`) at tiny sizes:
+//! each runs, prints sane non-zero figures and leaves nothing behind. The
+//! measurements themselves belong to release builds (docs/benchmarks.md).
+
+mod common;
+
+use std::process::Command;
+
+use common::exe;
+use serde_json::Value;
+
+/// Run `vxmesh bench ARGS --json`; check it succeeded and left nothing of its own.
+fn bench(args: &[&str]) -> Value {
+    let child = Command::new(exe())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run vxmesh bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for vxmesh bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "vxmesh bench {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert_nothing_left(pid);
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("bench {args:?} printed no JSON ({e}): {stdout}\n{stderr}"))
+}
+
+/// Namespaces, lab dirs and temp dirs of the bench process `pid`: its
+/// labs are `bX{pid % 100000}` (X: one letter per bench), its other names
+/// carry `-{pid}-` or end in `-{pid}`.
+fn assert_nothing_left(pid: u32) {
+    let is_lab =
+        |name: &str| name.starts_with('b') && name.get(2..) == Some(&*(pid % 100_000).to_string());
+    let own = format!("-{pid}-");
+    let ns: Vec<String> = vxmesh::dataplane::netns::list("vxm-")
+        .into_iter()
+        .filter(|n| n.contains(&own) || n[4..].split_once('-').is_some_and(|(lab, _)| is_lab(lab)))
+        .collect();
+    assert!(ns.is_empty(), "namespaces left behind: {ns:?}");
+    let labs: Vec<String> = std::fs::read_dir(vxmesh::lab::LAB_ROOT)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| is_lab(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(labs.is_empty(), "lab dirs left behind: {labs:?}");
+    let tmp: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vxmesh-bench-") && n.ends_with(&format!("-{pid}")))
+        .collect();
+    assert!(tmp.is_empty(), "temp dirs left behind: {tmp:?}");
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v}"))
+}
+
+#[test]
+fn throughput_reports_both_paths_and_ratios() {
+    let v = bench(&[
+        "throughput",
+        "--mode",
+        "routed,bridged",
+        "--seconds",
+        "1",
+        "--repeat",
+        "1",
+    ]);
+    let rows = v.as_array().expect("rows");
+    let cases: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["mode"].as_str().unwrap(), r["case"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        cases,
+        [
+            ("routed", "tcp-1"),
+            ("routed", "tcp-4"),
+            ("routed", "udp"),
+            ("bridged", "tcp-1"),
+            ("bridged", "tcp-4"),
+            ("bridged", "udp")
+        ]
+    );
+    for r in rows {
+        let (u, o, ratio) = (
+            f(r, &["underlay_gbps"]),
+            f(r, &["overlay_gbps"]),
+            f(r, &["ratio"]),
+        );
+        // Something arrived (>= 1 Mbit/s) and nothing beyond a veth's reach.
+        assert!(u > 0.001 && u < 1000.0, "underlay {u} Gbit/s in {r}");
+        assert!(o > 0.001 && o < 1000.0, "overlay {o} Gbit/s in {r}");
+        assert!((ratio - o / u).abs() < 1e-9, "ratio {ratio} in {r}");
+        if r["case"] == "udp" {
+            for k in ["underlay_loss_pct", "overlay_loss_pct"] {
+                let loss = f(r, &[k]);
+                assert!((0.0..100.0).contains(&loss), "{k} {loss} in {r}");
+            }
+        } else {
+            assert!(r.get("overlay_loss_pct").is_none(), "TCP has no loss: {r}");
+        }
+    }
+}
+
+#[test]
+fn converge_times_joins_and_crashes() {
+    let v = bench(&["converge", "--nodes", "3", "--joins", "2"]);
+    let r = &v.as_array().expect("rows")[0];
+    assert_eq!(r["nodes"], 3);
+    let ttl = f(r, &["ttl_ms"]);
+    assert_eq!(ttl, 3000.0);
+    for k in [
+        "join_ms",
+        "join_ready_ms",
+        "join_attach_ms",
+        "crash_cleanup_ms",
+        "expiry_to_cleanup_ms",
+    ] {
+        assert_eq!(r[k]["n"], 2, "{k} in {r}");
+        let (p50, max) = (f(r, &[k, "p50"]), f(r, &[k, "max"]));
+        assert!(p50 > 0.0 && p50 <= max, "{k} in {r}");
+    }
+    // A join includes getting ready and attaching; it ends well within the limit.
+    assert!(f(r, &["join_ms", "min"]) >= f(r, &["join_ready_ms", "min"]));
+    assert!(f(r, &["join_ms", "max"]) < 60_000.0, "{r}");
+    // A crashed host cannot be cleaned before its lease expired: at least
+    // most of a TTL (the lease may have been renewed up to TTL/3 before the kill).
+    let crash = f(r, &["crash_cleanup_ms", "min"]);
+    assert!(crash > ttl / 2.0 && crash < ttl + 30_000.0, "{r}");
+    assert!(
+        (f(r, &["crash_beyond_ttl_ms", "p50"]) - (f(r, &["crash_cleanup_ms", "p50"]) - ttl)).abs()
+            < 1e-6
+    );
+}
+
+#[test]
+fn cni_compares_both_plugins() {
+    let v = bench(&["cni", "--iterations", "5"]);
+    assert_eq!(v["iterations"], 5);
+    for p in ["vxmesh", "reference"] {
+        for k in ["add_ms", "del_ms", "add_del_ms"] {
+            assert_eq!(v[p][k]["n"], 5, "{p} {k} in {v}");
+            let p50 = f(&v, &[p, k, "p50"]);
+            assert!(p50 > 0.0 && p50 < 30_000.0, "{p} {k} in {v}");
+        }
+    }
+    let ratio = f(&v, &["ratio_p50"]);
+    let want = f(&v, &["vxmesh", "add_del_ms", "p50"]) / f(&v, &["reference", "add_del_ms", "p50"]);
+    assert!((ratio - want).abs() < 1e-9, "{v}");
+}
+
+#[test]
+fn footprint_samples_an_idle_agent() {
+    let v = bench(&["footprint", "--peers", "50", "--idle", "3"]);
+    assert!(f(&v, &["idle_secs"]) >= 3.0, "{v}");
+    assert_eq!(v["loaded"]["peers"], 50);
+    assert_eq!(v["baseline"]["peers"], 0);
+    for a in ["loaded", "baseline"] {
+        let rss = f(&v, &[a, "rss_mib"]);
+        assert!(rss > 1.0 && rss < 1024.0, "{a} RSS {rss} MiB in {v}");
+        assert!(f(&v, &[a, "rss_peak_mib"]) >= rss, "{v}");
+        let cpu = f(&v, &[a, "cpu_pct"]);
+        assert!((0.0..200.0).contains(&cpu), "{a} CPU {cpu} % in {v}");
+        assert!(f(&v, &[a, "converge_ms"]) > 0.0, "{v}");
+    }
+    assert!(v["rss_target_met"].is_boolean() && v["cpu_target_met"].is_boolean());
+}

@@ -91,18 +91,11 @@ async fn one_size(o: &ConvergeOptions, n: usize) -> Result<ConvergeRow> {
     spec.exe = o.exe.clone();
     let mut lab = LabGuard(Lab::up(&spec).await.context("converge lab")?);
     let ttl = Duration::from_secs(lab.etcd()?.ttl_secs);
-    // The starting point: every pair of the N hosts' containers reaches.
-    let all: Vec<PairJob> = {
-        let cs = &lab.info.containers;
-        cs.iter()
-            .flat_map(|a| {
-                cs.iter()
-                    .filter(move |b| b.name != a.name)
-                    .map(move |b| PairJob::new(&a.netns, b.ip))
-            })
-            .collect()
-    };
-    wait_reachable(all, Instant::now() + JOIN_LIMIT)
+    // The starting point: host1's container reaches every other one and
+    // back. (Not the whole N x N matrix: at 50 hosts its bursts of
+    // concurrent probes lose replies on a 2-core machine, see docs/benchmarks.md.)
+    let first = lab.info.nodes[0].name.clone();
+    wait_reachable(pairs_with(&lab, &first), Instant::now() + JOIN_LIMIT)
         .await
         .with_context(|| format!("the {n}-host lab did not converge"))?;
     let (mut join, mut ready, mut attach) = (Vec::new(), Vec::new(), Vec::new());

@@ -201,10 +201,10 @@ enum BenchCmd {
         )]
         mode: Vec<ModeArg>,
         /// Seconds per iperf3 run.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         seconds: u32,
-        /// Runs per case and path, interleaved (the median is reported).
-        #[arg(long, default_value_t = 2)]
+        /// Runs per case and path, interleaved (medians are reported).
+        #[arg(long, default_value_t = 5)]
         repeat: usize,
         /// UDP offered rate (iperf3 -b syntax).
         #[arg(long, default_value = "1G")]

@@ -51,7 +51,8 @@ pub struct ThroughputRow {
     pub underlay_gbps: f64,
     /// Container to container across the overlay (Gbit/s, median).
     pub overlay_gbps: f64,
-    /// overlay / underlay.
+    /// overlay / underlay: the median of the per-pair ratios (run i of each
+    /// path ran back to back), robust to the machine's load drifting.
     pub ratio: f64,
     /// UDP only: lost datagrams in % (median).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,7 +144,12 @@ pub async fn run(o: &ThroughputOptions) -> Result<Vec<ThroughputRow>> {
                 case: case.name(),
                 underlay_gbps: u,
                 overlay_gbps: v,
-                ratio: ratio(v, u),
+                ratio: median(
+                    &ul.iter()
+                        .zip(&ov)
+                        .map(|(a, b)| ratio(b.bits_per_second, a.bits_per_second))
+                        .collect::<Vec<_>>(),
+                ),
                 underlay_loss_pct: loss(&ul),
                 overlay_loss_pct: loss(&ov),
                 underlay_runs: ul.iter().map(|r| gbps(r.bits_per_second)).collect(),

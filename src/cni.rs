@@ -560,14 +560,18 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
 
 /// The CNI version to answer in: the configuration's `cniVersion` when it
 /// is one vxmesh speaks, else 1.1.0 (also for stdin that is not JSON).
+///
+/// Decoded like [`NetConf`] (other keys ignored, not validated), so that a
+/// configuration the plugin accepts is always answered in its own version.
 pub fn reply_version(stdin: &[u8]) -> String {
-    serde_json::from_slice::<Value>(stdin)
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(rename = "cniVersion")]
+        cni_version: Option<String>,
+    }
+    serde_json::from_slice::<Version>(stdin)
         .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
+        .and_then(|v| v.cni_version)
         .filter(|v| version_ok(v))
         .unwrap_or_else(|| "1.1.0".to_string())
 }
@@ -640,6 +644,17 @@ mod tests {
         let e = parse_conf(br#"{"cniVersion":"1.0.0","name":"n","type":"vxmesh","mtu":10}"#)
             .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
+    fn errors_answer_in_the_configuration_version() {
+        assert_eq!(reply_version(b"{not json"), "1.1.0");
+        assert_eq!(reply_version(br#"{"cniVersion":"0.4.0"}"#), "1.1.0");
+        // Found by fuzzing: an unknown key holding invalid UTF-8 is skipped
+        // by the configuration decoder, so the version must still be read.
+        let conf = b"{\"cniVersion\":\"1.0.0\",\"name\":\"n\",\"type\":\"vxmesh\",\"x\":\"\xff\"}";
+        assert!(parse_conf(conf).is_ok());
+        assert_eq!(reply_version(conf), "1.0.0");
     }
 
     fn conf_with(extra: &str) -> NetConf {

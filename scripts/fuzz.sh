@@ -61,7 +61,7 @@ for t in "${targets[@]}"; do
 		tail -n 60 "$log"
 	fi
 	runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
-	cov=$(grep -oE '#[0-9]+ +(DONE|INITED).* cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || true)
+	cov=$(grep -oE '#[0-9]+[[:space:]]+(DONE|INITED).* cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || true)
 	summary+=("$(printf '%-14s %-6s %10s execs  %s' "$t" "$status" "${runs:-?}" "${cov:-}")")
 	rm -f "$log"
 done

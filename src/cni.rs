@@ -339,7 +339,7 @@ async fn host_mac(name: &str) -> Option<String> {
 }
 
 /// Put the previous plugin's interfaces/ips/routes first, re-indexing ours.
-fn merge_prev(result: &mut Value, prev: &Value) {
+pub fn merge_prev(result: &mut Value, prev: &Value) {
     let prev_ifaces = prev
         .get("interfaces")
         .and_then(Value::as_array)
@@ -420,10 +420,40 @@ async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
     if !facts.up {
         return Err(fail(format!("interface {ifname} is down")));
     }
+    let want = prev_expectations(prev)?;
+    for net in want.addresses {
+        if net.addr() == held && !facts.addresses.contains(&net) {
+            return Err(fail(format!("address {net} is missing on {ifname}")));
+        }
+    }
+    for (dst, gw) in want.routes {
+        if !facts
+            .routes
+            .iter()
+            .any(|(d, g)| *d == dst && (gw.is_none() || *g == gw))
+        {
+            return Err(fail(format!("route {dst} is missing in the container")));
+        }
+    }
+    Ok(())
+}
+
+/// What CHECK verifies from a prevResult: its IPv4 addresses and routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrevExpectations {
+    pub addresses: Vec<ipnet::Ipv4Net>,
+    /// (destination, gateway if one is given and is IPv4).
+    pub routes: Vec<(ipnet::Ipv4Net, Option<std::net::Ipv4Addr>)>,
+}
+
+/// Read a prevResult the way CHECK does: every `ips[].address` must be an
+/// IPv4 CIDR (error 6 otherwise); routes that are not IPv4 are skipped.
+pub fn prev_expectations(prev: &Value) -> CniResult<PrevExpectations> {
+    let mut out = PrevExpectations::default();
     for ip in prev
         .get("ips")
         .and_then(Value::as_array)
-        .cloned()
+        .map(Vec::as_slice)
         .unwrap_or_default()
     {
         let Some(addr) = ip.get("address").and_then(Value::as_str) else {
@@ -436,34 +466,25 @@ async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
                 "",
             )
         })?;
-        if net.addr() == held && !facts.addresses.contains(&net) {
-            return Err(fail(format!("address {net} is missing on {ifname}")));
-        }
+        out.addresses.push(net);
     }
     for r in prev
         .get("routes")
         .and_then(Value::as_array)
-        .cloned()
+        .map(Vec::as_slice)
         .unwrap_or_default()
     {
         let dst = r.get("dst").and_then(Value::as_str).unwrap_or_default();
         let gw = r
             .get("gw")
             .and_then(Value::as_str)
-            .map(|g| g.parse().ok())
-            .unwrap_or(None);
+            .and_then(|g| g.parse().ok());
         let Ok(dst) = dst.parse::<ipnet::Ipv4Net>() else {
             continue;
         };
-        if !facts
-            .routes
-            .iter()
-            .any(|(d, g)| *d == dst && (gw.is_none() || *g == gw))
-        {
-            return Err(fail(format!("route {dst} is missing in the container")));
-        }
+        out.routes.push((dst, gw));
     }
-    Ok(())
+    Ok(out)
 }
 
 fn status(conf: &NetConf) -> CniResult<()> {
@@ -537,6 +558,24 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
     Ok(())
 }
 
+/// The CNI version to answer in: the configuration's `cniVersion` when it
+/// is one vxmesh speaks, else 1.1.0 (also for stdin that is not JSON).
+///
+/// Decoded like [`NetConf`] (other keys ignored, not validated), so that a
+/// configuration the plugin accepts is always answered in its own version.
+pub fn reply_version(stdin: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(rename = "cniVersion")]
+        cni_version: Option<String>,
+    }
+    serde_json::from_slice::<Version>(stdin)
+        .ok()
+        .and_then(|v| v.cni_version)
+        .filter(|v| version_ok(v))
+        .unwrap_or_else(|| "1.1.0".to_string())
+}
+
 /// Entry point from `main` when `CNI_COMMAND` is set. Prints the result or
 /// the error JSON on stdout and returns the exit code.
 pub fn main() -> i32 {
@@ -550,15 +589,7 @@ pub fn main() -> i32 {
         println!("{}", err.to_json("1.1.0"));
         return 1;
     }
-    let version = serde_json::from_slice::<Value>(&stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .filter(|v| version_ok(v))
-        .unwrap_or_else(|| "1.1.0".to_string());
+    let version = reply_version(&stdin);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -613,6 +644,17 @@ mod tests {
         let e = parse_conf(br#"{"cniVersion":"1.0.0","name":"n","type":"vxmesh","mtu":10}"#)
             .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
+    fn errors_answer_in_the_configuration_version() {
+        assert_eq!(reply_version(b"{not json"), "1.1.0");
+        assert_eq!(reply_version(br#"{"cniVersion":"0.4.0"}"#), "1.1.0");
+        // Found by fuzzing: an unknown key holding invalid UTF-8 is skipped
+        // by the configuration decoder, so the version must still be read.
+        let conf = b"{\"cniVersion\":\"1.0.0\",\"name\":\"n\",\"type\":\"vxmesh\",\"x\":\"\xff\"}";
+        assert!(parse_conf(conf).is_ok());
+        assert_eq!(reply_version(conf), "1.0.0");
     }
 
     fn conf_with(extra: &str) -> NetConf {

@@ -26,6 +26,11 @@ pub struct Owner {
     pub ifname: String,
 }
 
+/// Parse the contents of an allocation file (`STATE/ipam/NETWORK/IP`).
+pub fn parse_owner(data: &[u8]) -> serde_json::Result<Owner> {
+    serde_json::from_slice(data)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allocation {
     pub ip: Ipv4Addr,
@@ -95,8 +100,8 @@ impl Ipam {
             else {
                 continue;
             };
-            let text = fs::read_to_string(e.path()).unwrap_or_default();
-            match serde_json::from_str::<Owner>(&text) {
+            let data = fs::read(e.path()).unwrap_or_default();
+            match parse_owner(&data) {
                 Ok(owner) => out.push(Allocation { ip, owner }),
                 Err(_) => {
                     tracing::warn!("ignoring unreadable allocation file {}", e.path().display())

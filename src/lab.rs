@@ -137,6 +137,13 @@ pub struct LabInfo {
     pub metrics_port: Option<u16>,
 }
 
+impl LabInfo {
+    /// Parse the contents of a `lab.json` file.
+    pub fn from_json(data: &[u8]) -> serde_json::Result<LabInfo> {
+        serde_json::from_slice(data)
+    }
+}
+
 /// A lab in this process. Dropping it does NOT tear it down (the CLI's `lab up`
 /// leaves it running); use [`LabGuard`] for scoped labs.
 pub struct Lab {
@@ -491,10 +498,10 @@ impl Lab {
     pub fn load(name: &str) -> Result<Lab> {
         validate_lab_name(name)?;
         let path = lab_dir(name).join("lab.json");
-        let text = std::fs::read_to_string(&path)
+        let data = std::fs::read(&path)
             .with_context(|| format!("lab '{name}' does not exist ({} missing)", path.display()))?;
-        let info: LabInfo =
-            serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        let info =
+            LabInfo::from_json(&data).with_context(|| format!("corrupt {}", path.display()))?;
         Ok(Lab {
             info,
             spec_exe: std::env::current_exe()?,

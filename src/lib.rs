@@ -11,6 +11,8 @@ pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod doctor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ipam;
 pub mod lab;
 pub mod metrics;

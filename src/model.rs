@@ -106,7 +106,7 @@ impl FromStr for Mac {
         }
         let mut out = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
-            if p.is_empty() || p.len() > 2 {
+            if p.is_empty() || p.len() > 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!(
                     "'{s}' is not a MAC address: octet '{p}' is not 1-2 hex digits"
                 ));
@@ -190,6 +190,8 @@ mod tests {
         assert!("0a:1b:c6:12:00".parse::<Mac>().is_err());
         assert!("0a:1b:c6:12:00:zz".parse::<Mac>().is_err());
         assert!("0a:1b:c6:12:00:123".parse::<Mac>().is_err());
+        // from_str_radix alone would take a sign.
+        assert!("0a:+b:c6:12:00:01".parse::<Mac>().is_err());
     }
 
     #[test]

@@ -89,14 +89,19 @@ pub fn write_network(state_dir: &Path, served: &ServedNetwork) -> Result<()> {
 
 pub fn read_network(state_dir: &Path, network: &str) -> Result<ServedNetwork> {
     let path = networks_dir(state_dir).join(format!("{network}.json"));
-    let text = fs::read_to_string(&path).with_context(|| {
+    let data = fs::read(&path).with_context(|| {
         format!(
             "network '{network}' is not served on this node ({} missing): is `vxmesh agent` running with --state-dir {}?",
             path.display(),
             state_dir.display()
         )
     })?;
-    serde_json::from_str(&text).with_context(|| format!("corrupt state file {}", path.display()))
+    parse_served_network(&data).with_context(|| format!("corrupt state file {}", path.display()))
+}
+
+/// Parse the contents of a `STATE/networks/NETWORK.json` file.
+pub fn parse_served_network(data: &[u8]) -> Result<ServedNetwork> {
+    Ok(serde_json::from_slice(data)?)
 }
 
 /// Names of the networks with a state file.
@@ -159,16 +164,28 @@ pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
         .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
     if file.try_lock_exclusive().is_err() {
-        let holder = fs::read_to_string(&path).unwrap_or_default();
+        let holder = fs::read(&path)
+            .ok()
+            .and_then(|d| lock_holder(&d))
+            .map_or("unknown".to_string(), |pid| pid.to_string());
         bail!(
-            "another vxmesh agent (pid {}) already serves state dir {}: stop it first, or use another --state-dir",
-            holder.trim(),
+            "another vxmesh agent (pid {holder}) already serves state dir {}: stop it first, or use another --state-dir",
             state_dir.display()
         );
     }
     file.set_len(0)?;
     write!(file, "{}", std::process::id())?;
     Ok(AgentLock { path, file })
+}
+
+/// The pid an agent wrote into `agent.lock` (its decimal pid, nothing else;
+/// surrounding whitespace is tolerated). `None` for anything else.
+pub fn lock_holder(data: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(data).ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|pid| *pid > 0)
 }
 
 /// Is an agent holding the lock of `state_dir` right now?
@@ -210,5 +227,21 @@ mod tests {
         assert!(agent_running(&dir));
         let e = lock_agent(&dir).err().unwrap().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    }
+
+    #[test]
+    fn lock_holder_reads_only_a_pid() {
+        assert_eq!(lock_holder(b"4242"), Some(4242));
+        assert_eq!(lock_holder(b" 4242\n"), Some(4242));
+        assert_eq!(lock_holder(b""), None);
+        assert_eq!(lock_holder(b"0"), None);
+        assert_eq!(lock_holder(b"+42"), None);
+        assert_eq!(
+            lock_holder(b"42\x1b[2J"),
+            None,
+            "no terminal escapes in messages"
+        );
+        assert_eq!(lock_holder(b"99999999999"), None);
+        assert_eq!(lock_holder(&[0xff, 0x34]), None);
     }
 }

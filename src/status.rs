@@ -48,7 +48,12 @@ pub fn read_plan(state_dir: &Path) -> Result<SavedPlan> {
             path.display()
         )
     })?;
-    serde_json::from_slice(&data).with_context(|| format!("parse {}", path.display()))
+    parse_plan(&data).with_context(|| format!("parse {}", path.display()))
+}
+
+/// Parse the contents of a `STATE/plan.json` file.
+pub fn parse_plan(data: &[u8]) -> Result<SavedPlan> {
+    Ok(serde_json::from_slice(data)?)
 }
 
 /// The state of one planned object in the kernel.

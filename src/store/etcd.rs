@@ -56,10 +56,10 @@
 mod client;
 mod multi;
 mod network;
-mod records;
+pub(crate) mod records;
 mod remote;
 mod session;
-mod view;
+pub(crate) mod view;
 mod watcher;
 
 use std::collections::BTreeMap;

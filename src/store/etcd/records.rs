@@ -102,10 +102,13 @@ pub(crate) fn subnet_key_part(s: Ipv4Net) -> String {
     format!("{}-{}", s.network(), s.prefix_len())
 }
 
+/// The subnet of a claim key part, only in the form [`subnet_key_part`]
+/// writes: `10.1.2.0-024` or `10.1.2.0-+24` would name the same subnet
+/// under another key, outside the compare-and-swap that guards the claim.
 pub(crate) fn parse_subnet_key_part(s: &str) -> Option<Ipv4Net> {
     let (ip, len) = s.split_once('-')?;
     let net = Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
-    (net.trunc() == net).then_some(net)
+    (net.trunc() == net && subnet_key_part(net) == s).then_some(net)
 }
 
 /// Node and network names share the cluster file's rules.
@@ -437,6 +440,9 @@ mod tests {
         );
         assert_eq!(parse_subnet_key_part("10.1.2.1-24"), None);
         assert_eq!(parse_subnet_key_part("10.1.2.0/24"), None);
+        // Found by fuzzing: only the canonical key names a claim.
+        assert_eq!(parse_subnet_key_part("10.1.2.0-024"), None);
+        assert_eq!(parse_subnet_key_part("10.1.2.0-+24"), None);
         assert!(check_prefix("vxmesh").is_err());
         assert!(check_prefix("/vx mesh").is_err());
         assert!(check_prefix("/vxmesh").is_ok());

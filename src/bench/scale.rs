@@ -34,6 +34,9 @@ pub struct ScaleRow {
     pub vxmesh_user_ms: f64,
     pub vxmesh_kernel_ms: f64,
     pub ip_batch_ms: f64,
+    /// CPU time of the `ip`/`bridge` processes, user space and kernel.
+    pub ip_batch_user_ms: f64,
+    pub ip_batch_kernel_ms: f64,
     /// ip -batch time / vxmesh time (> 1: vxmesh is faster).
     pub speedup: f64,
     /// One more peer on top of the full set.
@@ -224,10 +227,12 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
     reconcile(&nl, &devices_only).await?;
     let dir = super::TempDir::new("scale")?;
     let (ipf, brf) = batch_files(&p, dir.path())?;
+    let kids0 = cpu_of(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     let t3 = Instant::now();
     run_batch("ip", &g.name, &ipf)?;
     run_batch("bridge", &g.name, &brf)?;
     let ipb = t3.elapsed();
+    let kids1 = cpu_of(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     // Sanity: the baseline programmed the same set (vxmesh sees nothing to do).
     let check = reconcile(&nl, &p).await?;
     if check.changes != 0 {
@@ -252,6 +257,8 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
         vxmesh_user_ms: cpu1.0 - cpu0.0,
         vxmesh_kernel_ms: cpu1.1 - cpu0.1,
         ip_batch_ms: ms(ipb),
+        ip_batch_user_ms: kids1.0 - kids0.0,
+        ip_batch_kernel_ms: kids1.1 - kids0.1,
         speedup: ms(ipb) / ms(vx).max(0.001),
         incremental_ms: ms(inc_t),
         incremental_messages: inc.messages,
@@ -262,8 +269,12 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
 
 /// (user, system) CPU time of this process so far, in ms.
 fn cpu_ms() -> Result<(f64, f64)> {
-    use nix::sys::resource::{UsageWho, getrusage};
-    let u = getrusage(UsageWho::RUSAGE_SELF).context("getrusage")?;
+    cpu_of(nix::sys::resource::UsageWho::RUSAGE_SELF)
+}
+
+/// (user, system) CPU time of `who` so far, in ms.
+fn cpu_of(who: nix::sys::resource::UsageWho) -> Result<(f64, f64)> {
+    let u = nix::sys::resource::getrusage(who).context("getrusage")?;
     let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
     Ok((ms(u.user_time()), ms(u.system_time())))
 }
@@ -277,6 +288,7 @@ pub fn scale_table(rows: &[ScaleRow]) -> Table {
         "(user/kernel)",
         "msgs",
         "ip-batch ms",
+        "(user/kernel)",
         "speedup",
         "+1 peer ms",
         "+1 msgs",
@@ -292,6 +304,7 @@ pub fn scale_table(rows: &[ScaleRow]) -> Table {
             format!("({:.0}/{:.0})", r.vxmesh_user_ms, r.vxmesh_kernel_ms),
             r.vxmesh_messages.to_string(),
             format!("{:.1}", r.ip_batch_ms),
+            format!("({:.0}/{:.0})", r.ip_batch_user_ms, r.ip_batch_kernel_ms),
             format!("{:.1}x", r.speedup),
             format!("{:.2}", r.incremental_ms),
             r.incremental_messages.to_string(),

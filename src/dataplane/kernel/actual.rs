@@ -167,27 +167,14 @@ impl ActualState {
     }
 }
 
-/// A parsed `RTM_NEWLINK` (any device).
-pub(crate) struct LinkRow {
-    pub name: String,
-    pub index: u32,
-    pub kind: Option<String>,
-    pub vxlan: Option<ActualVxlan>,
-    pub mtu: u32,
-    pub mac: Option<Mac>,
-    pub master: Option<u32>,
-    pub up: bool,
-    pub oper: String,
-    pub alias: Option<String>,
-    pub port_learning: Option<bool>,
-}
-
 fn mac_of(b: &[u8]) -> Option<Mac> {
     <[u8; 6]>::try_from(b).ok().map(Mac)
 }
 
-pub(crate) fn parse_link(m: &LinkMessage) -> Option<LinkRow> {
-    let mut row = LinkRow {
+/// A parsed `RTM_NEWLINK` (any device). Names of other devices (`master`,
+/// the vxlan's `link`) are left for the caller to resolve from the indexes.
+pub(crate) fn parse_link(m: &LinkMessage) -> Option<ActualLink> {
+    let mut row = ActualLink {
         name: String::new(),
         index: m.header.index,
         kind: None,
@@ -195,6 +182,7 @@ pub(crate) fn parse_link(m: &LinkMessage) -> Option<LinkRow> {
         mtu: 0,
         mac: None,
         master: None,
+        master_index: None,
         up: m.header.flags.contains(LinkFlags::Up),
         oper: "unknown".into(),
         alias: None,
@@ -205,7 +193,7 @@ pub(crate) fn parse_link(m: &LinkMessage) -> Option<LinkRow> {
             LinkAttribute::IfName(n) => row.name = n.clone(),
             LinkAttribute::Mtu(v) => row.mtu = *v,
             LinkAttribute::Address(b) => row.mac = mac_of(b),
-            LinkAttribute::Controller(i) if *i != 0 => row.master = Some(*i),
+            LinkAttribute::Controller(i) if *i != 0 => row.master_index = Some(*i),
             LinkAttribute::IfAlias(s) if !s.is_empty() => row.alias = Some(s.clone()),
             LinkAttribute::OperState(s) => row.oper = s.to_string().to_lowercase(),
             LinkAttribute::LinkInfo(infos) => {
@@ -262,7 +250,7 @@ fn ipv4_of_neigh(a: &NeighbourAddress) -> Option<Ipv4Addr> {
 }
 
 /// Index → name of every device, and the parsed rows.
-pub(crate) async fn link_rows(nl: &Netlink) -> Result<Vec<LinkRow>> {
+pub(crate) async fn link_rows(nl: &Netlink) -> Result<Vec<ActualLink>> {
     let msgs = nl
         .query(msg::link_dump(), true)
         .await
@@ -356,7 +344,7 @@ pub(crate) fn routes_of(routes: &[R], names: &HashMap<u32, String>) -> Vec<Actua
 }
 
 fn assemble(
-    rows: Vec<LinkRow>,
+    rows: Vec<ActualLink>,
     addrs: &[R],
     routes: &[R],
     neighs: &[R],
@@ -371,28 +359,14 @@ fn assemble(
     // Devices whose objects are vxmesh's: managed ones (addresses); ARP and
     // FDB entries only on managed vxlans.
     let mut managed: HashMap<u32, (String, bool)> = HashMap::new();
-    for r in rows {
-        if !r.name.starts_with(model::DEVICE_PREFIX) {
+    for mut link in rows {
+        if !link.name.starts_with(model::DEVICE_PREFIX) {
             continue;
         }
-        let mut vxlan = r.vxlan;
-        if let Some(v) = vxlan.as_mut() {
+        if let Some(v) = link.vxlan.as_mut() {
             v.link = v.link_index.and_then(|i| names.get(&i).cloned());
         }
-        let link = ActualLink {
-            name: r.name,
-            index: r.index,
-            kind: r.kind,
-            master: r.master.and_then(|i| names.get(&i).cloned()),
-            master_index: r.master,
-            vxlan,
-            mtu: r.mtu,
-            mac: r.mac,
-            up: r.up,
-            oper: r.oper,
-            alias: r.alias,
-            port_learning: r.port_learning,
-        };
+        link.master = link.master_index.and_then(|i| names.get(&i).cloned());
         if link.ownership() == Ownership::Managed {
             let is_vxlan = link.kind.as_deref() == Some("vxlan");
             managed.insert(link.index, (link.name.clone(), is_vxlan));

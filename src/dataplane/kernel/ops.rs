@@ -10,7 +10,7 @@ use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::RouteNetlinkMessage as R;
 use serde::Serialize;
 
-use super::actual::{LinkRow, link_rows, parse_link};
+use super::actual::{ActualLink, link_rows, parse_link};
 use super::{KernelError, Netlink, msg};
 use crate::dataplane::netns::Netns;
 use crate::model::Mac;
@@ -34,15 +34,15 @@ pub struct LinkInfo {
     pub alias: Option<String>,
 }
 
-impl From<LinkRow> for LinkInfo {
-    fn from(r: LinkRow) -> Self {
+impl From<ActualLink> for LinkInfo {
+    fn from(r: ActualLink) -> Self {
         LinkInfo {
             name: r.name,
             index: r.index,
             kind: r.kind,
             mtu: r.mtu,
             mac: r.mac,
-            master: r.master,
+            master: r.master_index,
             up: r.up,
             oper: r.oper,
             alias: r.alias,

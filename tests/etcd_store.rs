@@ -96,6 +96,22 @@ async fn wait_for(
     }
 }
 
+/// Assert that the store's snapshot satisfies `pred` within `timeout`.
+#[track_caller]
+fn sees<'a>(
+    store: &'a mut EtcdStore,
+    timeout: Duration,
+    pred: impl Fn(&Snapshot) -> bool + 'a,
+) -> impl std::future::Future<Output = ()> + 'a {
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            wait_for(store, timeout, pred).await.is_some(),
+            "the store did not show the expected state within {timeout:?} (called at {caller})"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_network_is_idempotent_and_refuses_conflicts() {
     init();
@@ -231,11 +247,7 @@ async fn twenty_concurrent_joins_get_distinct_subnets() {
     assert_eq!(seen, subnets);
     assert_eq!(snap.cluster.networks, vec![net.clone()]);
     for s in stores.iter_mut() {
-        assert!(
-            wait_for(s, Duration::from_secs(3), |s| s.cluster.nodes.len() == 20)
-                .await
-                .is_some()
-        );
+        sees(s, Duration::from_secs(3), |s| s.cluster.nodes.len() == 20).await;
     }
 }
 
@@ -305,11 +317,7 @@ async fn crashed_node_vanishes_within_ttl() {
     setup(&srv, &net).await;
     let mut b = join(&srv, &net, "b", 2).await;
     let a = join(&srv, &net, "a", 1).await;
-    assert!(
-        wait_for(&mut b, Duration::from_secs(1), |s| has_node(s, "a"))
-            .await
-            .is_some()
-    );
+    sees(&mut b, Duration::from_secs(1), |s| has_node(s, "a")).await;
     // Let a keep-alive renew the lease fully, then crash.
     tokio::time::sleep(Duration::from_millis(800)).await;
     a.crash();
@@ -379,11 +387,7 @@ async fn etcd_outage_keeps_the_last_view_and_recovers() {
     setup(&srv, &net).await;
     let mut a = join(&srv, &net, "a", 1).await;
     let b = join(&srv, &net, "b", 2).await;
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"])
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"]).await;
     let before = a.snapshot().await.unwrap();
 
     srv.stop();
@@ -447,11 +451,7 @@ async fn compaction_behind_a_watcher_is_recovered_by_relist() {
     setup(&srv, &net).await;
     let mut a = join(&srv, &net, "a", 1).await;
     let b = join(&srv, &net, "b", 2).await;
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"])
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"]).await;
 
     a.pause_watch(true);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -490,11 +490,7 @@ async fn compaction_behind_a_watcher_is_recovered_by_relist() {
 
     // And the watch keeps working after the re-list.
     let _e = join(&srv, &net, "e", 5).await;
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "e"))
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| has_node(s, "e")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,11 +568,7 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
             .iter()
             .any(|e| e.ip == Ipv4Addr::new(10, 1, 0, 78))
     };
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), valid_ep)
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), valid_ep).await;
     let snap = a.snapshot().await.unwrap();
     assert_eq!(names(&snap), ["a", "b"]);
     assert_eq!(
@@ -597,12 +589,10 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
     // Valid records keep flowing.
     let _c = join(&srv, &net, "c", 3).await;
     let ep = b.allocate_endpoint(None, container_mac).await.unwrap();
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "c")
-            && s.endpoints.as_ref().unwrap().contains(&ep))
-        .await
-        .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| {
+        has_node(s, "c") && s.endpoints.as_ref().unwrap().contains(&ep)
+    })
+    .await;
     // Fixing a bad record makes it count.
     raw.put(
         format!("{root}nodes/lo"),
@@ -611,11 +601,7 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
     )
     .await
     .unwrap();
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| has_node(s, "lo"))
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| has_node(s, "lo")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,11 +634,7 @@ async fn thirty_concurrent_bridged_allocations_are_distinct() {
     }
     let mut obs = nodes.remove(0);
     let all = |s: &Snapshot| s.endpoints.as_ref().unwrap().len() == 30;
-    assert!(
-        wait_for(&mut obs, Duration::from_secs(2), all)
-            .await
-            .is_some()
-    );
+    sees(&mut obs, Duration::from_secs(2), all).await;
     let e = format!(
         "{:#}",
         nodes[0]
@@ -730,15 +712,10 @@ async fn endpoint_migrates_after_release() {
 
     // Leaving removes the node's endpoints with it.
     b.leave().await.unwrap();
-    assert!(
-        wait_for(&mut obs, Duration::from_secs(1), |s| s
-            .endpoints
-            .as_ref()
-            .unwrap()
-            .is_empty())
-        .await
-        .is_some()
-    );
+    sees(&mut obs, Duration::from_secs(1), |s| {
+        s.endpoints.as_ref().unwrap().is_empty()
+    })
+    .await;
 
     // Routed networks have no network-wide endpoints.
     let r = join(&srv, &routed_net, "r", 3).await;
@@ -759,11 +736,7 @@ async fn lost_lease_is_regranted_and_records_republished() {
     let mut a = join(&srv, &net, "a", 1).await;
     let ep = a.allocate_endpoint(None, container_mac).await.unwrap();
     let (old_subnet, old_lease) = (a.subnet(), a.lease_id());
-    assert!(
-        wait_for(&mut obs, Duration::from_secs(1), |s| has_node(s, "a"))
-            .await
-            .is_some()
-    );
+    sees(&mut obs, Duration::from_secs(1), |s| has_node(s, "a")).await;
 
     // The lease disappears (as when it expires during an outage) and another
     // node grabs the subnet before `a` notices.
@@ -872,17 +845,9 @@ async fn password_authentication() {
     let mut b_opts = opts(&srv, &net, "b", 2);
     b_opts.user = co.user.clone();
     let b = EtcdStore::join(b_opts).await.unwrap();
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"])
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| names(s) == ["a", "b"]).await;
     b.leave().await.unwrap();
-    assert!(
-        wait_for(&mut a, Duration::from_secs(1), |s| names(s) == ["a"])
-            .await
-            .is_some()
-    );
+    sees(&mut a, Duration::from_secs(1), |s| names(s) == ["a"]).await;
 
     let mut wrong = o.clone();
     wrong.node = "c".into();

@@ -427,41 +427,24 @@ async fn cli_net_create_leave_and_agent_leave() {
             v.extend_from_slice(args);
             vxmesh(&v)
         };
-        let (code, out, err) = create(&[
-            "other",
-            "--store",
-            store,
-            "--mode",
-            "bridged",
-            "--cidr",
-            "10.20.0.0/24",
-            "--vni",
-            "300",
-        ]);
+        let create_other = |vni: &str| {
+            create(&[
+                "other",
+                "--store",
+                store,
+                "--mode",
+                "bridged",
+                "--cidr",
+                "10.20.0.0/24",
+                "--vni",
+                vni,
+            ])
+        };
+        let (code, out, err) = create_other("300");
         assert_eq!(code, 0, "{out}{err}");
-        let (code, _, err) = create(&[
-            "other",
-            "--store",
-            store,
-            "--mode",
-            "bridged",
-            "--cidr",
-            "10.20.0.0/24",
-            "--vni",
-            "300",
-        ]);
+        let (code, _, err) = create_other("300");
         assert_eq!(code, 0, "idempotent: {err}");
-        let (code, _, err) = create(&[
-            "other",
-            "--store",
-            store,
-            "--mode",
-            "bridged",
-            "--cidr",
-            "10.20.0.0/24",
-            "--vni",
-            "301",
-        ]);
+        let (code, _, err) = create_other("301");
         assert_ne!(code, 0);
         assert!(
             err.contains("already exists with different settings")

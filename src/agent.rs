@@ -197,38 +197,38 @@ pub async fn pass<S: Store>(
 /// from what the file already holds (a 10 000-peer plan is megabytes: it is
 /// not rewritten on every pass). A deleted file is written again.
 fn save_plan(state_dir: &std::path::Path, node: &str, snap: &Snapshot, p: &NodePlan) -> Result<()> {
+    use std::collections::BTreeMap;
     use std::sync::Mutex as StdMutex;
-    static LAST: StdMutex<Option<(std::path::PathBuf, u64)>> = StdMutex::new(None);
-    let nodes: std::collections::BTreeMap<Ipv4Addr, String> = snap
+    type Saved = (
+        std::path::PathBuf,
+        String,
+        BTreeMap<Ipv4Addr, String>,
+        NodePlan,
+    );
+    static LAST: StdMutex<Option<Saved>> = StdMutex::new(None);
+    let nodes: BTreeMap<Ipv4Addr, String> = snap
         .cluster
         .nodes
         .iter()
         .map(|n| (n.underlay_ip, n.name.clone()))
         .collect();
-    // A cheap fingerprint of what would be written (without the timestamp).
-    let fingerprint = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        node.hash(&mut h);
-        nodes.hash(&mut h);
-        serde_json::to_vec(p).unwrap_or_default().hash(&mut h);
-        h.finish()
-    };
     let path = state_dir.join(crate::status::PLAN_FILE);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if last.as_ref() == Some(&(path.clone(), fingerprint)) && path.exists() {
+    // Compared field by field (no serialising a large plan on every pass).
+    if let Some((lp, ln, lnodes, lplan)) = last.as_ref()
+        && (lp, ln.as_str(), lnodes, lplan) == (&path, node, &nodes, p)
+        && path.exists()
+    {
         return Ok(());
     }
-    crate::status::write_plan(
-        state_dir,
-        &crate::status::SavedPlan {
-            node: node.to_string(),
-            applied_at: state::now_secs(),
-            nodes,
-            plan: p.clone(),
-        },
-    )?;
-    *last = Some((path, fingerprint));
+    let saved = crate::status::SavedPlan {
+        node: node.to_string(),
+        applied_at: state::now_secs(),
+        nodes,
+        plan: p.clone(),
+    };
+    crate::status::write_plan(state_dir, &saved)?;
+    *last = Some((path, saved.node, saved.nodes, saved.plan));
     Ok(())
 }
 
@@ -514,7 +514,10 @@ async fn serve<S: Store>(
             .map(|(p, _)| p);
         let outcome = pass(store, &nl, opts, base.as_ref()).await;
         opts.metrics.pass_done(outcome.is_ok());
-        refresh_owned(&nl, &owned).await;
+        // An incremental pass changes no device: the owned indexes stand.
+        if !matches!(&outcome, Ok(o) if o.incremental) {
+            refresh_owned(&nl, &owned).await;
+        }
         let wait = match outcome {
             Ok(o) => {
                 if last_error.take().is_some() {

@@ -178,12 +178,16 @@ impl Ipam {
         self.write_owner(ip, owner)
     }
 
+    /// Write to a temp file and rename: readers and a crash of this process
+    /// see the old file or the whole new one. No fsync: an allocation lives
+    /// as long as the container's veth, which a reboot removes too (the
+    /// state dir is on /run); a file torn by power loss reads as free.
     fn write_owner(&self, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
         let path = self.path_of(ip);
         let tmp = self.dir.join(format!(".{ip}.tmp"));
         let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(serde_json::to_string(owner)?.as_bytes())?;
-        f.sync_all()?;
+        drop(f);
         fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
     }
 

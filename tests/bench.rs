@@ -155,7 +155,7 @@ fn converge_times_joins_and_crashes() {
 fn cni_compares_both_plugins() {
     let v = bench(&["cni", "--iterations", "5"]);
     assert_eq!(v["iterations"], 5);
-    for p in ["vxmesh", "reference"] {
+    for p in ["vxmesh", "reference", "floor"] {
         for k in ["add_ms", "del_ms", "add_del_ms"] {
             assert_eq!(v[p][k]["n"], 5, "{p} {k} in {v}");
             let p50 = f(&v, &[p, k, "p50"]);
@@ -165,6 +165,9 @@ fn cni_compares_both_plugins() {
     let ratio = f(&v, &["ratio_p50"]);
     let want = f(&v, &["vxmesh", "add_del_ms", "p50"]) / f(&v, &["reference", "add_del_ms", "p50"]);
     assert!((ratio - want).abs() < 1e-9, "{v}");
+    let floor = f(&v, &["floor_ratio_p50"]);
+    let want = f(&v, &["floor", "add_del_ms", "p50"]) / f(&v, &["reference", "add_del_ms", "p50"]);
+    assert!((floor - want).abs() < 1e-9, "{v}");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! iteration first (the reference creates its bridge on its first ADD). The
 //! times are wall-clock per plugin process, process start included.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{Summary, Table, TempDir, ensure_tool, ms, ratio};
+use crate::dataplane::kernel::{LinkOptions, Netlink};
 use crate::dataplane::netns::{self, Netns, NetnsGuard};
 use crate::lab::{Lab, LabGuard, LabSpec, run_plugin};
 
@@ -45,6 +47,12 @@ pub struct CniReport {
     pub iterations: usize,
     pub vxmesh: PluginTimes,
     pub reference: PluginTimes,
+    /// The kernel work alone: the same veth pair, bridge port, address and
+    /// route made and removed in-process over a warm netlink connection (no
+    /// process start, no IPAM, no config): what no plugin can go below.
+    pub floor: PluginTimes,
+    /// floor / reference, medians of ADD+DEL.
+    pub floor_ratio_p50: f64,
     /// vxmesh / reference, medians of ADD+DEL (target: <= 0.5).
     pub ratio_p50: f64,
     /// vxmesh / reference, p90s of ADD+DEL.
@@ -103,6 +111,51 @@ impl Plugin {
     }
 }
 
+/// The kernel floor of one ADD+DEL: what the plugin asks of the kernel,
+/// done in-process over a warm connection in the host namespace.
+async fn floor_add_del(
+    host: &Netlink,
+    bridge: &str,
+    cns: &Netns,
+    i: usize,
+) -> Result<(Duration, Duration)> {
+    let veth = format!("vxm-f{}-{i}", std::process::id() % 100_000);
+    let t0 = Instant::now();
+    let cont = Netlink::connect_in(cns).await?;
+    host.create_veth(&veth, "eth0", Some(cns), 1450).await?;
+    host.set_link(
+        &veth,
+        LinkOptions {
+            master: Some(bridge.to_string()),
+            up: Some(true),
+            ..Default::default()
+        },
+    )
+    .await?;
+    cont.set_link(
+        "eth0",
+        LinkOptions {
+            up: Some(true),
+            ..Default::default()
+        },
+    )
+    .await?;
+    cont.add_address("eth0", "10.98.0.2/24".parse().expect("valid"))
+        .await?;
+    cont.add_route(
+        "0.0.0.0/0".parse().expect("valid"),
+        Some(Ipv4Addr::new(10, 98, 0, 1)),
+        "eth0",
+        false,
+        None,
+    )
+    .await?;
+    let add = t0.elapsed();
+    let t1 = Instant::now();
+    host.delete_link(&veth).await?;
+    Ok((add, t1.elapsed()))
+}
+
 pub async fn run(o: &CniOptions) -> Result<CniReport> {
     if o.iterations == 0 {
         bail!("--iterations must be at least 1");
@@ -151,19 +204,34 @@ pub async fn run(o: &CniOptions) -> Result<CniReport> {
         host_ns: ref_host.name.clone(),
     };
     let plugins = [vx, reference];
-    let mut add = [Vec::new(), Vec::new()];
-    let mut del = [Vec::new(), Vec::new()];
-    let mut sum = [Vec::new(), Vec::new()];
+    let host_nl = Netlink::connect_in(&Netns::open(&host.netns)?).await?;
+    let bridge = crate::state::read_network(&host.state_dir, &network)?
+        .state
+        .bridge;
+    let mut add = [Vec::new(), Vec::new(), Vec::new()];
+    let mut del = [Vec::new(), Vec::new(), Vec::new()];
+    let mut sum = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..=o.iterations {
-        let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order: [usize; 3] = match i % 3 {
+            0 => [0, 1, 2],
+            1 => [1, 2, 0],
+            _ => [2, 0, 1],
+        };
         for k in order {
             let cname = format!("vxm-{name}-c{k}-{i}");
             let cns = NetnsGuard::create(&cname)?;
-            let id = format!("bench-{k}-{i}");
-            let p = &plugins[k];
-            let (p_name, cns_name) = (p.name, cns.name.clone());
-            let (a, d) = tokio::task::block_in_place(|| p.add_del(&id, &cns_name))
-                .with_context(|| format!("{p_name}, iteration {i}"))?;
+            let (a, d) = if k == 2 {
+                let ns = Netns::open(&cns.name)?;
+                floor_add_del(&host_nl, &bridge, &ns, i)
+                    .await
+                    .with_context(|| format!("kernel floor, iteration {i}"))?
+            } else {
+                let id = format!("bench-{k}-{i}");
+                let p = &plugins[k];
+                let (p_name, cns_name) = (p.name, cns.name.clone());
+                tokio::task::block_in_place(|| p.add_del(&id, &cns_name))
+                    .with_context(|| format!("{p_name}, iteration {i}"))?
+            };
             drop(cns);
             if i == 0 {
                 continue; // warm-up
@@ -175,19 +243,23 @@ pub async fn run(o: &CniOptions) -> Result<CniReport> {
     }
     drop(ref_host);
     drop(lab);
+    drop(host_nl);
+    let names = [plugins[0].name, plugins[1].name, "kernel floor"];
     let times = |k: usize| PluginTimes {
-        plugin: plugins[k].name.to_string(),
+        plugin: names[k].to_string(),
         add_ms: Summary::of(&add[k]),
         del_ms: Summary::of(&del[k]),
         add_del_ms: Summary::of(&sum[k]),
     };
-    let (v, r) = (times(0), times(1));
+    let (v, r, f) = (times(0), times(1), times(2));
     Ok(CniReport {
         iterations: o.iterations,
         ratio_p50: ratio(v.add_del_ms.p50, r.add_del_ms.p50),
         ratio_p90: ratio(v.add_del_ms.p90, r.add_del_ms.p90),
+        floor_ratio_p50: ratio(f.add_del_ms.p50, r.add_del_ms.p50),
         vxmesh: v,
         reference: r,
+        floor: f,
     })
 }
 
@@ -202,7 +274,7 @@ pub fn table(r: &CniReport) -> Table {
         "ADD+DEL p50 ms",
         "ADD+DEL p90 ms",
     ]);
-    for p in [&r.vxmesh, &r.reference] {
+    for p in [&r.vxmesh, &r.reference, &r.floor] {
         t.row(vec![
             p.plugin.clone(),
             p.add_del_ms.n.to_string(),
@@ -219,6 +291,10 @@ pub fn table(r: &CniReport) -> Table {
         r.ratio_p50,
         r.ratio_p90,
         if r.ratio_p50 <= 0.5 { "met" } else { "MISSED" }
+    ));
+    t.note(format!(
+        "kernel floor (the same kernel work in-process, no process start or IPAM): {:.2} of the reference's ADD+DEL median",
+        r.floor_ratio_p50
     ));
     t
 }

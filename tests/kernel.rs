@@ -662,6 +662,50 @@ async fn apply_keeps_going_and_reports_every_failure() {
     assert!(t.ip_forward());
 }
 
+/// Only the last request of a batch is acked: the kernel's errors for the
+/// others must still reach exactly the requests they belong to, across
+/// several batches in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_rejections_inside_batches_reach_their_own_changes() {
+    const N: u32 = 700; // 2 100 entry requests: several batches in flight
+    let t = TestNs::new("nack");
+    let nl = underlay(&t).await;
+    let mut plan = routed(0..N);
+    // A multicast gateway is refused by the kernel ("invalid gateway"), after
+    // the request was sent: one early in the first batch, one in a later one.
+    let bad: Vec<Ipv4Net> = [3u32, 650].iter().map(|&i| peer(i).0).collect();
+    plan.routes = plan
+        .routes
+        .into_iter()
+        .map(|mut r| {
+            if bad.contains(&r.dst) {
+                r.via = Ipv4Addr::new(224, 0, 0, 9);
+            }
+            r
+        })
+        .collect();
+    let err = reconcile(&nl, &plan).await.unwrap_err();
+    let apply = err
+        .downcast_ref::<vxmesh::dataplane::kernel::ApplyError>()
+        .expect("an ApplyError");
+    let errors = &apply.report.errors;
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    for (e, dst) in errors.iter().zip(&bad) {
+        assert!(
+            e.contains("route") && e.contains(&dst.to_string()) && e.contains("224.0.0.9"),
+            "{e} should name route {dst}"
+        );
+    }
+    let st = nl.dump().await.unwrap();
+    assert_eq!(owned(&st), (N as usize - 2, N as usize, N as usize));
+    for dst in &bad {
+        assert!(
+            !st.routes.iter().any(|r| r.dst == *dst),
+            "{dst} was applied"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_removes_what_vxmesh_owns_and_nothing_else() {
     let t = TestNs::new("down");

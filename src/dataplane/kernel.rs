@@ -15,7 +15,11 @@
 //! and dumps go through [`rtnetlink::Handle::request`]; apply sends its
 //! requests in batches (many messages per datagram, several datagrams queued)
 //! on a second socket of the same namespace, because netlink-proto writes one
-//! queued request per wake-up of its connection task. The sockets ask for
+//! queued request per wake-up of its connection task. In a batch only the
+//! last request asks for an ack; the kernel still answers every failed one
+//! with an error, in order, so the batch's ack means every earlier request
+//! was handled, and the errors that came before it are matched to their
+//! requests by sequence number (see [`Netlink::batch`]). The sockets ask for
 //! extended acks, so kernel error strings ("A VXLAN device with the specified
 //! VNI already exists") reach the error messages.
 //!
@@ -34,6 +38,7 @@ mod apply;
 mod msg;
 mod ops;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -99,9 +104,8 @@ pub fn route_metric(dst: Ipv4Net) -> u32 {
 
 /// Receive buffer of the sockets: large dumps and bursts of acks fit.
 const RCVBUF_BYTES: usize = 4 << 20;
-/// Requests per datagram on the batch connection. The kernel answers each
-/// with an ack (about 1 KiB of receive buffer each) before `sendmsg` returns,
-/// and the connection reads them all before it sends the next batch.
+/// Requests per datagram on the batch connection. The kernel handles them
+/// all before `sendmsg` returns and answers the failed ones and the last.
 const BATCH_SIZE: usize = 128;
 /// Batches queued at once on the batch connection.
 const BATCHES_IN_FLIGHT: usize = 4;
@@ -193,6 +197,8 @@ pub struct Netlink {
     handle: rtnetlink::Handle,
     /// A second socket for pipelined batches (acks forwarded, see [`Netlink::batch`]).
     batch: netlink_proto::ConnectionHandle<RouteNetlinkMessage>,
+    /// Errors of the batch socket's un-acked requests.
+    batch_errors: Arc<std::sync::Mutex<BatchErrors>>,
     ns: Arc<Netns>,
     label: Arc<str>,
     /// The kernel runs one dump at a time per socket (EBUSY otherwise).
@@ -208,6 +214,38 @@ impl fmt::Debug for Netlink {
 }
 
 type Connection = netlink_proto::Connection<RouteNetlinkMessage>;
+type Unsolicited = futures::channel::mpsc::UnboundedReceiver<(
+    NetlinkMessage<RouteNetlinkMessage>,
+    netlink_sys::SocketAddr,
+)>;
+
+/// The errors of requests sent without `NLM_F_ACK`: netlink-proto hands
+/// them over as unsolicited messages. Drained by whichever batch finishes
+/// first; errors of batches still in flight wait in `parked`.
+struct BatchErrors {
+    rx: Unsolicited,
+    parked: HashMap<u32, KernelError>,
+}
+
+impl BatchErrors {
+    fn new(rx: Unsolicited) -> Arc<std::sync::Mutex<Self>> {
+        Arc::new(std::sync::Mutex::new(BatchErrors {
+            rx,
+            parked: HashMap::new(),
+        }))
+    }
+
+    /// Move everything received so far into `parked`.
+    fn drain(&mut self) {
+        while let Ok((m, _)) = self.rx.try_recv() {
+            if let NetlinkPayload::Error(e) = &m.payload
+                && let Some(err) = kernel_error(m.header.flags, e)
+            {
+                self.parked.insert(m.header.sequence_number, err);
+            }
+        }
+    }
+}
 
 /// Socket options: extended acks (kernel error strings), capped acks (an
 /// error carries the request header only) and a large receive buffer.
@@ -238,16 +276,17 @@ fn new_sockets() -> Result<(
     rtnetlink::Handle,
     Connection,
     netlink_proto::ConnectionHandle<RouteNetlinkMessage>,
+    Unsolicited,
 )> {
     let (mut conn, handle, _unsolicited) =
         rtnetlink::new_connection().context("open rtnetlink socket")?;
     tune(conn.socket_mut().socket_mut());
-    let (mut bconn, bhandle, _unsolicited) =
+    let (mut bconn, bhandle, errors) =
         netlink_proto::new_connection::<RouteNetlinkMessage>(netlink_sys::protocols::NETLINK_ROUTE)
             .context("open rtnetlink socket")?;
     bconn.set_forward_ack(true);
     tune(bconn.socket_mut().socket_mut());
-    Ok((conn, handle, bconn, bhandle))
+    Ok((conn, handle, bconn, bhandle, errors))
 }
 
 /// A readable name for the calling thread's namespace: its `/run/netns` name
@@ -279,13 +318,14 @@ impl Netlink {
     pub async fn connect() -> Result<Self> {
         let ns = Netns::current().context("open the current network namespace")?;
         let label = describe_current_namespace();
-        let (conn, handle, bconn, batch) =
+        let (conn, handle, bconn, batch, errors) =
             new_sockets().with_context(|| format!("connect to rtnetlink in {label}"))?;
         tokio::spawn(conn);
         tokio::spawn(bconn);
         Ok(Netlink {
             handle,
             batch,
+            batch_errors: BatchErrors::new(errors),
             ns: Arc::new(ns),
             label: label.into(),
             dump_lock: Default::default(),
@@ -300,7 +340,7 @@ impl Netlink {
         let rt = tokio::runtime::Handle::current();
         let label = format!("namespace {}", ns.name());
         let inner = rt.clone();
-        let (conn, handle, bconn, batch) = ns
+        let (conn, handle, bconn, batch, errors) = ns
             .run(move || {
                 let _guard = inner.enter();
                 new_sockets()
@@ -311,6 +351,7 @@ impl Netlink {
         Ok(Netlink {
             handle,
             batch,
+            batch_errors: BatchErrors::new(errors),
             ns: Arc::new(ns.try_clone()?),
             label: label.into(),
             dump_lock: Default::default(),
@@ -363,40 +404,52 @@ impl Netlink {
     }
 
     /// Send `reqs` (payload, extra flags) as one datagram; the kernel handles
-    /// them in order and acks each. Returns one result per request, in order.
+    /// them in order, answering the failed ones and the last (acked) one.
+    /// Returns one result per request, in order.
     pub(crate) async fn batch(
         &self,
         reqs: Vec<(RouteNetlinkMessage, u16)>,
     ) -> Vec<Result<(), KernelError>> {
+        use netlink_proto::ReplyExpectation::{Expected, NotExpected};
         let n = reqs.len();
-        let msgs: Vec<NetlinkMessage<RouteNetlinkMessage>> = reqs
-            .into_iter()
-            .map(|(payload, extra)| {
-                let mut m = NetlinkMessage::from(payload);
-                m.header.flags = NLM_F_REQUEST | NLM_F_ACK | extra;
-                m
-            })
-            .collect();
+        if n == 0 {
+            return Vec::new();
+        }
+        // Only the last request is acked (and awaited); the kernel answers
+        // the others only if they fail, as unsolicited messages.
+        let msgs = reqs.into_iter().enumerate().map(|(i, (payload, extra))| {
+            let last = i + 1 == n;
+            let mut m = NetlinkMessage::from(payload);
+            m.header.flags = NLM_F_REQUEST | extra | if last { NLM_F_ACK } else { 0 };
+            (m, if last { Expected } else { NotExpected })
+        });
         let Ok(mut resp) = self
             .batch
-            .request_batch(msgs, netlink_sys::SocketAddr::new(0, 0))
+            .request_batch_with_expectation(msgs, netlink_sys::SocketAddr::new(0, 0))
         else {
             return vec![Err(KernelError::closed()); n];
         };
-        // The connection numbers the messages of a batch consecutively; every
-        // one gets exactly one ack or error (acks are forwarded on this socket).
-        let mut answers: Vec<(u32, Result<(), KernelError>)> = Vec::with_capacity(n);
+        let mut last = None;
         while let Some(m) = resp.next().await {
             if let NetlinkPayload::Error(e) = &m.payload {
-                let r = kernel_error(m.header.flags, e).map_or(Ok(()), Err);
-                answers.push((m.header.sequence_number, r));
+                last = Some((m.header.sequence_number, kernel_error(m.header.flags, e)));
             }
         }
-        if let Some(first) = answers.first().map(|a| a.0) {
-            answers.sort_by_key(|a| a.0.wrapping_sub(first));
-        }
-        let mut out: Vec<Result<(), KernelError>> = answers.into_iter().map(|a| a.1).collect();
-        out.resize(n, Err(KernelError::closed()));
+        let Some((last_seq, last_err)) = last else {
+            return vec![Err(KernelError::closed()); n];
+        };
+        // The connection numbers a batch's messages consecutively, and hands
+        // over the errors of earlier requests before the last one's ack.
+        let first_seq = last_seq.wrapping_sub(n as u32 - 1);
+        let mut errors = self.batch_errors.lock().unwrap_or_else(|p| p.into_inner());
+        errors.drain();
+        let mut out: Vec<Result<(), KernelError>> = (0..n as u32 - 1)
+            .map(|i| match errors.parked.remove(&first_seq.wrapping_add(i)) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            })
+            .collect();
+        out.push(last_err.map_or(Ok(()), Err));
         out
     }
 

@@ -249,7 +249,7 @@ async fn converge(nl: &Netlink, plan: &NodePlan) {
         (again.changes, again.messages),
         (0, 0),
         "second pass must be empty: {:#?}",
-        again.applied
+        again.lines()
     );
 }
 
@@ -260,7 +260,7 @@ async fn routed_plan_from_empty_is_complete_and_idempotent() {
     let plan = routed(0..3);
     let r = reconcile(&nl, &plan).await.unwrap();
     // 2 links + 2 addresses + ip_forward + 3 x (route, neighbour, fdb).
-    assert_eq!(r.changes, 14, "{:#?}", r.applied);
+    assert_eq!(r.changes, 14, "{:#?}", r.lines());
     // Each link: create + alias; addresses 2; 9 entries.
     assert_eq!(r.messages, 4 + 2 + 9);
     assert!(r.apply.errors.is_empty());
@@ -339,7 +339,7 @@ async fn routed_plan_from_empty_is_complete_and_idempotent() {
         (again.changes, again.messages),
         (0, 0),
         "{:#?}",
-        again.applied
+        again.lines()
     );
 }
 
@@ -386,11 +386,11 @@ async fn drift_is_repaired() {
     for (tool, args, want) in drifts {
         run(tool, t.name(), &args);
         let r = reconcile(&nl, &plan).await.unwrap();
-        assert_eq!(r.changes, 1, "after {tool} {args:?}: {:#?}", r.applied);
-        assert!(r.applied[0].starts_with(want), "{:?}", r.applied);
+        assert_eq!(r.changes, 1, "after {tool} {args:?}: {:#?}", r.lines());
+        assert!(r.lines()[0].starts_with(want), "{:?}", r.lines());
         assert_eq!(r.messages, 1);
         let again = reconcile(&nl, &plan).await.unwrap();
-        assert_eq!(again.changes, 0, "{:#?}", again.applied);
+        assert_eq!(again.changes, 0, "{:#?}", again.lines());
     }
     assert_eq!(counts(&t, "vxm-vx100"), (3, 3, 3));
 
@@ -402,10 +402,10 @@ async fn drift_is_repaired() {
         "routes went with the device"
     );
     let r = reconcile(&nl, &plan).await.unwrap();
-    assert_eq!(r.changes, 1 + 1 + 9, "{:#?}", r.applied);
+    assert_eq!(r.changes, 1 + 1 + 9, "{:#?}", r.lines());
     assert_eq!(counts(&t, "vxm-vx100"), (3, 3, 3));
     let again = reconcile(&nl, &plan).await.unwrap();
-    assert_eq!(again.changes, 0, "{:#?}", again.applied);
+    assert_eq!(again.changes, 0, "{:#?}", again.lines());
 
     // A VTEP with the wrong VNI (same name, still ours) is recreated.
     let mut other = plan.clone();
@@ -415,9 +415,9 @@ async fn drift_is_repaired() {
     converge(&nl, &other).await;
     let r = reconcile(&nl, &plan).await.unwrap();
     assert!(
-        r.applied[0].starts_with("delete vxlan vxm-vx100 (id 101 -> 100)"),
+        r.lines()[0].starts_with("delete vxlan vxm-vx100 (id 101 -> 100)"),
         "{:?}",
-        r.applied
+        r.lines()
     );
     assert_eq!(counts(&t, "vxm-vx100"), (3, 3, 3));
     assert!(
@@ -435,7 +435,7 @@ async fn removing_a_peer_removes_exactly_its_three_entries() {
     let r = reconcile(&nl, &routed(0..2)).await.unwrap();
     let (subnet, gw, mac, underlay) = peer(2);
     assert_eq!(
-        r.applied,
+        r.lines(),
         vec![
             format!(
                 "delete route {subnet} via {gw} dev vxm-vx100 proto 86 metric {}",
@@ -495,7 +495,7 @@ async fn bridged_plan_enslaves_a_proxy_vtep_without_learning() {
     let nl = underlay(&t).await;
     let plan = bridged();
     let r = reconcile(&nl, &plan).await.unwrap();
-    assert_eq!(r.changes, 2 + 1 + 2 + 2, "{:#?}", r.applied);
+    assert_eq!(r.changes, 2 + 1 + 2 + 2, "{:#?}", r.lines());
     let st = nl.dump().await.unwrap();
     let vx = st.link("vxm-vx200").unwrap();
     assert_eq!(vx.master.as_deref(), Some("vxm-br200"));
@@ -516,7 +516,7 @@ async fn bridged_plan_enslaves_a_proxy_vtep_without_learning() {
         (again.changes, again.messages),
         (0, 0),
         "{:#?}",
-        again.applied
+        again.lines()
     );
 
     // Learning turned back on and the port released: both repaired.
@@ -530,13 +530,13 @@ async fn bridged_plan_enslaves_a_proxy_vtep_without_learning() {
         "on",
     ]);
     assert_eq!(
-        reconcile(&nl, &plan).await.unwrap().applied,
+        reconcile(&nl, &plan).await.unwrap().lines(),
         vec!["set bridge-port learning off on vxm-vx200"]
     );
     t.ip(&["link", "set", "vxm-vx200", "nomaster"]);
     let r = reconcile(&nl, &plan).await.unwrap();
     assert_eq!(
-        r.applied,
+        r.lines(),
         vec![
             "set link vxm-vx200 master vxm-br200",
             "set bridge-port learning off on vxm-vx200"
@@ -604,11 +604,11 @@ async fn ten_thousand_peers_apply_fast_and_increment_exactly() {
     // One more peer: exactly its three requests.
     let bigger = routed(0..N + 1);
     let r = reconcile(&nl, &bigger).await.unwrap();
-    assert_eq!((r.changes, r.messages), (3, 3), "{:#?}", r.applied);
+    assert_eq!((r.changes, r.messages), (3, 3), "{:#?}", r.lines());
     assert!(
-        r.applied[2].starts_with("replace route"),
+        r.lines()[2].starts_with("replace route"),
         "route last: {:?}",
-        r.applied
+        r.lines()
     );
     // One peer gone: exactly its three deletes.
     let mut fewer = bigger.clone();
@@ -617,7 +617,7 @@ async fn ten_thousand_peers_apply_fast_and_increment_exactly() {
     fewer.neighbours.retain(|n| n.ip != gw);
     fewer.fdb.retain(|e| e.mac != mac);
     let r = reconcile(&nl, &fewer).await.unwrap();
-    assert_eq!((r.changes, r.messages), (3, 3), "{:#?}", r.applied);
+    assert_eq!((r.changes, r.messages), (3, 3), "{:#?}", r.lines());
     let st = nl.dump().await.unwrap();
     assert_eq!(owned(&st), (N as usize, N as usize, N as usize));
 }
@@ -992,11 +992,11 @@ async fn kernel_reasons_reach_errors_and_half_created_devices_are_adopted() {
     ]);
     let r = reconcile(&nl, &plan).await.unwrap();
     assert!(
-        r.applied
+        r.lines()
             .iter()
             .any(|c| c.starts_with("set link vxm-vx100") && c.contains("alias vxmesh:net:demo")),
         "{:#?}",
-        r.applied
+        r.lines()
     );
     converge(&nl, &plan).await;
     assert_eq!(counts(&t, "vxm-vx100"), (2, 2, 2));

@@ -146,6 +146,14 @@ fn gone_already(e: &KernelError) -> bool {
 /// A change turned into its one request: (payload, extra flags, is a delete).
 type Request = (RouteNetlinkMessage, u16, bool);
 
+/// What became of one item of [`Netlink::send_built`].
+enum Sent {
+    /// Its request could not be built (nothing was sent).
+    NotBuilt(String),
+    /// The kernel's answer.
+    Kernel(Result<(), KernelError>),
+}
+
 impl Netlink {
     fn index(&self, idx: &HashMap<String, u32>, dev: &str) -> Result<u32, String> {
         idx.get(dev)
@@ -155,24 +163,52 @@ impl Netlink {
 
     /// Send single requests pipelined in batches; one result per request.
     async fn send_all(&self, reqs: Vec<Request>) -> Vec<Result<(), KernelError>> {
-        let mut chunks = Vec::new();
-        let mut it = reqs.into_iter().peekable();
+        self.send_built(reqs, Ok)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Sent::Kernel(r) => r,
+                Sent::NotBuilt(_) => unreachable!("prebuilt requests always build"),
+            })
+            .collect()
+    }
+
+    /// Build each item's request and send them pipelined in batches: a batch
+    /// is built while the kernel handles the ones before it. One result per
+    /// item, in order.
+    async fn send_built<T>(
+        &self,
+        items: Vec<T>,
+        build: impl Fn(T) -> Result<Request, String>,
+    ) -> Vec<Sent> {
+        let mut chunks: Vec<Vec<T>> = Vec::new();
+        let mut it = items.into_iter().peekable();
         while it.peek().is_some() {
-            let chunk: Vec<Request> = it.by_ref().take(BATCH_SIZE).collect();
-            chunks.push(chunk);
+            chunks.push(it.by_ref().take(BATCH_SIZE).collect());
         }
-        let results: Vec<Vec<Result<(), KernelError>>> =
+        let build = &build;
+        let results: Vec<Vec<Sent>> =
             futures::stream::iter(chunks.into_iter().map(|chunk| async move {
-                let deletes: Vec<bool> = chunk.iter().map(|r| r.2).collect();
-                let res = self
-                    .batch(chunk.into_iter().map(|(m, f, _)| (m, f)).collect())
-                    .await;
-                res.into_iter()
-                    .zip(deletes)
-                    .map(|(r, is_delete)| match r {
+                let mut out: Vec<Option<Sent>> = Vec::with_capacity(chunk.len());
+                let (mut reqs, mut sent) = (Vec::new(), Vec::new());
+                for (k, item) in chunk.into_iter().enumerate() {
+                    match build(item) {
+                        Ok((m, flags, is_delete)) => {
+                            reqs.push((m, flags));
+                            sent.push((k, is_delete));
+                            out.push(None);
+                        }
+                        Err(e) => out.push(Some(Sent::NotBuilt(e))),
+                    }
+                }
+                for ((k, is_delete), r) in sent.into_iter().zip(self.batch(reqs).await) {
+                    out[k] = Some(Sent::Kernel(match r {
                         Err(e) if is_delete && gone_already(&e) => Ok(()),
                         r => r,
-                    })
+                    }));
+                }
+                out.into_iter()
+                    .map(|o| o.unwrap_or(Sent::Kernel(Err(KernelError::closed()))))
                     .collect()
             }))
             .buffered(BATCHES_IN_FLIGHT)
@@ -272,28 +308,24 @@ impl Netlink {
     /// batched and pipelined; returns (kind, requests sent, result) per change.
     async fn run_phase(&self, group: &[&Change], idx: &HashMap<String, u32>) -> Vec<Outcome> {
         let mut out: Vec<Option<Outcome>> = vec![None; group.len()];
-        let mut reqs = Vec::new();
         let mut slots = Vec::new();
         for (i, c) in group.iter().enumerate() {
-            let kind = kind_of(c);
             match c {
                 Change::SetIpForward { on } => {
                     let on = *on;
                     let r = self.run_in_ns(move || sysctl::set_ip_forward(on));
-                    out[i] = Some((kind, 1, r.map_err(|e| format!("{c}: {e:#}"))));
+                    out[i] = Some((kind_of(c), 1, r.map_err(|e| format!("{c}: {e:#}"))));
                 }
-                _ => match self.request(c, idx) {
-                    Ok(req) => {
-                        reqs.push(req);
-                        slots.push(i);
-                    }
-                    Err(e) => out[i] = Some((kind, 0, Err(format!("{c}: {e}")))),
-                },
+                _ => slots.push(i),
             }
         }
-        for (i, r) in slots.into_iter().zip(self.send_all(reqs).await) {
+        let sent = self.send_built(slots.clone(), |i| self.request(group[i], idx));
+        for (i, r) in slots.into_iter().zip(sent.await) {
             let c = group[i];
-            out[i] = Some((kind_of(c), 1, r.map_err(|e| format!("{c}: {e}"))));
+            out[i] = Some(match r {
+                Sent::NotBuilt(e) => (kind_of(c), 0, Err(format!("{c}: {e}"))),
+                Sent::Kernel(r) => (kind_of(c), 1, r.map_err(|e| format!("{c}: {e}"))),
+            });
         }
         out.into_iter().flatten().collect()
     }
@@ -541,9 +573,16 @@ pub struct ReconcileReport {
     /// Netlink requests sent to apply them.
     pub messages: usize,
     pub duration: Duration,
-    /// The changes, as log lines.
-    pub applied: Vec<String>,
+    /// The changes (their `Display` is the log line).
+    pub applied: Vec<Change>,
     pub apply: ApplyReport,
+}
+
+impl ReconcileReport {
+    /// The changes as log lines.
+    pub fn lines(&self) -> Vec<String> {
+        self.applied.iter().map(ToString::to_string).collect()
+    }
 }
 
 /// Dump, diff against `plan`, apply: one reconciliation pass.
@@ -551,7 +590,7 @@ pub async fn reconcile(nl: &Netlink, plan: &NodePlan) -> Result<ReconcileReport>
     let t0 = Instant::now();
     let actual = nl.dump().await?;
     let changes = diff(plan, &actual).with_context(|| format!("reconcile {}", nl.namespace()))?;
-    apply_logged(nl, &changes, t0).await
+    apply_logged(nl, changes, t0).await
 }
 
 /// The incremental pass: the kernel is known to hold exactly `old` (it was
@@ -567,10 +606,10 @@ pub async fn reconcile_from(
     let Some(changes) = diff_entries(old, new) else {
         return Ok(None);
     };
-    apply_logged(nl, &changes, t0).await.map(Some)
+    apply_logged(nl, changes, t0).await.map(Some)
 }
 
-async fn apply_logged(nl: &Netlink, changes: &[Change], t0: Instant) -> Result<ReconcileReport> {
+async fn apply_logged(nl: &Netlink, changes: Vec<Change>, t0: Instant) -> Result<ReconcileReport> {
     const LOGGED: usize = 50;
     for (i, c) in changes.iter().enumerate() {
         if i < LOGGED {
@@ -589,13 +628,13 @@ async fn apply_logged(nl: &Netlink, changes: &[Change], t0: Instant) -> Result<R
     let apply = if changes.is_empty() {
         ApplyReport::default()
     } else {
-        nl.apply(changes).await?
+        nl.apply(&changes).await?
     };
     Ok(ReconcileReport {
         changes: changes.len(),
         messages: apply.messages(),
         duration: t0.elapsed(),
-        applied: changes.iter().map(ToString::to_string).collect(),
+        applied: changes,
         apply,
     })
 }

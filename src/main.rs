@@ -187,6 +187,10 @@ enum BenchCmd {
             default_value = "routed,bridged"
         )]
         mode: Vec<ModeArg>,
+        /// Runs per mode and size (interleaved vxmesh / ip -batch pairs);
+        /// each figure is the median, the speedup the median of the pairs.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         #[arg(long)]
         json: bool,
     },
@@ -682,21 +686,33 @@ async fn bench_cmd(b: BenchCmd) -> Result<()> {
     use vxmesh::bench::{self, cni, converge, footprint, throughput};
     let exe = std::env::current_exe().context("the path of this vxmesh binary")?;
     match b {
-        BenchCmd::Scale { peers, mode, json } => {
+        BenchCmd::Scale {
+            peers,
+            mode,
+            repeat,
+            json,
+        } => {
+            if !(1..=50).contains(&repeat) {
+                anyhow::bail!("--repeat must be 1..=50 (got {repeat})");
+            }
             let mut rows = Vec::new();
             for m in mode {
                 for &p in &peers {
                     if p == 0 || p > 60_000 {
                         anyhow::bail!("--peers values must be 1..=60000 (got {p})");
                     }
-                    let row = bench::scale_one(m.into(), p).await?;
-                    if !json {
-                        eprintln!(
-                            "{} {p} peers: vxmesh {:.1} ms, ip -batch {:.1} ms",
-                            row.mode, row.vxmesh_ms, row.ip_batch_ms
-                        );
+                    let mut runs = Vec::new();
+                    for _ in 0..repeat {
+                        let run = bench::scale_one(m.into(), p).await?;
+                        if !json {
+                            eprintln!(
+                                "{} {p} peers: vxmesh {:.1} ms, ip -batch {:.1} ms ({:.1}x)",
+                                run.mode, run.vxmesh_ms, run.ip_batch_ms, run.speedup
+                            );
+                        }
+                        runs.push(run);
                     }
-                    rows.push(row);
+                    rows.push(bench::scale::combine(&runs));
                 }
             }
             bench::print(json, &rows, &bench::scale_table(&rows))

@@ -73,6 +73,44 @@ fn f(v: &Value, path: &[&str]) -> f64 {
 }
 
 #[test]
+fn scale_repeats_and_reports_medians_of_both_tools() {
+    let v = bench(&[
+        "scale",
+        "--peers",
+        "40",
+        "--mode",
+        "routed,bridged",
+        "--repeat",
+        "3",
+    ]);
+    let rows = v.as_array().expect("one row per mode and size");
+    assert_eq!(rows.len(), 2, "{v}");
+    for (row, (mode, per_peer, inc)) in rows.iter().zip([("routed", 3, 3), ("bridged", 2, 2)]) {
+        assert_eq!(row["mode"], mode, "{row}");
+        assert_eq!(row["runs"], 3, "{row}");
+        assert_eq!(row["objects"], 40 * per_peer, "{row}");
+        // One message per object, exactly the needed ones on top, none idle.
+        assert_eq!(row["vxmesh_messages"], 40 * per_peer, "{row}");
+        assert_eq!(row["incremental_messages"], inc, "{row}");
+        assert_eq!(row["idle_pass_messages"], 0, "{row}");
+        let ratios: Vec<f64> = row["speedups"]
+            .as_array()
+            .expect("per-run ratios")
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect();
+        assert_eq!(ratios.len(), 3, "{row}");
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert!((f(row, &["speedup"]) - sorted[1]).abs() < 1e-9, "{row}");
+        assert!(
+            f(row, &["vxmesh_ms"]) > 0.0 && f(row, &["ip_batch_ms"]) > 0.0,
+            "{row}"
+        );
+    }
+}
+
+#[test]
 fn throughput_reports_both_paths_and_ratios() {
     let v = bench(&[
         "throughput",

@@ -20,11 +20,15 @@ use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile, reconcile_from};
 use crate::model::{Endpoint, NodeRecord, Vni, container_mac};
 
-/// One measured row of the scale benchmark.
+/// One row of the scale benchmark: one run, or (see [`combine`]) the
+/// medians of several.
 #[derive(Clone, Debug, Serialize)]
 pub struct ScaleRow {
     pub mode: String,
     pub peers: usize,
+    /// Runs behind this row (each a vxmesh pass and an `ip -batch` run,
+    /// back to back); every figure is the median over them.
+    pub runs: usize,
     /// Kernel objects programmed (routes + neighbours + FDB entries).
     pub objects: usize,
     pub vxmesh_ms: f64,
@@ -37,8 +41,11 @@ pub struct ScaleRow {
     /// CPU time of the `ip`/`bridge` processes, user space and kernel.
     pub ip_batch_user_ms: f64,
     pub ip_batch_kernel_ms: f64,
-    /// ip -batch time / vxmesh time (> 1: vxmesh is faster).
+    /// ip -batch time / vxmesh time (> 1: vxmesh is faster); of several
+    /// runs the median of the per-run ratios.
     pub speedup: f64,
+    /// The per-run ratios, in run order.
+    pub speedups: Vec<f64>,
     /// One more peer on top of the full set.
     pub incremental_ms: f64,
     pub incremental_messages: usize,
@@ -77,7 +84,11 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
             underlay_dev: Some("ul0".into()),
             subnets: BTreeMap::from([(
                 "bench".to_string(),
-                cidr.subnets(len).expect("valid").nth(i).expect("room"),
+                Ipv4Net::new(
+                    Ipv4Addr::from(u32::from(cidr.network()) + ((i as u32) << (32 - len))),
+                    len,
+                )
+                .expect("valid"),
             )]),
         })
         .collect();
@@ -248,9 +259,11 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
             check.applied.iter().take(3).collect::<Vec<_>>()
         );
     }
+    let speedup = ms(ipb) / ms(vx).max(0.001);
     Ok(ScaleRow {
         mode: mode.to_string(),
         peers,
+        runs: 1,
         objects,
         vxmesh_ms: ms(vx),
         vxmesh_messages: full.messages,
@@ -259,12 +272,44 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
         ip_batch_ms: ms(ipb),
         ip_batch_user_ms: kids1.0 - kids0.0,
         ip_batch_kernel_ms: kids1.1 - kids0.1,
-        speedup: ms(ipb) / ms(vx).max(0.001),
+        speedup,
+        speedups: vec![speedup],
         incremental_ms: ms(inc_t),
         incremental_messages: inc.messages,
         idle_pass_ms: ms(idle_t),
         idle_pass_messages: idle.messages,
     })
+}
+
+/// One row from several runs of the same mode and size: the median of each
+/// figure (the speedup: of the per-run ratios, which cancels load that
+/// drifts between runs), all per-run ratios kept.
+pub fn combine(runs: &[ScaleRow]) -> ScaleRow {
+    let med = |f: &dyn Fn(&ScaleRow) -> f64| {
+        let xs: Vec<f64> = runs.iter().map(f).collect();
+        super::Summary::of(&xs).p50
+    };
+    let med_n = |f: &dyn Fn(&ScaleRow) -> usize| med(&|r| f(r) as f64).round() as usize;
+    let first = &runs[0];
+    ScaleRow {
+        mode: first.mode.clone(),
+        peers: first.peers,
+        runs: runs.len(),
+        objects: first.objects,
+        vxmesh_ms: med(&|r| r.vxmesh_ms),
+        vxmesh_messages: med_n(&|r| r.vxmesh_messages),
+        vxmesh_user_ms: med(&|r| r.vxmesh_user_ms),
+        vxmesh_kernel_ms: med(&|r| r.vxmesh_kernel_ms),
+        ip_batch_ms: med(&|r| r.ip_batch_ms),
+        ip_batch_user_ms: med(&|r| r.ip_batch_user_ms),
+        ip_batch_kernel_ms: med(&|r| r.ip_batch_kernel_ms),
+        speedup: med(&|r| r.speedup),
+        speedups: runs.iter().map(|r| r.speedup).collect(),
+        incremental_ms: med(&|r| r.incremental_ms),
+        incremental_messages: med_n(&|r| r.incremental_messages),
+        idle_pass_ms: med(&|r| r.idle_pass_ms),
+        idle_pass_messages: med_n(&|r| r.idle_pass_messages),
+    }
 }
 
 /// (user, system) CPU time of this process so far, in ms.
@@ -289,7 +334,7 @@ pub fn scale_table(rows: &[ScaleRow]) -> Table {
         "msgs",
         "ip-batch ms",
         "(user/kernel)",
-        "speedup",
+        "speedup (range)",
         "+1 peer ms",
         "+1 msgs",
         "idle pass ms",
@@ -305,7 +350,15 @@ pub fn scale_table(rows: &[ScaleRow]) -> Table {
             r.vxmesh_messages.to_string(),
             format!("{:.1}", r.ip_batch_ms),
             format!("({:.0}/{:.0})", r.ip_batch_user_ms, r.ip_batch_kernel_ms),
-            format!("{:.1}x", r.speedup),
+            {
+                let lo = r.speedups.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.speedups.iter().copied().fold(0.0, f64::max);
+                if r.runs > 1 {
+                    format!("{:.1}x ({lo:.1}-{hi:.1})", r.speedup)
+                } else {
+                    format!("{:.1}x", r.speedup)
+                }
+            },
             format!("{:.2}", r.incremental_ms),
             r.incremental_messages.to_string(),
             format!("{:.1}", r.idle_pass_ms),

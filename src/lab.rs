@@ -36,12 +36,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::attach::{self, AttachRequest};
 use crate::config::{ClusterFile, Mode, NetworkFile, NodeFile};
+use crate::dataplane::NeighSpec;
+use crate::dataplane::diff::Change;
 use crate::dataplane::kernel::{LinkOptions, Netlink};
 use crate::dataplane::netns::{self, Netns};
+use crate::model::Mac;
 use crate::probe;
 use crate::state;
 
 pub const LAB_ROOT: &str = "/run/vxmesh-lab";
+/// The underlay bridge's MAC (etcd's address lives on it).
+const UNDERLAY_BRIDGE_MAC: Mac = Mac([0x02, 0x00, 198, 18, 0, 254]);
+
+/// The fixed MAC of a host's underlay link, from its underlay address.
+fn underlay_mac(ip: Ipv4Addr) -> Mac {
+    let o = ip.octets();
+    Mac([0x02, 0x00, o[0], o[1], o[2], o[3]])
+}
 pub const UNDERLAY_NET: [u8; 3] = [198, 18, 0];
 
 /// What to build.
@@ -301,9 +312,8 @@ impl Lab {
         // A fixed MAC: a bridge without one takes its ports' lowest, which
         // changes when a host leaves, and hosts would keep ARP entries for
         // etcd's address (on this bridge) that no longer reach it.
-        let ul_mac = crate::model::Mac([0x02, 0x00, 198, 18, 0, 254]);
         ul_nl
-            .create_bridge("br-ul", 1500, Some(ul_mac), None)
+            .create_bridge("br-ul", 1500, Some(UNDERLAY_BRIDGE_MAC), None)
             .await
             .context("underlay bridge")?;
         ul_nl
@@ -339,6 +349,8 @@ impl Lab {
             };
             self.create_host(&ul_nl, i, subnets).await?;
         }
+        let all: Vec<String> = self.info.nodes.iter().map(|n| n.name.clone()).collect();
+        self.pin_underlay(&all).await?;
         self.save()?;
         for i in 0..self.info.nodes.len() {
             let n = self.info.nodes[i].name.clone();
@@ -392,6 +404,7 @@ impl Lab {
             "eth0",
             LinkOptions {
                 up: Some(true),
+                mac: Some(underlay_mac(ip)),
                 ..Default::default()
             },
         )
@@ -408,6 +421,46 @@ impl Lab {
             agent_log: node_dir.join("agent.log"),
         });
         Ok(node)
+    }
+
+    /// Pin the underlay's ARP entries as permanent neighbours: between the
+    /// `new` hosts and every host, and from the `new` hosts to etcd.
+    ///
+    /// The lab's hosts share one kernel, whose limit on learned neighbours
+    /// (`gc_thresh3`, 1 024 by default, settable only in the root namespace)
+    /// counts every namespace's entries: 50 hosts learning each other's
+    /// underlay addresses need 2 450, and beyond the limit the kernel drops
+    /// packets ("neighbor table overflow"). Permanent entries do not count.
+    /// Real hosts each have a kernel of their own and learn these by ARP.
+    pub(crate) async fn pin_underlay(&self, new: &[String]) -> Result<()> {
+        let is_new = |n: &LabNode| new.contains(&n.name);
+        let entry = |ip: Ipv4Addr, mac: Mac| Change::ReplaceNeighbour {
+            neigh: NeighSpec {
+                dev: "eth0".into(),
+                ip,
+                mac,
+            },
+        };
+        for h in &self.info.nodes {
+            let mut changes: Vec<Change> = self
+                .info
+                .nodes
+                .iter()
+                .filter(|o| o.name != h.name && (is_new(h) || is_new(o)))
+                .map(|o| entry(o.underlay_ip, underlay_mac(o.underlay_ip)))
+                .collect();
+            if is_new(h) && self.info.etcd.is_some() {
+                changes.push(entry(ETCD_IP, UNDERLAY_BRIDGE_MAC));
+            }
+            if changes.is_empty() {
+                continue;
+            }
+            let nl = Netlink::connect_in(&Netns::open(&h.netns)?).await?;
+            nl.apply(&changes)
+                .await
+                .with_context(|| format!("pin the underlay neighbours of {}", h.name))?;
+        }
+        Ok(())
     }
 
     /// Attach `k` containers per network of `nets` on `node`.

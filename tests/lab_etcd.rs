@@ -74,6 +74,30 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
 
         // A sixth host joins the running lab.
         let node = lab.add_host().await.unwrap();
+        // Its underlay neighbours are pinned both ways, and etcd's for it.
+        let permanent = |ns: &str| ip(ns, &["neigh", "show", "dev", "eth0", "nud", "permanent"]);
+        let new = lab.node(&node).unwrap().clone();
+        let mine = permanent(&new.netns);
+        assert_eq!(mine.lines().count(), 6, "5 hosts + etcd:\n{mine}");
+        assert!(
+            mine.contains("198.18.0.254 lladdr 02:00:c6:12:00:fe PERMANENT"),
+            "{mine}"
+        );
+        for o in lab.info.nodes.iter().filter(|o| o.name != node) {
+            assert!(
+                mine.contains(&format!("{} lladdr", o.underlay_ip)),
+                "{mine}"
+            );
+            let theirs = permanent(&o.netns);
+            assert!(
+                theirs.contains(&format!(
+                    "{} lladdr 02:00:c6:12:00:06 PERMANENT",
+                    new.underlay_ip
+                )),
+                "{}:\n{theirs}",
+                o.name
+            );
+        }
         let t0 = Instant::now();
         lab.start_agent(&node).unwrap();
         lab.wait_agent_ready(&node, Duration::from_secs(10))

@@ -43,6 +43,23 @@ async fn demo_three_nodes_all_pairs_and_clean_teardown() {
         for n in &lab.info.nodes {
             assert_eq!(vtep_entries(&n.netns), (2, 2, 2), "entries on {}", n.name);
         }
+        // The lab pins each host's underlay neighbours (the hosts share one
+        // kernel's limit on learned ones): permanent, with the fixed MACs.
+        for n in &lab.info.nodes {
+            let neigh = ip(
+                &n.netns,
+                &["neigh", "show", "dev", "eth0", "nud", "permanent"],
+            );
+            for o in lab.info.nodes.iter().filter(|o| o.name != n.name) {
+                let [a, b, c, d] = o.underlay_ip.octets();
+                let want = format!(
+                    "{} lladdr 02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x} PERMANENT",
+                    o.underlay_ip
+                );
+                assert!(neigh.contains(&want), "{} lacks '{want}':\n{neigh}", n.name);
+            }
+            assert_eq!(neigh.lines().count(), 2, "{}:\n{neigh}", n.name);
+        }
         // Subnets follow the reference lab.
         assert_eq!(
             lab.info.nodes[0].subnets["demo"].to_string(),

@@ -34,6 +34,7 @@ impl Lab {
         let ul = Netns::open(&self.info.underlay_ns)?;
         let ul_nl = Netlink::connect_in(&ul).await?;
         let node = self.create_host(&ul_nl, next, BTreeMap::new()).await?;
+        self.pin_underlay(std::slice::from_ref(&node)).await?;
         self.save()?;
         Ok(node)
     }

@@ -125,6 +125,23 @@ fn plan_for(mode: Mode, c: &Cluster) -> Result<NodePlan> {
     })?)
 }
 
+/// Delete the plan's devices, and with them every entry on them, while the
+/// namespace is still ours: the kernel does that work now, in this task,
+/// instead of in its namespace cleanup worker, which would hold the RTNL lock
+/// for tens of milliseconds in the middle of the next timed run.
+async fn dismantle(nl: &Netlink, p: &NodePlan) -> Result<()> {
+    for l in p.links.iter().rev() {
+        nl.delete_link(&l.name).await?;
+    }
+    Ok(())
+}
+
+/// Let the kernel finish deferred work (RCU callbacks, earlier namespace
+/// cleanups) before a timed section.
+async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
 /// A namespace with an underlay device `ul0` (a veth whose peer stays inside).
 async fn bench_ns(tag: &str) -> Result<(NetnsGuard, Netlink)> {
     let name = format!("vxm-bench-{}-{tag}", std::process::id());
@@ -207,6 +224,7 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
     devices_only.neighbours.clear();
     devices_only.fdb.clear();
     reconcile(&nl, &devices_only).await?;
+    settle().await;
     let cpu0 = cpu_ms()?;
     let t0 = Instant::now();
     let full = reconcile(&nl, &p).await?;
@@ -231,6 +249,7 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
             verify.applied.iter().take(3).collect::<Vec<_>>()
         );
     }
+    dismantle(&nl, &p2).await?;
     drop(nl);
     drop(g);
     // Baseline: ip -batch on the same objects, same starting point.
@@ -238,6 +257,7 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
     reconcile(&nl, &devices_only).await?;
     let dir = super::TempDir::new("scale")?;
     let (ipf, brf) = batch_files(&p, dir.path())?;
+    settle().await;
     let kids0 = cpu_of(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     let t3 = Instant::now();
     run_batch("ip", &g.name, &ipf)?;
@@ -259,6 +279,7 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
             check.applied.iter().take(3).collect::<Vec<_>>()
         );
     }
+    dismantle(&nl, &p).await?;
     let speedup = ms(ipb) / ms(vx).max(0.001);
     Ok(ScaleRow {
         mode: mode.to_string(),

@@ -18,7 +18,7 @@
 //!   runs them in: neighbour and FDB entries before the onlink routes that
 //!   need them, stale entries last.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -30,7 +30,9 @@ use crate::dataplane::kernel::{
 use crate::dataplane::{AddrSpec, FdbSpec, LinkKind, LinkSpec, NeighSpec, NodePlan, RouteSpec};
 use crate::model::{self, Mac};
 
-/// The order changes are applied in; changes of one phase run concurrently.
+/// The order changes are applied in. A phase starts when the one before it
+/// is done (its requests pipelined), except that the entry phases
+/// ([`Phase::is_entry`]) form one ordered stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Phase {
     DeleteLinks,
@@ -45,6 +47,22 @@ pub enum Phase {
     ReplaceEntries,
     ReplaceRoutes,
     DeleteEntries,
+}
+
+impl Phase {
+    /// The route, neighbour and FDB phases: they only add, replace or
+    /// delete entries on devices that exist, so they go to the kernel as one
+    /// ordered stream (it handles requests in order) with no wait between
+    /// them.
+    pub fn is_entry(self) -> bool {
+        matches!(
+            self,
+            Phase::DeleteRoutes
+                | Phase::ReplaceEntries
+                | Phase::ReplaceRoutes
+                | Phase::DeleteEntries
+        )
+    }
 }
 
 /// In-place fixes of a device's mutable attributes.
@@ -566,8 +584,11 @@ pub fn diff_entries(old: &NodePlan, new: &NodePlan) -> Option<Vec<Change>> {
         return None;
     }
     let mut out = Vec::new();
+    let (routes_gone, routes_new) = split_difference(&old.routes, &new.routes);
+    let (neigh_gone, neigh_new) = split_difference(&old.neighbours, &new.neighbours);
+    let (fdb_gone, fdb_new) = split_difference(&old.fdb, &new.fdb);
     // Routes are keyed by destination: a changed one is replaced in place.
-    for r in old.routes.difference(&new.routes) {
+    for r in routes_gone {
         if routes_to(new, r.dst) == 0 {
             out.push(Change::DeleteRoute {
                 route: ActualRoute {
@@ -586,17 +607,17 @@ pub fn diff_entries(old: &NodePlan, new: &NodePlan) -> Option<Vec<Change>> {
         }
     }
     out.extend(
-        new.routes
-            .difference(&old.routes)
+        routes_new
+            .into_iter()
             .map(|r| Change::ReplaceRoute { route: r.clone() }),
     );
     // Neighbours are keyed by (device, IP).
     out.extend(
-        new.neighbours
-            .difference(&old.neighbours)
+        neigh_new
+            .into_iter()
             .map(|n| Change::ReplaceNeighbour { neigh: n.clone() }),
     );
-    for n in old.neighbours.difference(&new.neighbours) {
+    for n in neigh_gone {
         if neighbours_of(new, &n.dev, n.ip) == 0 {
             out.push(Change::DeleteNeighbour {
                 dev: n.dev.clone(),
@@ -606,11 +627,11 @@ pub fn diff_entries(old: &NodePlan, new: &NodePlan) -> Option<Vec<Change>> {
     }
     // FDB entries are keyed by (device, MAC); a replace rewrites the remote.
     out.extend(
-        new.fdb
-            .difference(&old.fdb)
+        fdb_new
+            .into_iter()
             .map(|e| Change::ReplaceFdb { fdb: e.clone() }),
     );
-    for e in old.fdb.difference(&new.fdb) {
+    for e in fdb_gone {
         if fdb_of(new, &e.dev, e.mac) == 0 {
             out.push(Change::DeleteFdb {
                 dev: e.dev.clone(),
@@ -623,6 +644,31 @@ pub fn diff_entries(old: &NodePlan, new: &NodePlan) -> Option<Vec<Change>> {
     // The unchanged entries passed the full diff's validation with `old`;
     // check what is new (on a planned device, its key used once).
     validate_entries(new, &out).then_some(out)
+}
+
+/// `(only in old, only in new)` of two ordered sets, in one merge walk
+/// (two `difference` calls would walk both sets twice).
+fn split_difference<'a, T: Ord>(
+    old: &'a BTreeSet<T>,
+    new: &'a BTreeSet<T>,
+) -> (Vec<&'a T>, Vec<&'a T>) {
+    let (mut gone, mut added) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => match x.cmp(y) {
+                std::cmp::Ordering::Less => gone.extend(a.next()),
+                std::cmp::Ordering::Greater => added.extend(b.next()),
+                std::cmp::Ordering::Equal => {
+                    a.next();
+                    b.next();
+                }
+            },
+            (Some(_), None) => gone.extend(a.next()),
+            (None, Some(_)) => added.extend(b.next()),
+            (None, None) => return (gone, added),
+        }
+    }
 }
 
 /// How many planned routes go to `dst` (the set is ordered by `dst` first).

@@ -809,3 +809,23 @@ fn entries_diff_refuses_what_the_full_diff_refuses() {
     assert!(diff(&new, &converged(&old)).is_err());
     assert!(diff_entries(&old, &new).is_none());
 }
+
+#[test]
+fn split_difference_is_both_differences() {
+    let sets = [
+        vec![],
+        vec![1],
+        vec![1, 2, 3],
+        vec![2, 4, 6, 8],
+        vec![0, 3, 4, 5, 9],
+    ];
+    for a in &sets {
+        for b in &sets {
+            let (a, b): (BTreeSet<i32>, BTreeSet<i32>) =
+                (a.iter().copied().collect(), b.iter().copied().collect());
+            let (gone, added) = split_difference(&a, &b);
+            assert_eq!(gone, a.difference(&b).collect::<Vec<_>>(), "{a:?} {b:?}");
+            assert_eq!(added, b.difference(&a).collect::<Vec<_>>(), "{a:?} {b:?}");
+        }
+    }
+}

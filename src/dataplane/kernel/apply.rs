@@ -421,7 +421,11 @@ impl Netlink {
         let mut rest = &sorted[..];
         while let Some(first) = rest.first() {
             let phase = first.phase();
-            let n = rest.iter().take_while(|c| c.phase() == phase).count();
+            let n = if phase.is_entry() {
+                rest.iter().take_while(|c| c.phase().is_entry()).count()
+            } else {
+                rest.iter().take_while(|c| c.phase() == phase).count()
+            };
             let (group, tail) = rest.split_at(n);
             rest = tail;
             let started = Instant::now();
@@ -460,7 +464,14 @@ impl Netlink {
             ) {
                 idx.stale = true;
             }
-            rep.phases.push((phase, n, started.elapsed()));
+            let took = started.elapsed();
+            let mut i = 0;
+            while i < group.len() {
+                let p = group[i].phase();
+                let k = group[i..].iter().take_while(|c| c.phase() == p).count();
+                rep.phases.push((p, k, took));
+                i += k;
+            }
         }
         rep.dumps = idx.dumps;
         rep.elapsed = t0.elapsed();

@@ -127,6 +127,15 @@ impl KernelError {
         }
     }
 
+    /// The socket's receive buffer overflowed while the request was in
+    /// flight: an error the kernel sent for it may have been dropped.
+    fn overrun() -> Self {
+        KernelError {
+            errno: libc::ENOBUFS,
+            message: Some("netlink receive buffer overrun: the outcome is unknown".into()),
+        }
+    }
+
     pub fn is(&self, errno: i32) -> bool {
         self.errno == errno
     }
@@ -225,6 +234,9 @@ type Unsolicited = futures::channel::mpsc::UnboundedReceiver<(
 struct BatchErrors {
     rx: Unsolicited,
     parked: HashMap<u32, KernelError>,
+    /// Receive-buffer overruns seen so far (netlink-proto reports each as an
+    /// `Overrun` message): errors may have been lost with them.
+    overruns: u64,
 }
 
 impl BatchErrors {
@@ -232,18 +244,27 @@ impl BatchErrors {
         Arc::new(std::sync::Mutex::new(BatchErrors {
             rx,
             parked: HashMap::new(),
+            overruns: 0,
         }))
     }
 
     /// Move everything received so far into `parked`.
     fn drain(&mut self) {
         while let Ok((m, _)) = self.rx.try_recv() {
-            if let NetlinkPayload::Error(e) = &m.payload
-                && let Some(err) = kernel_error(m.header.flags, e)
-            {
-                self.parked.insert(m.header.sequence_number, err);
+            match &m.payload {
+                NetlinkPayload::Error(e) => {
+                    if let Some(err) = kernel_error(m.header.flags, e) {
+                        self.parked.insert(m.header.sequence_number, err);
+                    }
+                }
+                NetlinkPayload::Overrun(_) => self.overruns += 1,
+                _ => {}
             }
         }
+    }
+
+    fn lock(this: &std::sync::Mutex<Self>) -> std::sync::MutexGuard<'_, Self> {
+        this.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -417,6 +438,13 @@ impl Netlink {
         }
         // Only the last request is acked (and awaited); the kernel answers
         // the others only if they fail, as unsolicited messages.
+        // An overrun while this batch is in flight makes its un-acked
+        // requests' outcome unknown.
+        let overruns_before = {
+            let mut errors = BatchErrors::lock(&self.batch_errors);
+            errors.drain();
+            errors.overruns
+        };
         let msgs = reqs.into_iter().enumerate().map(|(i, (payload, extra))| {
             let last = i + 1 == n;
             let mut m = NetlinkMessage::from(payload);
@@ -441,11 +469,13 @@ impl Netlink {
         // The connection numbers a batch's messages consecutively, and hands
         // over the errors of earlier requests before the last one's ack.
         let first_seq = last_seq.wrapping_sub(n as u32 - 1);
-        let mut errors = self.batch_errors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut errors = BatchErrors::lock(&self.batch_errors);
         errors.drain();
+        let overrun = errors.overruns != overruns_before;
         let mut out: Vec<Result<(), KernelError>> = (0..n as u32 - 1)
             .map(|i| match errors.parked.remove(&first_seq.wrapping_add(i)) {
                 Some(e) => Err(e),
+                None if overrun => Err(KernelError::overrun()),
                 None => Ok(()),
             })
             .collect();
@@ -538,5 +568,34 @@ mod tests {
         let mut ack = netlink_packet_core::ErrorMessage::default();
         ack.header = vec![0; 16];
         assert!(kernel_error(0, &ack).is_none());
+    }
+
+    /// The un-acked requests' side channel: errors are parked by sequence
+    /// number, acks ignored, overruns counted.
+    #[test]
+    fn batch_errors_park_errors_and_count_overruns() {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let errors = BatchErrors::new(rx);
+        let addr = netlink_sys::SocketAddr::new(0, 0);
+        let send = |payload: NetlinkPayload<RouteNetlinkMessage>, seq: u32| {
+            let mut m = NetlinkMessage::new(Default::default(), payload);
+            m.header.sequence_number = seq;
+            tx.unbounded_send((m, addr)).unwrap();
+        };
+        let mut nack = netlink_packet_core::ErrorMessage::default();
+        nack.code = std::num::NonZeroI32::new(-libc::EINVAL);
+        nack.header = vec![0; 16];
+        let mut ack = netlink_packet_core::ErrorMessage::default();
+        ack.header = vec![0; 16];
+        send(NetlinkPayload::Error(nack), 7);
+        send(NetlinkPayload::Error(ack), 8);
+        send(NetlinkPayload::Overrun(Vec::new()), 0);
+        let mut e = BatchErrors::lock(&errors);
+        e.drain();
+        assert_eq!(e.overruns, 1);
+        assert_eq!(e.parked.len(), 1);
+        assert_eq!(e.parked.remove(&7).map(|k| k.errno), Some(libc::EINVAL));
+        e.drain();
+        assert_eq!(e.overruns, 1, "nothing new");
     }
 }

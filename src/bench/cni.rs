@@ -221,7 +221,7 @@ pub async fn run(o: &CniOptions) -> Result<CniReport> {
             let cname = format!("vxm-{name}-c{k}-{i}");
             let cns = NetnsGuard::create(&cname)?;
             let (a, d) = if k == 2 {
-                let ns = Netns::open(&cns.name)?;
+                let ns = cns.open()?;
                 floor_add_del(&host_nl, &bridge, &ns, i)
                     .await
                     .with_context(|| format!("kernel floor, iteration {i}"))?

@@ -55,6 +55,27 @@ impl Streams {
             .iter()
             .filter(|c| nodes.contains(&c.node.as_str()))
             .collect();
+        // Start from the steady state: every pair answers (an etcd lab's
+        // agents learn their peers just after `lab up` returns).
+        let jobs: Vec<probe::PairJob> = cs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| {
+                cs[i + 1..]
+                    .iter()
+                    .map(|b| probe::PairJob::new(&a.netns, b.ip))
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        while !probe::probe_pairs(&jobs, Duration::from_millis(200))
+            .iter()
+            .all(|r| r.reached)
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "pairs among {nodes:?} do not answer before the fault"
+            );
+        }
         let mut v = Vec::new();
         for (i, a) in cs.iter().enumerate() {
             for b in &cs[i + 1..] {

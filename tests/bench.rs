@@ -45,7 +45,7 @@ fn assert_nothing_left(pid: u32) {
         .filter(|n| n.contains(&own) || n[4..].split_once('-').is_some_and(|(lab, _)| is_lab(lab)))
         .collect();
     assert!(ns.is_empty(), "namespaces left behind: {ns:?}");
-    let labs: Vec<String> = std::fs::read_dir(vxmesh::lab::LAB_ROOT)
+    let labs: Vec<String> = std::fs::read_dir(vxmesh_lab::lab::LAB_ROOT)
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.file_name().into_string().ok())

@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use vxmesh::config::Mode;
 use vxmesh::dataplane::netns::{self, Netns, NetnsGuard};
-use vxmesh::probe;
+use vxmesh_lab::probe;
 
 struct Out {
     code: i32,

@@ -22,8 +22,8 @@ use nix::sys::signal::Signal;
 use vxmesh::config::{Mode, NodeFile};
 use vxmesh::dataplane::kernel::Netlink;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::lab::{Lab, LabGuard, LabStore};
-use vxmesh::probe::{self, PairJob, ProbeStream};
+use vxmesh_lab::lab::{Lab, LabGuard, LabStore};
+use vxmesh_lab::probe::{self, PairJob, ProbeStream};
 
 /// The product's repair claim is 2 s; the machine is shared, so allow more.
 const REPAIR_BOUND: Duration = Duration::from_secs(5);

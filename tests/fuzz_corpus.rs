@@ -8,16 +8,17 @@ use std::path::Path;
 type Target = fn(&[u8]);
 
 const TARGETS: &[(&str, Target)] = &[
-    ("cluster_toml", vxmesh::fuzzing::cluster_toml),
-    ("cni_config", vxmesh::fuzzing::cni_config),
-    ("cni_env", vxmesh::fuzzing::cni_env),
-    ("store_record", vxmesh::fuzzing::store_record),
-    ("state_file", vxmesh::fuzzing::state_file),
-    ("saved_plan", vxmesh::fuzzing::saved_plan),
+    ("cluster_toml", vxmesh_lab::fuzzing::cluster_toml),
+    ("cni_config", vxmesh_lab::fuzzing::cni_config),
+    ("cni_env", vxmesh_lab::fuzzing::cni_env),
+    ("store_record", vxmesh_lab::fuzzing::store_record),
+    ("state_file", vxmesh_lab::fuzzing::state_file),
+    ("saved_plan", vxmesh_lab::fuzzing::saved_plan),
 ];
 
 fn replay(kind: &str) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
         .join("fuzz")
         .join(kind);
     let mut n = 0;
@@ -53,6 +54,7 @@ fn regressions_stay_fixed() {
 fn every_target_has_a_corpus() {
     for (target, _) in TARGETS {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
             .join("fuzz/corpus")
             .join(target);
         let n = std::fs::read_dir(&dir).map(|rd| rd.count()).unwrap_or(0);

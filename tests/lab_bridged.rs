@@ -8,7 +8,7 @@ use common::*;
 use nix::sys::signal::Signal;
 use vxmesh::config::Mode;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::probe;
+use vxmesh_lab::probe;
 
 fn ns(name: &str) -> Netns {
     Netns::open(name).unwrap()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 use vxmesh::config::Mode;
-use vxmesh::lab::AttachMode;
+use vxmesh_lab::lab::AttachMode;
 
 /// A wrapper around the vxmesh binary that records every CNI invocation
 /// (environment and stdin) and then runs the real binary, so the test can

@@ -11,9 +11,9 @@ use common::*;
 use nix::sys::signal::Signal;
 use vxmesh::config::Mode;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::lab::{Lab, LabContainer, LabSpec, LabStore};
-use vxmesh::probe::{self, PairJob};
 use vxmesh::store::etcd;
+use vxmesh_lab::lab::{Lab, LabContainer, LabSpec, LabStore};
+use vxmesh_lab::probe::{self, PairJob};
 
 const TTL: Duration = Duration::from_secs(3);
 
@@ -252,7 +252,7 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
             .unwrap();
         let attach = t0.elapsed();
         let mac = vxmesh::model::container_mac(x.ip).to_string();
-        let seen = |n: &vxmesh::lab::LabNode, dst: Ipv4Addr| {
+        let seen = |n: &vxmesh_lab::lab::LabNode, dst: Ipv4Addr| {
             ip(
                 &n.netns,
                 &["neigh", "show", "dev", vtep, "nud", "permanent"],
@@ -350,7 +350,7 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
         // partition): the agent gets a new one and re-publishes its record and
         // endpoints (the moved container too, published by attach, not by the
         // agent), writes the new lease into the state file, and attach uses it.
-        let lease = |n: &vxmesh::lab::LabNode| {
+        let lease = |n: &vxmesh_lab::lab::LabNode| {
             vxmesh::state::read_network(&n.state_dir, "net1")
                 .unwrap()
                 .etcd

@@ -10,13 +10,13 @@ use nix::sys::signal::Signal;
 use vxmesh::config::{Mode, NodeFile};
 use vxmesh::dataplane::kernel::Netlink;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::probe;
+use vxmesh_lab::probe;
 
 fn ns(name: &str) -> Netns {
     Netns::open(name).unwrap()
 }
 
-async fn zero_change_pass(lab: &vxmesh::lab::Lab, node: &str) -> (usize, usize) {
+async fn zero_change_pass(lab: &vxmesh_lab::lab::Lab, node: &str) -> (usize, usize) {
     let n = lab.node(node).unwrap();
     let nl = Netlink::connect_in(&ns(&n.netns)).await.unwrap();
     let cluster = vxmesh::config::load(&lab.info.cluster_file).unwrap();
@@ -100,7 +100,7 @@ async fn drift_is_repaired_within_two_seconds() {
     let h1 = lab.node("host1").unwrap().netns.clone();
     let c1 = lab.container_on("host1").unwrap().clone();
     let c2 = lab.container_on("host2").unwrap().clone();
-    let reach = |c1: &vxmesh::lab::LabContainer, dst: Ipv4Addr| {
+    let reach = |c1: &vxmesh_lab::lab::LabContainer, dst: Ipv4Addr| {
         matches!(
             probe::icmp_echo(&ns(&c1.netns), dst, 56, false, Duration::from_millis(300)),
             Ok(probe::EchoOutcome::Reply { .. })

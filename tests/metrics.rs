@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use vxmesh::config::Mode;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::lab::{Lab, LabStore};
+use vxmesh_lab::lab::{Lab, LabStore};
 
 const PORT: u16 = 9472;
 

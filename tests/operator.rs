@@ -12,7 +12,7 @@ use serde_json::Value;
 use vxmesh::config::Mode;
 use vxmesh::dataplane::kernel::Netlink;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::lab::Lab;
+use vxmesh_lab::lab::Lab;
 
 /// `vxmesh --netns NS SUB --state-dir DIR --json ARGS`: (exit code, JSON).
 fn tool(lab: &Lab, node: &str, sub: &str, args: &[&str]) -> (i32, Value) {

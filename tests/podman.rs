@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 use vxmesh::config::Mode;
-use vxmesh::lab::LabNode;
+use vxmesh_lab::lab::LabNode;
 
 const NETWORK: &str = "vxmesh-net";
 const CNI_CACHE: &str = "/var/lib/cni";
@@ -424,7 +424,9 @@ async fn podman_containers_reach_each_other_across_hosts() {
         .tempdir()
         .unwrap();
     let tarball = work.path().join("busybox.tar");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/podman-image.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join("scripts/podman-image.sh");
     let o = Command::new(&script)
         .arg(&tarball)
         .output()

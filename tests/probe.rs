@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vxmesh::dataplane::netns::{Netns, NetnsGuard};
-use vxmesh::probe::{self, EchoOutcome, PairJob, Refusal};
+use vxmesh_lab::probe::{self, EchoOutcome, PairJob, Refusal};
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);

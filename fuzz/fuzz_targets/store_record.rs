@@ -2,4 +2,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| vxmesh::fuzzing::store_record(data));
+fuzz_target!(|data: &[u8]| vxmesh_lab::fuzzing::store_record(data));

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vxmesh::config::Mode;
-use vxmesh::lab::{Lab, LabGuard, LabSpec};
+use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -106,7 +106,7 @@ pub fn assert_gone(name: &str) {
     let left = vxmesh::dataplane::netns::list(&prefix);
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(
-        !std::path::Path::new(vxmesh::lab::LAB_ROOT)
+        !std::path::Path::new(vxmesh_lab::lab::LAB_ROOT)
             .join(name)
             .exists(),
         "lab dir left behind"
@@ -124,7 +124,7 @@ pub fn assert_gone(name: &str) {
 /// [`assert_gone`], and no etcd server of the lab left either.
 pub fn assert_all_gone(name: &str) {
     assert_gone(name);
-    let dir = format!("{}/{name}/", vxmesh::lab::LAB_ROOT);
+    let dir = format!("{}/{name}/", vxmesh_lab::lab::LAB_ROOT);
     let etcds: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()

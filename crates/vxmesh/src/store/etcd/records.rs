@@ -11,7 +11,7 @@ use crate::model::Endpoint;
 
 /// Keys of one network under a prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Keys {
+pub struct Keys {
     /// `PREFIX/networks/NET/` (always ends with a slash, so that network
     /// `demo` never matches keys of `demo2`).
     root: String,
@@ -19,7 +19,7 @@ pub(crate) struct Keys {
 
 /// What a key under [`Keys::root`] is.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum KeyKind<'a> {
+pub enum KeyKind<'a> {
     Config,
     Subnet(&'a str),
     Node(&'a str),
@@ -28,38 +28,38 @@ pub(crate) enum KeyKind<'a> {
 }
 
 impl Keys {
-    pub(crate) fn new(prefix: &str, network: &str) -> Self {
+    pub fn new(prefix: &str, network: &str) -> Self {
         Keys {
             root: format!("{}/networks/{network}/", normalize_prefix(prefix)),
         }
     }
 
-    pub(crate) fn root(&self) -> &str {
+    pub fn root(&self) -> &str {
         &self.root
     }
-    pub(crate) fn config(&self) -> String {
+    pub fn config(&self) -> String {
         format!("{}config", self.root)
     }
-    pub(crate) fn subnets(&self) -> String {
+    pub fn subnets(&self) -> String {
         format!("{}subnets/", self.root)
     }
-    pub(crate) fn subnet(&self, s: Ipv4Net) -> String {
+    pub fn subnet(&self, s: Ipv4Net) -> String {
         format!("{}subnets/{}", self.root, subnet_key_part(s))
     }
-    pub(crate) fn nodes(&self) -> String {
+    pub fn nodes(&self) -> String {
         format!("{}nodes/", self.root)
     }
-    pub(crate) fn node(&self, name: &str) -> String {
+    pub fn node(&self, name: &str) -> String {
         format!("{}nodes/{name}", self.root)
     }
-    pub(crate) fn endpoints(&self) -> String {
+    pub fn endpoints(&self) -> String {
         format!("{}endpoints/", self.root)
     }
-    pub(crate) fn endpoint(&self, ip: Ipv4Addr) -> String {
+    pub fn endpoint(&self, ip: Ipv4Addr) -> String {
         format!("{}endpoints/{ip}", self.root)
     }
 
-    pub(crate) fn classify<'a>(&self, key: &'a str) -> KeyKind<'a> {
+    pub fn classify<'a>(&self, key: &'a str) -> KeyKind<'a> {
         let Some(rest) = key.strip_prefix(self.root.as_str()) else {
             return KeyKind::Other;
         };
@@ -78,12 +78,12 @@ impl Keys {
 }
 
 /// `/vxmesh/` → `/vxmesh`; an empty prefix stays empty (keys then start at `/networks`).
-pub(crate) fn normalize_prefix(prefix: &str) -> &str {
+pub fn normalize_prefix(prefix: &str) -> &str {
     prefix.trim_end_matches('/')
 }
 
 /// Check a key prefix given by the user.
-pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') {
         return Err(format!(
             "etcd prefix '{prefix}' must start with '/' (the default is /vxmesh)"
@@ -98,28 +98,28 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
 }
 
 /// `10.1.2.0/24` → `10.1.2.0-24` (a slash would add a key level).
-pub(crate) fn subnet_key_part(s: Ipv4Net) -> String {
+pub fn subnet_key_part(s: Ipv4Net) -> String {
     format!("{}-{}", s.network(), s.prefix_len())
 }
 
 /// The subnet of a claim key part, only in the form [`subnet_key_part`]
 /// writes: `10.1.2.0-024` or `10.1.2.0-+24` would name the same subnet
 /// under another key, outside the compare-and-swap that guards the claim.
-pub(crate) fn parse_subnet_key_part(s: &str) -> Option<Ipv4Net> {
+pub fn parse_subnet_key_part(s: &str) -> Option<Ipv4Net> {
     let (ip, len) = s.split_once('-')?;
     let net = Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
     (net.trunc() == net && subnet_key_part(net) == s).then_some(net)
 }
 
 /// Node and network names share the cluster file's rules.
-pub(crate) fn valid_name(s: &str, max: usize) -> bool {
+pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
-pub(crate) fn check_node_name(s: &str) -> Result<(), String> {
+pub fn check_node_name(s: &str) -> Result<(), String> {
     if valid_name(s, 64) {
         Ok(())
     } else {
@@ -129,7 +129,7 @@ pub(crate) fn check_node_name(s: &str) -> Result<(), String> {
     }
 }
 
-pub(crate) fn check_network_name(s: &str) -> Result<(), String> {
+pub fn check_network_name(s: &str) -> Result<(), String> {
     if valid_name(s, 32) {
         Ok(())
     } else {
@@ -139,7 +139,7 @@ pub(crate) fn check_network_name(s: &str) -> Result<(), String> {
     }
 }
 
-pub(crate) fn check_underlay_ip(ip: Ipv4Addr) -> Result<(), String> {
+pub fn check_underlay_ip(ip: Ipv4Addr) -> Result<(), String> {
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
         return Err(format!(
             "{ip} cannot carry VXLAN to other hosts: use the node's unicast underlay address"
@@ -148,7 +148,7 @@ pub(crate) fn check_underlay_ip(ip: Ipv4Addr) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn check_underlay_dev(d: &str) -> Result<(), String> {
+pub fn check_underlay_dev(d: &str) -> Result<(), String> {
     if d.is_empty() || d.len() > 15 || d.contains('/') || d.contains(char::is_whitespace) {
         return Err(format!(
             "'{d}' is not a valid interface name (1-15 characters, no '/' or spaces)"
@@ -159,7 +159,7 @@ pub(crate) fn check_underlay_dev(d: &str) -> Result<(), String> {
 
 /// The node record as stored under `nodes/NODE`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct NodeJson {
+pub struct NodeJson {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -168,7 +168,7 @@ pub(crate) struct NodeJson {
 }
 
 /// Check that `s` is one of `net`'s per-node subnets (slices).
-pub(crate) fn check_subnet(net: &Network, s: Ipv4Net) -> Result<(), String> {
+pub fn check_subnet(net: &Network, s: Ipv4Net) -> Result<(), String> {
     let what = if net.mode == Mode::Routed {
         "subnet"
     } else {
@@ -195,7 +195,7 @@ pub(crate) fn check_subnet(net: &Network, s: Ipv4Net) -> Result<(), String> {
 }
 
 /// Parse and validate a node record (the key's last part is `key_name`).
-pub(crate) fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<NodeJson, String> {
+pub fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<NodeJson, String> {
     let n: NodeJson =
         serde_json::from_slice(value).map_err(|e| format!("not a node record: {e}"))?;
     check_node_name(key_name)?;
@@ -215,7 +215,7 @@ pub(crate) fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<
 
 /// Is `ip` an address a container may hold in `net` (inside the cidr and not
 /// its network or broadcast address)?
-pub(crate) fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), String> {
+pub fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), String> {
     if !net.cidr.contains(&ip) {
         return Err(format!(
             "address {ip} is outside network '{}' cidr {}",
@@ -232,7 +232,7 @@ pub(crate) fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), Strin
 }
 
 /// Validate an endpoint (read from etcd or about to be published).
-pub(crate) fn check_endpoint(net: &Network, ep: &Endpoint) -> Result<(), String> {
+pub fn check_endpoint(net: &Network, ep: &Endpoint) -> Result<(), String> {
     if ep.network != net.name {
         return Err(format!(
             "endpoint belongs to network '{}', not '{}'",
@@ -250,11 +250,7 @@ pub(crate) fn check_endpoint(net: &Network, ep: &Endpoint) -> Result<(), String>
 }
 
 /// Parse and validate an endpoint record stored under `endpoints/KEY_IP`.
-pub(crate) fn parse_endpoint(
-    net: &Network,
-    key_ip: &str,
-    value: &[u8],
-) -> Result<Endpoint, String> {
+pub fn parse_endpoint(net: &Network, key_ip: &str, value: &[u8]) -> Result<Endpoint, String> {
     let ep: Endpoint =
         serde_json::from_slice(value).map_err(|e| format!("not an endpoint record: {e}"))?;
     if key_ip.parse::<Ipv4Addr>().ok() != Some(ep.ip) {
@@ -269,7 +265,7 @@ pub(crate) fn parse_endpoint(
 
 /// Validate a network the way the cluster file does. Problems name the field
 /// and the fix: "network 'demo': cidr: '10.0.0.1/16' has host bits set: ...".
-pub(crate) fn validate_network(n: &NetworkFile) -> Result<Network, String> {
+pub fn validate_network(n: &NetworkFile) -> Result<Network, String> {
     let file = ClusterFile {
         networks: vec![n.clone()],
         nodes: vec![],
@@ -293,7 +289,7 @@ pub(crate) fn validate_network(n: &NetworkFile) -> Result<Network, String> {
     }
 }
 
-pub(crate) fn network_file(n: &Network) -> NetworkFile {
+pub fn network_file(n: &Network) -> NetworkFile {
     NetworkFile {
         name: n.name.clone(),
         mode: n.mode,
@@ -306,12 +302,12 @@ pub(crate) fn network_file(n: &Network) -> NetworkFile {
 }
 
 /// The JSON stored under `config`.
-pub(crate) fn network_json(n: &Network) -> String {
+pub fn network_json(n: &Network) -> String {
     serde_json::to_string(n).expect("a network serializes")
 }
 
 /// Parse and validate a stored network config.
-pub(crate) fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network, String> {
+pub fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network, String> {
     let f: NetworkFile =
         serde_json::from_slice(value).map_err(|e| format!("not a network config: {e}"))?;
     if f.name != expected_name {
@@ -324,7 +320,7 @@ pub(crate) fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network
 }
 
 /// How two networks differ, for "already exists with different settings (...)".
-pub(crate) fn network_diff(stored: &Network, wanted: &Network) -> String {
+pub fn network_diff(stored: &Network, wanted: &Network) -> String {
     let mut d = Vec::new();
     let mut field = |name: &str, a: String, b: String| {
         if a != b {
@@ -347,7 +343,7 @@ pub(crate) fn network_diff(stored: &Network, wanted: &Network) -> String {
 
 /// 64-bit FNV-1a: a stable hash (unlike std's), so that a node's candidate
 /// order is the same on every run and every version.
-pub(crate) fn fnv1a(s: &str) -> u64 {
+pub fn fnv1a(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= b as u64;
@@ -358,10 +354,7 @@ pub(crate) fn fnv1a(s: &str) -> u64 {
 
 /// The `i`-th candidate subnet for `node`: all `subnet_len` subnets of the
 /// cidr, in cyclic order starting at a position derived from the node name.
-pub(crate) fn subnet_candidates(
-    net: &Network,
-    node: &str,
-) -> impl Iterator<Item = Ipv4Net> + use<> {
+pub fn subnet_candidates(net: &Network, node: &str) -> impl Iterator<Item = Ipv4Net> + use<> {
     let host_bits = 32 - net.subnet_len as u32;
     let count: u64 = 1u64 << (net.subnet_len - net.cidr.prefix_len()) as u32;
     let base = u32::from(net.cidr.network()) as u64;
@@ -376,7 +369,7 @@ pub(crate) fn subnet_candidates(
 
 /// Candidate addresses of a bridged network, starting at `start` (the node's
 /// slice) and wrapping around the cidr; network and broadcast addresses skipped.
-pub(crate) fn address_candidates(
+pub fn address_candidates(
     net: &Network,
     start: Ipv4Addr,
 ) -> impl Iterator<Item = Ipv4Addr> + use<> {

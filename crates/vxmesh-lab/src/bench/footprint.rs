@@ -19,9 +19,9 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use super::{Reaped, Table, TempDir, ratio, scale::peer_ip};
-use crate::config::{ClusterFile, Mode, NetworkFile, NodeFile};
-use crate::dataplane::kernel::{LinkOptions, Netlink};
-use crate::dataplane::netns::NetnsGuard;
+use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
+use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
+use vxmesh::dataplane::netns::NetnsGuard;
 
 const CONVERGE_LIMIT: Duration = Duration::from_secs(120);
 pub const RSS_TARGET_MIB: f64 = 20.0;

@@ -25,12 +25,12 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use super::{Summary, Table, ms};
-use crate::config::Mode;
-use crate::dataplane::kernel::Netlink;
-use crate::dataplane::netns::Netns;
 use crate::lab::{Lab, LabGuard, LabSpec, LabStore};
 use crate::probe::{self, PairJob};
-use crate::store::etcd;
+use vxmesh::config::Mode;
+use vxmesh::dataplane::kernel::Netlink;
+use vxmesh::dataplane::netns::Netns;
+use vxmesh::store::etcd;
 
 /// Per probe attempt; a round over unreached pairs takes up to 3 of these.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(20);

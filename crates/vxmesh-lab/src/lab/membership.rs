@@ -8,10 +8,10 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 
 use super::{Lab, LabContainer};
-use crate::attach::{self, AttachRequest};
-use crate::dataplane::kernel::Netlink;
-use crate::dataplane::netns::{self, Netns};
-use crate::store::etcd;
+use vxmesh::attach::{self, AttachRequest};
+use vxmesh::dataplane::kernel::Netlink;
+use vxmesh::dataplane::netns::{self, Netns};
+use vxmesh::store::etcd;
 
 impl Lab {
     /// Add a host to an etcd lab: namespace, underlay link and address

@@ -6,18 +6,14 @@
 
 pub mod agent;
 pub mod attach;
-pub mod bench;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod doctor;
-#[doc(hidden)]
-pub mod fuzzing;
+pub mod icmp;
 pub mod ipam;
-pub mod lab;
 pub mod metrics;
 pub mod model;
-pub mod probe;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -303,9 +303,9 @@ pub(super) fn reachability_hop(peer: Ipv4Addr, ping: bool) -> Hop {
         return ok("underlay_reachability", format!("route to {peer} {via}"));
     }
     let echo = crate::dataplane::netns::Netns::current()
-        .and_then(|ns| crate::probe::icmp_echo(&ns, peer, 56, false, Duration::from_millis(800)));
+        .and_then(|ns| crate::icmp::icmp_echo(&ns, peer, 56, false, Duration::from_millis(800)));
     match echo {
-        Ok(crate::probe::EchoOutcome::Reply { rtt }) => ok(
+        Ok(crate::icmp::EchoOutcome::Reply { rtt }) => ok(
             "underlay_reachability",
             format!(
                 "route to {peer} {via}; ICMP echo reply in {:.3} ms",

@@ -20,9 +20,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{Summary, Table, TempDir, ensure_tool, ms, ratio};
-use crate::dataplane::kernel::{LinkOptions, Netlink};
-use crate::dataplane::netns::{self, Netns, NetnsGuard};
 use crate::lab::{Lab, LabGuard, LabSpec, run_plugin};
+use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
+use vxmesh::dataplane::netns::{self, Netns, NetnsGuard};
 
 pub const CNI_DIR: &str = "/usr/lib/cni";
 const PACKAGE: &str = "containernetworking-plugins";
@@ -205,7 +205,7 @@ pub async fn run(o: &CniOptions) -> Result<CniReport> {
     };
     let plugins = [vx, reference];
     let host_nl = Netlink::connect_in(&Netns::open(&host.netns)?).await?;
-    let bridge = crate::state::read_network(&host.state_dir, &network)?
+    let bridge = vxmesh::state::read_network(&host.state_dir, &network)?
         .state
         .bridge;
     let mut add = [Vec::new(), Vec::new(), Vec::new()];

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 
-use crate::dataplane::netns::{self, Netns};
+use vxmesh::dataplane::netns::{self, Netns};
 
 /// Attach through the CNI protocol, exactly as a runtime does: run `exe` as a
 /// plugin inside the node's namespace with `CNI_COMMAND=ADD` and the network

@@ -13,12 +13,12 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use super::{Table, ms};
-use crate::config::{Cluster, Mode, Network};
-use crate::dataplane::kernel::{LinkOptions, Netlink};
-use crate::dataplane::netns::NetnsGuard;
-use crate::dataplane::plan::{PlanInput, plan};
-use crate::dataplane::{NodePlan, reconcile, reconcile_from};
-use crate::model::{Endpoint, NodeRecord, Vni, container_mac};
+use vxmesh::config::{Cluster, Mode, Network};
+use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
+use vxmesh::dataplane::netns::NetnsGuard;
+use vxmesh::dataplane::plan::{PlanInput, plan};
+use vxmesh::dataplane::{NodePlan, reconcile, reconcile_from};
+use vxmesh::model::{Endpoint, NodeRecord, Vni, container_mac};
 
 /// One row of the scale benchmark: one run, or (see [`combine`]) the
 /// medians of several.
@@ -172,7 +172,7 @@ fn batch_files(p: &NodePlan, dir: &Path) -> Result<(std::path::PathBuf, std::pat
             r.dst,
             r.via,
             r.dev,
-            crate::dataplane::kernel::route_metric(r.dst)
+            vxmesh::dataplane::kernel::route_metric(r.dst)
         )?;
     }
     for n in &p.neighbours {

@@ -15,9 +15,9 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{Lab, LabSpec, cluster_file_for, network_names};
-use crate::dataplane::kernel::Netlink;
-use crate::dataplane::netns::Netns;
-use crate::store::etcd::{self, ClientOptions};
+use vxmesh::dataplane::kernel::Netlink;
+use vxmesh::dataplane::netns::Netns;
+use vxmesh::store::etcd::{self, ClientOptions};
 
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
 /// etcd's address on the underlay bridge.

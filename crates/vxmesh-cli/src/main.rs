@@ -10,10 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use vxmesh::config::{self, Mode};
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::lab::{self, Lab, LabGuard, LabSpec};
 use vxmesh::state::DEFAULT_STATE_DIR;
 use vxmesh::store::Store;
 use vxmesh::store::etcd;
+use vxmesh_lab::lab::{self, Lab, LabGuard, LabSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -683,7 +683,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn bench_cmd(b: BenchCmd) -> Result<()> {
-    use vxmesh::bench::{self, cni, converge, footprint, throughput};
+    use vxmesh_lab::bench::{self, cni, converge, footprint, throughput};
     let exe = std::env::current_exe().context("the path of this vxmesh binary")?;
     match b {
         BenchCmd::Scale {

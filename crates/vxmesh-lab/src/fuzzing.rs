@@ -13,14 +13,14 @@ use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
 
-use crate::cni;
-use crate::config::{self, Cluster, ClusterFile, Mode, NetworkFile, NodeFile};
-use crate::dataplane::kernel::ActualState;
-use crate::dataplane::plan::{self, PlanInput};
-use crate::dataplane::{NodePlan, diff};
-use crate::model::{Endpoint, Vni};
-use crate::store::etcd::records::{self, KeyKind, Keys};
-use crate::store::etcd::view::{Kv, View};
+use vxmesh::cni;
+use vxmesh::config::{self, Cluster, ClusterFile, Mode, NetworkFile, NodeFile};
+use vxmesh::dataplane::kernel::ActualState;
+use vxmesh::dataplane::plan::{self, PlanInput};
+use vxmesh::dataplane::{NodePlan, diff};
+use vxmesh::model::{Endpoint, Vni};
+use vxmesh::store::etcd::records::{self, KeyKind, Keys};
+use vxmesh::store::etcd::view::{Kv, View};
 
 /// Planning a bridged network from a static file derives one endpoint per
 /// address of every node's slice; above this many the fuzzer skips planning
@@ -412,12 +412,12 @@ pub fn state_file(data: &[u8]) {
     };
     match kind % 4 {
         0 => {
-            let Ok(s) = crate::state::parse_served_network(rest) else {
+            let Ok(s) = vxmesh::state::parse_served_network(rest) else {
                 return;
             };
             let json = serde_json::to_vec(&s).expect("serialises");
             assert_eq!(
-                crate::state::parse_served_network(&json).ok(),
+                vxmesh::state::parse_served_network(&json).ok(),
                 Some(s.clone())
             );
             let n = &s.state;
@@ -428,16 +428,16 @@ pub fn state_file(data: &[u8]) {
                 .count();
         }
         1 => {
-            if let Ok(o) = crate::ipam::parse_owner(rest) {
+            if let Ok(o) = vxmesh::ipam::parse_owner(rest) {
                 let json = serde_json::to_vec(&o).expect("serialises");
-                assert_eq!(crate::ipam::parse_owner(&json).ok(), Some(o));
+                assert_eq!(vxmesh::ipam::parse_owner(&json).ok(), Some(o));
             }
         }
         2 => {
-            if let Some(pid) = crate::state::lock_holder(rest) {
+            if let Some(pid) = vxmesh::state::lock_holder(rest) {
                 assert!(pid > 0);
                 assert_eq!(
-                    crate::state::lock_holder(pid.to_string().as_bytes()),
+                    vxmesh::state::lock_holder(pid.to_string().as_bytes()),
                     Some(pid)
                 );
             }
@@ -454,20 +454,20 @@ pub fn state_file(data: &[u8]) {
 /// `STATE/plan.json` as `vxmesh status` and `vxmesh doctor` read it: parse,
 /// round-trip, and run both reports against an empty kernel.
 pub fn saved_plan(data: &[u8]) {
-    let Ok(saved) = crate::status::parse_plan(data) else {
+    let Ok(saved) = vxmesh::status::parse_plan(data) else {
         return;
     };
     let json = serde_json::to_vec(&saved).expect("serialises");
-    assert_eq!(crate::status::parse_plan(&json).ok(), Some(saved.clone()));
+    assert_eq!(vxmesh::status::parse_plan(&json).ok(), Some(saved.clone()));
     let actual = ActualState::default();
-    let report = crate::status::compare(&saved, &actual, false, 1_000);
-    let _ = crate::status::render(&report);
-    let opts = crate::doctor::DoctorOptions {
+    let report = vxmesh::status::compare(&saved, &actual, false, 1_000);
+    let _ = vxmesh::status::render(&report);
+    let opts = vxmesh::doctor::DoctorOptions {
         to: None,
         ping: false,
     };
-    let facts = crate::doctor::HostFacts::default();
-    if let Ok(r) = crate::doctor::examine(&saved, &actual, &facts, &|_| None, false, &opts) {
-        let _ = crate::doctor::render(&r);
+    let facts = vxmesh::doctor::HostFacts::default();
+    if let Ok(r) = vxmesh::doctor::examine(&saved, &actual, &facts, &|_| None, false, &opts) {
+        let _ = vxmesh::doctor::render(&r);
     }
 }

@@ -21,9 +21,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{Reaped, Table, ensure_tool, gbps, ratio};
-use crate::config::Mode;
-use crate::dataplane::netns::Netns;
 use crate::lab::{Lab, LabGuard, LabSpec};
+use vxmesh::config::Mode;
+use vxmesh::dataplane::netns::Netns;
 
 pub const IPERF3: &str = "/usr/bin/iperf3";
 const PORT: u16 = 5201;

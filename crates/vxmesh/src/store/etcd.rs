@@ -56,10 +56,12 @@
 mod client;
 mod multi;
 mod network;
-pub(crate) mod records;
+#[doc(hidden)]
+pub mod records;
 mod remote;
 mod session;
-pub(crate) mod view;
+#[doc(hidden)]
+pub mod view;
 mod watcher;
 
 use std::collections::BTreeMap;
@@ -76,12 +78,11 @@ use tokio::task::JoinHandle;
 use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, Mac, NodeRecord};
-pub(crate) use client::{
-    AbortOnDrop, Backoff, Health, OP_TIMEOUT, connect, lease_opts, op, txn_get,
-};
+pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, txn_get};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
 };
+pub use client::{connect, op};
 pub use multi::EtcdNetworks;
 pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;

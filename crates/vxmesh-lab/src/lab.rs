@@ -34,15 +34,15 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::attach::{self, AttachRequest};
-use crate::config::{ClusterFile, Mode, NetworkFile, NodeFile};
-use crate::dataplane::NeighSpec;
-use crate::dataplane::diff::Change;
-use crate::dataplane::kernel::{LinkOptions, Netlink};
-use crate::dataplane::netns::{self, Netns};
-use crate::model::Mac;
 use crate::probe;
-use crate::state;
+use vxmesh::attach::{self, AttachRequest};
+use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
+use vxmesh::dataplane::NeighSpec;
+use vxmesh::dataplane::diff::Change;
+use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
+use vxmesh::dataplane::netns::{self, Netns};
+use vxmesh::model::Mac;
+use vxmesh::state;
 
 pub const LAB_ROOT: &str = "/run/vxmesh-lab";
 /// The underlay bridge's MAC (etcd's address lives on it).
@@ -331,7 +331,7 @@ impl Lab {
                 let cluster = cluster_file_for(spec);
                 let toml = toml::to_string(&cluster)?;
                 state::write_atomic(&self.info.cluster_file, toml.as_bytes())?;
-                Some(crate::config::load(&self.info.cluster_file)?)
+                Some(vxmesh::config::load(&self.info.cluster_file)?)
             }
             LabStore::Etcd => {
                 self.setup_etcd(&ul_nl, spec).await?;
@@ -480,7 +480,7 @@ impl Lab {
                     Mode::Routed => None,
                     Mode::Bridged => {
                         let st = state::read_network(&state_dir, net)?.state;
-                        crate::dataplane::plan::usable_addresses(st.pool, st.subnet, st.gateway)
+                        vxmesh::dataplane::plan::usable_addresses(st.pool, st.subnet, st.gateway)
                             .nth(k - 1 + m)
                     }
                 };

@@ -238,7 +238,7 @@ pub(crate) fn check_client(o: &ClientOptions) -> std::result::Result<(), String>
 }
 
 /// Connect (lazily: the first request tells whether etcd is reachable).
-pub(crate) async fn connect(o: &ClientOptions) -> Result<Client> {
+pub async fn connect(o: &ClientOptions) -> Result<Client> {
     check_client(o).map_err(|e| anyhow!("invalid etcd client options: {e}"))?;
     let mut co = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -293,7 +293,7 @@ fn hint(e: &etcd_client::Error) -> &'static str {
 }
 
 /// Run one etcd request with the standard timeout; errors say what was tried.
-pub(crate) async fn op<T>(
+pub async fn op<T>(
     what: impl fmt::Display,
     fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
 ) -> Result<T> {

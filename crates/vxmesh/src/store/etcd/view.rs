@@ -15,7 +15,7 @@ use crate::store::Snapshot;
 
 /// One stored key-value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Kv {
+pub struct Kv {
     pub value: Vec<u8>,
     pub create_rev: i64,
     pub mod_rev: i64,
@@ -23,14 +23,14 @@ pub(crate) struct Kv {
 
 /// A record skipped because it failed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Skipped {
+pub struct Skipped {
     pub key: String,
     pub kind: RecordKind,
     pub mod_rev: i64,
     pub reason: String,
 }
 
-pub(crate) struct View {
+pub struct View {
     keys: Keys,
     /// The last valid network config seen (kept if the key becomes invalid or vanishes).
     network: Network,
@@ -45,7 +45,7 @@ pub(crate) struct View {
 }
 
 impl View {
-    pub(crate) fn new(keys: Keys, network: Network) -> Self {
+    pub fn new(keys: Keys, network: Network) -> Self {
         let snapshot = Snapshot {
             cluster: Cluster {
                 networks: vec![network.clone()],
@@ -64,16 +64,16 @@ impl View {
         }
     }
 
-    pub(crate) fn snapshot(&self) -> &Snapshot {
+    pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
     }
 
-    pub(crate) fn network(&self) -> &Network {
+    pub fn network(&self) -> &Network {
         &self.network
     }
 
     /// Addresses that have a key under `endpoints/` (valid records or not).
-    pub(crate) fn endpoint_keys(&self) -> std::collections::HashSet<Ipv4Addr> {
+    pub fn endpoint_keys(&self) -> std::collections::HashSet<Ipv4Addr> {
         let prefix = self.keys.endpoints();
         self.kvs
             .range(prefix.clone()..)
@@ -82,27 +82,27 @@ impl View {
             .collect()
     }
 
-    pub(crate) fn set_own(&mut self, own: NodeRecord) {
+    pub fn set_own(&mut self, own: NodeRecord) {
         self.own = Some(own);
     }
 
     /// Replace everything (after a list).
-    pub(crate) fn reset(&mut self, kvs: BTreeMap<String, Kv>) {
+    pub fn reset(&mut self, kvs: BTreeMap<String, Kv>) {
         self.kvs = kvs;
     }
 
-    pub(crate) fn put(&mut self, key: String, kv: Kv) {
+    pub fn put(&mut self, key: String, kv: Kv) {
         self.kvs.insert(key, kv);
     }
 
-    pub(crate) fn delete(&mut self, key: &str) {
+    pub fn delete(&mut self, key: &str) {
         self.kvs.remove(key);
     }
 
     /// Recompute the snapshot. Returns whether it changed and the records
     /// skipped for the first time at their current revision (each is logged
     /// once with `tracing::warn`).
-    pub(crate) fn rebuild(&mut self) -> (bool, Vec<Skipped>) {
+    pub fn rebuild(&mut self) -> (bool, Vec<Skipped>) {
         let mut skipped = Vec::new();
         let mut skip = |key: &str, kind: RecordKind, kv: &Kv, reason: String| {
             skipped.push(Skipped {

@@ -1,4 +1,4 @@
-//! Fault injection on real labs (root; namespaces only), issue #7 item 3.
+//! Fault injection on real labs (root; namespaces only): links cut, agents killed, etcd stopped, while streams count every lost reply.
 //!
 //! Every fault has the same shape: build a lab, start continuous probes
 //! between the containers of the hosts the fault does NOT touch, inject the

@@ -150,6 +150,20 @@ pub fn container_mac(ip: Ipv4Addr) -> Mac {
     Mac([0x02, 0x42, o[0], o[1], o[2], o[3]])
 }
 
+/// An underlay address that cannot carry VXLAN to other hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0} cannot carry VXLAN to other hosts: use the node's unicast underlay address")]
+pub struct UnusableUnderlayIp(pub Ipv4Addr);
+
+/// The one rule for a node's underlay address: a unicast address another
+/// host can send to (not unspecified, loopback, multicast or broadcast).
+pub fn check_underlay_ip(ip: Ipv4Addr) -> Result<Ipv4Addr, UnusableUnderlayIp> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        return Err(UnusableUnderlayIp(ip));
+    }
+    Ok(ip)
+}
+
 /// Device names vxmesh owns all start with this prefix.
 pub const DEVICE_PREFIX: &str = "vxm-";
 

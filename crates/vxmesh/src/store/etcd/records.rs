@@ -7,7 +7,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ClusterFile, Mode, Network, NetworkFile};
-use crate::model::Endpoint;
+use crate::model::{self, Endpoint};
+use crate::names::{IfName, NetworkName, NodeName};
 
 /// Keys of one network under a prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,50 +112,20 @@ pub fn parse_subnet_key_part(s: &str) -> Option<Ipv4Net> {
     (net.trunc() == net && subnet_key_part(net) == s).then_some(net)
 }
 
-/// Node and network names share the cluster file's rules.
-pub fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-}
-
 pub fn check_node_name(s: &str) -> Result<(), String> {
-    if valid_name(s, 64) {
-        Ok(())
-    } else {
-        Err(format!(
-            "'{s}' is not a valid node name: use 1-64 characters from [A-Za-z0-9._-]"
-        ))
-    }
+    s.parse::<NodeName>().map(drop).map_err(|e| e.to_string())
 }
 
 pub fn check_network_name(s: &str) -> Result<(), String> {
-    if valid_name(s, 32) {
-        Ok(())
-    } else {
-        Err(format!(
-            "'{s}' is not a valid network name: use 1-32 characters from [A-Za-z0-9._-]"
-        ))
-    }
+    s.parse::<NetworkName>().map(drop).map_err(|e| e.to_string())
 }
 
 pub fn check_underlay_ip(ip: Ipv4Addr) -> Result<(), String> {
-    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-        return Err(format!(
-            "{ip} cannot carry VXLAN to other hosts: use the node's unicast underlay address"
-        ));
-    }
-    Ok(())
+    model::check_underlay_ip(ip).map(drop).map_err(|e| e.to_string())
 }
 
 pub fn check_underlay_dev(d: &str) -> Result<(), String> {
-    if d.is_empty() || d.len() > 15 || d.contains('/') || d.contains(char::is_whitespace) {
-        return Err(format!(
-            "'{d}' is not a valid interface name (1-15 characters, no '/' or spaces)"
-        ));
-    }
-    Ok(())
+    d.parse::<IfName>().map(drop).map_err(|e| e.to_string())
 }
 
 /// The node record as stored under `nodes/NODE`.

@@ -260,7 +260,14 @@ mod tests {
 
     #[test]
     fn interface_names_follow_the_kernel() {
-        for ok in ["eth0", "enp0s31f6", "vxm-br0", "x", "a.b", "123456789012345"] {
+        for ok in [
+            "eth0",
+            "enp0s31f6",
+            "vxm-br0",
+            "x",
+            "a.b",
+            "123456789012345",
+        ] {
             assert!(ok.parse::<IfName>().is_ok(), "{ok}");
         }
         for bad in [
@@ -307,7 +314,10 @@ mod tests {
         ] {
             assert!(bad.parse::<VethAlias>().is_err(), "{bad}");
         }
-        assert_eq!(VethAlias::network_of("vxmesh:veth:demo:eth0:c1"), Some("demo"));
+        assert_eq!(
+            VethAlias::network_of("vxmesh:veth:demo:eth0:c1"),
+            Some("demo")
+        );
         assert_eq!(VethAlias::network_of("vxmesh:veth:demo"), Some("demo"));
         assert_eq!(VethAlias::network_of("vxmesh:bridge"), None);
     }

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::model::{NodeRecord, Vni};
 
 mod error;
-mod validate;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 pub use error::{ConfigError, Problem};
 pub use validate::{parse_net, validate};
@@ -117,6 +117,21 @@ pub struct Network {
     pub mtu: Option<u32>,
 }
 
+impl From<&Network> for NetworkFile {
+    /// The table that declares `n` (validates back to `n`).
+    fn from(n: &Network) -> Self {
+        NetworkFile {
+            name: n.name.clone(),
+            mode: n.mode,
+            cidr: n.cidr.to_string(),
+            subnet_len: n.subnet_len,
+            vni: n.vni.get(),
+            port: n.port.into(),
+            mtu: n.mtu,
+        }
+    }
+}
+
 impl Network {
     /// The overlay MTU given the underlay device's MTU.
     pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
@@ -173,4 +188,3 @@ pub fn parse(text: &str, source_name: &str) -> Result<Cluster, ConfigError> {
 pub fn node_names(c: &Cluster) -> BTreeSet<&str> {
     c.nodes.iter().map(|n| n.name.as_str()).collect()
 }
-

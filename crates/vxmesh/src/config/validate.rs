@@ -298,7 +298,9 @@ fn node(
             if let Some(j) = ips.insert(ip, i) {
                 problems.add(
                     f("underlay_ip"),
-                    format!("{ip} is already the underlay IP of node[{j}]: each node needs its own"),
+                    format!(
+                        "{ip} is already the underlay IP of node[{j}]: each node needs its own"
+                    ),
                 );
             }
             Some(ip)
@@ -449,8 +451,8 @@ fn derive_subnets(
         .expect("subnet_len checked above")
         .filter(|c| !taken.iter().any(|(t, _)| t.contains(c) || c.contains(t)));
     for (i, n) in file.nodes.iter().enumerate() {
-        let explicit = n.subnets.contains_key(&net.name)
-            || (file.networks.len() == 1 && n.subnet.is_some());
+        let explicit =
+            n.subnets.contains_key(&net.name) || (file.networks.len() == 1 && n.subnet.is_some());
         if explicit {
             continue;
         }

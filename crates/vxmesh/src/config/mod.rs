@@ -33,7 +33,7 @@ mod tests;
 mod validate;
 
 pub use error::{ConfigError, Problem};
-pub use validate::{parse_net, validate};
+pub use validate::{CidrError, parse_net, validate};
 
 pub const DEFAULT_PORT: u16 = 4789;
 /// VXLAN over IPv4 adds 50 bytes (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).

@@ -14,16 +14,23 @@ use super::{
 use crate::model::{self, NodeRecord, Vni};
 use crate::names::{IfName, NetworkName, NodeName};
 
+/// Text that is not a network address in CIDR form.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("'{0}' is not an IPv4 CIDR (write it like 172.18.0.0/16)")]
+    NotCidr(String),
+    #[error("'{text}' has host bits set: write it as {network}")]
+    HostBits { text: String, network: Ipv4Net },
+}
+
 /// Parse `a.b.c.d/len` and require it to be a network address (no host bits).
-pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not an IPv4 CIDR (write it like 172.18.0.0/16)"))?;
+pub fn parse_net(s: &str) -> Result<Ipv4Net, CidrError> {
+    let net: Ipv4Net = s.parse().map_err(|_| CidrError::NotCidr(s.to_string()))?;
     if net.trunc() != net {
-        return Err(format!(
-            "'{s}' has host bits set: write it as {}",
-            net.trunc()
-        ));
+        return Err(CidrError::HostBits {
+            text: s.to_string(),
+            network: net.trunc(),
+        });
     }
     Ok(net)
 }
@@ -129,7 +136,7 @@ fn network(
     let cidr = match parse_net(&n.cidr) {
         Ok(c) => Some(c),
         Err(e) => {
-            problems.add(f("cidr"), e);
+            problems.add(f("cidr"), e.to_string());
             None
         }
     };
@@ -158,7 +165,7 @@ fn network_vni(
     let vni = match Vni::new(n.vni) {
         Ok(v) => Some(v),
         Err(e) => {
-            problems.add(f("vni"), e);
+            problems.add(f("vni"), e.to_string());
             None
         }
     };
@@ -394,7 +401,7 @@ fn explicit_subnets(
         };
         let sn = match parse_net(s) {
             Err(e) => {
-                problems.add(field, e);
+                problems.add(field, e.to_string());
                 continue;
             }
             Ok(sn) => sn,

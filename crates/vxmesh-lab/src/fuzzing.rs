@@ -8,7 +8,7 @@
 //! panics only when an invariant breaks: what validation accepts must be
 //! usable by the code behind it (plan, re-serialise, round-trip).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
@@ -18,9 +18,9 @@ use vxmesh::config::{self, Cluster, ClusterFile, Mode, NetworkFile, NodeFile};
 use vxmesh::dataplane::kernel::ActualState;
 use vxmesh::dataplane::plan::{self, PlanInput};
 use vxmesh::dataplane::{NodePlan, diff};
-use vxmesh::model::{Endpoint, Vni};
-use vxmesh::store::etcd::records::{self, KeyKind, Keys};
-use vxmesh::store::etcd::view::{Kv, View};
+use vxmesh::model::{self, Endpoint, Vni};
+use vxmesh::names::{IfName, NodeName};
+use vxmesh::store::etcd::{NetworkRecords, Record};
 
 /// Planning a bridged network from a static file derives one endpoint per
 /// address of every node's slice; above this many the fuzzer skips planning
@@ -28,7 +28,7 @@ use vxmesh::store::etcd::view::{Kv, View};
 const MAX_PLANNED_ADDRESSES: u64 = 4096;
 
 fn underlay_ok(ip: Ipv4Addr) -> bool {
-    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast())
+    model::check_underlay_ip(ip).is_ok()
 }
 
 /// The cluster file (`--cluster FILE`, the static store): TOML parse and
@@ -54,19 +54,7 @@ pub fn cluster_toml(data: &[u8]) {
 
     // Re-serialise with every subnet explicit: validates to the same cluster.
     let file = ClusterFile {
-        networks: cluster
-            .networks
-            .iter()
-            .map(|n| NetworkFile {
-                name: n.name.clone(),
-                mode: n.mode,
-                cidr: n.cidr.to_string(),
-                subnet_len: n.subnet_len,
-                vni: n.vni.get(),
-                port: n.port.into(),
-                mtu: n.mtu,
-            })
-            .collect(),
+        networks: cluster.networks.iter().map(NetworkFile::from).collect(),
         nodes: cluster
             .nodes
             .iter()
@@ -122,8 +110,10 @@ fn check_cluster(c: &Cluster) {
             "underlay IP {} accepted",
             n.underlay_ip
         );
+        assert!(n.name.parse::<NodeName>().is_ok(), "node name {}", n.name);
         if let Some(d) = &n.underlay_dev {
             assert!(!d.is_empty() && d.len() <= 15 && !d.contains('/'));
+            assert!(d.parse::<IfName>().is_ok(), "underlay_dev {d}");
         }
     }
     for net in &c.networks {
@@ -295,14 +285,13 @@ pub fn cni_env(data: &[u8]) {
 }
 
 /// etcd records of one network (config, subnet claims, node records,
-/// endpoints) fed to the watcher's view. Input: one record per line,
-/// `KEY<TAB>VALUE`. Every record is also parsed on its own; what the view
-/// accepts must be consistent and plan on every node.
+/// endpoints) as the store reads them. Input: one record per line,
+/// `KEY<TAB>VALUE`. Every record is also parsed on its own; the snapshot
+/// derived from all of them must be consistent and plan on every node.
 pub fn store_record(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let keys = Keys::new("/vxmesh", "demo");
     let start = config::Network {
         name: "demo".into(),
         mode: Mode::Bridged,
@@ -312,27 +301,36 @@ pub fn store_record(data: &[u8]) {
         port: 4789,
         mtu: None,
     };
-    let mut view = View::new(keys.clone(), start.clone());
-    let mut kvs = BTreeMap::new();
-    for (rev, line) in (1i64..).zip(text.lines()) {
-        let (key, value) = line.split_once('\t').unwrap_or((line, ""));
-        let kv = Kv {
-            value: value.as_bytes().to_vec(),
-            create_rev: rev,
-            mod_rev: rev,
-        };
-        record_alone(&keys, &start, key, value.as_bytes());
-        kvs.insert(key.to_string(), kv);
+    let records = NetworkRecords::new("/vxmesh", start.clone());
+    let listing: Vec<(&str, &[u8])> = text
+        .lines()
+        .map(|line| {
+            let (key, value) = line.split_once('\t').unwrap_or((line, ""));
+            (key, value.as_bytes())
+        })
+        .collect();
+    for (key, value) in &listing {
+        record_alone(&records, key, value);
     }
-    view.reset(kvs);
-    let _ = view.rebuild();
-    let snap = view.snapshot().clone();
-    let net = view.network().clone();
+    let snap = records.snapshot(listing.iter().copied());
+
+    // The network: the last config listed if it is valid, else the one we started with.
+    let (config_key, _) = records.encode(&Record::Network(start.clone()));
+    let net = match listing.iter().rev().find(|(k, _)| *k == config_key) {
+        Some((k, v)) => match records.parse(k, v) {
+            Ok(Some(Record::Network(n))) => n,
+            _ => start,
+        },
+        None => start,
+    };
     assert_eq!(snap.cluster.networks, vec![net.clone()]);
+
+    // What the snapshot holds validates again under that network.
+    let current = NetworkRecords::new("/vxmesh", net.clone());
     let mut ips = HashSet::new();
     let mut subnets: Vec<ipnet::Ipv4Net> = Vec::new();
     for n in &snap.cluster.nodes {
-        assert!(records::check_node_name(&n.name).is_ok());
+        assert!(n.name.parse::<NodeName>().is_ok());
         assert!(
             underlay_ok(n.underlay_ip),
             "node {} at {}",
@@ -341,65 +339,70 @@ pub fn store_record(data: &[u8]) {
         );
         assert!(ips.insert(n.underlay_ip), "two nodes at {}", n.underlay_ip);
         let s = n.subnets[&net.name];
-        assert!(records::check_subnet(&net, s).is_ok());
+        let stored = Record::Node(vxmesh::store::etcd::StoredNode {
+            name: n.name.clone(),
+            underlay_ip: n.underlay_ip,
+            underlay_dev: n.underlay_dev.clone(),
+            subnet: s,
+        });
+        let (key, value) = current.encode(&stored);
+        assert_eq!(
+            current.parse(&key, &value),
+            Ok(Some(stored)),
+            "node {}",
+            n.name
+        );
         assert!(!subnets.iter().any(|t| t.contains(&s) || s.contains(t)));
         subnets.push(s);
     }
     let eps = snap.endpoints.clone().unwrap_or_default();
     for ep in &eps {
-        assert!(records::check_endpoint(&net, ep).is_ok(), "endpoint {ep:?}");
+        let stored = Record::Endpoint(ep.clone());
+        let (key, value) = current.encode(&stored);
+        assert_eq!(
+            current.parse(&key, &value),
+            Ok(Some(stored)),
+            "endpoint {ep:?}"
+        );
     }
     plan_nodes(&snap.cluster, Some(&eps));
-    let _ = records::subnet_candidates(&net, "h1").take(3).count();
-    if let Some(n) = snap.cluster.nodes.first()
-        && let Some(s) = n.subnets.get(&net.name)
-    {
-        let _ = records::address_candidates(&net, s.network())
-            .take(3)
-            .count();
-    }
 }
 
-/// One record parsed the way the view parses it, with round trips.
-fn record_alone(keys: &Keys, net: &config::Network, key: &str, value: &[u8]) {
-    match keys.classify(key) {
-        KeyKind::Config => {
-            if let Ok(n) = records::parse_network("demo", value) {
-                let json = records::network_json(&n);
-                assert_eq!(
-                    records::parse_network("demo", json.as_bytes()),
-                    Ok(n.clone())
-                );
-                assert_eq!(records::validate_network(&records::network_file(&n)), Ok(n));
-            }
+/// One record parsed the way the store parses it, with round trips: what
+/// validates is stored under its canonical key and parses back the same.
+fn record_alone(records: &NetworkRecords, key: &str, value: &[u8]) {
+    let Ok(Some(record)) = records.parse(key, value) else {
+        return;
+    };
+    let (again_key, again_value) = records.encode(&record);
+    assert_eq!(again_key, key, "key not canonical");
+    assert_eq!(
+        records.parse(&again_key, &again_value),
+        Ok(Some(record.clone()))
+    );
+    match record {
+        Record::Network(n) => {
+            // The table that declares it validates back to it.
+            let file = ClusterFile {
+                networks: vec![NetworkFile::from(&n)],
+                nodes: vec![],
+            };
+            let valid = config::validate(&file, "etcd").map(|mut c| c.networks.remove(0));
+            assert_eq!(valid, Ok(n));
         }
-        KeyKind::Subnet(part) => {
-            if let Some(s) = records::parse_subnet_key_part(part) {
-                assert_eq!(
-                    records::subnet_key_part(s),
-                    part,
-                    "subnet key not canonical"
-                );
-                assert_eq!(keys.classify(&keys.subnet(s)), KeyKind::Subnet(part));
-            }
+        Record::Claim { node, .. } => assert!(node.parse::<NodeName>().is_ok()),
+        Record::Node(n) => {
+            assert!(underlay_ok(n.underlay_ip));
+            assert_eq!(n.name, key.rsplit('/').next().unwrap_or_default());
         }
-        KeyKind::Node(name) => {
-            if let Ok(n) = records::parse_node(net, name, value) {
-                assert!(underlay_ok(n.underlay_ip));
-                assert_eq!(keys.classify(&keys.node(&n.name)), KeyKind::Node(name));
-                let json = serde_json::to_vec(&n).expect("serialises");
-                assert_eq!(records::parse_node(net, name, &json), Ok(n));
-            }
+        Record::Endpoint(ep) => {
+            assert!(ep.mac.is_valid_peer());
+            assert_eq!(
+                records.endpoint_key(ep.ip),
+                key,
+                "endpoint key not canonical"
+            );
         }
-        KeyKind::Endpoint(ip) => {
-            if let Ok(ep) = records::parse_endpoint(net, ip, value) {
-                assert!(ep.mac.is_valid_peer());
-                assert_eq!(keys.endpoint(ep.ip), key, "endpoint key not canonical");
-                let json = serde_json::to_vec(&ep).expect("serialises");
-                assert_eq!(records::parse_endpoint(net, ip, &json), Ok(ep));
-            }
-        }
-        KeyKind::Other => {}
     }
 }
 

@@ -268,15 +268,14 @@ pub async fn repair_attachments(nl: &Netlink, p: &NodePlan) -> Result<usize> {
     let index_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.index);
     let mut fixed = 0;
     for l in &links {
-        let Some(rest) = l
+        let Some(alias) = l
             .alias
             .as_deref()
-            .and_then(|a| a.strip_prefix(crate::dataplane::kernel::ATTACHED_ALIAS_PREFIX))
+            .and_then(|a| a.parse::<crate::names::VethAlias>().ok())
         else {
             continue;
         };
-        let network = rest.split(':').next().unwrap_or_default();
-        let Some(st) = p.networks.get(network) else {
+        let Some(st) = p.networks.get(alias.network.as_str()) else {
             continue;
         };
         let Some(bridge) = index_of(&st.bridge) else {

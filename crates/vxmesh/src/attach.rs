@@ -60,10 +60,7 @@ pub fn host_veth_name(network: &str, container_id: &str, ifname: &str) -> String
 
 /// The alias that marks a container veth as vxmesh's (not managed by the reconciler).
 pub fn veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
-    format!(
-        "{}veth:{network}:{ifname}:{container_id}",
-        model::OWNER_ALIAS_PREFIX
-    )
+    crate::names::VethAlias::render(network, ifname, container_id)
 }
 
 #[derive(Clone, Debug)]

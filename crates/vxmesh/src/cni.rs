@@ -20,6 +20,7 @@ use crate::attach::{self, AttachRequest};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::netns::Netns;
 use crate::ipam::Ipam;
+use crate::names::VethAlias;
 use crate::state;
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
@@ -531,13 +532,11 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
     // Host veths of this network whose attachment is not valid (including
     // ones whose allocation was already lost).
     let links = nl.list_links().await.map_err(|e| io_err(e, "list links"))?;
-    let prefix = format!("{}veth:{net}:", crate::model::OWNER_ALIAS_PREFIX);
     for l in links {
-        let Some(rest) = l.alias.as_deref().and_then(|a| a.strip_prefix(&prefix)) else {
+        let Some(alias) = l.alias.as_deref().and_then(|a| a.parse::<VethAlias>().ok()) else {
             continue;
         };
-        let (ifname, id) = rest.split_once(':').unwrap_or((rest, ""));
-        if !keep(id, ifname) {
+        if alias.network == net && !keep(&alias.container_id, &alias.ifname) {
             nl.delete_link(&l.name)
                 .await
                 .map_err(|e| io_err(e, "delete stale veth"))?;

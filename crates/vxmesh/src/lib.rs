@@ -14,6 +14,7 @@ pub mod icmp;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -14,14 +14,11 @@ pub struct Vni(u32);
 impl Vni {
     pub const MAX: u32 = 0x00ff_ffff;
 
-    pub fn new(v: u32) -> Result<Self, String> {
+    pub fn new(v: u32) -> Result<Self, VniOutOfRange> {
         if (1..=Self::MAX).contains(&v) {
             Ok(Vni(v))
         } else {
-            Err(format!(
-                "VNI {v} is out of range: use a value from 1 to {}",
-                Self::MAX
-            ))
+            Err(VniOutOfRange(v))
         }
     }
 
@@ -30,9 +27,14 @@ impl Vni {
     }
 }
 
+/// A VNI outside 1..=16777215.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("VNI {0} is out of range: use a value from 1 to {max}", max = Vni::MAX)]
+pub struct VniOutOfRange(pub u32);
+
 impl TryFrom<u32> for Vni {
-    type Error = String;
-    fn try_from(v: u32) -> Result<Self, String> {
+    type Error = VniOutOfRange;
+    fn try_from(v: u32) -> Result<Self, VniOutOfRange> {
         Vni::new(v)
     }
 }
@@ -95,24 +97,32 @@ impl fmt::Debug for Mac {
     }
 }
 
+/// Text that is not a MAC address, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("'{0}' is not a MAC address (want six hex octets like 0a:00:c6:12:00:01)")]
+    NotSixOctets(String),
+    #[error("'{text}' is not a MAC address: octet '{octet}' is not 1-2 hex digits")]
+    BadOctet { text: String, octet: String },
+}
+
 impl FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = MacError;
+    fn from_str(s: &str) -> Result<Self, MacError> {
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 6 {
-            return Err(format!(
-                "'{s}' is not a MAC address (want six hex octets like 0a:00:c6:12:00:01)"
-            ));
+            return Err(MacError::NotSixOctets(s.to_string()));
         }
         let mut out = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
+            let bad = || MacError::BadOctet {
+                text: s.to_string(),
+                octet: p.to_string(),
+            };
             if p.is_empty() || p.len() > 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "'{s}' is not a MAC address: octet '{p}' is not 1-2 hex digits"
-                ));
+                return Err(bad());
             }
-            out[i] = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("'{s}' is not a MAC address: octet '{p}' is not hex"))?;
+            out[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         Ok(Mac(out))
     }
@@ -150,6 +160,20 @@ pub fn container_mac(ip: Ipv4Addr) -> Mac {
     Mac([0x02, 0x42, o[0], o[1], o[2], o[3]])
 }
 
+/// An underlay address that cannot carry VXLAN to other hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0} cannot carry VXLAN to other hosts: use the node's unicast underlay address")]
+pub struct UnusableUnderlayIp(pub Ipv4Addr);
+
+/// The one rule for a node's underlay address: a unicast address another
+/// host can send to (not unspecified, loopback, multicast or broadcast).
+pub fn check_underlay_ip(ip: Ipv4Addr) -> Result<Ipv4Addr, UnusableUnderlayIp> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        return Err(UnusableUnderlayIp(ip));
+    }
+    Ok(ip)
+}
+
 /// Device names vxmesh owns all start with this prefix.
 pub const DEVICE_PREFIX: &str = "vxm-";
 
@@ -180,7 +204,10 @@ mod tests {
         assert!(Vni::new(0).is_err());
         assert!(Vni::new(1).is_ok());
         assert!(Vni::new(16_777_215).is_ok());
-        assert!(Vni::new(16_777_216).is_err());
+        assert_eq!(
+            Vni::new(16_777_216).unwrap_err().to_string(),
+            "VNI 16777216 is out of range: use a value from 1 to 16777215"
+        );
     }
 
     #[test]
@@ -188,7 +215,10 @@ mod tests {
         let m: Mac = "0a:1b:C6:12:00:01".parse().unwrap();
         assert_eq!(m.to_string(), "0a:1b:c6:12:00:01");
         assert!("0a:1b:c6:12:00".parse::<Mac>().is_err());
-        assert!("0a:1b:c6:12:00:zz".parse::<Mac>().is_err());
+        assert_eq!(
+            "0a:1b:c6:12:00:zz".parse::<Mac>().unwrap_err().to_string(),
+            "'0a:1b:c6:12:00:zz' is not a MAC address: octet 'zz' is not 1-2 hex digits"
+        );
         assert!("0a:1b:c6:12:00:123".parse::<Mac>().is_err());
         // from_str_radix alone would take a sign.
         assert!("0a:+b:c6:12:00:01".parse::<Mac>().is_err());

@@ -71,7 +71,7 @@ use crate::model;
 pub const MANAGED_ALIAS_PREFIX: &str = "vxmesh:net:";
 /// Alias prefix of container veths made by attach (`vxmesh:veth:...`): owned
 /// by vxmesh, never touched by the reconciler.
-pub const ATTACHED_ALIAS_PREFIX: &str = "vxmesh:veth:";
+pub const ATTACHED_ALIAS_PREFIX: &str = crate::names::VethAlias::PREFIX;
 
 const _: () = {
     // Both prefixes extend the model's owner marker.

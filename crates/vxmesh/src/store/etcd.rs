@@ -56,13 +56,14 @@
 mod client;
 mod multi;
 mod network;
-#[doc(hidden)]
-pub mod records;
+mod records;
 mod remote;
 mod session;
-#[doc(hidden)]
-pub mod view;
+mod stored;
+mod view;
 mod watcher;
+
+pub use stored::{NetworkRecords, Record, RecordError, StoredNode};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

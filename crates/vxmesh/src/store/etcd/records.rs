@@ -7,11 +7,12 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ClusterFile, Mode, Network, NetworkFile};
-use crate::model::Endpoint;
+use crate::model::{self, Endpoint};
+use crate::names::{IfName, NetworkName, NodeName};
 
 /// Keys of one network under a prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Keys {
+pub(crate) struct Keys {
     /// `PREFIX/networks/NET/` (always ends with a slash, so that network
     /// `demo` never matches keys of `demo2`).
     root: String,
@@ -19,7 +20,7 @@ pub struct Keys {
 
 /// What a key under [`Keys::root`] is.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KeyKind<'a> {
+pub(crate) enum KeyKind<'a> {
     Config,
     Subnet(&'a str),
     Node(&'a str),
@@ -78,12 +79,12 @@ impl Keys {
 }
 
 /// `/vxmesh/` → `/vxmesh`; an empty prefix stays empty (keys then start at `/networks`).
-pub fn normalize_prefix(prefix: &str) -> &str {
+pub(crate) fn normalize_prefix(prefix: &str) -> &str {
     prefix.trim_end_matches('/')
 }
 
 /// Check a key prefix given by the user.
-pub fn check_prefix(prefix: &str) -> Result<(), String> {
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') {
         return Err(format!(
             "etcd prefix '{prefix}' must start with '/' (the default is /vxmesh)"
@@ -98,63 +99,53 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
 }
 
 /// `10.1.2.0/24` → `10.1.2.0-24` (a slash would add a key level).
-pub fn subnet_key_part(s: Ipv4Net) -> String {
+pub(crate) fn subnet_key_part(s: Ipv4Net) -> String {
     format!("{}-{}", s.network(), s.prefix_len())
 }
 
 /// The subnet of a claim key part, only in the form [`subnet_key_part`]
 /// writes: `10.1.2.0-024` or `10.1.2.0-+24` would name the same subnet
 /// under another key, outside the compare-and-swap that guards the claim.
-pub fn parse_subnet_key_part(s: &str) -> Option<Ipv4Net> {
+pub(crate) fn parse_subnet_key_part(s: &str) -> Option<Ipv4Net> {
     let (ip, len) = s.split_once('-')?;
     let net = Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
     (net.trunc() == net && subnet_key_part(net) == s).then_some(net)
 }
 
-/// Node and network names share the cluster file's rules.
-pub fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+pub(crate) fn check_node_name(s: &str) -> Result<(), String> {
+    s.parse::<NodeName>().map(drop).map_err(|e| e.to_string())
 }
 
-pub fn check_node_name(s: &str) -> Result<(), String> {
-    if valid_name(s, 64) {
-        Ok(())
-    } else {
-        Err(format!(
-            "'{s}' is not a valid node name: use 1-64 characters from [A-Za-z0-9._-]"
-        ))
-    }
+pub(crate) fn check_network_name(s: &str) -> Result<(), String> {
+    s.parse::<NetworkName>()
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
-pub fn check_network_name(s: &str) -> Result<(), String> {
-    if valid_name(s, 32) {
-        Ok(())
-    } else {
-        Err(format!(
-            "'{s}' is not a valid network name: use 1-32 characters from [A-Za-z0-9._-]"
-        ))
-    }
+pub(crate) fn check_underlay_ip(ip: Ipv4Addr) -> Result<(), String> {
+    model::check_underlay_ip(ip)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
-pub fn check_underlay_ip(ip: Ipv4Addr) -> Result<(), String> {
-    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-        return Err(format!(
-            "{ip} cannot carry VXLAN to other hosts: use the node's unicast underlay address"
-        ));
-    }
-    Ok(())
+pub(crate) fn check_underlay_dev(d: &str) -> Result<(), String> {
+    d.parse::<IfName>().map(drop).map_err(|e| e.to_string())
 }
 
-pub fn check_underlay_dev(d: &str) -> Result<(), String> {
-    if d.is_empty() || d.len() > 15 || d.contains('/') || d.contains(char::is_whitespace) {
-        return Err(format!(
-            "'{d}' is not a valid interface name (1-15 characters, no '/' or spaces)"
-        ));
-    }
-    Ok(())
+/// Parse and validate a subnet claim: the key part `A.B.C.D-LEN` (in the
+/// canonical form only) names one of `net`'s subnets, the value the node
+/// holding it.
+pub(crate) fn parse_claim<'v>(
+    net: &Network,
+    part: &str,
+    value: &'v [u8],
+) -> Result<(Ipv4Net, &'v str), String> {
+    let s = parse_subnet_key_part(part)
+        .ok_or_else(|| format!("'{part}' is not a subnet key (want A.B.C.D-LEN)"))?;
+    check_subnet(net, s)?;
+    let node = std::str::from_utf8(value).map_err(|_| "claim value is not UTF-8".to_string())?;
+    check_node_name(node)?;
+    Ok((s, node))
 }
 
 /// The node record as stored under `nodes/NODE`.
@@ -168,7 +159,7 @@ pub struct NodeJson {
 }
 
 /// Check that `s` is one of `net`'s per-node subnets (slices).
-pub fn check_subnet(net: &Network, s: Ipv4Net) -> Result<(), String> {
+pub(crate) fn check_subnet(net: &Network, s: Ipv4Net) -> Result<(), String> {
     let what = if net.mode == Mode::Routed {
         "subnet"
     } else {
@@ -195,7 +186,7 @@ pub fn check_subnet(net: &Network, s: Ipv4Net) -> Result<(), String> {
 }
 
 /// Parse and validate a node record (the key's last part is `key_name`).
-pub fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<NodeJson, String> {
+pub(crate) fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<NodeJson, String> {
     let n: NodeJson =
         serde_json::from_slice(value).map_err(|e| format!("not a node record: {e}"))?;
     check_node_name(key_name)?;
@@ -215,7 +206,7 @@ pub fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<NodeJso
 
 /// Is `ip` an address a container may hold in `net` (inside the cidr and not
 /// its network or broadcast address)?
-pub fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), String> {
+pub(crate) fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), String> {
     if !net.cidr.contains(&ip) {
         return Err(format!(
             "address {ip} is outside network '{}' cidr {}",
@@ -232,7 +223,7 @@ pub fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), String> {
 }
 
 /// Validate an endpoint (read from etcd or about to be published).
-pub fn check_endpoint(net: &Network, ep: &Endpoint) -> Result<(), String> {
+pub(crate) fn check_endpoint(net: &Network, ep: &Endpoint) -> Result<(), String> {
     if ep.network != net.name {
         return Err(format!(
             "endpoint belongs to network '{}', not '{}'",
@@ -250,7 +241,11 @@ pub fn check_endpoint(net: &Network, ep: &Endpoint) -> Result<(), String> {
 }
 
 /// Parse and validate an endpoint record stored under `endpoints/KEY_IP`.
-pub fn parse_endpoint(net: &Network, key_ip: &str, value: &[u8]) -> Result<Endpoint, String> {
+pub(crate) fn parse_endpoint(
+    net: &Network,
+    key_ip: &str,
+    value: &[u8],
+) -> Result<Endpoint, String> {
     let ep: Endpoint =
         serde_json::from_slice(value).map_err(|e| format!("not an endpoint record: {e}"))?;
     if key_ip.parse::<Ipv4Addr>().ok() != Some(ep.ip) {
@@ -265,7 +260,7 @@ pub fn parse_endpoint(net: &Network, key_ip: &str, value: &[u8]) -> Result<Endpo
 
 /// Validate a network the way the cluster file does. Problems name the field
 /// and the fix: "network 'demo': cidr: '10.0.0.1/16' has host bits set: ...".
-pub fn validate_network(n: &NetworkFile) -> Result<Network, String> {
+pub(crate) fn validate_network(n: &NetworkFile) -> Result<Network, String> {
     let file = ClusterFile {
         networks: vec![n.clone()],
         nodes: vec![],
@@ -289,25 +284,17 @@ pub fn validate_network(n: &NetworkFile) -> Result<Network, String> {
     }
 }
 
-pub fn network_file(n: &Network) -> NetworkFile {
-    NetworkFile {
-        name: n.name.clone(),
-        mode: n.mode,
-        cidr: n.cidr.to_string(),
-        subnet_len: n.subnet_len,
-        vni: n.vni.get(),
-        port: n.port as u32,
-        mtu: n.mtu,
-    }
+pub(crate) fn network_file(n: &Network) -> NetworkFile {
+    NetworkFile::from(n)
 }
 
 /// The JSON stored under `config`.
-pub fn network_json(n: &Network) -> String {
+pub(crate) fn network_json(n: &Network) -> String {
     serde_json::to_string(n).expect("a network serializes")
 }
 
 /// Parse and validate a stored network config.
-pub fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network, String> {
+pub(crate) fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network, String> {
     let f: NetworkFile =
         serde_json::from_slice(value).map_err(|e| format!("not a network config: {e}"))?;
     if f.name != expected_name {
@@ -320,7 +307,7 @@ pub fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network, Strin
 }
 
 /// How two networks differ, for "already exists with different settings (...)".
-pub fn network_diff(stored: &Network, wanted: &Network) -> String {
+pub(crate) fn network_diff(stored: &Network, wanted: &Network) -> String {
     let mut d = Vec::new();
     let mut field = |name: &str, a: String, b: String| {
         if a != b {
@@ -343,7 +330,7 @@ pub fn network_diff(stored: &Network, wanted: &Network) -> String {
 
 /// 64-bit FNV-1a: a stable hash (unlike std's), so that a node's candidate
 /// order is the same on every run and every version.
-pub fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= b as u64;
@@ -354,7 +341,10 @@ pub fn fnv1a(s: &str) -> u64 {
 
 /// The `i`-th candidate subnet for `node`: all `subnet_len` subnets of the
 /// cidr, in cyclic order starting at a position derived from the node name.
-pub fn subnet_candidates(net: &Network, node: &str) -> impl Iterator<Item = Ipv4Net> + use<> {
+pub(crate) fn subnet_candidates(
+    net: &Network,
+    node: &str,
+) -> impl Iterator<Item = Ipv4Net> + use<> {
     let host_bits = 32 - net.subnet_len as u32;
     let count: u64 = 1u64 << (net.subnet_len - net.cidr.prefix_len()) as u32;
     let base = u32::from(net.cidr.network()) as u64;
@@ -369,7 +359,7 @@ pub fn subnet_candidates(net: &Network, node: &str) -> impl Iterator<Item = Ipv4
 
 /// Candidate addresses of a bridged network, starting at `start` (the node's
 /// slice) and wrapping around the cidr; network and broadcast addresses skipped.
-pub fn address_candidates(
+pub(crate) fn address_candidates(
     net: &Network,
     start: Ipv4Addr,
 ) -> impl Iterator<Item = Ipv4Addr> + use<> {

@@ -15,7 +15,7 @@ use crate::store::Snapshot;
 
 /// One stored key-value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Kv {
+pub(crate) struct Kv {
     pub value: Vec<u8>,
     pub create_rev: i64,
     pub mod_rev: i64,
@@ -23,14 +23,14 @@ pub struct Kv {
 
 /// A record skipped because it failed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Skipped {
+pub(crate) struct Skipped {
     pub key: String,
     pub kind: RecordKind,
     pub mod_rev: i64,
     pub reason: String,
 }
 
-pub struct View {
+pub(crate) struct View {
     keys: Keys,
     /// The last valid network config seen (kept if the key becomes invalid or vanishes).
     network: Network,
@@ -144,21 +144,12 @@ impl View {
         for (key, kv) in &self.kvs {
             match self.keys.classify(key) {
                 KeyKind::Config | KeyKind::Other => {}
-                KeyKind::Subnet(part) => {
-                    let claim = records::parse_subnet_key_part(part)
-                        .ok_or_else(|| format!("'{part}' is not a subnet key (want A.B.C.D-LEN)"))
-                        .and_then(|s| records::check_subnet(&net, s).map(|_| s))
-                        .and_then(|s| match std::str::from_utf8(&kv.value) {
-                            Ok(v) => records::check_node_name(v).map(|_| (s, v)),
-                            Err(_) => Err("claim value is not UTF-8".to_string()),
-                        });
-                    match claim {
-                        Ok((s, owner)) => {
-                            claims.insert(s, owner);
-                        }
-                        Err(e) => skip(key, RecordKind::Subnet, kv, e),
+                KeyKind::Subnet(part) => match records::parse_claim(&net, part, &kv.value) {
+                    Ok((s, owner)) => {
+                        claims.insert(s, owner);
                     }
-                }
+                    Err(e) => skip(key, RecordKind::Subnet, kv, e),
+                },
                 KeyKind::Node(name) => match records::parse_node(&net, name, &kv.value) {
                     Ok(n) => nodes.push((
                         kv.create_rev,

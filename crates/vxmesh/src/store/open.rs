@@ -238,7 +238,10 @@ mod tests {
 
     #[test]
     fn exactly_one_store() {
-        assert!(matches!(err(&StoreChoice::default()), OpenStoreError::NoStore));
+        assert!(matches!(
+            err(&StoreChoice::default()),
+            OpenStoreError::NoStore
+        ));
         let mut c = etcd_choice();
         c.cluster = Some("/nonexistent/cluster.toml".into());
         assert!(matches!(err(&c), OpenStoreError::TwoStores));

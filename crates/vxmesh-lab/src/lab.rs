@@ -12,29 +12,39 @@
 //! then an etcd server runs inside the underlay namespace, hosts join and
 //! leave while the lab runs ([`Lab::add_node`], [`Lab::remove_node`]) and
 //! bridged containers can move between hosts ([`Lab::move_container`]).
+//!
+//! This module holds the lab's model (spec, record) and topology (hosts,
+//! underlay, containers); `agents` supervises the agent processes, `check`
+//! probes the pairs, `teardown` removes a lab, `demo` runs the newcomer's
+//! tour and `summary` describes a lab for people.
 
+mod agents;
 mod check;
 mod cni;
+mod demo;
 mod etcd;
 mod membership;
+mod summary;
+mod teardown;
 
 pub use check::CheckReport;
 use cni::cni_add;
 pub(crate) use cni::run_plugin;
+pub use demo::demo;
+pub use teardown::{LabGuard, down_by_name};
 
 pub use etcd::{ETCD_IP, ETCD_PORT, LAB_TTL, LabEtcd, LabStore};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::probe;
 use vxmesh::attach::{self, AttachRequest};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
 use vxmesh::dataplane::NeighSpec;
@@ -167,29 +177,6 @@ pub struct Lab {
     etcd_child: Option<Child>,
 }
 
-/// Tears the lab down when dropped (tests, `lab demo`).
-pub struct LabGuard(pub Lab);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.down() {
-            eprintln!("lab {}: teardown problems: {e:#}", self.0.info.name);
-        }
-    }
-}
-
-impl std::ops::Deref for LabGuard {
-    type Target = Lab;
-    fn deref(&self) -> &Lab {
-        &self.0
-    }
-}
-impl std::ops::DerefMut for LabGuard {
-    fn deref_mut(&mut self) -> &mut Lab {
-        &mut self.0
-    }
-}
-
 pub fn validate_lab_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 16
@@ -297,7 +284,9 @@ impl Lab {
             etcd_child: None,
         };
         if let Err(e) = lab.build(spec).await {
-            if let Err(e2) = lab.down() {
+            // Teardown waits for agents to exit: off the runtime's threads.
+            let cleanup = tokio::task::spawn_blocking(move || lab.down()).await;
+            if let Err(e2) = cleanup.map_err(anyhow::Error::from).and_then(|r| r) {
                 tracing::warn!("cleanup after failed lab up: {e2:#}");
             }
             return Err(e);
@@ -617,123 +606,6 @@ impl Lab {
         Some((n.underlay_ip, port).into())
     }
 
-    /// Start (or restart) the agent of `node` as a process inside its namespace.
-    pub fn start_agent(&mut self, node: &str) -> Result<u32> {
-        let n = self.node(node)?.clone();
-        std::fs::create_dir_all(&n.state_dir)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.agent_log)?;
-        let mut cmd = Command::new(&self.spec_exe);
-        cmd.arg("--netns").arg(&n.netns).arg("-v").arg("agent");
-        match &self.info.etcd {
-            None => cmd.arg("--cluster").arg(&self.info.cluster_file),
-            Some(e) => cmd
-                .args(["--store", &e.store, "--network", &e.networks.join(",")])
-                .args([
-                    "--underlay-ip",
-                    &n.underlay_ip.to_string(),
-                    "--underlay-dev",
-                    "eth0",
-                ])
-                .args(["--ttl", &e.ttl_secs.to_string()]),
-        };
-        if let Some(addr) = self.metrics_addr(node) {
-            cmd.arg("--metrics").arg(addr.to_string());
-        }
-        cmd.arg("--node")
-            .arg(&n.name)
-            .arg("--state-dir")
-            .arg(&n.state_dir)
-            .args(&self.agent_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start agent of {node} ({})", self.spec_exe.display()))?;
-        let pid = child.id();
-        self.children.insert(node.to_string(), child);
-        self.node_mut(node)?.agent_pid = Some(pid);
-        self.save()?;
-        Ok(pid)
-    }
-
-    /// Wait until the agent of `node` has published every network.
-    pub async fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
-        let n = self.node(node)?.clone();
-        let want = match &self.info.etcd {
-            Some(e) => e.networks.clone(),
-            None => network_names(self.info.mode, n.subnets.len()),
-        };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if want
-                .iter()
-                .all(|w| state::read_network(&n.state_dir, w).is_ok())
-            {
-                if self.info.etcd.is_some() {
-                    // The subnets the agent claimed in etcd.
-                    let mut subnets = BTreeMap::new();
-                    for w in &want {
-                        subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
-                    }
-                    self.node_mut(node)?.subnets = subnets;
-                    self.save()?;
-                }
-                return Ok(());
-            }
-            if let Some(c) = self.children.get_mut(node)
-                && let Some(status) = c.try_wait()?
-            {
-                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
-                bail!("agent of {node} exited with {status} before it was ready; its log:\n{log}");
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
-                bail!("agent of {node} not ready after {timeout:?}; its log:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Send `sig` to the agent of `node` and wait for it to exit.
-    pub fn stop_agent(&mut self, node: &str, sig: nix::sys::signal::Signal) -> Result<()> {
-        let pid = self.node(node)?.agent_pid;
-        let Some(pid) = pid else { return Ok(()) };
-        if let Some(mut child) = self.children.remove(node) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if child.try_wait()?.is_some() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        } else if is_our_agent(pid, &self.info.name) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        self.node_mut(node)?.agent_pid = None;
-        self.save()
-    }
-
     /// Rewrite the lab's cluster file (agents pick it up through inotify).
     pub fn write_cluster(&self, file: &ClusterFile) -> Result<()> {
         state::write_atomic(&self.info.cluster_file, toml::to_string(file)?.as_bytes())
@@ -743,38 +615,6 @@ impl Lab {
         Ok(toml::from_str(&std::fs::read_to_string(
             &self.info.cluster_file,
         )?)?)
-    }
-
-    /// Probe every container pair (both directions). In bridged mode, pairs in
-    /// different networks must NOT reach each other.
-    pub fn check(&self, timeout: Duration) -> Result<CheckReport> {
-        let cs = &self.info.containers;
-        let mut jobs = Vec::new();
-        for a in cs {
-            for b in cs {
-                if a.name == b.name {
-                    continue;
-                }
-                let same = a.network == b.network;
-                if !same && cs.iter().any(|x| x.network == a.network && x.ip == b.ip) {
-                    // Overlapping subnets: b's address exists in a's own network, so
-                    // a probe would (rightly) reach that container instead.
-                    continue;
-                }
-                jobs.push(probe::PairJob {
-                    src_ns: a.netns.clone(),
-                    src_label: a.name.clone(),
-                    dst: b.ip,
-                    dst_label: b.name.clone(),
-                    expect_reach: same,
-                });
-            }
-        }
-        let results = probe::probe_pairs(&jobs, timeout);
-        Ok(CheckReport {
-            containers: cs.iter().map(|c| c.name.clone()).collect(),
-            results,
-        })
     }
 
     /// Run a command inside a node's namespace (or a container's, by name).
@@ -801,81 +641,5 @@ impl Lab {
             .with_context(|| format!("run {prog} in {ns_name}"))?;
         drop(ns);
         Ok(status)
-    }
-
-    /// Remove everything: agents, namespaces, files. Keeps going on errors and
-    /// reports them all.
-    pub fn down(&mut self) -> Result<()> {
-        let mut problems = Vec::new();
-        for n in self.info.nodes.clone() {
-            if let Err(e) = self.stop_agent(&n.name, nix::sys::signal::Signal::SIGTERM) {
-                problems.push(format!("stop agent of {}: {e:#}", n.name));
-            }
-        }
-        // Agents whose pid we lost track of (e.g. a crashed `lab up`).
-        kill_stray_agents(&self.info.name);
-        if let Err(e) = self.stop_etcd() {
-            problems.push(format!("stop etcd: {e:#}"));
-        }
-        etcd::kill_lab_etcd(&self.info.dir);
-        for ns in netns::list(&ns_prefix(&self.info.name)) {
-            if let Err(e) = netns::delete(&ns) {
-                problems.push(format!("delete namespace {ns}: {e:#}"));
-            }
-        }
-        if self.info.dir.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.info.dir)
-        {
-            problems.push(format!("remove {}: {e}", self.info.dir.display()));
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", problems.join("; "))
-        }
-    }
-}
-
-/// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)
-fn is_our_agent(pid: u32, lab: &str) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let text = String::from_utf8_lossy(&cmdline);
-    text.contains("agent") && text.contains(&format!("vxm-{lab}-"))
-}
-
-fn kill_stray_agents(lab: &str) {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && is_our_agent(pid, lab) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// Tear down a lab by name, even if its record is gone or corrupt.
-pub fn down_by_name(name: &str) -> Result<()> {
-    validate_lab_name(name)?;
-    match Lab::load(name) {
-        Ok(mut lab) => lab.down(),
-        Err(_) => {
-            kill_stray_agents(name);
-            etcd::kill_lab_etcd(&lab_dir(name));
-            for ns in netns::list(&ns_prefix(name)) {
-                netns::delete(&ns)?;
-            }
-            let dir = lab_dir(name);
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)?;
-            }
-            Ok(())
-        }
     }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use vxmesh::config::Mode;
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -206,9 +207,82 @@ pub fn gbps(bits_per_second: f64) -> f64 {
     bits_per_second / 1e9
 }
 
+/// `vxmesh bench scale`: for every mode and peer count, `repeat` interleaved
+/// runs of vxmesh and `ip -batch`, combined into one row (medians). Each run
+/// is handed to `each_run` as it completes (the CLI prints progress).
+pub async fn scale_series(
+    modes: &[Mode],
+    peers: &[usize],
+    repeat: usize,
+    mut each_run: impl FnMut(&ScaleRow),
+) -> Result<Vec<ScaleRow>> {
+    check_repeat(repeat)?;
+    let mut rows = Vec::new();
+    for &mode in modes {
+        for &p in peers {
+            check_peers(p)?;
+            let mut runs = Vec::new();
+            for _ in 0..repeat {
+                let run = scale_one(mode, p).await?;
+                each_run(&run);
+                runs.push(run);
+            }
+            rows.push(scale::combine(&runs));
+        }
+    }
+    Ok(rows)
+}
+
+fn check_repeat(repeat: usize) -> Result<()> {
+    if !(1..=50).contains(&repeat) {
+        bail!("--repeat must be 1..=50 (got {repeat})");
+    }
+    Ok(())
+}
+
+fn check_peers(peers: usize) -> Result<()> {
+    if peers == 0 || peers > 60_000 {
+        bail!("--peers values must be 1..=60000 (got {peers})");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scale_limits() {
+        assert!(check_repeat(1).is_ok() && check_repeat(50).is_ok());
+        assert_eq!(
+            check_repeat(0).unwrap_err().to_string(),
+            "--repeat must be 1..=50 (got 0)"
+        );
+        assert!(check_repeat(51).is_err());
+        assert!(check_peers(1).is_ok() && check_peers(60_000).is_ok());
+        assert_eq!(
+            check_peers(60_001).unwrap_err().to_string(),
+            "--peers values must be 1..=60000 (got 60001)"
+        );
+        assert!(check_peers(0).is_err());
+    }
+
+    #[tokio::test]
+    async fn scale_series_refuses_bad_limits_before_running_anything() {
+        let mut runs = 0;
+        let e = scale_series(&[Mode::Routed], &[100], 0, |_| runs += 1)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "--repeat must be 1..=50 (got 0)");
+        let e = scale_series(&[Mode::Routed, Mode::Bridged], &[0, 100], 3, |_| runs += 1)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "--peers values must be 1..=60000 (got 0)");
+        assert_eq!(runs, 0);
+        // Nothing asked for, nothing run.
+        let rows = scale_series(&[], &[100], 3, |_| runs += 1).await.unwrap();
+        assert!(rows.is_empty() && runs == 0);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

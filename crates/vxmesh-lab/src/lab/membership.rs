@@ -66,9 +66,9 @@ impl Lab {
         let networks = self.etcd()?.networks.clone();
         let n = self.node(node)?.clone();
         if crash {
-            self.stop_agent(node, Signal::SIGKILL)?;
+            self.stop_agent_async(node, Signal::SIGKILL).await?;
         } else {
-            self.stop_agent(node, Signal::SIGTERM)?;
+            self.stop_agent_async(node, Signal::SIGTERM).await?;
             let name = node.to_string();
             self.in_underlay(move |co| async move {
                 for net in &networks {

@@ -5,6 +5,7 @@
 //! tells the agent when something may have changed.
 
 pub mod etcd;
+pub mod open;
 pub mod static_file;
 
 use std::collections::BTreeSet;

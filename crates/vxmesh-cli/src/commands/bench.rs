@@ -1,0 +1,168 @@
+//! `vxmesh bench`: the measured benchmarks of the lab crate, their figures
+//! printed as a table or JSON.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use vxmesh::config::Mode;
+use vxmesh_lab::bench::{self, cni, converge, footprint, throughput};
+
+use super::ModeArg;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Program P remote peers into an empty node, vs `ip -batch` of the same objects.
+    Scale {
+        /// Peer counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        peers: Vec<usize>,
+        /// Modes to measure.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "routed,bridged"
+        )]
+        mode: Vec<ModeArg>,
+        /// Runs per mode and size (interleaved vxmesh / ip -batch pairs);
+        /// each figure is the median, the speedup the median of the pairs.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// iperf3 container-to-container across hosts vs host-to-host on the
+    /// underlay (TCP 1 and 4 streams, UDP at a fixed rate), per mode.
+    Throughput {
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "routed,bridged"
+        )]
+        mode: Vec<ModeArg>,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        /// Runs per case and path, interleaved (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// UDP offered rate (iperf3 -b syntax).
+        #[arg(long, default_value = "1G")]
+        udp_rate: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// etcd lab of N hosts: join (agent start -> all pairs reachable) and
+    /// crash (kill -9 -> peers clean) times.
+    Converge {
+        /// Lab sizes (hosts before each join).
+        #[arg(long, value_delimiter = ',', default_value = "5,20")]
+        nodes: Vec<usize>,
+        /// Joins (each followed by a crash of the joined host) per size.
+        #[arg(long, default_value_t = 5)]
+        joins: usize,
+        #[arg(long, value_enum, default_value = "routed")]
+        mode: ModeArg,
+        /// Lease TTL of the agents, seconds.
+        #[arg(long, default_value_t = 3)]
+        ttl: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// CNI ADD+DEL latency: the vxmesh plugin vs bridge + host-local.
+    Cni {
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// RSS and CPU of an idle agent holding P peers (vs one holding none).
+    Footprint {
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        /// Seconds of idle sampling after convergence.
+        #[arg(long, default_value_t = 20.0)]
+        idle: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn modes(m: Vec<ModeArg>) -> Vec<Mode> {
+    m.into_iter().map(Mode::from).collect()
+}
+
+pub async fn run(b: BenchCmd) -> Result<()> {
+    let exe = std::env::current_exe().context("the path of this vxmesh binary")?;
+    match b {
+        BenchCmd::Scale {
+            peers,
+            mode,
+            repeat,
+            json,
+        } => {
+            let rows = bench::scale_series(&modes(mode), &peers, repeat, |run| {
+                if !json {
+                    eprintln!(
+                        "{} {} peers: vxmesh {:.1} ms, ip -batch {:.1} ms ({:.1}x)",
+                        run.mode, run.peers, run.vxmesh_ms, run.ip_batch_ms, run.speedup
+                    );
+                }
+            })
+            .await?;
+            bench::print(json, &rows, &bench::scale_table(&rows))
+        }
+        BenchCmd::Throughput {
+            mode,
+            seconds,
+            repeat,
+            udp_rate,
+            json,
+        } => {
+            let rows = throughput::run(&throughput::ThroughputOptions {
+                modes: modes(mode),
+                seconds,
+                repeat,
+                udp_rate,
+                exe,
+            })
+            .await?;
+            bench::print(json, &rows, &throughput::table(&rows))
+        }
+        BenchCmd::Converge {
+            nodes,
+            joins,
+            mode,
+            ttl,
+            json,
+        } => {
+            let rows = converge::run(&converge::ConvergeOptions {
+                nodes,
+                joins,
+                mode: mode.into(),
+                ttl_secs: ttl,
+                exe,
+            })
+            .await?;
+            bench::print(json, &rows, &converge::table(&rows))
+        }
+        BenchCmd::Cni { iterations, json } => {
+            let r = cni::run(&cni::CniOptions { iterations, exe }).await?;
+            bench::print(json, &r, &cni::table(&r))
+        }
+        BenchCmd::Footprint { peers, idle, json } => {
+            if !(idle.is_finite() && idle > 0.0 && idle < 86400.0) {
+                anyhow::bail!("--idle must be between 0 and 86400 seconds");
+            }
+            let r = footprint::run(&footprint::FootprintOptions {
+                peers,
+                idle: Duration::from_secs_f64(idle),
+                exe,
+            })
+            .await?;
+            bench::print(json, &r, &footprint::table(&r))
+        }
+    }
+}

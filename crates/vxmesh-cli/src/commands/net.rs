@@ -1,0 +1,92 @@
+//! `vxmesh net`: create, show and delete networks in the etcd store.
+
+use anyhow::Result;
+use clap::Subcommand;
+use vxmesh::config::{self, Mode};
+use vxmesh::store::etcd;
+
+use super::{EtcdArgs, ModeArg};
+
+#[derive(Subcommand, Debug)]
+pub enum NetCmd {
+    /// Create a network in etcd (validated like a cluster file's network;
+    /// an identical existing one is fine, a different one is refused).
+    Create {
+        name: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// routed: cluster CIDR; bridged: the segment's subnet.
+        #[arg(long)]
+        cidr: String,
+        #[arg(long, value_enum, default_value = "routed")]
+        mode: ModeArg,
+        #[arg(long)]
+        vni: u32,
+        /// routed: per-node subnet length (default 24); bridged: per-node address slice (default 28).
+        #[arg(long)]
+        subnet_len: Option<u8>,
+        #[arg(long, default_value_t = 4789)]
+        port: u32,
+        /// Overlay MTU (default: underlay MTU - 50).
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
+    /// Print a network's config (JSON).
+    Show {
+        name: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete a network and everything under it (refused while nodes are in it).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+pub async fn run(cmd: NetCmd) -> Result<()> {
+    match cmd {
+        NetCmd::Create {
+            name,
+            etcd: e,
+            cidr,
+            mode,
+            vni,
+            subnet_len,
+            port,
+            mtu,
+        } => {
+            let mode: Mode = mode.into();
+            let file = config::NetworkFile {
+                name,
+                mode,
+                cidr,
+                subnet_len: subnet_len.unwrap_or(if mode == Mode::Bridged { 28 } else { 24 }),
+                vni,
+                port,
+                mtu,
+            };
+            let net = etcd::validate_network(&file)?;
+            let login = e.login();
+            etcd::create_network(&login.client()?, &login.prefix(), &net).await?;
+            println!(
+                "network {} ({}, cidr {}, /{} per node, VNI {}) is in etcd",
+                net.name, net.mode, net.cidr, net.subnet_len, net.vni
+            );
+        }
+        NetCmd::Show { name, etcd: e } => {
+            let login = e.login();
+            match etcd::get_network(&login.client()?, &login.prefix(), &name).await? {
+                Some(n) => println!("{}", serde_json::to_string_pretty(&n)?),
+                None => anyhow::bail!("network {name} does not exist in etcd"),
+            }
+        }
+        NetCmd::Delete { name, etcd: e } => {
+            let login = e.login();
+            etcd::delete_network(&login.client()?, &login.prefix(), &name).await?;
+            println!("network {name} deleted");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! The lab's agents: one `vxmesh agent` process per host, started inside the
+//! host's namespace, waited for until it serves every network, and stopped
+//! with a signal (SIGKILL after a grace period).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::{Lab, network_names};
+use vxmesh::state;
+
+impl Lab {
+    /// Start (or restart) the agent of `node` as a process inside its namespace.
+    pub fn start_agent(&mut self, node: &str) -> Result<u32> {
+        let n = self.node(node)?.clone();
+        std::fs::create_dir_all(&n.state_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.agent_log)?;
+        let mut cmd = Command::new(&self.spec_exe);
+        cmd.arg("--netns").arg(&n.netns).arg("-v").arg("agent");
+        match &self.info.etcd {
+            None => cmd.arg("--cluster").arg(&self.info.cluster_file),
+            Some(e) => cmd
+                .args(["--store", &e.store, "--network", &e.networks.join(",")])
+                .args([
+                    "--underlay-ip",
+                    &n.underlay_ip.to_string(),
+                    "--underlay-dev",
+                    "eth0",
+                ])
+                .args(["--ttl", &e.ttl_secs.to_string()]),
+        };
+        if let Some(addr) = self.metrics_addr(node) {
+            cmd.arg("--metrics").arg(addr.to_string());
+        }
+        cmd.arg("--node")
+            .arg(&n.name)
+            .arg("--state-dir")
+            .arg(&n.state_dir)
+            .args(&self.agent_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start agent of {node} ({})", self.spec_exe.display()))?;
+        let pid = child.id();
+        self.children.insert(node.to_string(), child);
+        self.node_mut(node)?.agent_pid = Some(pid);
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Wait until the agent of `node` has published every network.
+    pub async fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        let n = self.node(node)?.clone();
+        let want = match &self.info.etcd {
+            Some(e) => e.networks.clone(),
+            None => network_names(self.info.mode, n.subnets.len()),
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if want
+                .iter()
+                .all(|w| state::read_network(&n.state_dir, w).is_ok())
+            {
+                if self.info.etcd.is_some() {
+                    // The subnets the agent claimed in etcd.
+                    let mut subnets = BTreeMap::new();
+                    for w in &want {
+                        subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
+                    }
+                    self.node_mut(node)?.subnets = subnets;
+                    self.save()?;
+                }
+                return Ok(());
+            }
+            if let Some(c) = self.children.get_mut(node)
+                && let Some(status) = c.try_wait()?
+            {
+                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+                bail!("agent of {node} exited with {status} before it was ready; its log:\n{log}");
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+                bail!("agent of {node} not ready after {timeout:?}; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Send `sig` to the agent of `node` and wait (up to 5 s, then SIGKILL)
+    /// for it to exit. Blocks the thread: for synchronous callers (teardown
+    /// on drop, tests); async code uses [`Lab::stop_agent_async`].
+    pub fn stop_agent(&mut self, node: &str, sig: Signal) -> Result<()> {
+        let Some(pid) = self.node(node)?.agent_pid else {
+            return Ok(());
+        };
+        if let Some(mut exiting) = self.signal_agent(node, pid, sig) {
+            let deadline = Instant::now() + STOP_GRACE;
+            while !exiting.finished(deadline)? {
+                std::thread::sleep(STOP_POLL);
+            }
+        }
+        self.forget_agent(node)
+    }
+
+    /// [`Lab::stop_agent`] without blocking the runtime's thread while the
+    /// agent exits.
+    pub async fn stop_agent_async(&mut self, node: &str, sig: Signal) -> Result<()> {
+        let Some(pid) = self.node(node)?.agent_pid else {
+            return Ok(());
+        };
+        if let Some(mut exiting) = self.signal_agent(node, pid, sig) {
+            let deadline = Instant::now() + STOP_GRACE;
+            while !exiting.finished(deadline)? {
+                tokio::time::sleep(STOP_POLL).await;
+            }
+        }
+        self.forget_agent(node)
+    }
+
+    /// Send `sig` to the agent `pid` of `node`, if it is ours: a child of
+    /// this process, or (a lab loaded from its record) a process whose
+    /// command line names this lab.
+    fn signal_agent(&mut self, node: &str, pid: u32, sig: Signal) -> Option<ExitingAgent> {
+        let exiting = if let Some(child) = self.children.remove(node) {
+            ExitingAgent::Child(child)
+        } else if is_our_agent(pid, &self.info.name) {
+            ExitingAgent::Pid(pid)
+        } else {
+            return None;
+        };
+        let _ = kill(Pid::from_raw(pid as i32), sig);
+        Some(exiting)
+    }
+
+    /// Record that `node` runs no agent.
+    fn forget_agent(&mut self, node: &str) -> Result<()> {
+        self.node_mut(node)?.agent_pid = None;
+        self.save()
+    }
+}
+
+/// How long a signalled agent may take to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often a stopping agent is looked at.
+const STOP_POLL: Duration = Duration::from_millis(10);
+
+/// An agent that was sent a signal.
+enum ExitingAgent {
+    /// Started by this process: reaped here.
+    Child(Child),
+    /// Started by another process (`vxmesh lab up`): init reaps it.
+    Pid(u32),
+}
+
+impl ExitingAgent {
+    /// Has it exited? Past `deadline` it is killed (SIGKILL) and counts as
+    /// finished.
+    fn finished(&mut self, deadline: Instant) -> Result<bool> {
+        match self {
+            ExitingAgent::Child(child) => {
+                if child.try_wait()?.is_some() {
+                    return Ok(true);
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            ExitingAgent::Pid(pid) => {
+                let alive = Path::new(&format!("/proc/{pid}")).exists();
+                if alive && Instant::now() < deadline {
+                    return Ok(false);
+                }
+                if alive {
+                    let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)
+fn is_our_agent(pid: u32, lab: &str) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&cmdline);
+    text.contains("agent") && text.contains(&format!("vxm-{lab}-"))
+}
+
+/// Kill (SIGKILL) every agent process of lab `lab`, tracked or not.
+pub(super) fn kill_stray_agents(lab: &str) {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && is_our_agent(pid, lab) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_agent_is_recognised_by_its_command_line() {
+        // This test process is no agent of any lab.
+        assert!(!is_our_agent(std::process::id(), "nolab"));
+        // Nor is a pid that does not exist.
+        assert!(!is_our_agent(u32::MAX, "nolab"));
+    }
+
+    #[test]
+    fn a_vanished_process_is_finished_at_once() {
+        let mut gone = ExitingAgent::Pid(u32::MAX);
+        assert!(gone.finished(Instant::now() + STOP_GRACE).unwrap());
+    }
+
+    #[test]
+    fn a_child_that_exited_is_finished_and_one_that_lingers_is_killed() {
+        let child = Command::new("true").spawn().unwrap();
+        let mut exiting = ExitingAgent::Child(child);
+        let deadline = Instant::now() + STOP_GRACE;
+        while !exiting.finished(deadline).unwrap() {
+            std::thread::sleep(STOP_POLL);
+        }
+        let sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = sleeper.id();
+        let mut exiting = ExitingAgent::Child(sleeper);
+        // Past its deadline: killed and reaped.
+        assert!(exiting.finished(Instant::now() - STOP_POLL).unwrap());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+}

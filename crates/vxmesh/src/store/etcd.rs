@@ -48,12 +48,14 @@
 //!   the addresses its file IPAM holds ([`EtcdStore::sync_endpoints`]), so
 //!   they are re-published if the lease is ever re-granted.
 //!
-//! Unlike flannel's etcd subnet manager: the claim is one CAS transaction
-//! with the record (no read-then-write race), the watch resumes from the
-//! listed revision (no missed events between list and watch), compaction is
-//! handled by a re-list, and a lease lost during an outage is re-established.
+//! Consistency rules this module keeps: a claim is one CAS transaction
+//! together with its record (no read-then-write race), the watch starts at
+//! the revision after the list (no event is missed between the two), a
+//! compacted revision leads to a re-list, and a lease lost during an outage
+//! is re-granted with everything re-published under it.
 
 mod client;
+mod endpoints;
 mod multi;
 mod network;
 #[doc(hidden)]
@@ -77,7 +79,7 @@ use tokio::task::JoinHandle;
 
 use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
-use crate::model::{Endpoint, Mac, NodeRecord};
+use crate::model::{Endpoint, NodeRecord};
 pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, txn_get};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
@@ -163,11 +165,6 @@ impl Inner {
         }
     }
 
-    /// Addresses with a key under `endpoints/` in the view (valid or not).
-    pub(crate) fn endpoint_keys(&self) -> std::collections::HashSet<Ipv4Addr> {
-        self.view().endpoint_keys()
-    }
-
     pub(crate) fn set_own(&self, subnet: Ipv4Net) {
         *self.subnet.lock().unwrap_or_else(|e| e.into_inner()) = subnet;
         let net = self.network().name;
@@ -234,7 +231,7 @@ impl EtcdStore {
         )));
         let joined = async {
             let subnet = session::claim(&client, &keys, &me, &net, lease, &[]).await?;
-            let endpoints = session::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
+            let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
             let (kvs, rev) = watcher::list(&client, keys.root()).await?;
             Ok::<_, anyhow::Error>((subnet, endpoints, kvs, rev))
         }
@@ -341,42 +338,10 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Stop without revoking the lease, as `kill -9` would: the records stay
-    /// until the lease expires (TTL). Dropping the store does the same.
-    pub fn crash(mut self) {
-        self.stop_tasks();
-    }
-
-    fn stop_tasks(&mut self) {
+    pub(crate) fn stop_tasks(&mut self) {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-    }
-
-    /// Bridged networks: allocate a free address network-wide (CAS on
-    /// `endpoints/IP`) and publish it under this node's lease. `ip_hint` is
-    /// tried first (if this node already holds it, that endpoint is
-    /// returned); then addresses from this node's slice onwards, wrapping
-    /// around the cidr, skipping the network and broadcast addresses.
-    pub async fn allocate_endpoint(
-        &self,
-        ip_hint: Option<Ipv4Addr>,
-        mac_from_ip: fn(Ipv4Addr) -> Mac,
-    ) -> Result<Endpoint> {
-        session::allocate_endpoint(&self.inner, ip_hint, mac_from_ip).await
-    }
-
-    /// Withdraw an endpoint of this node (idempotent: absent, or now held by
-    /// another node after a migration, is fine and deletes nothing).
-    pub async fn release_endpoint(&self, ip: Ipv4Addr) -> Result<()> {
-        session::release_endpoint(&self.inner, ip).await
-    }
-
-    /// Publish an endpoint with a given address on this node (re-attach after
-    /// a migration). Allowed if the address is free or already this node's;
-    /// an error names the node that holds it otherwise.
-    pub async fn publish_endpoint(&self, ep: Endpoint) -> Result<()> {
-        session::publish_endpoint(&self.inner, ep).await
     }
 
     /// Make this node's endpoints equal `allocated` (the addresses attached
@@ -389,11 +354,22 @@ impl EtcdStore {
         &self,
         allocated: &std::collections::BTreeSet<Ipv4Addr>,
     ) -> Result<Vec<(Ipv4Addr, String)>> {
-        session::sync_endpoints(&self.inner, allocated).await
+        endpoints::sync_endpoints(&self.inner, allocated).await
+    }
+}
+
+/// Test hooks: introspection and fault injection for the integration
+/// tests (cargo feature `test-hooks`, off in the binary).
+#[cfg(feature = "test-hooks")]
+impl EtcdStore {
+    /// Stop without revoking the lease, as `kill -9` would: the records stay
+    /// until the lease expires (TTL). Dropping the store does the same.
+    pub fn crash(mut self) {
+        self.stop_tasks();
     }
 
     /// The endpoints this node publishes (including ones adopted at join
-    /// from a previous run: release those whose container is gone).
+    /// from a previous run, until the agent's next endpoint sync).
     pub async fn own_endpoints(&self) -> Vec<Endpoint> {
         self.inner
             .owned
@@ -405,14 +381,12 @@ impl EtcdStore {
             .collect()
     }
 
-    /// Test hook: how many times the watcher re-listed (after compaction).
-    #[doc(hidden)]
+    /// How many times the watcher re-listed (after compaction).
     pub fn relist_count(&self) -> u64 {
         self.inner.relists.load(Ordering::SeqCst)
     }
 
-    /// Test hook: pause the watcher (drops its watch stream) or resume it.
-    #[doc(hidden)]
+    /// Pause the watcher (drops its watch stream) or resume it.
     pub fn pause_watch(&self, paused: bool) {
         self.inner.paused.send_replace(paused);
     }

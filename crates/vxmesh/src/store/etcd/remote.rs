@@ -7,11 +7,10 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, anyhow, bail};
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
-use super::client::{ClientOptions, TlsOptions, connect, lease_opts, op};
+use super::client::{ClientOptions, TlsOptions, connect, op};
+use super::endpoints::{create_endpoint, delete_endpoint_if_ours, put_endpoint};
 use super::records::{self, Keys};
-use super::session::{delete_endpoint_if_ours, put_endpoint};
 use super::{network, require_bridged, watcher};
 use crate::model::{self, Endpoint};
 use crate::state::EtcdSection;
@@ -118,18 +117,6 @@ pub async fn claim_address(
         net.name,
         net.cidr
     )
-}
-
-/// Create `endpoints/IP` under `lease` if absent.
-async fn create_endpoint(client: &Client, keys: &Keys, lease: i64, ep: &Endpoint) -> Result<bool> {
-    let key = keys.endpoint(ep.ip);
-    let value = serde_json::to_string(ep).expect("an endpoint serializes");
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.clone(), value, lease_opts(lease))]);
-    Ok(op(format!("allocate {key}"), client.kv_client().txn(txn))
-        .await?
-        .succeeded())
 }
 
 /// Withdraw the endpoint `ip` if `sec.node` holds it (idempotent; after a

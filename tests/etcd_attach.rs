@@ -15,8 +15,9 @@ use common_etcd::EtcdServer;
 use vxmesh::config::{Mode, Network};
 use vxmesh::dataplane::netns::NetnsGuard;
 use vxmesh::model::{Vni, container_mac};
+use vxmesh::state::EtcdSection;
 use vxmesh::store::etcd::{self, ClientOptions, EtcdNetworks, EtcdOptions, TlsOptions};
-use vxmesh::store::{Snapshot, Store};
+use vxmesh::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
 const PREFIX: &str = "/vxmesh";
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -86,6 +87,15 @@ async fn wait_for(store: &mut EtcdNetworks, pred: impl Fn(&Snapshot) -> bool) ->
     false
 }
 
+/// What the store names for attach in `network`: etcd, with its section
+/// (what the agent writes into the network's state file).
+fn section(store: &EtcdNetworks, network: &str) -> EtcdSection {
+    match store.allocator(network) {
+        AllocatorSpec::Etcd(sec) => *sec,
+        AllocatorSpec::Local => panic!("network {network} allocates locally, not in etcd"),
+    }
+}
+
 fn has_endpoint(s: &Snapshot, ip: Ipv4Addr, node: &str) -> bool {
     s.endpoints
         .iter()
@@ -114,7 +124,7 @@ fn attach_claims_are_lease_bound_exclusive_and_migrate_over_tls() {
         let mut b = join("b", 2).await?;
 
         // What the agent writes for attach: paths and the lease, no secrets.
-        let sa = a.attach_section("seg").unwrap();
+        let sa = section(&a, "seg");
         assert_eq!(sa.ca.as_ref(), Some(&files.ca));
         assert_eq!(sa.cert.as_ref(), Some(&files.client_cert));
         assert_eq!(sa.lease, a.stores()[0].lease_id());
@@ -131,7 +141,7 @@ fn attach_claims_are_lease_bound_exclusive_and_migrate_over_tls() {
         assert_eq!(kv.kvs()[0].lease(), sa.lease, "bound to the agent's lease");
         assert!(wait_for(&mut b, |s| has_endpoint(s, ep.ip, "a")).await);
         // Two claims never get one address.
-        let sb = b.attach_section("seg").unwrap();
+        let sb = section(&b, "seg");
         let other = etcd::claim_address(&sb, None, slice.network()).await?;
         assert_ne!(other.ip, ep.ip);
 
@@ -184,7 +194,7 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
         let nets = ["seg".to_string()];
         let mut a = EtcdNetworks::join(&opts(&srv, "a", 1), &nets, None).await?;
         let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &nets, None).await?;
-        let sa = a.attach_section("seg").unwrap();
+        let sa = section(&a, "seg");
         let start = a.stores()[0].subnet().network();
 
         // Attach (another process) claimed two addresses; the node's IPAM
@@ -222,8 +232,11 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
             "re-published"
         );
         let e = etcd::claim_address(&sa, None, start).await.unwrap_err();
-        assert!(e.downcast_ref::<etcd::LeaseGone>().is_some(), "{e:#}");
-        let sa2 = a.attach_section("seg").unwrap();
+        assert!(
+            matches!(e, StoreError::LeaseGone { lease } if lease == sa.lease),
+            "{e:#}"
+        );
+        let sa2 = section(&a, "seg");
         assert_ne!(sa2.lease, sa.lease);
         let again = etcd::claim_address(&sa2, None, start).await?;
 
@@ -277,10 +290,10 @@ fn one_node_in_several_networks() {
         let me = snap.cluster.node("a").unwrap();
         assert_eq!(me.subnets.keys().collect::<Vec<_>>(), ["r", "s"]);
         assert!(
-            a.attach_section("r").is_none(),
+            a.allocator("r").is_local(),
             "routed networks allocate locally"
         );
-        assert!(a.attach_section("s").is_some());
+        assert_eq!(section(&a, "s").network, "s");
         let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &["s".into()], None).await?;
         assert!(
             wait_for(&mut b, |s| s

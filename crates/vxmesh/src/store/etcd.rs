@@ -39,12 +39,12 @@
 //!   the deletes. [`EtcdStore::leave`] revokes the lease: the record, claim and
 //!   endpoints vanish at once; [`leave_node`] does it for a stopped node.
 //! - The agent uses [`EtcdNetworks`]: one store (lease, claim) per network it
-//!   joins, one merged snapshot. For bridged networks it writes an `etcd`
-//!   section into the network's state file (endpoints, prefix, TLS and
-//!   password *file paths*, node, lease); attach, the CNI plugin and the lab
-//!   ([`crate::attach`]) claim container addresses with [`claim_address`]
-//!   (CAS on `endpoints/IP`, bound to that lease) and withdraw them with
-//!   [`release_address`]. Every agent pass makes the node's endpoints equal
+//!   joins, one merged snapshot. For bridged networks it names the etcd
+//!   allocator in the network's state file ([`crate::store::AllocatorSpec`]:
+//!   endpoints, prefix, TLS and password *file paths*, node, lease); attach,
+//!   the CNI plugin and the lab claim container addresses through
+//!   [`EtcdAllocator`], which calls [`claim_address`] (CAS on
+//!   `endpoints/IP`, bound to that lease) and [`release_address`]. Every agent pass makes the node's endpoints equal
 //!   the addresses its file IPAM holds ([`EtcdStore::sync_endpoints`]), so
 //!   they are re-published if the lease is ever re-granted.
 //!
@@ -54,6 +54,7 @@
 //! compacted revision leads to a re-list, and a lease lost during an outage
 //! is re-granted with everything re-published under it.
 
+mod allocator;
 mod client;
 mod endpoints;
 mod multi;
@@ -71,15 +72,16 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Result, anyhow, bail};
 use etcd_client::Client;
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::error::{Result, StoreError};
 use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, NodeRecord};
+pub use allocator::EtcdAllocator;
 pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, txn_get};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
@@ -89,7 +91,7 @@ pub use multi::EtcdNetworks;
 pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;
 pub use remote::{
-    LeaseGone, claim_address, leave_node, read_password, release_address, section_client_options,
+    claim_address, leave_node, read_password, release_address, section_client_options,
 };
 use view::View;
 
@@ -208,13 +210,15 @@ impl EtcdStore {
         opts.validate()?;
         let client = client::connect(&opts.client_options()).await?;
         let keys = Keys::new(&opts.prefix, &opts.network);
-        let net = network::read_network(&client, &keys, &opts.network).await?.ok_or_else(|| {
-            anyhow!(
-                "network {} does not exist in etcd (no key {}): create it first (`vxmesh net create`)",
-                opts.network,
-                keys.config()
-            )
-        })?;
+        let net = network::read_network(&client, &keys, &opts.network)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchNetwork {
+                network: opts.network.clone(),
+                detail: format!(
+                    "does not exist in etcd (no key {}): create it first (`vxmesh net create`)",
+                    keys.config()
+                ),
+            })?;
         let me = Me {
             node: opts.node.clone(),
             underlay_ip: opts.underlay_ip,
@@ -233,7 +237,7 @@ impl EtcdStore {
             let subnet = session::claim(&client, &keys, &me, &net, lease, &[]).await?;
             let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
             let (kvs, rev) = watcher::list(&client, keys.root()).await?;
-            Ok::<_, anyhow::Error>((subnet, endpoints, kvs, rev))
+            Ok::<_, StoreError>((subnet, endpoints, kvs, rev))
         }
         .await;
         drop(early);
@@ -241,10 +245,11 @@ impl EtcdStore {
             Ok(j) => j,
             Err(e) => {
                 let _ = op("revoke lease", client.lease_client().revoke(lease)).await;
-                return Err(e.context(format!(
-                    "join network {} as node {}",
-                    opts.network, opts.node
-                )));
+                return Err(StoreError::Join {
+                    network: opts.network.clone(),
+                    node: opts.node.clone(),
+                    cause: Box::new(e),
+                });
             }
         };
         tracing::info!(
@@ -333,7 +338,7 @@ impl EtcdStore {
             self.inner.client.lease_client().revoke(owned.lease),
         )
         .await
-        .map_err(|e| e.context("leave: the records will expire with the lease TTL instead"))?;
+        .map_err(|e| StoreError::LeaveFailed { cause: Box::new(e) })?;
         tracing::info!(node = %self.inner.me.node, network = %self.inner.keys.root(), "left the network");
         Ok(())
     }
@@ -419,7 +424,7 @@ impl Store for EtcdStore {
         self.changes
             .changed()
             .await
-            .map_err(|_| anyhow!("etcd store closed"))?;
+            .map_err(|_| StoreError::Closed("etcd store closed"))?;
         self.check_failed()
     }
 }
@@ -427,7 +432,9 @@ impl Store for EtcdStore {
 impl EtcdStore {
     fn check_failed(&self) -> Result<()> {
         if self.inner.failed.load(Ordering::SeqCst) {
-            bail!("a background task of the etcd store died (see the panic message above)");
+            return Err(StoreError::Closed(
+                "a background task of the etcd store died (see the panic message above)",
+            ));
         }
         Ok(())
     }
@@ -436,11 +443,10 @@ impl EtcdStore {
 /// Mode check shared by the endpoint operations.
 pub(crate) fn require_bridged(net: &Network) -> Result<()> {
     if net.mode != Mode::Bridged {
-        bail!(
-            "network {} is {}: endpoints are published only for bridged networks (routed containers get addresses from the node's subnet)",
-            net.name,
-            net.mode
-        );
+        return Err(StoreError::NotBridged {
+            network: net.name.clone(),
+            mode: net.mode.to_string(),
+        });
     }
     Ok(())
 }

@@ -6,13 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use anyhow::{Result, bail};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
 use super::records::{self, Keys};
 use super::{Inner, Me, lease_opts, op, txn_get, watcher};
 use crate::config::{Mode, Network};
 use crate::model::Endpoint;
+use crate::store::error::{Result, StoreError};
 
 /// Create `endpoints/IP` under `lease` if absent.
 pub(crate) async fn create_endpoint(
@@ -72,7 +72,7 @@ pub(crate) async fn put_endpoint(
             Err(_) => return Ok(Err(format!("an unreadable record (delete key {key})"))),
         }
     }
-    bail!("etcd: publish {key}: the key kept changing under this node, try again")
+    Err(StoreError::KeyKeptChanging { op: "publish", key })
 }
 
 /// At join: re-bind this node's endpoints left by a previous run to the new lease.
@@ -152,7 +152,7 @@ pub(crate) async fn delete_endpoint_if_ours(
             return Ok(());
         }
     }
-    bail!("etcd: release {key}: the key kept changing under this node, try again")
+    Err(StoreError::KeyKeptChanging { op: "release", key })
 }
 
 /// Make this node's published endpoints equal `allocated`: publish the

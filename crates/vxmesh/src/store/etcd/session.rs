@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use ipnet::Ipv4Net;
 
@@ -14,6 +13,7 @@ use super::endpoints::put_endpoint;
 use super::records::{self, Keys, NodeJson};
 use super::{AbortOnDrop, Backoff, Inner, Me, TaskGuard, lease_opts, op, txn_get, watcher};
 use crate::config::Network;
+use crate::store::error::{Result, StoreError};
 
 pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> {
     let resp = op(
@@ -22,7 +22,10 @@ pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> 
     )
     .await?;
     if !resp.error().is_empty() {
-        bail!("etcd: grant a {ttl_secs}s lease: {}", resp.error());
+        return Err(StoreError::EtcdRefused {
+            op: format!("grant a {ttl_secs}s lease"),
+            message: resp.error().to_string(),
+        });
     }
     Ok((resp.id(), resp.ttl().max(1)))
 }
@@ -48,22 +51,18 @@ pub(crate) async fn check_identity_free(
             continue;
         };
         if n.name == me.node && n.underlay_ip != me.underlay_ip {
-            bail!(
+            return Err(StoreError::Conflict(format!(
                 "node {} is already registered in network {} with underlay IP {} (its lease is still alive): \
                  another host uses this name — give this one its own node name, or wait up to the lease TTL if that host is gone",
-                me.node,
-                net.name,
-                n.underlay_ip
-            );
+                me.node, net.name, n.underlay_ip
+            )));
         }
         if n.name != me.node && n.underlay_ip == me.underlay_ip {
-            bail!(
+            return Err(StoreError::Conflict(format!(
                 "underlay IP {} is already used by node {} in network {} (its lease is still alive): \
                  check underlay_ip, or wait up to the lease TTL if that node was renamed",
-                me.underlay_ip,
-                n.name,
-                net.name
-            );
+                me.underlay_ip, n.name, net.name
+            )));
         }
     }
     Ok(())
@@ -193,13 +192,12 @@ pub(crate) async fn claim(
             return Ok(s);
         }
     }
-    bail!(
-        "network {} cidr {} has no free /{} left for node {}: widen the cidr or lengthen subnet_len (delete and re-create the network)",
-        net.name,
-        net.cidr,
-        net.subnet_len,
-        me.node
-    )
+    Err(StoreError::SubnetsFull {
+        network: net.name.clone(),
+        cidr: net.cidr,
+        subnet_len: net.subnet_len,
+        node: me.node.clone(),
+    })
 }
 
 enum KeepEnd {

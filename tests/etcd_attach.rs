@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 
 use common_etcd::EtcdServer;
 use vxmesh::config::{Mode, Network};
+use vxmesh::dataplane::NetworkState;
 use vxmesh::dataplane::netns::NetnsGuard;
+use vxmesh::ipam::{Ipam, Owner};
 use vxmesh::model::{Vni, container_mac};
+use vxmesh::state::{self, EtcdSection, ServedNetwork};
 use vxmesh::store::etcd::{self, ClientOptions, EtcdNetworks, EtcdOptions, TlsOptions};
-use vxmesh::store::{Snapshot, Store};
+use vxmesh::store::{AddressAllocator, Allocator, AllocatorSpec, Snapshot, Store, StoreError};
 
 const PREFIX: &str = "/vxmesh";
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -86,6 +89,15 @@ async fn wait_for(store: &mut EtcdNetworks, pred: impl Fn(&Snapshot) -> bool) ->
     false
 }
 
+/// What the store names for attach in `network`: etcd, with its section
+/// (what the agent writes into the network's state file).
+fn section(store: &EtcdNetworks, network: &str) -> EtcdSection {
+    match store.allocator(network) {
+        AllocatorSpec::Etcd(sec) => *sec,
+        AllocatorSpec::Local => panic!("network {network} allocates locally, not in etcd"),
+    }
+}
+
 fn has_endpoint(s: &Snapshot, ip: Ipv4Addr, node: &str) -> bool {
     s.endpoints
         .iter()
@@ -114,7 +126,7 @@ fn attach_claims_are_lease_bound_exclusive_and_migrate_over_tls() {
         let mut b = join("b", 2).await?;
 
         // What the agent writes for attach: paths and the lease, no secrets.
-        let sa = a.attach_section("seg").unwrap();
+        let sa = section(&a, "seg");
         assert_eq!(sa.ca.as_ref(), Some(&files.ca));
         assert_eq!(sa.cert.as_ref(), Some(&files.client_cert));
         assert_eq!(sa.lease, a.stores()[0].lease_id());
@@ -131,7 +143,7 @@ fn attach_claims_are_lease_bound_exclusive_and_migrate_over_tls() {
         assert_eq!(kv.kvs()[0].lease(), sa.lease, "bound to the agent's lease");
         assert!(wait_for(&mut b, |s| has_endpoint(s, ep.ip, "a")).await);
         // Two claims never get one address.
-        let sb = b.attach_section("seg").unwrap();
+        let sb = section(&b, "seg");
         let other = etcd::claim_address(&sb, None, slice.network()).await?;
         assert_ne!(other.ip, ep.ip);
 
@@ -184,7 +196,7 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
         let nets = ["seg".to_string()];
         let mut a = EtcdNetworks::join(&opts(&srv, "a", 1), &nets, None).await?;
         let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &nets, None).await?;
-        let sa = a.attach_section("seg").unwrap();
+        let sa = section(&a, "seg");
         let start = a.stores()[0].subnet().network();
 
         // Attach (another process) claimed two addresses; the node's IPAM
@@ -222,8 +234,11 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
             "re-published"
         );
         let e = etcd::claim_address(&sa, None, start).await.unwrap_err();
-        assert!(e.downcast_ref::<etcd::LeaseGone>().is_some(), "{e:#}");
-        let sa2 = a.attach_section("seg").unwrap();
+        assert!(
+            matches!(e, StoreError::LeaseGone { lease } if lease == sa.lease),
+            "{e:#}"
+        );
+        let sa2 = section(&a, "seg");
         assert_ne!(sa2.lease, sa.lease);
         let again = etcd::claim_address(&sa2, None, start).await?;
 
@@ -246,6 +261,94 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
         assert!(wait_for(&mut a, |s| s.cluster.node("b").is_none()).await);
         drop(b);
         assert!(!etcd::leave_node(&co, PREFIX, "seg", "b").await?);
+        Ok(())
+    });
+}
+
+#[test]
+fn attach_allocator_claims_records_releases_and_follows_a_renewed_lease() {
+    in_fresh_netns(|| async {
+        let srv = EtcdServer::start().await;
+        let co = ClientOptions::new(srv.endpoints());
+        etcd::create_network(&co, PREFIX, &bridged("seg", 300)).await?;
+        let nets = ["seg".to_string()];
+        let a = EtcdNetworks::join(&opts(&srv, "a", 1), &nets, None).await?;
+        let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &nets, None).await?;
+        let slice = a.stores()[0].subnet();
+        // What the agent publishes for attach: the network and its allocator.
+        let dir = tempfile::tempdir()?;
+        let served = |allocator: AllocatorSpec| ServedNetwork {
+            node: "a".into(),
+            state: NetworkState {
+                network: "seg".into(),
+                mode: Mode::Bridged,
+                vni: Vni::new(300).unwrap(),
+                bridge: "vxm-br300".into(),
+                vtep: "vxm-vx300".into(),
+                mtu: 1450,
+                subnet: "10.30.0.0/24".parse().unwrap(),
+                pool: slice,
+                gateway: None,
+            },
+            confirmed_at: 0,
+            allocator,
+        };
+        state::write_network(dir.path(), &served(a.allocator("seg")))?;
+        let owner = |c: &str| Owner {
+            container_id: c.into(),
+            ifname: "eth0".into(),
+        };
+        let read = || state::read_network(dir.path(), "seg").unwrap();
+        let first = read();
+        let alloc = Allocator::for_network(dir.path(), &first, None);
+        assert!(matches!(alloc, Allocator::Etcd(_)), "bridged on etcd");
+
+        // A claim from the node's slice, published in etcd under a's lease
+        // and recorded in the file IPAM; the same owner gets it again.
+        let ip = alloc.claim(&owner("c1"), None).await?;
+        assert!(slice.contains(&ip), "{ip} outside {slice}");
+        assert!(wait_for(&mut b, |s| has_endpoint(s, ip, "a")).await);
+        let ipam = Ipam::new(dir.path(), "seg");
+        assert_eq!(ipam.find(&owner("c1"))?, Some(ip));
+        assert_eq!(alloc.claim(&owner("c1"), None).await?, ip);
+        // Another container cannot have it.
+        let e = alloc.claim(&owner("c2"), Some(ip)).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::AllocatedHere { ip: i, .. } if i == ip),
+            "{e:#}"
+        );
+        // Release: gone from the IPAM and from etcd; twice is fine.
+        assert_eq!(alloc.release(&owner("c1")).await?, Some(ip));
+        assert!(wait_for(&mut b, |s| !has_endpoint(s, ip, "a")).await);
+        assert_eq!(alloc.release(&owner("c1")).await?, None);
+        assert_eq!(ipam.find(&owner("c1"))?, None);
+
+        // The lease vanishes: the claim waits for the agent to write the
+        // renewed lease into the state file, and uses it.
+        let old = section(&a, "seg").lease;
+        srv.client().await.lease_revoke(old).await?;
+        let agent = async {
+            let t0 = Instant::now();
+            while a.stores()[0].lease_id() == old && t0.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            state::write_network(dir.path(), &served(a.allocator("seg"))).unwrap();
+        };
+        let c3 = owner("c3");
+        let (claimed, ()) = tokio::join!(alloc.claim(&c3, None), agent);
+        let ip3 = claimed?;
+        let renewed = section(&a, "seg").lease;
+        assert_ne!(renewed, old, "lease re-granted");
+        let key = format!("{PREFIX}/networks/seg/endpoints/{ip3}");
+        let kv = srv.client().await.get(key, None).await?;
+        assert_eq!(kv.kvs()[0].lease(), renewed, "bound to the renewed lease");
+
+        // Routed networks and the static store allocate locally.
+        let local = served(AllocatorSpec::Local);
+        assert!(matches!(
+            Allocator::for_network(dir.path(), &local, None),
+            Allocator::Local(_)
+        ));
         Ok(())
     });
 }
@@ -277,10 +380,10 @@ fn one_node_in_several_networks() {
         let me = snap.cluster.node("a").unwrap();
         assert_eq!(me.subnets.keys().collect::<Vec<_>>(), ["r", "s"]);
         assert!(
-            a.attach_section("r").is_none(),
+            a.allocator("r").is_local(),
             "routed networks allocate locally"
         );
-        assert!(a.attach_section("s").is_some());
+        assert_eq!(section(&a, "s").network, "s");
         let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &["s".into()], None).await?;
         assert!(
             wait_for(&mut b, |s| s

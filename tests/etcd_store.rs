@@ -13,6 +13,7 @@ use etcd_client::{ConnectOptions, GetOptions};
 use ipnet::Ipv4Net;
 use vxmesh::config::{Mode, Network};
 use vxmesh::model::{Endpoint, Vni, container_mac};
+use vxmesh::state::EtcdSection;
 use vxmesh::store::etcd::{self, ClientOptions, EtcdOptions, EtcdStore};
 use vxmesh::store::{Snapshot, Store};
 
@@ -68,6 +69,50 @@ async fn join(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdStore 
     EtcdStore::join(opts(srv, net, node, i))
         .await
         .unwrap_or_else(|e| panic!("join {node}: {e:#}"))
+}
+
+/// What the agent writes into a bridged network's state file for attach on
+/// `store`'s node (plain http, no user): the input of the production claim
+/// path, [`etcd::claim_address`] / [`etcd::release_address`].
+fn section(srv: &EtcdServer, store: &EtcdStore) -> EtcdSection {
+    EtcdSection {
+        endpoints: srv.endpoints(),
+        prefix: PREFIX.into(),
+        network: store.network().name,
+        node: store.node().into(),
+        lease: store.lease_id(),
+        ca: None,
+        cert: None,
+        key: None,
+        user: None,
+        password_file: None,
+    }
+}
+
+/// Claim an address for a container on `store`'s node the way attach does:
+/// `want`, else the first free one from the node's slice on.
+async fn claim(srv: &EtcdServer, store: &EtcdStore, want: Option<Ipv4Addr>) -> Endpoint {
+    try_claim(srv, store, want)
+        .await
+        .unwrap_or_else(|e| panic!("claim on {}: {e}", store.node()))
+}
+
+/// [`claim`], its error as text.
+async fn try_claim(
+    srv: &EtcdServer,
+    store: &EtcdStore,
+    want: Option<Ipv4Addr>,
+) -> Result<Endpoint, String> {
+    etcd::claim_address(&section(srv, store), want, store.subnet().network())
+        .await
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// Withdraw an address the way detach does (only if `store`'s node holds it).
+async fn release(srv: &EtcdServer, store: &EtcdStore, ip: Ipv4Addr) {
+    etcd::release_address(&section(srv, store), ip)
+        .await
+        .unwrap_or_else(|e| panic!("release {ip} on {}: {e:#}", store.node()))
 }
 
 fn names(s: &Snapshot) -> Vec<String> {
@@ -588,7 +633,7 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
 
     // Valid records keep flowing.
     let _c = join(&srv, &net, "c", 3).await;
-    let ep = b.allocate_endpoint(None, container_mac).await.unwrap();
+    let ep = claim(&srv, &b, None).await;
     sees(&mut a, Duration::from_secs(1), |s| {
         has_node(s, "c") && s.endpoints.as_ref().unwrap().contains(&ep)
     })
@@ -617,12 +662,13 @@ async fn thirty_concurrent_bridged_allocations_are_distinct() {
         nodes.push(join(&srv, &net, n, i as u32).await);
     }
     let t0 = Instant::now();
-    let allocs = nodes
+    let srv = &srv;
+    let claims = nodes
         .iter()
-        .flat_map(|s| (0..10).map(move |_| s.allocate_endpoint(None, container_mac)));
-    let results = futures::future::join_all(allocs).await;
-    eprintln!("30 concurrent allocations took {:?}", t0.elapsed());
-    let eps: Vec<Endpoint> = results.into_iter().map(|r| r.expect("allocate")).collect();
+        .flat_map(|s| (0..10).map(move |_| try_claim(srv, s, None)));
+    let results = futures::future::join_all(claims).await;
+    eprintln!("30 concurrent claims took {:?}", t0.elapsed());
+    let eps: Vec<Endpoint> = results.into_iter().map(|r| r.expect("claim")).collect();
     let ips: BTreeSet<Ipv4Addr> = eps.iter().map(|e| e.ip).collect();
     assert_eq!(ips.len(), 30, "addresses are not distinct: {ips:?}");
     for e in &eps {
@@ -632,34 +678,38 @@ async fn thirty_concurrent_bridged_allocations_are_distinct() {
         );
         assert_eq!(e.mac, container_mac(e.ip));
     }
+    for (i, s) in nodes.iter().enumerate() {
+        let on = eps[i * 10..(i + 1) * 10]
+            .iter()
+            .filter(|e| e.node == s.node());
+        assert_eq!(on.count(), 10, "claims of node {} name it", s.node());
+    }
+    // Every claim is in etcd, bound to its node's lease.
+    let mut raw = srv.client().await;
+    for e in &eps {
+        let key = format!("{PREFIX}/networks/seg/endpoints/{}", e.ip);
+        let kv = raw.get(key.clone(), None).await.unwrap();
+        let lease = nodes
+            .iter()
+            .find(|s| s.node() == e.node)
+            .unwrap()
+            .lease_id();
+        assert_eq!(kv.kvs()[0].lease(), lease, "{key}");
+    }
     let mut obs = nodes.remove(0);
     let all = |s: &Snapshot| s.endpoints.as_ref().unwrap().len() == 30;
     sees(&mut obs, Duration::from_secs(2), all).await;
-    let e = format!(
-        "{:#}",
-        nodes[0]
-            .allocate_endpoint(None, container_mac)
-            .await
-            .unwrap_err()
-    );
+    let e = try_claim(srv, &nodes[0], None).await.unwrap_err();
     assert!(e.contains("no free address left"), "{e}");
 
-    // A released address can be allocated again; a hint held by this node is returned as is.
-    let mine = nodes[0].own_endpoints().await;
+    // A released address can be claimed again; claiming an address this node
+    // already holds returns it as is.
+    let mine: Vec<&Endpoint> = eps.iter().filter(|e| e.node == "b").collect();
     assert_eq!(mine.len(), 10);
-    nodes[0].release_endpoint(mine[0].ip).await.unwrap();
-    let again = nodes[1]
-        .allocate_endpoint(Some(mine[0].ip), container_mac)
-        .await
-        .unwrap();
+    release(srv, &nodes[0], mine[0].ip).await;
+    let again = claim(srv, &nodes[1], Some(mine[0].ip)).await;
     assert_eq!((again.ip, again.node.as_str()), (mine[0].ip, "c"));
-    assert_eq!(
-        nodes[1]
-            .allocate_endpoint(Some(mine[0].ip), container_mac)
-            .await
-            .unwrap(),
-        again
-    );
+    assert_eq!(claim(srv, &nodes[1], Some(mine[0].ip)).await, again);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -674,30 +724,27 @@ async fn endpoint_migrates_after_release() {
     let a = join(&srv, &net, "a", 1).await;
     let b = join(&srv, &net, "b", 2).await;
     let ip = Ipv4Addr::new(10, 1, 0, 50);
-    let ep = a.allocate_endpoint(Some(ip), container_mac).await.unwrap();
+    let ep = claim(&srv, &a, Some(ip)).await;
     assert_eq!((ep.ip, ep.node.as_str()), (ip, "a"));
 
     let moved = Endpoint {
         node: "b".into(),
         ..ep.clone()
     };
-    let e = format!("{:#}", b.publish_endpoint(moved.clone()).await.unwrap_err());
+    let e = try_claim(&srv, &b, Some(ip)).await.unwrap_err();
     assert!(
-        e.contains("10.1.0.50 of network seg is attached on node a: release it there first"),
-        "{e}"
-    );
-    let e = format!("{:#}", b.publish_endpoint(ep.clone()).await.unwrap_err());
-    assert!(
-        e.contains("names node a but this store publishes for node b"),
+        e.contains("10.1.0.50 of network seg is attached on node a: detach it there first"),
         "{e}"
     );
 
-    a.release_endpoint(ip).await.unwrap();
+    release(&srv, &a, ip).await;
     let t0 = Instant::now();
-    b.publish_endpoint(moved.clone()).await.unwrap();
-    b.publish_endpoint(moved.clone())
-        .await
-        .expect("re-publishing its own endpoint is fine");
+    assert_eq!(claim(&srv, &b, Some(ip)).await, moved);
+    assert_eq!(
+        claim(&srv, &b, Some(ip)).await,
+        moved,
+        "claiming its own endpoint again is fine"
+    );
     let on_b = |s: &Snapshot| s.endpoints.as_ref().unwrap() == &vec![moved.clone()];
     let took = wait_for(&mut obs, Duration::from_secs(1), on_b).await;
     eprintln!(
@@ -706,7 +753,7 @@ async fn endpoint_migrates_after_release() {
     );
     assert!(took.is_some());
     // A late release on the old node deletes nothing.
-    a.release_endpoint(ip).await.unwrap();
+    release(&srv, &a, ip).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(on_b(&obs.snapshot().await.unwrap()));
 
@@ -719,10 +766,7 @@ async fn endpoint_migrates_after_release() {
 
     // Routed networks have no network-wide endpoints.
     let r = join(&srv, &routed_net, "r", 3).await;
-    let e = format!(
-        "{:#}",
-        r.allocate_endpoint(None, container_mac).await.unwrap_err()
-    );
+    let e = try_claim(&srv, &r, None).await.unwrap_err();
     assert!(e.contains("network demo is routed"), "{e}");
 }
 
@@ -734,7 +778,12 @@ async fn lost_lease_is_regranted_and_records_republished() {
     setup(&srv, &net).await;
     let mut obs = join(&srv, &net, "obs", 0).await;
     let mut a = join(&srv, &net, "a", 1).await;
-    let ep = a.allocate_endpoint(None, container_mac).await.unwrap();
+    // Attach claims an address; the agent's pass publishes what its IPAM
+    // holds under the lease (so a re-granted lease re-publishes it).
+    let ep = claim(&srv, &a, None).await;
+    let refused = a.sync_endpoints(&BTreeSet::from([ep.ip])).await.unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(a.own_endpoints().await, vec![ep.clone()]);
     let (old_subnet, old_lease) = (a.subnet(), a.lease_id());
     sees(&mut obs, Duration::from_secs(1), |s| has_node(s, "a")).await;
 

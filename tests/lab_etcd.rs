@@ -350,18 +350,19 @@ async fn bridged_on_etcd_programs_real_endpoints_and_containers_migrate() {
         // partition): the agent gets a new one and re-publishes its record and
         // endpoints (the moved container too, published by attach, not by the
         // agent), writes the new lease into the state file, and attach uses it.
-        let lease = |n: &vxmesh_lab::lab::LabNode| {
-            vxmesh::state::read_network(&n.state_dir, "net1")
+        let lease =
+            |n: &vxmesh_lab::lab::LabNode| match vxmesh::state::read_network(&n.state_dir, "net1")
                 .unwrap()
-                .etcd
-                .unwrap()
-                .lease
-        };
+                .allocator
+            {
+                vxmesh::store::AllocatorSpec::Etcd(sec) => sec.lease,
+                vxmesh::store::AllocatorSpec::Local => panic!("net1 allocates in etcd"),
+            };
         let old = lease(&h2);
         let t0 = Instant::now();
         let left = lab
             .in_underlay(|co| async move {
-                etcd::leave_node(&co, etcd::DEFAULT_PREFIX, "net1", "host2").await
+                Ok(etcd::leave_node(&co, etcd::DEFAULT_PREFIX, "net1", "host2").await?)
             })
             .await
             .unwrap();

@@ -38,8 +38,8 @@ use crate::dataplane::{NodePlan, reconcile, reconcile_from};
 use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
 use crate::model::NodeRecord;
-use crate::state::{self, EtcdSection, ServedNetwork};
-use crate::store::{Snapshot, Store};
+use crate::state::{self, ServedNetwork};
+use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -109,12 +109,12 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
 }
 
 /// Publish what attach/CNI need and drop networks no longer served.
-/// `etcd` gives a network's etcd section (bridged networks on etcd).
+/// `allocator` gives the allocator the store names for a network.
 pub fn publish(
     state_dir: &std::path::Path,
     node: &str,
     p: &NodePlan,
-    etcd: impl Fn(&str) -> Option<EtcdSection>,
+    allocator: impl Fn(&str) -> AllocatorSpec,
 ) -> Result<()> {
     let now = state::now_secs();
     for st in p.networks.values() {
@@ -124,7 +124,7 @@ pub fn publish(
                 node: node.to_string(),
                 state: st.clone(),
                 confirmed_at: now,
-                etcd: etcd(&st.network),
+                allocator: allocator(&st.network),
             },
         )?;
     }
@@ -183,7 +183,7 @@ pub async fn pass<S: Store>(
     };
     opts.metrics.reattached(reattached);
     let changes = report.changes + reattached;
-    publish(&opts.state_dir, &opts.node, &p, |n| store.attach_section(n))?;
+    publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
     save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, &opts.state_dir, &p).await?;
     Ok(PassOutcome {
@@ -241,7 +241,7 @@ async fn sync_endpoints<S: Store>(
     p: &NodePlan,
 ) -> Result<()> {
     for (name, st) in &p.networks {
-        if st.mode != Mode::Bridged || store.attach_section(name).is_none() {
+        if st.mode != Mode::Bridged || store.allocator(name).is_local() {
             continue;
         }
         let (dir, net) = (state_dir.to_path_buf(), name.clone());
@@ -417,7 +417,7 @@ pub async fn join_and_run<S, F, Fut>(opts: &AgentOptions, mut join: F) -> Result
 where
     S: Store,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<S>>,
+    Fut: Future<Output = Result<S, StoreError>>,
 {
     let mut lock = state::lock_agent(&opts.state_dir)?;
     let mut signals = Signals::install()?;
@@ -440,7 +440,7 @@ where
                 }
                 break s;
             }
-            Err(e) if opts.once => return Err(e),
+            Err(e) if opts.once => return Err(e.into()),
             Err(e) => {
                 let msg = format!("{e:#}");
                 if last_error.as_deref() != Some(msg.as_str()) {

@@ -7,13 +7,13 @@
 //! and is idempotent. The lab and the CNI plugin use exactly this code.
 //!
 //! Where an address comes from is decided by the network's state file (see
-//! [`Allocator`]): the node's file IPAM, or, for bridged networks on the etcd
-//! store, etcd (network-wide, compare-and-swap, the endpoint published under
-//! the agent's lease; the file IPAM still records which container holds it).
+//! [`crate::store::Allocator`]): the node's file IPAM, or, for bridged
+//! networks on the etcd store, etcd (network-wide, compare-and-swap, the
+//! endpoint published under the agent's lease; the file IPAM still records
+//! which container holds it).
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::Mode;
 use crate::dataplane::kernel::{LinkOptions, Netlink};
 use crate::dataplane::netns::Netns;
-use crate::ipam::{Ipam, IpamLock, Owner};
+use crate::ipam::{Ipam, Owner};
 use crate::model::{self, Mac};
-use crate::state::{self, EtcdSection, ServedNetwork};
-use crate::store::etcd;
+use crate::state;
+use crate::store::{AddressAllocator, Allocator};
 
 /// What an attachment looks like once made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,39 +85,6 @@ async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink> {
     }
 }
 
-/// Where the addresses of a network come from, as its state file says.
-pub enum Allocator<'a> {
-    /// The node's file IPAM, from the node's pool (static store; routed
-    /// networks, whose node subnet is the node's alone).
-    Local,
-    /// etcd, network-wide, bound to the agent's lease (bridged networks on
-    /// the etcd store).
-    Etcd(&'a EtcdSection),
-}
-
-impl Allocator<'_> {
-    pub fn of(served: &ServedNetwork) -> Allocator<'_> {
-        match &served.etcd {
-            Some(sec) if served.state.mode == Mode::Bridged => Allocator::Etcd(sec),
-            _ => Allocator::Local,
-        }
-    }
-}
-
-/// Run an etcd job where etcd is reachable: in the node's namespace when
-/// attaching from outside it (the lab), else right here.
-async fn in_host_ns<T, F, Fut>(host_ns: Option<&Netns>, f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    match host_ns {
-        Some(ns) => ns.run_async(f).await,
-        None => f().await,
-    }
-}
-
 /// Attach a container. Rolls back on failure.
 pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
     let served = state::read_network(req.state_dir, req.network)?;
@@ -126,14 +93,8 @@ pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
         container_id: req.container_id.to_string(),
         ifname: req.ifname.to_string(),
     };
-    let ipam = Ipam::new(req.state_dir, req.network);
-    let (ip, etcd) = match Allocator::of(&served) {
-        Allocator::Local => (ipam.allocate(net, &owner, req.ip)?, None),
-        Allocator::Etcd(sec) => {
-            let (ip, sec) = allocate_in_etcd(req, &served, &ipam, &owner, sec.clone()).await?;
-            (ip, Some(sec))
-        }
-    };
+    let allocator = Allocator::for_network(req.state_dir, &served, req.host_ns);
+    let ip = allocator.claim(&owner, req.ip).await?;
     let host_veth = host_veth_name(req.network, req.container_id, req.ifname);
     let result = plumb(req, net, ip, &host_veth).await;
     match result {
@@ -143,103 +104,10 @@ pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
             if let Ok(nl) = host_netlink(req.host_ns).await {
                 let _ = nl.delete_link(&host_veth).await;
             }
-            let _ = ipam.release(&owner);
-            if let Some(sec) = etcd {
-                let _ = in_host_ns(req.host_ns, move || async move {
-                    etcd::release_address(&sec, ip).await
-                })
-                .await;
-            }
+            let _ = allocator.release(&owner).await;
             Err(e)
         }
     }
-}
-
-/// Claim an address network-wide in etcd (the owner's own, `req.ip`, or a
-/// free one from the node's slice on) and record it in the file IPAM, all
-/// under the IPAM lock (the agent publishes the node's endpoints under it
-/// too). If the agent's lease is gone, wait a moment for the agent to write
-/// a renewed one into the state file and retry. Returns the address and the
-/// etcd section used.
-async fn allocate_in_etcd(
-    req: &AttachRequest<'_>,
-    served: &ServedNetwork,
-    ipam: &Ipam,
-    owner: &Owner,
-    mut sec: EtcdSection,
-) -> Result<(Ipv4Addr, EtcdSection)> {
-    let lock: IpamLock = ipam.lock()?;
-    let held = ipam.find(owner)?;
-    let want = held.or(req.ip);
-    if held.is_none()
-        && let Some(w) = want
-        && let Some(a) = ipam.list()?.into_iter().find(|a| a.ip == w)
-    {
-        anyhow::bail!(
-            "address {w} of network '{}' is already allocated on this node to {}/{}",
-            req.network,
-            a.owner.container_id,
-            a.owner.ifname
-        );
-    }
-    let start = served.state.pool.network();
-    let mut renewals = 0;
-    let ep = loop {
-        let s = sec.clone();
-        match in_host_ns(req.host_ns, move || async move {
-            etcd::claim_address(&s, want, start).await
-        })
-        .await
-        {
-            Ok(ep) => break ep,
-            Err(e) if renewals < 3 && e.downcast_ref::<etcd::LeaseGone>().is_some() => {
-                renewals += 1;
-                sec = wait_for_new_lease(
-                    req.state_dir,
-                    req.network,
-                    sec.lease,
-                    Duration::from_secs(5),
-                )
-                .await
-                .ok_or(e)?;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("allocate an address of network '{}' in etcd", req.network)
-                });
-            }
-        }
-    };
-    if let Err(e) = ipam.record(&lock, owner, ep.ip) {
-        let (s, ip) = (sec.clone(), ep.ip);
-        let _ = in_host_ns(req.host_ns, move || async move {
-            etcd::release_address(&s, ip).await
-        })
-        .await;
-        return Err(e);
-    }
-    Ok((ep.ip, sec))
-}
-
-/// The network's etcd section once the agent has written a lease other
-/// than `old` (it renews a lost lease within a few seconds), or None.
-async fn wait_for_new_lease(
-    state_dir: &Path,
-    network: &str,
-    old: i64,
-    timeout: Duration,
-) -> Option<EtcdSection> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Ok(s) = state::read_network(state_dir, network)
-            && let Some(sec) = s.etcd
-            && sec.lease != old
-        {
-            return Some(sec);
-        }
-    }
-    None
 }
 
 async fn plumb(
@@ -341,28 +209,13 @@ pub async fn detach(
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
     };
-    let ipam = Ipam::new(state_dir, network);
     // The network may be gone from this node: then only the file IPAM is left.
-    let served = state::read_network(state_dir, network).ok();
-    let Some(Allocator::Etcd(sec)) = served.as_ref().map(Allocator::of) else {
-        return ipam.release(&owner);
-    };
-    let sec = sec.clone();
-    let lock = ipam.lock()?;
-    let ip = ipam.release_locked(&lock, &owner)?;
-    if let Some(ip) = ip
-        && let Err(e) = in_host_ns(host_ns, move || async move {
-            etcd::release_address(&sec, ip).await
-        })
-        .await
-    {
-        // The agent withdraws it (it publishes exactly what the file IPAM holds).
-        tracing::warn!(
-            "detach {container_id}: {ip} stays published in etcd until the agent withdraws it: {e:#}"
-        );
+    match state::read_network(state_dir, network) {
+        Ok(served) => Ok(Allocator::for_network(state_dir, &served, host_ns)
+            .release(&owner)
+            .await?),
+        Err(_) => Ok(Ipam::new(state_dir, network).release(&owner)?),
     }
-    drop(lock);
-    Ok(ip)
 }
 
 #[cfg(test)]

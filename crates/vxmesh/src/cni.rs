@@ -406,7 +406,7 @@ async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
     };
     let held = Ipam::new(&conf.state_dir(), &served.state.network)
         .find(&owner)
-        .map_err(|e| io_err(e, "read allocations"))?;
+        .map_err(|e| io_err(e.into(), "read allocations"))?;
     let held = held.ok_or_else(|| fail(format!("no address is allocated to {id}/{ifname}")))?;
     // The interface, its addresses and routes match prevResult.
     let nl = Netlink::connect_in(&ns)
@@ -544,7 +544,7 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
     }
     let released = Ipam::new(&dir, net)
         .retain(|a| keep(&a.owner.container_id, &a.owner.ifname))
-        .map_err(|e| io_err(e, "release stale allocations"))?;
+        .map_err(|e| io_err(e.into(), "release stale allocations"))?;
     for a in released {
         let _ = nl
             .delete_link(&attach::host_veth_name(

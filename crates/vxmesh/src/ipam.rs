@@ -6,18 +6,22 @@
 //! concurrent attaches (CLI, CNI ADDs, the lab) never hand out one address
 //! twice. A crash between allocation and interface creation leaves a file
 //! whose owner GC can recognise and release.
+//!
+//! [`LocalAllocator`] is the [`AddressAllocator`] over these files alone
+//! (static store; routed networks).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::NetworkState;
 use crate::dataplane::plan::usable_addresses;
+use crate::store::AddressAllocator;
+use crate::store::error::{Result, StoreError};
 
 /// Who holds an address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,17 +70,25 @@ impl Ipam {
 
     /// Take the allocator lock (blocking).
     pub fn lock(&self) -> Result<IpamLock> {
-        fs::create_dir_all(&self.dir).with_context(|| format!("create {}", self.dir.display()))?;
+        fs::create_dir_all(&self.dir).map_err(|e| StoreError::io("create", &self.dir, e))?;
         let path = self.dir.join("lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .with_context(|| format!("open {}", path.display()))?;
+            .map_err(|e| StoreError::io("open", &path, e))?;
         file.lock_exclusive()
-            .with_context(|| format!("lock {}", path.display()))?;
+            .map_err(|e| StoreError::io("lock", &path, e))?;
         Ok(IpamLock { file })
+    }
+
+    /// The network's name (the last component of the allocator's directory).
+    fn network_name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     fn path_of(&self, ip: Ipv4Addr) -> PathBuf {
@@ -89,10 +101,10 @@ impl Ipam {
         let rd = match fs::read_dir(&self.dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("read {}", self.dir.display())),
+            Err(e) => return Err(StoreError::io("read", &self.dir, e)),
         };
         for e in rd {
-            let e = e?;
+            let e = e.map_err(|e| StoreError::io("read", &self.dir, e))?;
             let Some(ip) = e
                 .file_name()
                 .to_str()
@@ -139,22 +151,26 @@ impl Ipam {
         let ip = match want {
             Some(ip) => {
                 if !usable_addresses(net.pool, net.subnet, net.gateway).any(|a| a == ip) {
-                    bail!("address {ip} is not in this node's pool {} of network '{}'", net.pool, net.network);
+                    return Err(StoreError::NotInPool {
+                        ip,
+                        pool: net.pool,
+                        network: net.network.clone(),
+                    });
                 }
                 if taken.contains(&ip) {
-                    bail!("address {ip} of network '{}' is already allocated", net.network);
+                    return Err(StoreError::AlreadyAllocated {
+                        ip,
+                        network: net.network.clone(),
+                    });
                 }
                 ip
             }
             None => usable_addresses(net.pool, net.subnet, net.gateway)
                 .find(|a| !taken.contains(a))
-                .with_context(|| {
-                    format!(
-                        "no free address left in pool {} of network '{}' ({} in use): detach containers or give the node a larger subnet",
-                        net.pool,
-                        net.network,
-                        taken.len()
-                    )
+                .ok_or_else(|| StoreError::PoolFull {
+                    network: net.network.clone(),
+                    pool: net.pool,
+                    in_use: taken.len(),
                 })?,
         };
         self.write_owner(ip, owner)?;
@@ -169,11 +185,12 @@ impl Ipam {
             .into_iter()
             .find(|a| a.ip == ip && &a.owner != owner)
         {
-            bail!(
-                "address {ip} is already allocated on this node to {}/{}",
-                a.owner.container_id,
-                a.owner.ifname
-            );
+            return Err(StoreError::AllocatedHere {
+                ip,
+                network: self.network_name(),
+                container_id: a.owner.container_id,
+                ifname: a.owner.ifname,
+            });
         }
         self.write_owner(ip, owner)
     }
@@ -185,10 +202,15 @@ impl Ipam {
     fn write_owner(&self, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
         let path = self.path_of(ip);
         let tmp = self.dir.join(format!(".{ip}.tmp"));
-        let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(serde_json::to_string(owner)?.as_bytes())?;
+        let json = serde_json::to_string(owner).map_err(|error| StoreError::Encode {
+            path: path.clone(),
+            error,
+        })?;
+        let mut f = File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+        f.write_all(json.as_bytes())
+            .map_err(|e| StoreError::io("write", &tmp, e))?;
         drop(f);
-        fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
+        fs::rename(&tmp, &path).map_err(|e| StoreError::io("rename to", &path, e))
     }
 
     /// Release whatever `owner` holds, with the lock already held.
@@ -196,8 +218,8 @@ impl Ipam {
         let Some(ip) = self.find(owner)? else {
             return Ok(None);
         };
-        fs::remove_file(self.path_of(ip))
-            .with_context(|| format!("remove {}", self.path_of(ip).display()))?;
+        let path = self.path_of(ip);
+        fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
         Ok(Some(ip))
     }
 
@@ -213,11 +235,35 @@ impl Ipam {
         let mut released = Vec::new();
         for a in self.list()? {
             if !keep(&a) {
-                fs::remove_file(self.path_of(a.ip))?;
+                let path = self.path_of(a.ip);
+                fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
                 released.push(a);
             }
         }
         Ok(released)
+    }
+}
+
+/// The [`AddressAllocator`] of a network whose addresses are this node's
+/// alone: the file IPAM over the node's pool.
+pub struct LocalAllocator {
+    ipam: Ipam,
+    net: NetworkState,
+}
+
+impl LocalAllocator {
+    pub fn new(ipam: Ipam, net: NetworkState) -> Self {
+        LocalAllocator { ipam, net }
+    }
+}
+
+impl AddressAllocator for LocalAllocator {
+    async fn claim(&self, owner: &Owner, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+        self.ipam.allocate(&self.net, owner, want)
+    }
+
+    async fn release(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
+        self.ipam.release(owner)
     }
 }
 

@@ -15,6 +15,7 @@ use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::NetworkState;
+use crate::store::AllocatorSpec;
 
 pub const DEFAULT_STATE_DIR: &str = "/run/vxmesh";
 
@@ -26,11 +27,15 @@ pub struct ServedNetwork {
     pub state: NetworkState,
     /// Unix seconds of the last reconcile pass that confirmed this network.
     pub confirmed_at: u64,
-    /// Bridged networks on the etcd store: attach allocates addresses
-    /// network-wide in etcd, bound to the agent's lease. Absent: the local
-    /// file IPAM allocates from `pool` (static store, routed networks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etcd: Option<EtcdSection>,
+    /// Which allocator attach uses, as the store says (key `etcd`: bridged
+    /// networks on the etcd store allocate network-wide in etcd, bound to
+    /// the agent's lease; absent: the local file IPAM allocates from `pool`).
+    #[serde(
+        default,
+        rename = "etcd",
+        skip_serializing_if = "AllocatorSpec::is_local"
+    )]
+    pub allocator: AllocatorSpec,
 }
 
 /// How attach (CLI, CNI, lab) reaches the etcd store of a network: the

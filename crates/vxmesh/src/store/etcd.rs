@@ -39,21 +39,24 @@
 //!   the deletes. [`EtcdStore::leave`] revokes the lease: the record, claim and
 //!   endpoints vanish at once; [`leave_node`] does it for a stopped node.
 //! - The agent uses [`EtcdNetworks`]: one store (lease, claim) per network it
-//!   joins, one merged snapshot. For bridged networks it writes an `etcd`
-//!   section into the network's state file (endpoints, prefix, TLS and
-//!   password *file paths*, node, lease); attach, the CNI plugin and the lab
-//!   ([`crate::attach`]) claim container addresses with [`claim_address`]
-//!   (CAS on `endpoints/IP`, bound to that lease) and withdraw them with
-//!   [`release_address`]. Every agent pass makes the node's endpoints equal
+//!   joins, one merged snapshot. For bridged networks it names the etcd
+//!   allocator in the network's state file ([`crate::store::AllocatorSpec`]:
+//!   endpoints, prefix, TLS and password *file paths*, node, lease); attach,
+//!   the CNI plugin and the lab claim container addresses through
+//!   [`EtcdAllocator`], which calls [`claim_address`] (CAS on
+//!   `endpoints/IP`, bound to that lease) and [`release_address`]. Every agent pass makes the node's endpoints equal
 //!   the addresses its file IPAM holds ([`EtcdStore::sync_endpoints`]), so
 //!   they are re-published if the lease is ever re-granted.
 //!
-//! Unlike flannel's etcd subnet manager: the claim is one CAS transaction
-//! with the record (no read-then-write race), the watch resumes from the
-//! listed revision (no missed events between list and watch), compaction is
-//! handled by a re-list, and a lease lost during an outage is re-established.
+//! Consistency rules this module keeps: a claim is one CAS transaction
+//! together with its record (no read-then-write race), the watch starts at
+//! the revision after the list (no event is missed between the two), a
+//! compacted revision leads to a re-list, and a lease lost during an outage
+//! is re-granted with everything re-published under it.
 
+mod allocator;
 mod client;
+mod endpoints;
 mod multi;
 mod network;
 mod records;
@@ -70,15 +73,16 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Result, anyhow, bail};
 use etcd_client::Client;
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::error::{Result, StoreError};
 use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
-use crate::model::{Endpoint, Mac, NodeRecord};
+use crate::model::{Endpoint, NodeRecord};
+pub use allocator::EtcdAllocator;
 pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, txn_get};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
@@ -88,7 +92,7 @@ pub use multi::EtcdNetworks;
 pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;
 pub use remote::{
-    LeaseGone, claim_address, leave_node, read_password, release_address, section_client_options,
+    claim_address, leave_node, read_password, release_address, section_client_options,
 };
 use view::View;
 
@@ -164,11 +168,6 @@ impl Inner {
         }
     }
 
-    /// Addresses with a key under `endpoints/` in the view (valid or not).
-    pub(crate) fn endpoint_keys(&self) -> std::collections::HashSet<Ipv4Addr> {
-        self.view().endpoint_keys()
-    }
-
     pub(crate) fn set_own(&self, subnet: Ipv4Net) {
         *self.subnet.lock().unwrap_or_else(|e| e.into_inner()) = subnet;
         let net = self.network().name;
@@ -212,13 +211,15 @@ impl EtcdStore {
         opts.validate()?;
         let client = client::connect(&opts.client_options()).await?;
         let keys = Keys::new(&opts.prefix, &opts.network);
-        let net = network::read_network(&client, &keys, &opts.network).await?.ok_or_else(|| {
-            anyhow!(
-                "network {} does not exist in etcd (no key {}): create it first (`vxmesh net create`)",
-                opts.network,
-                keys.config()
-            )
-        })?;
+        let net = network::read_network(&client, &keys, &opts.network)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchNetwork {
+                network: opts.network.clone(),
+                detail: format!(
+                    "does not exist in etcd (no key {}): create it first (`vxmesh net create`)",
+                    keys.config()
+                ),
+            })?;
         let me = Me {
             node: opts.node.clone(),
             underlay_ip: opts.underlay_ip,
@@ -235,9 +236,9 @@ impl EtcdStore {
         )));
         let joined = async {
             let subnet = session::claim(&client, &keys, &me, &net, lease, &[]).await?;
-            let endpoints = session::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
+            let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
             let (kvs, rev) = watcher::list(&client, keys.root()).await?;
-            Ok::<_, anyhow::Error>((subnet, endpoints, kvs, rev))
+            Ok::<_, StoreError>((subnet, endpoints, kvs, rev))
         }
         .await;
         drop(early);
@@ -245,10 +246,11 @@ impl EtcdStore {
             Ok(j) => j,
             Err(e) => {
                 let _ = op("revoke lease", client.lease_client().revoke(lease)).await;
-                return Err(e.context(format!(
-                    "join network {} as node {}",
-                    opts.network, opts.node
-                )));
+                return Err(StoreError::Join {
+                    network: opts.network.clone(),
+                    node: opts.node.clone(),
+                    cause: Box::new(e),
+                });
             }
         };
         tracing::info!(
@@ -337,47 +339,15 @@ impl EtcdStore {
             self.inner.client.lease_client().revoke(owned.lease),
         )
         .await
-        .map_err(|e| e.context("leave: the records will expire with the lease TTL instead"))?;
+        .map_err(|e| StoreError::LeaveFailed { cause: Box::new(e) })?;
         tracing::info!(node = %self.inner.me.node, network = %self.inner.keys.root(), "left the network");
         Ok(())
     }
 
-    /// Stop without revoking the lease, as `kill -9` would: the records stay
-    /// until the lease expires (TTL). Dropping the store does the same.
-    pub fn crash(mut self) {
-        self.stop_tasks();
-    }
-
-    fn stop_tasks(&mut self) {
+    pub(crate) fn stop_tasks(&mut self) {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-    }
-
-    /// Bridged networks: allocate a free address network-wide (CAS on
-    /// `endpoints/IP`) and publish it under this node's lease. `ip_hint` is
-    /// tried first (if this node already holds it, that endpoint is
-    /// returned); then addresses from this node's slice onwards, wrapping
-    /// around the cidr, skipping the network and broadcast addresses.
-    pub async fn allocate_endpoint(
-        &self,
-        ip_hint: Option<Ipv4Addr>,
-        mac_from_ip: fn(Ipv4Addr) -> Mac,
-    ) -> Result<Endpoint> {
-        session::allocate_endpoint(&self.inner, ip_hint, mac_from_ip).await
-    }
-
-    /// Withdraw an endpoint of this node (idempotent: absent, or now held by
-    /// another node after a migration, is fine and deletes nothing).
-    pub async fn release_endpoint(&self, ip: Ipv4Addr) -> Result<()> {
-        session::release_endpoint(&self.inner, ip).await
-    }
-
-    /// Publish an endpoint with a given address on this node (re-attach after
-    /// a migration). Allowed if the address is free or already this node's;
-    /// an error names the node that holds it otherwise.
-    pub async fn publish_endpoint(&self, ep: Endpoint) -> Result<()> {
-        session::publish_endpoint(&self.inner, ep).await
     }
 
     /// Make this node's endpoints equal `allocated` (the addresses attached
@@ -390,11 +360,22 @@ impl EtcdStore {
         &self,
         allocated: &std::collections::BTreeSet<Ipv4Addr>,
     ) -> Result<Vec<(Ipv4Addr, String)>> {
-        session::sync_endpoints(&self.inner, allocated).await
+        endpoints::sync_endpoints(&self.inner, allocated).await
+    }
+}
+
+/// Test hooks: introspection and fault injection for the integration
+/// tests (cargo feature `test-hooks`, off in the binary).
+#[cfg(feature = "test-hooks")]
+impl EtcdStore {
+    /// Stop without revoking the lease, as `kill -9` would: the records stay
+    /// until the lease expires (TTL). Dropping the store does the same.
+    pub fn crash(mut self) {
+        self.stop_tasks();
     }
 
     /// The endpoints this node publishes (including ones adopted at join
-    /// from a previous run: release those whose container is gone).
+    /// from a previous run, until the agent's next endpoint sync).
     pub async fn own_endpoints(&self) -> Vec<Endpoint> {
         self.inner
             .owned
@@ -406,14 +387,12 @@ impl EtcdStore {
             .collect()
     }
 
-    /// Test hook: how many times the watcher re-listed (after compaction).
-    #[doc(hidden)]
+    /// How many times the watcher re-listed (after compaction).
     pub fn relist_count(&self) -> u64 {
         self.inner.relists.load(Ordering::SeqCst)
     }
 
-    /// Test hook: pause the watcher (drops its watch stream) or resume it.
-    #[doc(hidden)]
+    /// Pause the watcher (drops its watch stream) or resume it.
     pub fn pause_watch(&self, paused: bool) {
         self.inner.paused.send_replace(paused);
     }
@@ -446,7 +425,7 @@ impl Store for EtcdStore {
         self.changes
             .changed()
             .await
-            .map_err(|_| anyhow!("etcd store closed"))?;
+            .map_err(|_| StoreError::Closed("etcd store closed"))?;
         self.check_failed()
     }
 }
@@ -454,7 +433,9 @@ impl Store for EtcdStore {
 impl EtcdStore {
     fn check_failed(&self) -> Result<()> {
         if self.inner.failed.load(Ordering::SeqCst) {
-            bail!("a background task of the etcd store died (see the panic message above)");
+            return Err(StoreError::Closed(
+                "a background task of the etcd store died (see the panic message above)",
+            ));
         }
         Ok(())
     }
@@ -463,11 +444,10 @@ impl EtcdStore {
 /// Mode check shared by the endpoint operations.
 pub(crate) fn require_bridged(net: &Network) -> Result<()> {
     if net.mode != Mode::Bridged {
-        bail!(
-            "network {} is {}: endpoints are published only for bridged networks (routed containers get addresses from the node's subnet)",
-            net.name,
-            net.mode
-        );
+        return Err(StoreError::NotBridged {
+            network: net.name.clone(),
+            mode: net.mode.to_string(),
+        });
     }
     Ok(())
 }

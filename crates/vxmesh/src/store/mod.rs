@@ -2,8 +2,12 @@
 //!
 //! A [`Store`] yields snapshots of the cluster (networks + node records, and
 //! for bridged networks the endpoint records if the store knows them) and
-//! tells the agent when something may have changed.
+//! tells the agent when something may have changed, and says which
+//! [`AddressAllocator`] attach must use for a network ([`AllocatorSpec`]).
+//! Nothing outside this module reaches etcd or the cluster file directly.
 
+pub mod allocator;
+pub mod error;
 pub mod etcd;
 pub mod open;
 pub mod static_file;
@@ -11,11 +15,12 @@ pub mod static_file;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+pub use allocator::{AddressAllocator, Allocator, AllocatorSpec};
+pub use error::StoreError;
 
 use crate::config::Cluster;
 use crate::model::Endpoint;
-use crate::state::EtcdSection;
+use error::Result;
 
 /// A consistent view of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,12 +40,12 @@ pub trait Store {
     /// Resolves when the records may have changed since the last snapshot.
     async fn changed(&mut self) -> Result<()>;
 
-    /// What attach/CNI on this node need to allocate the addresses of
-    /// `network` through the store (the agent writes it into the network's
-    /// state file). `None`: the local file IPAM allocates from the node's
-    /// pool (static store, routed networks).
-    fn attach_section(&self, _network: &str) -> Option<EtcdSection> {
-        None
+    /// Which allocator attach/CNI on this node must use for the addresses
+    /// of `network` (the agent writes it into the network's state file).
+    /// [`AllocatorSpec::Local`]: the node's file IPAM allocates from the
+    /// node's pool (static store, routed networks).
+    fn allocator(&self, _network: &str) -> AllocatorSpec {
+        AllocatorSpec::Local
     }
 
     /// Make the endpoints this node publishes in `network` equal the

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use futures::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
 
+use super::error::{Result, StoreError};
 use super::{Snapshot, Store};
 use crate::config;
 
@@ -22,17 +22,21 @@ impl StaticFile {
         let path = if path.is_absolute() {
             path.to_path_buf()
         } else {
-            std::env::current_dir()?.join(path)
+            std::env::current_dir()
+                .map_err(|e| StoreError::io("read the current directory for", path, e))?
+                .join(path)
         };
-        let dir = path
-            .parent()
-            .context("cluster file path has no directory")?
-            .to_path_buf();
-        let file_name = path
-            .file_name()
-            .context("cluster file path has no file name")?
-            .to_os_string();
-        let inotify = Inotify::init().context("inotify init")?;
+        let (Some(dir), Some(file_name)) = (path.parent(), path.file_name()) else {
+            return Err(StoreError::invalid(
+                "cluster file",
+                format!("{} names no file in a directory", path.display()),
+            ));
+        };
+        let (dir, file_name) = (dir.to_path_buf(), file_name.to_os_string());
+        let inotify = Inotify::init().map_err(|error| StoreError::Watch {
+            action: "inotify init".into(),
+            error,
+        })?;
         // Watch the directory: editors and config managers replace files by rename.
         inotify
             .watches()
@@ -44,10 +48,16 @@ impl StaticFile {
                     | WatchMask::DELETE
                     | WatchMask::MODIFY,
             )
-            .with_context(|| format!("watch {}", dir.display()))?;
+            .map_err(|error| StoreError::Watch {
+                action: format!("watch {}", dir.display()),
+                error,
+            })?;
         let events = inotify
             .into_event_stream(vec![0u8; 4096])
-            .context("inotify stream")?;
+            .map_err(|error| StoreError::Watch {
+                action: "inotify stream".into(),
+                error,
+            })?;
         Ok(StaticFile {
             path,
             file_name,
@@ -71,7 +81,18 @@ impl Store for StaticFile {
 
     async fn changed(&mut self) -> Result<()> {
         loop {
-            let ev = self.events.next().await.context("inotify stream ended")??;
+            let ev = match self.events.next().await {
+                Some(ev) => ev.map_err(|error| StoreError::Watch {
+                    action: "inotify stream".into(),
+                    error,
+                })?,
+                None => {
+                    return Err(StoreError::Watch {
+                        action: "inotify stream ended".into(),
+                        error: std::io::ErrorKind::UnexpectedEof.into(),
+                    });
+                }
+            };
             if ev.mask.contains(EventMask::Q_OVERFLOW)
                 || ev.name.as_deref() == Some(self.file_name.as_os_str())
             {

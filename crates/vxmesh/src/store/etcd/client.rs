@@ -8,9 +8,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
 use etcd_client::{Client, ConnectOptions, PutOptions, TxnOpResponse};
 use tokio::task::JoinHandle;
+
+use crate::store::error::{Result, StoreError};
 
 use super::records;
 use crate::metrics::Metrics;
@@ -147,7 +148,10 @@ impl EtcdOptions {
         if p.is_empty() {
             Ok(())
         } else {
-            bail!("invalid etcd store options: {}", p.join("; "))
+            Err(StoreError::InvalidOptions {
+                what: "store",
+                problems: p.join("; "),
+            })
         }
     }
 }
@@ -172,10 +176,8 @@ impl fmt::Debug for EtcdOptions {
 /// default 2379; `https://` when `tls`, else `http://`), or a comma-separated
 /// list of `http://` / `https://` URLs taken as they are.
 pub fn parse_store_url(url: &str, tls: bool) -> Result<Vec<String>> {
-    let usage = || {
-        anyhow!(
-            "--store {url:?}: write it like etcd://HOST:2379 or etcd://HOST1:2379,HOST2:2379 (or http(s)://HOST:2379,...)"
-        )
+    let usage = || StoreError::BadStoreUrl {
+        url: url.to_string(),
     };
     let scheme = if tls { "https" } else { "http" };
     let mut out = Vec::new();
@@ -239,7 +241,10 @@ pub(crate) fn check_client(o: &ClientOptions) -> std::result::Result<(), String>
 
 /// Connect (lazily: the first request tells whether etcd is reachable).
 pub async fn connect(o: &ClientOptions) -> Result<Client> {
-    check_client(o).map_err(|e| anyhow!("invalid etcd client options: {e}"))?;
+    check_client(o).map_err(|problems| StoreError::InvalidOptions {
+        what: "client",
+        problems,
+    })?;
     let mut co = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
@@ -253,7 +258,7 @@ pub async fn connect(o: &ClientOptions) -> Result<Client> {
             async move {
                 tokio::fs::read(&p)
                     .await
-                    .with_context(|| format!("read TLS file {}", p.display()))
+                    .map_err(|e| StoreError::io("read TLS file", p, e))
             }
         };
         let mut tls = etcd_client::TlsOptions::new()
@@ -269,10 +274,15 @@ pub async fn connect(o: &ClientOptions) -> Result<Client> {
     let eps = o.endpoints.join(",");
     match tokio::time::timeout(OP_TIMEOUT, Client::connect(&o.endpoints, Some(co))).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(anyhow!("connect to etcd at {eps}: {e}{}", hint(&e))),
-        Err(_) => bail!(
-            "connect to etcd at {eps}: no answer within {OP_TIMEOUT:?}: is etcd running and reachable?"
-        ),
+        Ok(Err(e)) => Err(StoreError::Connect {
+            endpoints: eps,
+            hint: hint(&e),
+            error: e,
+        }),
+        Err(_) => Err(StoreError::ConnectTimeout {
+            endpoints: eps,
+            timeout: OP_TIMEOUT,
+        }),
     }
 }
 
@@ -299,10 +309,15 @@ pub async fn op<T>(
 ) -> Result<T> {
     match tokio::time::timeout(OP_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(anyhow!("etcd: {what}: {e}{}", hint(&e))),
-        Err(_) => {
-            bail!("etcd: {what}: no answer within {OP_TIMEOUT:?} (is etcd running and reachable?)")
-        }
+        Ok(Err(e)) => Err(StoreError::Etcd {
+            op: what.to_string(),
+            hint: hint(&e),
+            error: e,
+        }),
+        Err(_) => Err(StoreError::EtcdTimeout {
+            op: what.to_string(),
+            timeout: OP_TIMEOUT,
+        }),
     }
 }
 

@@ -6,13 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
-
 use super::{EtcdOptions, EtcdStore};
 use crate::config::Mode;
 use crate::model::NodeRecord;
 use crate::state::EtcdSection;
-use crate::store::{Snapshot, Store};
+use crate::store::error::{Result, StoreError};
+use crate::store::{AllocatorSpec, Snapshot, Store};
 
 pub struct EtcdNetworks {
     stores: Vec<EtcdStore>,
@@ -34,11 +33,17 @@ impl EtcdNetworks {
         password_file: Option<PathBuf>,
     ) -> Result<EtcdNetworks> {
         if networks.is_empty() {
-            bail!("give at least one network to join (--network NAME)");
+            return Err(StoreError::invalid(
+                "",
+                "give at least one network to join (--network NAME)",
+            ));
         }
         let mut uniq = BTreeSet::new();
         if let Some(dup) = networks.iter().find(|n| !uniq.insert(n.as_str())) {
-            bail!("network {dup} is given twice");
+            return Err(StoreError::invalid(
+                "",
+                format!("network {dup} is given twice"),
+            ));
         }
         let mut stores = Vec::new();
         for n in networks {
@@ -54,19 +59,17 @@ impl EtcdNetworks {
             .map(|n| n.name.as_str())
             .collect();
         if routed.len() > 1 {
-            bail!(
+            return Err(StoreError::Conflict(format!(
                 "networks {} are all routed: a node serves one routed network (bridge vxm-br0); join one of them",
                 routed.join(", ")
-            );
+            )));
         }
         for (i, a) in nets.iter().enumerate() {
             if let Some(b) = nets[..i].iter().find(|b| b.vni == a.vni) {
-                bail!(
+                return Err(StoreError::Conflict(format!(
                     "networks {} and {} both use VNI {}: a node cannot serve both (re-create one with its own VNI)",
-                    b.name,
-                    a.name,
-                    a.vni
-                );
+                    b.name, a.name, a.vni
+                )));
             }
         }
         Ok(EtcdNetworks {
@@ -146,13 +149,16 @@ impl Store for EtcdNetworks {
         futures::future::select_all(futs).await.0
     }
 
-    fn attach_section(&self, network: &str) -> Option<EtcdSection> {
-        let s = self.store(network)?;
+    /// Bridged networks: etcd, bound to this node's lease in `network`.
+    fn allocator(&self, network: &str) -> AllocatorSpec {
+        let Some(s) = self.store(network) else {
+            return AllocatorSpec::Local;
+        };
         if s.network().mode != Mode::Bridged {
-            return None;
+            return AllocatorSpec::Local;
         }
         let tls = self.opts.tls.as_ref();
-        Some(EtcdSection {
+        AllocatorSpec::Etcd(Box::new(EtcdSection {
             endpoints: self.opts.endpoints.clone(),
             prefix: self.opts.prefix.clone(),
             network: network.to_string(),
@@ -163,7 +169,7 @@ impl Store for EtcdNetworks {
             key: tls.and_then(|t| t.key.clone()),
             user: self.opts.user.as_ref().map(|(u, _)| u.clone()),
             password_file: self.password_file.clone(),
-        })
+        }))
     }
 
     async fn sync_endpoints(
@@ -201,7 +207,10 @@ impl Store for EtcdNetworks {
         if problems.is_empty() {
             Ok(())
         } else {
-            bail!("leave: {}", problems.join("; "))
+            Err(StoreError::Several {
+                op: "leave",
+                problems,
+            })
         }
     }
 }

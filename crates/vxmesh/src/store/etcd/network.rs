@@ -1,24 +1,24 @@
 //! Network configs: create (idempotent), read, delete.
 
-use anyhow::{Result, anyhow, bail};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use super::client::{ClientOptions, connect, op, txn_get};
 use super::records::{self, Keys};
 use crate::config::Network;
+use crate::store::error::{Result, StoreError};
 
 /// Validate a network given as in a cluster file (`vxmesh net create`),
 /// with the cluster file's rules and messages.
 pub fn validate_network(file: &crate::config::NetworkFile) -> Result<Network> {
-    records::validate_network(file).map_err(|e| anyhow!("{e}"))
+    records::validate_network(file).map_err(|e| StoreError::invalid("", e))
 }
 
 /// Write network `net` under `prefix` (validated first). Idempotent: an
 /// identical existing config is fine; a different one is an error.
 pub async fn create_network(client: &ClientOptions, prefix: &str, net: &Network) -> Result<()> {
-    records::check_prefix(prefix).map_err(|e| anyhow!("prefix: {e}"))?;
-    let valid =
-        records::validate_network(&records::network_file(net)).map_err(|e| anyhow!("{e}"))?;
+    records::check_prefix(prefix).map_err(|e| StoreError::invalid("prefix", e))?;
+    let valid = records::validate_network(&records::network_file(net))
+        .map_err(|e| StoreError::invalid("", e))?;
     let c = connect(client).await?;
     let keys = Keys::new(prefix, &net.name);
     let key = keys.config();
@@ -36,15 +36,15 @@ pub async fn create_network(client: &ClientOptions, prefix: &str, net: &Network)
         .unwrap_or_default();
     match records::parse_network(&net.name, &stored) {
         Ok(s) if s == valid => Ok(()),
-        Ok(s) => bail!(
+        Ok(s) => Err(StoreError::Conflict(format!(
             "network {} already exists with different settings ({}): delete it first",
             net.name,
             records::network_diff(&s, &valid)
-        ),
-        Err(e) => bail!(
+        ))),
+        Err(e) => Err(StoreError::Conflict(format!(
             "network {} already exists but its stored config at {key} is invalid ({e}): delete it first",
             net.name
-        ),
+        ))),
     }
 }
 
@@ -54,7 +54,7 @@ pub async fn get_network(
     prefix: &str,
     name: &str,
 ) -> Result<Option<Network>> {
-    records::check_prefix(prefix).map_err(|e| anyhow!("prefix: {e}"))?;
+    records::check_prefix(prefix).map_err(|e| StoreError::invalid("prefix", e))?;
     let c = connect(client).await?;
     read_network(&c, &Keys::new(prefix, name), name).await
 }
@@ -66,14 +66,19 @@ pub(crate) async fn read_network(c: &Client, keys: &Keys, name: &str) -> Result<
         None => Ok(None),
         Some(kv) => records::parse_network(name, kv.value())
             .map(Some)
-            .map_err(|e| anyhow!("the config of network {name} at {key} is invalid: {e}: delete the network and create it again")),
+            .map_err(|e| StoreError::BadRecord {
+                what: format!("the config of network {name}"),
+                key,
+                reason: e.to_string(),
+                fix: ": delete the network and create it again",
+            }),
     }
 }
 
 /// Delete network `name` and everything under it. Refuses while nodes are
 /// still registered (make them leave first, or wait for their leases to expire).
 pub async fn delete_network(client: &ClientOptions, prefix: &str, name: &str) -> Result<()> {
-    records::check_prefix(prefix).map_err(|e| anyhow!("prefix: {e}"))?;
+    records::check_prefix(prefix).map_err(|e| StoreError::invalid("prefix", e))?;
     let c = connect(client).await?;
     let keys = Keys::new(prefix, name);
     let nodes = op(
@@ -95,11 +100,11 @@ pub async fn delete_network(client: &ClientOptions, prefix: &str, name: &str) ->
                     .map(str::to_string)
             })
             .collect();
-        bail!(
+        return Err(StoreError::Conflict(format!(
             "network {name} still has {} node(s) ({}): make them leave first (or stop them and wait for their leases to expire)",
             names.len(),
             names.join(", ")
-        );
+        )));
     }
     let root = keys.root().to_string();
     op(

@@ -6,24 +6,13 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use anyhow::{Context, Result, anyhow, bail};
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
-
-use super::client::{ClientOptions, TlsOptions, connect, lease_opts, op};
+use super::client::{ClientOptions, TlsOptions, connect, op};
+use super::endpoints::{create_endpoint, delete_endpoint_if_ours, put_endpoint};
 use super::records::{self, Keys};
-use super::session::{delete_endpoint_if_ours, put_endpoint};
 use super::{network, require_bridged, watcher};
 use crate::model::{self, Endpoint};
 use crate::state::EtcdSection;
-
-/// The error of a claim made with a lease that no longer exists (the agent
-/// is not running, or re-granted its lease and has not yet rewritten the
-/// state file). Find it with `err.downcast_ref::<LeaseGone>()`.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the agent's etcd lease {0} no longer exists: is `vxmesh agent` running on this node? (it rewrites the lease in the state file when it renews it)"
-)]
-pub struct LeaseGone(pub i64);
+use crate::store::error::{Result, StoreError};
 
 /// Connection settings of a state file's etcd section (reads the password file).
 pub fn section_client_options(sec: &EtcdSection) -> Result<ClientOptions> {
@@ -46,12 +35,8 @@ pub fn section_client_options(sec: &EtcdSection) -> Result<ClientOptions> {
 /// An etcd password file: its content without the trailing newline.
 pub fn read_password(path: &std::path::Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read etcd password file {}", path.display()))?;
+        .map_err(|e| StoreError::io("read etcd password file", path, e))?;
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
-}
-
-fn is_lease_not_found(e: &anyhow::Error) -> bool {
-    format!("{e:#}").contains("lease not found")
 }
 
 /// Claim an address of a bridged network for a container on `sec.node`,
@@ -68,7 +53,10 @@ pub async fn claim_address(
     let keys = Keys::new(&sec.prefix, &sec.network);
     let net = network::read_network(&client, &keys, &sec.network)
         .await?
-        .ok_or_else(|| anyhow!("network {} no longer exists in etcd", sec.network))?;
+        .ok_or_else(|| StoreError::NoSuchNetwork {
+            network: sec.network.clone(),
+            detail: "no longer exists in etcd".into(),
+        })?;
     require_bridged(&net)?;
     let endpoint = |ip: Ipv4Addr| Endpoint {
         network: net.name.clone(),
@@ -76,26 +64,26 @@ pub async fn claim_address(
         mac: model::container_mac(ip),
         node: sec.node.clone(),
     };
-    let lease_gone = |e: anyhow::Error| {
-        if is_lease_not_found(&e) {
-            anyhow::Error::new(LeaseGone(sec.lease))
+    let lease_gone = |e: StoreError| {
+        if e.is_lease_not_found() {
+            StoreError::LeaseGone { lease: sec.lease }
         } else {
             e
         }
     };
     if let Some(ip) = want {
-        records::check_endpoint_ip(&net, ip).map_err(|e| anyhow!("{e}"))?;
+        records::check_endpoint_ip(&net, ip).map_err(|e| StoreError::invalid("", e))?;
         let ep = endpoint(ip);
         return match put_endpoint(&client, &keys, &sec.node, sec.lease, &ep)
             .await
             .map_err(lease_gone)?
         {
             Ok(()) => Ok(ep),
-            Err(holder) => bail!(
-                "address {ip} of network {} is attached on {holder}: detach it there first \
-                 (or wait for that node's lease to expire if it is gone)",
-                net.name
-            ),
+            Err(holder) => Err(StoreError::AttachedElsewhere {
+                ip,
+                network: net.name.clone(),
+                holder,
+            }),
         };
     }
     let (kvs, _) = watcher::list(&client, &keys.endpoints()).await?;
@@ -113,23 +101,10 @@ pub async fn claim_address(
             return Ok(ep);
         }
     }
-    bail!(
-        "network {} cidr {} has no free address left: detach containers or widen the cidr",
-        net.name,
-        net.cidr
-    )
-}
-
-/// Create `endpoints/IP` under `lease` if absent.
-async fn create_endpoint(client: &Client, keys: &Keys, lease: i64, ep: &Endpoint) -> Result<bool> {
-    let key = keys.endpoint(ep.ip);
-    let value = serde_json::to_string(ep).expect("an endpoint serializes");
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.clone(), value, lease_opts(lease))]);
-    Ok(op(format!("allocate {key}"), client.kv_client().txn(txn))
-        .await?
-        .succeeded())
+    Err(StoreError::CidrFull {
+        network: net.name.clone(),
+        cidr: net.cidr,
+    })
 }
 
 /// Withdraw the endpoint `ip` if `sec.node` holds it (idempotent; after a
@@ -151,8 +126,8 @@ pub async fn leave_node(
     network: &str,
     node: &str,
 ) -> Result<bool> {
-    records::check_prefix(prefix).map_err(|e| anyhow!("prefix: {e}"))?;
-    records::check_node_name(node).map_err(|e| anyhow!("node: {e}"))?;
+    records::check_prefix(prefix).map_err(|e| StoreError::invalid("prefix", e))?;
+    records::check_node_name(node).map_err(|e| StoreError::invalid("node", e))?;
     let c = connect(client).await?;
     let keys = Keys::new(prefix, network);
     let key = keys.node(node);
@@ -177,7 +152,7 @@ pub async fn leave_node(
     .await
     {
         Ok(_) => Ok(true),
-        Err(e) if is_lease_not_found(&e) => Ok(true),
+        Err(e) if e.is_lease_not_found() => Ok(true),
         Err(e) => Err(e),
     }
 }

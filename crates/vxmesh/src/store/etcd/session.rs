@@ -1,23 +1,19 @@
 //! This node's side: the lease and its keep-alive, the subnet claim, and the
 //! endpoints it publishes (all re-published if the lease is lost).
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use ipnet::Ipv4Net;
 
+use super::endpoints::put_endpoint;
 use super::records::{self, Keys, NodeJson};
-use super::{
-    AbortOnDrop, Backoff, Inner, Me, Owned, TaskGuard, lease_opts, op, require_bridged, txn_get,
-    watcher,
-};
+use super::{AbortOnDrop, Backoff, Inner, Me, TaskGuard, lease_opts, op, txn_get, watcher};
 use crate::config::Network;
-use crate::model::{Endpoint, Mac};
+use crate::store::error::{Result, StoreError};
 
 pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> {
     let resp = op(
@@ -26,7 +22,10 @@ pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> 
     )
     .await?;
     if !resp.error().is_empty() {
-        bail!("etcd: grant a {ttl_secs}s lease: {}", resp.error());
+        return Err(StoreError::EtcdRefused {
+            op: format!("grant a {ttl_secs}s lease"),
+            message: resp.error().to_string(),
+        });
     }
     Ok((resp.id(), resp.ttl().max(1)))
 }
@@ -52,22 +51,18 @@ pub(crate) async fn check_identity_free(
             continue;
         };
         if n.name == me.node && n.underlay_ip != me.underlay_ip {
-            bail!(
+            return Err(StoreError::Conflict(format!(
                 "node {} is already registered in network {} with underlay IP {} (its lease is still alive): \
                  another host uses this name — give this one its own node name, or wait up to the lease TTL if that host is gone",
-                me.node,
-                net.name,
-                n.underlay_ip
-            );
+                me.node, net.name, n.underlay_ip
+            )));
         }
         if n.name != me.node && n.underlay_ip == me.underlay_ip {
-            bail!(
+            return Err(StoreError::Conflict(format!(
                 "underlay IP {} is already used by node {} in network {} (its lease is still alive): \
                  check underlay_ip, or wait up to the lease TTL if that node was renamed",
-                me.underlay_ip,
-                n.name,
-                net.name
-            );
+                me.underlay_ip, n.name, net.name
+            )));
         }
     }
     Ok(())
@@ -197,94 +192,12 @@ pub(crate) async fn claim(
             return Ok(s);
         }
     }
-    bail!(
-        "network {} cidr {} has no free /{} left for node {}: widen the cidr or lengthen subnet_len (delete and re-create the network)",
-        net.name,
-        net.cidr,
-        net.subnet_len,
-        me.node
-    )
-}
-
-/// Publish `ep` under `lease` if its address is free or already `node`'s.
-/// `Ok(Err(holder))` names whoever holds it otherwise.
-pub(crate) async fn put_endpoint(
-    client: &Client,
-    keys: &Keys,
-    node: &str,
-    lease: i64,
-    ep: &Endpoint,
-) -> Result<std::result::Result<(), String>> {
-    let key = keys.endpoint(ep.ip);
-    let value = serde_json::to_string(ep).expect("an endpoint serializes");
-    for _ in 0..5 {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), value.clone(), lease_opts(lease))])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = op(format!("publish {key}"), client.kv_client().txn(txn)).await?;
-        if resp.succeeded() {
-            return Ok(Ok(()));
-        }
-        let Some(kv) = txn_get(&resp) else { continue };
-        match serde_json::from_slice::<Endpoint>(kv.value()) {
-            Ok(old) if old.node == node => {
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    )])
-                    .and_then([TxnOp::put(key.clone(), value.clone(), lease_opts(lease))]);
-                if op(format!("re-publish {key}"), client.kv_client().txn(txn))
-                    .await?
-                    .succeeded()
-                {
-                    return Ok(Ok(()));
-                }
-            }
-            Ok(old) => return Ok(Err(format!("node {}", old.node))),
-            Err(_) => return Ok(Err(format!("an unreadable record (delete key {key})"))),
-        }
-    }
-    bail!("etcd: publish {key}: the key kept changing under this node, try again")
-}
-
-/// At join: re-bind this node's endpoints left by a previous run to the new lease.
-pub(crate) async fn adopt_endpoints(
-    client: &Client,
-    keys: &Keys,
-    me: &Me,
-    net: &Network,
-    lease: i64,
-) -> Result<BTreeMap<Ipv4Addr, Endpoint>> {
-    let (kvs, _) = watcher::list(client, &keys.endpoints()).await?;
-    let mut out = BTreeMap::new();
-    for (key, kv) in kvs {
-        let Some(ip) = key.strip_prefix(&keys.endpoints()) else {
-            continue;
-        };
-        let Ok(ep) = records::parse_endpoint(net, ip, &kv.value) else {
-            continue;
-        };
-        if ep.node != me.node {
-            continue;
-        }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                kv.mod_rev,
-            )])
-            .and_then([TxnOp::put(key.clone(), kv.value.clone(), lease_opts(lease))]);
-        if op(format!("adopt {key}"), client.kv_client().txn(txn))
-            .await?
-            .succeeded()
-        {
-            out.insert(ep.ip, ep);
-        }
-    }
-    Ok(out)
+    Err(StoreError::SubnetsFull {
+        network: net.name.clone(),
+        cidr: net.cidr,
+        subnet_len: net.subnet_len,
+        node: me.node.clone(),
+    })
 }
 
 enum KeepEnd {
@@ -412,227 +325,4 @@ async fn regrant(inner: &Inner) -> Result<i64> {
         .await;
     }
     r
-}
-
-pub(crate) async fn allocate_endpoint(
-    inner: &Inner,
-    ip_hint: Option<Ipv4Addr>,
-    mac_from_ip: fn(Ipv4Addr) -> Mac,
-) -> Result<Endpoint> {
-    let net = inner.network();
-    require_bridged(&net)?;
-    if let Some(ip) = ip_hint {
-        records::check_endpoint_ip(&net, ip).map_err(|e| anyhow!("ip_hint: {e}"))?;
-    }
-    let mut owned = inner.owned.lock().await;
-    if let Some(ip) = ip_hint
-        && let Some(ep) = owned.endpoints.get(&ip)
-    {
-        return Ok(ep.clone());
-    }
-    // The hint first, whatever the view says (it may lag a release). Then
-    // skip what the view shows taken (the CAS settles races and anything the
-    // view has not seen yet); only if that finds nothing, re-read the
-    // endpoints from etcd and try what is really free.
-    if let Some(ip) = ip_hint
-        && let Some(ep) = try_allocate(inner, &net, &mut owned, ip, mac_from_ip).await?
-    {
-        return Ok(ep);
-    }
-    for fresh in [false, true] {
-        let mut taken = if fresh {
-            let (kvs, _) = watcher::list(&inner.client, &inner.keys.endpoints()).await?;
-            let prefix = inner.keys.endpoints();
-            kvs.keys()
-                .filter_map(|k| k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()))
-                .collect()
-        } else {
-            inner.endpoint_keys()
-        };
-        taken.extend(owned.endpoints.keys().copied());
-        taken.extend(ip_hint);
-        let start = owned.subnet.network();
-        for ip in records::address_candidates(&net, start).filter(|ip| !taken.contains(ip)) {
-            if let Some(ep) = try_allocate(inner, &net, &mut owned, ip, mac_from_ip).await? {
-                return Ok(ep);
-            }
-        }
-    }
-    bail!(
-        "network {} cidr {} has no free address left: release endpoints or widen the cidr",
-        net.name,
-        net.cidr
-    )
-}
-
-/// Create `endpoints/IP` for this node if absent.
-async fn try_allocate(
-    inner: &Inner,
-    net: &Network,
-    owned: &mut Owned,
-    ip: Ipv4Addr,
-    mac_from_ip: fn(Ipv4Addr) -> Mac,
-) -> Result<Option<Endpoint>> {
-    let ep = Endpoint {
-        network: net.name.clone(),
-        ip,
-        mac: mac_from_ip(ip),
-        node: inner.me.node.clone(),
-    };
-    records::check_endpoint(net, &ep)
-        .map_err(|e| anyhow!("mac_from_ip({ip}) gave an unusable endpoint: {e}"))?;
-    let key = inner.keys.endpoint(ip);
-    let value = serde_json::to_string(&ep).expect("an endpoint serializes");
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.clone(), value, lease_opts(owned.lease))]);
-    if op(format!("allocate {key}"), inner.client.kv_client().txn(txn))
-        .await?
-        .succeeded()
-    {
-        owned.endpoints.insert(ip, ep.clone());
-        return Ok(Some(ep));
-    }
-    Ok(None)
-}
-
-pub(crate) async fn release_endpoint(inner: &Inner, ip: Ipv4Addr) -> Result<()> {
-    let mut owned = inner.owned.lock().await;
-    owned.endpoints.remove(&ip);
-    delete_endpoint_if_ours(&inner.client, &inner.keys, &inner.me.node, ip).await
-}
-
-/// Delete `endpoints/IP` if `node` holds it (absent, or held by another
-/// node after a migration, is fine and deletes nothing).
-pub(crate) async fn delete_endpoint_if_ours(
-    client: &Client,
-    keys: &Keys,
-    node: &str,
-    ip: Ipv4Addr,
-) -> Result<()> {
-    let key = keys.endpoint(ip);
-    for _ in 0..5 {
-        let resp = op(
-            format!("read {key}"),
-            client.kv_client().get(key.clone(), None),
-        )
-        .await?;
-        let Some(kv) = resp.kvs().first() else {
-            return Ok(());
-        };
-        match serde_json::from_slice::<Endpoint>(kv.value()) {
-            Ok(ep) if ep.node == node => {}
-            Ok(ep) => {
-                tracing::debug!(%ip, holder = %ep.node, "release: the address is now held by another node, leaving it");
-                return Ok(());
-            }
-            Err(_) => return Ok(()),
-        }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                kv.mod_revision(),
-            )])
-            .and_then([TxnOp::delete(key.clone(), None)]);
-        if op(format!("release {key}"), client.kv_client().txn(txn))
-            .await?
-            .succeeded()
-        {
-            return Ok(());
-        }
-    }
-    bail!("etcd: release {key}: the key kept changing under this node, try again")
-}
-
-/// Make this node's published endpoints equal `allocated`: publish the
-/// missing ones (bound to the lease, so a re-grant re-publishes them),
-/// withdraw the others. Returns the addresses that could not be published,
-/// with the reason (another node holds them, or they are not usable).
-pub(crate) async fn sync_endpoints(
-    inner: &Inner,
-    allocated: &std::collections::BTreeSet<Ipv4Addr>,
-) -> Result<Vec<(Ipv4Addr, String)>> {
-    let net = inner.network();
-    if net.mode != crate::config::Mode::Bridged {
-        return Ok(Vec::new());
-    }
-    let mut owned = inner.owned.lock().await;
-    let mut refused = Vec::new();
-    let missing: Vec<Ipv4Addr> = allocated
-        .iter()
-        .filter(|ip| !owned.endpoints.contains_key(ip))
-        .copied()
-        .collect();
-    for ip in missing {
-        let ep = Endpoint {
-            network: net.name.clone(),
-            ip,
-            mac: crate::model::container_mac(ip),
-            node: inner.me.node.clone(),
-        };
-        if let Err(e) = records::check_endpoint(&net, &ep) {
-            refused.push((ip, e));
-            continue;
-        }
-        let lease = owned.lease;
-        match put_endpoint(&inner.client, &inner.keys, &inner.me.node, lease, &ep).await? {
-            Ok(()) => {
-                owned.endpoints.insert(ip, ep);
-            }
-            Err(holder) => refused.push((ip, format!("held by {holder}"))),
-        }
-    }
-    // Withdraw what this node holds but no longer has attached: its own
-    // endpoints, and any endpoint of this node the view shows (a claim whose
-    // attach died before recording it locally). The caller holds the IPAM
-    // lock, so no attach or detach is half-way.
-    let mut stale: std::collections::BTreeSet<Ipv4Addr> = owned
-        .endpoints
-        .keys()
-        .filter(|ip| !allocated.contains(ip))
-        .copied()
-        .collect();
-    let seen: Vec<Ipv4Addr> = inner
-        .view()
-        .snapshot()
-        .endpoints
-        .iter()
-        .flatten()
-        .filter(|e| e.node == inner.me.node && !allocated.contains(&e.ip))
-        .map(|e| e.ip)
-        .collect();
-    stale.extend(seen);
-    for ip in stale {
-        delete_endpoint_if_ours(&inner.client, &inner.keys, &inner.me.node, ip).await?;
-        owned.endpoints.remove(&ip);
-    }
-    Ok(refused)
-}
-
-pub(crate) async fn publish_endpoint(inner: &Inner, ep: Endpoint) -> Result<()> {
-    let net = inner.network();
-    require_bridged(&net)?;
-    if ep.node != inner.me.node {
-        bail!(
-            "endpoint {} names node {} but this store publishes for node {}",
-            ep.ip,
-            ep.node,
-            inner.me.node
-        );
-    }
-    records::check_endpoint(&net, &ep).map_err(|e| anyhow!("endpoint {}: {e}", ep.ip))?;
-    let mut owned = inner.owned.lock().await;
-    match put_endpoint(&inner.client, &inner.keys, &inner.me.node, owned.lease, &ep).await? {
-        Ok(()) => {
-            owned.endpoints.insert(ep.ip, ep);
-            Ok(())
-        }
-        Err(holder) => bail!(
-            "address {} of network {} is attached on {holder}: release it there first \
-             (or wait for that node's lease to expire if it is gone)",
-            ep.ip,
-            net.name
-        ),
-    }
 }

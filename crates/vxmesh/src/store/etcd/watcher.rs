@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use anyhow::Result;
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 
 use super::view::Kv;
 use super::{Backoff, Inner, OP_TIMEOUT, TaskGuard, op};
+use crate::store::error::Result;
 
 /// Keys per page when listing.
 const PAGE: i64 = 500;

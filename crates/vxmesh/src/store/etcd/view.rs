@@ -72,16 +72,6 @@ impl View {
         &self.network
     }
 
-    /// Addresses that have a key under `endpoints/` (valid records or not).
-    pub fn endpoint_keys(&self) -> std::collections::HashSet<Ipv4Addr> {
-        let prefix = self.keys.endpoints();
-        self.kvs
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter_map(|(k, _)| k[prefix.len()..].parse().ok())
-            .collect()
-    }
-
     pub fn set_own(&mut self, own: NodeRecord) {
         self.own = Some(own);
     }

@@ -15,7 +15,6 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +25,74 @@ use crate::ipam::{Ipam, IpamLock, Owner};
 use crate::model::{self, Mac};
 use crate::state::{self, EtcdSection, ServedNetwork};
 use crate::store::etcd;
+
+/// Why attaching or detaching a container failed. Failures of the modules
+/// attach builds on (state file, file IPAM, etcd, netlink) that carry no
+/// attach context of their own are passed on as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The network's state file could not be read.
+    #[error(transparent)]
+    State(anyhow::Error),
+    /// The file IPAM (its lock, allocations or pool) failed.
+    #[error(transparent)]
+    Ipam(anyhow::Error),
+    /// An etcd job failed with no more to say than its own error.
+    #[error(transparent)]
+    Etcd(anyhow::Error),
+    /// A netlink connection or query failed with no more to say.
+    #[error(transparent)]
+    Netlink(anyhow::Error),
+    /// The wanted address is held by another container of this node.
+    #[error(
+        "address {ip} of network '{network}' is already allocated on this node to {holder_id}/{holder_ifname}"
+    )]
+    AddressTaken {
+        ip: Ipv4Addr,
+        network: String,
+        holder_id: String,
+        holder_ifname: String,
+    },
+    /// Claiming an address in etcd failed.
+    #[error("allocate an address of network '{network}' in etcd")]
+    EtcdClaim {
+        network: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    /// The container already has an interface of that name.
+    #[error(
+        "attach container '{container_id}' to network '{network}' ({namespace}): interface {ifname} already exists in namespace {namespace}"
+    )]
+    InterfaceExists {
+        container_id: String,
+        network: String,
+        ifname: String,
+        namespace: String,
+    },
+    /// Creating or configuring the veth pair, address or route failed.
+    #[error("attach container '{container_id}' to network '{network}' ({namespace})")]
+    Plumb {
+        container_id: String,
+        network: String,
+        ifname: String,
+        namespace: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    /// Deleting the container's host veth failed.
+    #[error("detach container '{container_id}' from network '{network}': delete {host_veth}")]
+    DeleteVeth {
+        container_id: String,
+        network: String,
+        ifname: String,
+        host_veth: String,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+type Result<T, E = AttachError> = std::result::Result<T, E>;
 
 /// What an attachment looks like once made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +148,7 @@ pub struct AttachRequest<'a> {
     pub mtu: Option<u32>,
 }
 
-async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink> {
+async fn host_netlink(host_ns: Option<&Netns>) -> anyhow::Result<Netlink> {
     match host_ns {
         Some(ns) => Netlink::connect_in(ns).await,
         None => Netlink::connect().await,
@@ -109,11 +176,11 @@ impl Allocator<'_> {
 
 /// Run an etcd job where etcd is reachable: in the node's namespace when
 /// attaching from outside it (the lab), else right here.
-async fn in_host_ns<T, F, Fut>(host_ns: Option<&Netns>, f: F) -> Result<T>
+async fn in_host_ns<T, F, Fut>(host_ns: Option<&Netns>, f: F) -> anyhow::Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     match host_ns {
         Some(ns) => ns.run_async(f).await,
@@ -123,7 +190,7 @@ where
 
 /// Attach a container. Rolls back on failure.
 pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
-    let served = state::read_network(req.state_dir, req.network)?;
+    let served = state::read_network(req.state_dir, req.network).map_err(AttachError::State)?;
     let net = &served.state;
     let owner = Owner {
         container_id: req.container_id.to_string(),
@@ -131,7 +198,11 @@ pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
     };
     let ipam = Ipam::new(req.state_dir, req.network);
     let (ip, etcd) = match Allocator::of(&served) {
-        Allocator::Local => (ipam.allocate(net, &owner, req.ip)?, None),
+        Allocator::Local => (
+            ipam.allocate(net, &owner, req.ip)
+                .map_err(AttachError::Ipam)?,
+            None,
+        ),
         Allocator::Etcd(sec) => {
             let (ip, sec) = allocate_in_etcd(req, &served, &ipam, &owner, sec.clone()).await?;
             (ip, Some(sec))
@@ -171,19 +242,23 @@ async fn allocate_in_etcd(
     owner: &Owner,
     mut sec: EtcdSection,
 ) -> Result<(Ipv4Addr, EtcdSection)> {
-    let lock: IpamLock = ipam.lock()?;
-    let held = ipam.find(owner)?;
+    let lock: IpamLock = ipam.lock().map_err(AttachError::Ipam)?;
+    let held = ipam.find(owner).map_err(AttachError::Ipam)?;
     let want = held.or(req.ip);
     if held.is_none()
         && let Some(w) = want
-        && let Some(a) = ipam.list()?.into_iter().find(|a| a.ip == w)
+        && let Some(a) = ipam
+            .list()
+            .map_err(AttachError::Ipam)?
+            .into_iter()
+            .find(|a| a.ip == w)
     {
-        anyhow::bail!(
-            "address {w} of network '{}' is already allocated on this node to {}/{}",
-            req.network,
-            a.owner.container_id,
-            a.owner.ifname
-        );
+        return Err(AttachError::AddressTaken {
+            ip: w,
+            network: req.network.to_string(),
+            holder_id: a.owner.container_id,
+            holder_ifname: a.owner.ifname,
+        });
     }
     let start = served.state.pool.network();
     let mut renewals = 0;
@@ -204,11 +279,12 @@ async fn allocate_in_etcd(
                     Duration::from_secs(5),
                 )
                 .await
-                .ok_or(e)?;
+                .ok_or(AttachError::Etcd(e))?;
             }
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("allocate an address of network '{}' in etcd", req.network)
+                return Err(AttachError::EtcdClaim {
+                    network: req.network.to_string(),
+                    source: e,
                 });
             }
         }
@@ -219,7 +295,7 @@ async fn allocate_in_etcd(
             etcd::release_address(&s, ip).await
         })
         .await;
-        return Err(e);
+        return Err(AttachError::Ipam(e));
     }
     Ok((ep.ip, sec))
 }
@@ -251,25 +327,27 @@ async fn plumb(
     ip: Ipv4Addr,
     host_veth: &str,
 ) -> Result<Attachment> {
-    let ctx = || {
-        format!(
-            "attach container '{}' to network '{}' ({})",
-            req.container_id,
-            req.network,
-            req.container_ns.name()
-        )
+    let ctx = |source: anyhow::Error| AttachError::Plumb {
+        container_id: req.container_id.to_string(),
+        network: req.network.to_string(),
+        ifname: req.ifname.to_string(),
+        namespace: req.container_ns.name().to_string(),
+        source,
     };
-    let host = host_netlink(req.host_ns).await.with_context(ctx)?;
-    let cont = Netlink::connect_in(req.container_ns)
+    let host = host_netlink(req.host_ns).await.map_err(ctx)?;
+    let cont = Netlink::connect_in(req.container_ns).await.map_err(ctx)?;
+    if cont
+        .link_index(req.ifname)
         .await
-        .with_context(ctx)?;
-    if cont.link_index(req.ifname).await?.is_some() {
-        anyhow::bail!(
-            "{}: interface {} already exists in namespace {}",
-            ctx(),
-            req.ifname,
-            req.container_ns.name()
-        );
+        .map_err(AttachError::Netlink)?
+        .is_some()
+    {
+        return Err(AttachError::InterfaceExists {
+            container_id: req.container_id.to_string(),
+            network: req.network.to_string(),
+            ifname: req.ifname.to_string(),
+            namespace: req.container_ns.name().to_string(),
+        });
     }
     let prefix = match net.mode {
         Mode::Routed => net.subnet.prefix_len(),
@@ -280,7 +358,7 @@ async fn plumb(
     let mtu = req.mtu.unwrap_or(net.mtu);
     host.create_veth(host_veth, req.ifname, Some(req.container_ns), mtu)
         .await
-        .with_context(ctx)?;
+        .map_err(ctx)?;
     host.set_link(
         host_veth,
         LinkOptions {
@@ -291,7 +369,7 @@ async fn plumb(
         },
     )
     .await
-    .with_context(ctx)?;
+    .map_err(ctx)?;
     cont.set_link(
         req.ifname,
         LinkOptions {
@@ -302,8 +380,8 @@ async fn plumb(
         },
     )
     .await
-    .with_context(ctx)?;
-    cont.add_address(req.ifname, addr).await.with_context(ctx)?;
+    .map_err(ctx)?;
+    cont.add_address(req.ifname, addr).await.map_err(ctx)?;
     let default: Ipv4Net = "0.0.0.0/0".parse().expect("valid");
     match net.gateway {
         Some(gw) => {
@@ -313,7 +391,7 @@ async fn plumb(
         // Bridged: the segment has no gateway; an on-link default route.
         None => cont.add_route(default, None, req.ifname, false, None).await,
     }
-    .with_context(ctx)?;
+    .map_err(ctx)?;
     Ok(Attachment {
         network: req.network.to_string(),
         container_id: req.container_id.to_string(),
@@ -336,10 +414,16 @@ pub async fn detach(
     host_ns: Option<&Netns>,
 ) -> Result<Option<Ipv4Addr>> {
     let host_veth = host_veth_name(network, container_id, ifname);
-    let nl = host_netlink(host_ns).await?;
-    nl.delete_link(&host_veth).await.with_context(|| {
-        format!("detach container '{container_id}' from network '{network}': delete {host_veth}")
-    })?;
+    let nl = host_netlink(host_ns).await.map_err(AttachError::Netlink)?;
+    nl.delete_link(&host_veth)
+        .await
+        .map_err(|source| AttachError::DeleteVeth {
+            container_id: container_id.to_string(),
+            network: network.to_string(),
+            ifname: ifname.to_string(),
+            host_veth: host_veth.clone(),
+            source,
+        })?;
     let owner = Owner {
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
@@ -348,11 +432,13 @@ pub async fn detach(
     // The network may be gone from this node: then only the file IPAM is left.
     let served = state::read_network(state_dir, network).ok();
     let Some(Allocator::Etcd(sec)) = served.as_ref().map(Allocator::of) else {
-        return ipam.release(&owner);
+        return ipam.release(&owner).map_err(AttachError::Ipam);
     };
     let sec = sec.clone();
-    let lock = ipam.lock()?;
-    let ip = ipam.release_locked(&lock, &owner)?;
+    let lock = ipam.lock().map_err(AttachError::Ipam)?;
+    let ip = ipam
+        .release_locked(&lock, &owner)
+        .map_err(AttachError::Ipam)?;
     if let Some(ip) = ip
         && let Err(e) = in_host_ns(host_ns, move || async move {
             etcd::release_address(&sec, ip).await
@@ -382,5 +468,48 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, host_veth_name("demo", "c1", "eth0"));
+    }
+
+    #[test]
+    fn errors_name_the_container_and_read_as_before() {
+        let taken = AttachError::AddressTaken {
+            ip: "10.0.0.5".parse().unwrap(),
+            network: "demo".into(),
+            holder_id: "c1".into(),
+            holder_ifname: "eth0".into(),
+        };
+        assert_eq!(
+            taken.to_string(),
+            "address 10.0.0.5 of network 'demo' is already allocated on this node to c1/eth0"
+        );
+        let exists = AttachError::InterfaceExists {
+            container_id: "c2".into(),
+            network: "demo".into(),
+            ifname: "eth0".into(),
+            namespace: "ns2".into(),
+        };
+        assert_eq!(
+            exists.to_string(),
+            "attach container 'c2' to network 'demo' (ns2): interface eth0 already exists in namespace ns2"
+        );
+        let plumb = anyhow::Error::from(AttachError::Plumb {
+            container_id: "c2".into(),
+            network: "demo".into(),
+            ifname: "eth0".into(),
+            namespace: "ns2".into(),
+            source: anyhow::anyhow!("File exists").context("create veth vxm-0123456789"),
+        });
+        assert_eq!(
+            format!("{plumb:#}"),
+            "attach container 'c2' to network 'demo' (ns2): create veth vxm-0123456789: File exists"
+        );
+    }
+
+    #[test]
+    fn passed_on_errors_keep_their_own_text() {
+        let inner = anyhow::anyhow!("No such file").context("read /run/vxmesh/networks/demo.json");
+        let want = format!("{inner:#}");
+        let e = anyhow::Error::from(AttachError::State(inner));
+        assert_eq!(format!("{e:#}"), want);
     }
 }

@@ -1,7 +1,7 @@
 //! The commands that act on one container or on the plugin's readiness:
 //! ADD, DEL, CHECK and STATUS.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
@@ -28,6 +28,7 @@ fn open_netns(path: &str) -> CniResult<Netns> {
     })
 }
 
+/// ADD: attach the container and report what was made.
 pub(super) async fn add(env: &Env, conf: &NetConf) -> CniResult<Value> {
     let id = env.require(&env.container_id, "CNI_CONTAINERID")?;
     let netns_path = env.require(&env.netns, "CNI_NETNS")?;
@@ -70,7 +71,8 @@ pub(super) async fn add(env: &Env, conf: &NetConf) -> CniResult<Value> {
             interface: Some(1),
         }],
         routes: vec![Route {
-            dst: IpNet::V4(Ipv4Net::default()),
+            // The default route.
+            dst: IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("prefix 0 is valid")),
             gw: gateway,
         }],
         dns: Dns::default(),
@@ -79,6 +81,7 @@ pub(super) async fn add(env: &Env, conf: &NetConf) -> CniResult<Value> {
     Ok(result.to_json(conf.prev_result.as_ref()))
 }
 
+/// The MAC of a host-side interface (empty in the result if it cannot be read).
 async fn host_mac(name: &str) -> Option<String> {
     let nl = Netlink::connect().await.ok()?;
     let links = nl.list_links().await.ok()?;
@@ -89,6 +92,7 @@ async fn host_mac(name: &str) -> Option<String> {
         .map(|m| m.to_string())
 }
 
+/// DEL: detach the container; repeating it succeeds.
 pub(super) async fn del(env: &Env, conf: &NetConf) -> CniResult<()> {
     let id = env.require(&env.container_id, "CNI_CONTAINERID")?;
     let ifname = env.require(&env.ifname, "CNI_IFNAME")?;
@@ -100,6 +104,7 @@ pub(super) async fn del(env: &Env, conf: &NetConf) -> CniResult<()> {
     Ok(())
 }
 
+/// CHECK: the container still holds its address, interface and routes as ADD reported.
 pub(super) async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
     let id = env.require(&env.container_id, "CNI_CONTAINERID")?;
     let netns_path = env.require(&env.netns, "CNI_NETNS")?;
@@ -203,6 +208,7 @@ pub fn prev_expectations(prev: &Value) -> CniResult<PrevExpectations> {
     Ok(out)
 }
 
+/// STATUS (spec 1.1): the network is served and its agent runs, or error 50.
 pub(super) fn status(conf: &NetConf) -> CniResult<()> {
     if !at_least_1_1(&conf.cni_version) {
         return Err(CniError::new(
@@ -222,4 +228,37 @@ pub(super) fn status(conf: &NetConf) -> CniResult<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn check_reads_back_what_add_prints() {
+        let printed = json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name":"vxm-0123456789","mac":""},{"name":"eth0","sandbox":"/run/netns/c"}],
+            "ips": [{"address":"172.18.10.2/24","gateway":"172.18.10.1","interface":1}],
+            "routes": [{"dst":"0.0.0.0/0","gw":"172.18.10.1"},{"dst":"fd00::/8"}],
+            "dns": {},
+        });
+        let typed: AddResult = serde_json::from_value(printed.clone()).unwrap();
+        let want = prev_expectations(&typed.to_json(None)).unwrap();
+        assert_eq!(want, prev_expectations(&printed).unwrap());
+        assert_eq!(want.addresses, ["172.18.10.2/24".parse().unwrap()]);
+        assert_eq!(
+            want.routes,
+            [(
+                "0.0.0.0/0".parse().unwrap(),
+                Some("172.18.10.1".parse().unwrap())
+            )]
+        );
+        let bad = json!({"ips":[{"address":"fd00::2/64"}]});
+        assert_eq!(
+            prev_expectations(&bad).unwrap_err().code,
+            Code::DecodeFailure
+        );
+    }
 }

@@ -7,6 +7,8 @@ use crate::attach;
 use crate::dataplane::kernel::Netlink;
 use crate::ipam::Ipam;
 
+/// GC: delete this network's container veths and release its addresses
+/// unless `cni.dev/valid-attachments` lists their (container, interface).
 pub(super) async fn gc(conf: &NetConf) -> CniResult<()> {
     if !at_least_1_1(&conf.cni_version) {
         return Err(CniError::new(

@@ -8,7 +8,7 @@
 //! `network` names a network the node's agent serves; the agent publishes it
 //! in `stateDir`. ADD/DEL share the attach code of `vxmesh attach` and the
 //! lab, so one allocator (under a file lock) serves all of them.
-
+//!
 //! The module by idea: [`env`] (the CNI_* environment), [`config`] (the
 //! configuration on stdin), [`result`] (what the plugin prints), [`error`]
 //! (spec error codes), [`commands`] (ADD, DEL, CHECK, STATUS) and [`gc`].

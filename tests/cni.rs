@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
+use vxmesh::cni::AddResult;
 use vxmesh::config::Mode;
 use vxmesh::dataplane::netns::{self, Netns, NetnsGuard};
 use vxmesh_lab::probe;
@@ -113,6 +114,14 @@ async fn spec_conformance_both_versions() {
             json!(netns_path(&cname))
         );
         assert_eq!(add.json["ips"][0]["interface"], json!(1));
+        // The result is exactly the typed CNI result, field for field.
+        let typed: AddResult = serde_json::from_value(add.json.clone())
+            .unwrap_or_else(|e| panic!("ADD {version}: not a CNI result ({e}): {}", add.json));
+        assert_eq!(typed.to_json(None), add.json);
+        assert_eq!(
+            Some(typed.first_ipv4().unwrap().to_string()),
+            addr.split('/').next().map(str::to_string)
+        );
         // Cross-host reachability of the plugin-attached container.
         let ns = guard.open().unwrap();
         let reached = (0..3).any(|_| {

@@ -503,7 +503,10 @@ impl Lab {
                     ip,
                     mtu: None,
                 };
-                attach::attach(&req).await.map(|a| a.ip.addr())
+                attach::attach(&req)
+                    .await
+                    .map(|a| a.ip.addr())
+                    .map_err(anyhow::Error::from)
             }
             AttachMode::Cni => {
                 cni_add(

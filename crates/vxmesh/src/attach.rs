@@ -15,7 +15,6 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +25,55 @@ use crate::ipam::{Ipam, Owner};
 use crate::model::{self, Mac};
 use crate::state;
 use crate::store::{AddressAllocator, Allocator};
+
+/// Why attaching or detaching a container failed. Failures of the modules
+/// attach builds on (state file, file IPAM, etcd, netlink) that carry no
+/// attach context of their own are passed on as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The network's state file could not be read.
+    #[error(transparent)]
+    State(anyhow::Error),
+    /// The network's allocator (file IPAM or etcd) failed; its error says
+    /// which address, network, key or lease.
+    #[error(transparent)]
+    Store(#[from] crate::store::error::StoreError),
+    /// A netlink connection or query failed with no more to say.
+    #[error(transparent)]
+    Netlink(anyhow::Error),
+    /// The container already has an interface of that name.
+    #[error(
+        "attach container '{container_id}' to network '{network}' ({namespace}): interface {ifname} already exists in namespace {namespace}"
+    )]
+    InterfaceExists {
+        container_id: String,
+        network: String,
+        ifname: String,
+        namespace: String,
+    },
+    /// Creating or configuring the veth pair, address or route failed.
+    #[error("attach container '{container_id}' to network '{network}' ({namespace})")]
+    Plumb {
+        container_id: String,
+        network: String,
+        ifname: String,
+        namespace: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    /// Deleting the container's host veth failed.
+    #[error("detach container '{container_id}' from network '{network}': delete {host_veth}")]
+    DeleteVeth {
+        container_id: String,
+        network: String,
+        ifname: String,
+        host_veth: String,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+type Result<T, E = AttachError> = std::result::Result<T, E>;
 
 /// What an attachment looks like once made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +126,7 @@ pub struct AttachRequest<'a> {
     pub mtu: Option<u32>,
 }
 
-async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink> {
+async fn host_netlink(host_ns: Option<&Netns>) -> anyhow::Result<Netlink> {
     match host_ns {
         Some(ns) => Netlink::connect_in(ns).await,
         None => Netlink::connect().await,
@@ -87,7 +135,7 @@ async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink> {
 
 /// Attach a container. Rolls back on failure.
 pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
-    let served = state::read_network(req.state_dir, req.network)?;
+    let served = state::read_network(req.state_dir, req.network).map_err(AttachError::State)?;
     let net = &served.state;
     let owner = Owner {
         container_id: req.container_id.to_string(),
@@ -116,25 +164,27 @@ async fn plumb(
     ip: Ipv4Addr,
     host_veth: &str,
 ) -> Result<Attachment> {
-    let ctx = || {
-        format!(
-            "attach container '{}' to network '{}' ({})",
-            req.container_id,
-            req.network,
-            req.container_ns.name()
-        )
+    let ctx = |source: anyhow::Error| AttachError::Plumb {
+        container_id: req.container_id.to_string(),
+        network: req.network.to_string(),
+        ifname: req.ifname.to_string(),
+        namespace: req.container_ns.name().to_string(),
+        source,
     };
-    let host = host_netlink(req.host_ns).await.with_context(ctx)?;
-    let cont = Netlink::connect_in(req.container_ns)
+    let host = host_netlink(req.host_ns).await.map_err(ctx)?;
+    let cont = Netlink::connect_in(req.container_ns).await.map_err(ctx)?;
+    if cont
+        .link_index(req.ifname)
         .await
-        .with_context(ctx)?;
-    if cont.link_index(req.ifname).await?.is_some() {
-        anyhow::bail!(
-            "{}: interface {} already exists in namespace {}",
-            ctx(),
-            req.ifname,
-            req.container_ns.name()
-        );
+        .map_err(AttachError::Netlink)?
+        .is_some()
+    {
+        return Err(AttachError::InterfaceExists {
+            container_id: req.container_id.to_string(),
+            network: req.network.to_string(),
+            ifname: req.ifname.to_string(),
+            namespace: req.container_ns.name().to_string(),
+        });
     }
     let prefix = match net.mode {
         Mode::Routed => net.subnet.prefix_len(),
@@ -145,7 +195,7 @@ async fn plumb(
     let mtu = req.mtu.unwrap_or(net.mtu);
     host.create_veth(host_veth, req.ifname, Some(req.container_ns), mtu)
         .await
-        .with_context(ctx)?;
+        .map_err(ctx)?;
     host.set_link(
         host_veth,
         LinkOptions {
@@ -156,7 +206,7 @@ async fn plumb(
         },
     )
     .await
-    .with_context(ctx)?;
+    .map_err(ctx)?;
     cont.set_link(
         req.ifname,
         LinkOptions {
@@ -167,8 +217,8 @@ async fn plumb(
         },
     )
     .await
-    .with_context(ctx)?;
-    cont.add_address(req.ifname, addr).await.with_context(ctx)?;
+    .map_err(ctx)?;
+    cont.add_address(req.ifname, addr).await.map_err(ctx)?;
     let default: Ipv4Net = "0.0.0.0/0".parse().expect("valid");
     match net.gateway {
         Some(gw) => {
@@ -178,7 +228,7 @@ async fn plumb(
         // Bridged: the segment has no gateway; an on-link default route.
         None => cont.add_route(default, None, req.ifname, false, None).await,
     }
-    .with_context(ctx)?;
+    .map_err(ctx)?;
     Ok(Attachment {
         network: req.network.to_string(),
         container_id: req.container_id.to_string(),
@@ -201,10 +251,16 @@ pub async fn detach(
     host_ns: Option<&Netns>,
 ) -> Result<Option<Ipv4Addr>> {
     let host_veth = host_veth_name(network, container_id, ifname);
-    let nl = host_netlink(host_ns).await?;
-    nl.delete_link(&host_veth).await.with_context(|| {
-        format!("detach container '{container_id}' from network '{network}': delete {host_veth}")
-    })?;
+    let nl = host_netlink(host_ns).await.map_err(AttachError::Netlink)?;
+    nl.delete_link(&host_veth)
+        .await
+        .map_err(|source| AttachError::DeleteVeth {
+            container_id: container_id.to_string(),
+            network: network.to_string(),
+            ifname: ifname.to_string(),
+            host_veth: host_veth.clone(),
+            source,
+        })?;
     let owner = Owner {
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
@@ -232,5 +288,38 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, host_veth_name("demo", "c1", "eth0"));
+    }
+
+    #[test]
+    fn errors_name_the_container_and_read_as_before() {
+        let exists = AttachError::InterfaceExists {
+            container_id: "c2".into(),
+            network: "demo".into(),
+            ifname: "eth0".into(),
+            namespace: "ns2".into(),
+        };
+        assert_eq!(
+            exists.to_string(),
+            "attach container 'c2' to network 'demo' (ns2): interface eth0 already exists in namespace ns2"
+        );
+        let plumb = anyhow::Error::from(AttachError::Plumb {
+            container_id: "c2".into(),
+            network: "demo".into(),
+            ifname: "eth0".into(),
+            namespace: "ns2".into(),
+            source: anyhow::anyhow!("File exists").context("create veth vxm-0123456789"),
+        });
+        assert_eq!(
+            format!("{plumb:#}"),
+            "attach container 'c2' to network 'demo' (ns2): create veth vxm-0123456789: File exists"
+        );
+    }
+
+    #[test]
+    fn passed_on_errors_keep_their_own_text() {
+        let inner = anyhow::anyhow!("No such file").context("read /run/vxmesh/networks/demo.json");
+        let want = format!("{inner:#}");
+        let e = anyhow::Error::from(AttachError::State(inner));
+        assert_eq!(format!("{e:#}"), want);
     }
 }

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use super::{Summary, Table, TempDir, ensure_tool, ms, ratio};
 use crate::lab::{Lab, LabGuard, LabSpec, run_plugin};
+use vxmesh::cni::{AddResult, Env};
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns, NetnsGuard};
 
@@ -73,19 +74,12 @@ impl Plugin {
     fn add_del(&self, id: &str, cns: &str) -> Result<(Duration, Duration)> {
         let ns = Netns::open(&self.host_ns)?;
         let conf = self.conf.to_string();
+        let cns_path = Path::new(netns::NETNS_DIR).join(cns).display().to_string();
         let mut times = [Duration::ZERO; 2];
         for (i, cmd) in ["ADD", "DEL"].into_iter().enumerate() {
-            let env = [
-                ("CNI_COMMAND", cmd.to_string()),
-                ("CNI_CONTAINERID", id.to_string()),
-                (
-                    "CNI_NETNS",
-                    Path::new(netns::NETNS_DIR).join(cns).display().to_string(),
-                ),
-                ("CNI_IFNAME", "eth0".to_string()),
-                ("CNI_PATH", self.cni_path.clone()),
-            ]
-            .map(|(k, v)| (k.to_string(), v));
+            let env = Env::for_container(cmd, id, &cns_path, "eth0")
+                .with_path(self.cni_path.clone())
+                .to_vars();
             let t0 = Instant::now();
             let out = run_plugin(&self.exe, &ns, &env, conf.as_bytes(), TIMEOUT)?;
             times[i] = t0.elapsed();
@@ -99,11 +93,15 @@ impl Plugin {
                 );
             }
             if cmd == "ADD" {
-                let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-                    format!("{} ADD of {id}: the result is not JSON", self.name)
+                let added: AddResult = serde_json::from_slice(&out.stdout).with_context(|| {
+                    format!("{} ADD of {id}: the result is not a CNI result", self.name)
                 })?;
-                if v["ips"].as_array().is_none_or(|a| a.is_empty()) {
-                    bail!("{} ADD of {id}: no address in the result: {v}", self.name);
+                if added.ips.is_empty() {
+                    bail!(
+                        "{} ADD of {id}: no address in the result: {}",
+                        self.name,
+                        String::from_utf8_lossy(&out.stdout)
+                    );
                 }
             }
         }

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ipnet::Ipv4Net;
 
+use vxmesh::cni::{AddResult, Env, ErrorReply};
 use vxmesh::dataplane::netns::{self, Netns};
 
 /// Attach through the CNI protocol, exactly as a runtime does: run `exe` as a
@@ -29,25 +29,13 @@ pub(super) async fn cni_add(
         "cniVersion": "1.1.0", "name": format!("vxmesh-{network}"), "type": "vxmesh",
         "network": network, "stateDir": state_dir,
     });
-    let mut env = vec![
-        ("CNI_COMMAND".to_string(), "ADD".to_string()),
-        ("CNI_CONTAINERID".to_string(), id.to_string()),
-        (
-            "CNI_NETNS".to_string(),
-            Path::new(netns::NETNS_DIR)
-                .join(container_ns)
-                .display()
-                .to_string(),
-        ),
-        ("CNI_IFNAME".to_string(), "eth0".to_string()),
-        (
-            "CNI_PATH".to_string(),
-            exe.parent().unwrap_or(Path::new("/")).display().to_string(),
-        ),
-    ];
+    let netns_path = Path::new(netns::NETNS_DIR).join(container_ns);
+    let mut env = Env::for_container("ADD", id, &netns_path.display().to_string(), "eth0")
+        .with_path(exe.parent().unwrap_or(Path::new("/")).display().to_string());
     if let Some(ip) = ip {
-        env.push(("CNI_ARGS".to_string(), format!("IgnoreUnknown=1;IP={ip}")));
+        env = env.with_args(format!("IgnoreUnknown=1;IP={ip}"));
     }
+    let env = env.to_vars();
     let exe = exe.to_path_buf();
     let what = format!(
         "CNI ADD of container '{id}' to network '{network}' ({})",
@@ -74,21 +62,19 @@ pub(super) async fn cni_add(
         )
     })?;
     if !out.status.success() {
+        let e: ErrorReply = serde_json::from_value(result.clone()).unwrap_or_default();
+        let code = e.code.map_or(serde_json::Value::Null, Into::into);
         bail!(
-            "{what} failed ({}): error {}: {}: {}",
+            "{what} failed ({}): error {code}: {}: {}",
             out.status,
-            result["code"],
-            result["msg"].as_str().unwrap_or_default(),
-            result["details"].as_str().unwrap_or_default()
+            e.msg,
+            e.details
         );
     }
-    let got = result["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["address"].as_str()?.parse::<Ipv4Net>().ok())
-        .map(|n| n.addr())
-        .next()
+    let added: AddResult = serde_json::from_value(result.clone())
+        .with_context(|| format!("{what}: the result is not a CNI result: {result}"))?;
+    let got = added
+        .first_ipv4()
         .with_context(|| format!("{what}: the result has no IPv4 address: {result}"))?;
     if ip.is_some_and(|w| w != got) {
         tracing::info!(

@@ -604,7 +604,9 @@ pub fn probe_pairs(jobs: &[PairJob], timeout: Duration) -> Vec<PairResult> {
 /// Probe pairs that share a source namespace, all from one socket.
 fn probe_group(res: &mut [PairResult], timeout: Duration) {
     let src = res[0].src_ns.clone();
-    let opened = Netns::open(&src).and_then(|ns| EchoSocket::open(&ns, DEFAULT_PAYLOAD, false));
+    let opened = Netns::open(&src)
+        .map_err(anyhow::Error::from)
+        .and_then(|ns| Ok(EchoSocket::open(&ns, DEFAULT_PAYLOAD, false)?));
     let mut sock = match opened {
         Ok(sock) => sock,
         Err(e) => {

@@ -82,10 +82,10 @@ pub struct AttachRequest<'a> {
 }
 
 async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink> {
-    match host_ns {
-        Some(ns) => Netlink::connect_in(ns).await,
-        None => Netlink::connect().await,
-    }
+    Ok(match host_ns {
+        Some(ns) => Netlink::connect_in(ns).await?,
+        None => Netlink::connect().await?,
+    })
 }
 
 /// Where the addresses of a network come from, as its state file says.

@@ -245,7 +245,7 @@ impl NetConf {
     }
 }
 
-fn io_err(e: anyhow::Error, what: &str) -> CniError {
+fn io_err(e: impl std::fmt::Display, what: &str) -> CniError {
     CniError::new(code::IO_FAILURE, what.to_string(), format!("{e:#}"))
 }
 

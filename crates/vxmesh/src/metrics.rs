@@ -27,7 +27,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
@@ -39,8 +38,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
-use crate::dataplane::kernel::ApplyError;
-use crate::dataplane::{NodePlan, ReconcileReport};
+use crate::dataplane::{NodePlan, ReconcileError, ReconcileReport};
 
 /// Content type of the OpenMetrics text format that prometheus-client writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -249,12 +247,16 @@ impl Metrics {
 
     /// Run one reconcile (`fut`, for `plan`) and record it: its duration,
     /// the changes made and the messages sent, the changes that failed
-    /// (from an [`ApplyError`]), and (if it succeeded) the peers of every
-    /// network in `plan`. Failures before the apply (a dump, the diff) count
-    /// only in the pass result.
-    pub async fn reconcile<F>(&self, plan: &NodePlan, fut: F) -> Result<ReconcileReport>
+    /// (from the report a failed apply carries), and (if it succeeded) the
+    /// peers of every network in `plan`. Failures before the apply (a dump,
+    /// the diff) count only in the pass result.
+    pub async fn reconcile<F>(
+        &self,
+        plan: &NodePlan,
+        fut: F,
+    ) -> Result<ReconcileReport, ReconcileError>
     where
-        F: Future<Output = Result<ReconcileReport>>,
+        F: Future<Output = Result<ReconcileReport, ReconcileError>>,
     {
         let t0 = Instant::now();
         let r = fut.await;
@@ -267,11 +269,10 @@ impl Metrics {
                 self.set_peers(plan);
             }
             Err(e) => {
-                if let Some(a) = e.downcast_ref::<ApplyError>() {
-                    let failed = a.report.errors.len();
-                    m.changes
-                        .inc_by(a.report.changes.saturating_sub(failed) as u64);
-                    m.messages.inc_by(a.report.messages() as u64);
+                if let Some(a) = e.apply_report() {
+                    let failed = a.errors.len();
+                    m.changes.inc_by(a.changes.saturating_sub(failed) as u64);
+                    m.messages.inc_by(a.messages() as u64);
                     m.netlink_errors.inc_by(failed as u64);
                 }
             }
@@ -361,20 +362,30 @@ impl Metrics {
     }
 }
 
+/// The `--metrics` address is not usable; the message says what to give.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "--metrics {addr}: not an IP:PORT address: give an address of this host and a port, \
+         e.g. --metrics 10.0.0.1:9472 (0.0.0.0:9472 listens on every address)"
+    )]
+    NotAnAddress { addr: String },
+    #[error(
+        "--metrics {addr}: cannot listen there: use an address this host (its network namespace) has \
+         and a port no other process uses: {io}"
+    )]
+    Listen { addr: String, io: std::io::Error },
+}
+
 /// Parse and bind `--metrics ADDR` (IP:PORT). Call before anything is
 /// applied: a bad address fails the agent at once.
-pub async fn bind(addr: &str) -> Result<TcpListener> {
-    let sa: SocketAddr = addr.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "--metrics {addr}: not an IP:PORT address: give an address of this host and a port, \
-             e.g. --metrics 10.0.0.1:9472 (0.0.0.0:9472 listens on every address)"
-        )
+pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
+    let sa: SocketAddr = addr.parse().map_err(|_| BindError::NotAnAddress {
+        addr: addr.to_string(),
     })?;
-    TcpListener::bind(sa).await.with_context(|| {
-        format!(
-            "--metrics {addr}: cannot listen there: use an address this host (its network namespace) has \
-             and a port no other process uses"
-        )
+    TcpListener::bind(sa).await.map_err(|io| BindError::Listen {
+        addr: addr.to_string(),
+        io,
     })
 }
 
@@ -476,7 +487,7 @@ fn respond<B>(m: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::kernel::ApplyReport;
+    use crate::dataplane::kernel::{ApplyError, ApplyFailure, ApplyReport, KernelError};
     use crate::dataplane::plan::{PlanInput, plan};
 
     /// The value of the series written exactly as `series` (name and labels).
@@ -512,6 +523,18 @@ mod tests {
             underlay_mtu: 1500,
         })
         .unwrap()
+    }
+
+    /// A failed apply's entry: the kernel refused a request (the namespace
+    /// names it, for the test).
+    fn failure(namespace: &str) -> ApplyFailure {
+        ApplyFailure::ResolveDevices {
+            namespace: namespace.to_string(),
+            kernel: KernelError {
+                errno: libc::EBUSY,
+                message: None,
+            },
+        }
     }
 
     fn report(changes: usize, messages: usize) -> ReconcileReport {
@@ -599,16 +622,16 @@ mod tests {
                 changes: 4,
                 routes: 2,
                 fdb: 2,
-                errors: vec!["a".into(), "b".into()],
+                errors: ["a", "b"].map(failure).to_vec(),
                 ..Default::default()
             },
         };
         let bridged = cluster_plan(3, 2);
         let e = m
-            .reconcile(&bridged, async { Err(anyhow::Error::new(failed)) })
+            .reconcile(&bridged, async { Err(ReconcileError::Apply(failed)) })
             .await
             .unwrap_err();
-        assert!(e.downcast_ref::<ApplyError>().is_some());
+        assert_eq!(e.apply_report().map(|r| r.errors.len()), Some(2));
         m.pass_done(false);
         let t = m.encode();
         assert_eq!(sample(&t, "vxmesh_netlink_errors_total"), Some(2.0), "{t}");

@@ -5,6 +5,11 @@
 //! - Generic operations (links, addresses, routes) used by attach, the lab
 //!   and CNI live in `ops.rs`; every error names the device, the peer and the
 //!   namespace.
+//! - Errors: `error.rs` ([`KernelError`]: the kernel's errno and message;
+//!   [`NetlinkError`]: which operation, device and namespace); `report.rs`
+//!   (what an apply sent, and every failed change as a [`ChangeError`]).
+//! - `apply.rs` sends changes, `reconcile.rs` runs dump -> diff -> apply,
+//!   `teardown.rs` removes what vxmesh owns.
 //! - [`Netlink::dump`] reads everything vxmesh owns into an [`ActualState`]
 //!   (one dump per object type); [`crate::dataplane::diff::diff`] compares it
 //!   with a [`NodePlan`](crate::dataplane::NodePlan); [`Netlink::apply`] sends

@@ -31,10 +31,10 @@ pub enum NetnsError {
     Clone { name: String, io: std::io::Error },
     #[error("setns into network namespace '{name}': {errno}")]
     Enter { name: String, errno: nix::Error },
-    #[error("spawn namespace thread: {0}")]
-    Spawn(std::io::Error),
-    #[error("start a runtime inside the namespace: {0}")]
-    Runtime(std::io::Error),
+    #[error("spawn a thread for network namespace '{name}': {io}")]
+    Spawn { name: String, io: std::io::Error },
+    #[error("start a runtime inside network namespace '{name}': {io}")]
+    Runtime { name: String, io: std::io::Error },
     #[error("work inside network namespace '{name}' panicked")]
     Panicked { name: String },
     #[error("invalid network namespace name '{name}': use 1-64 characters from [A-Za-z0-9._-]")]
@@ -48,8 +48,12 @@ pub enum NetnsError {
         path: String,
         io: std::io::Error,
     },
-    #[error("{step}: {errno}")]
-    Create { step: String, errno: nix::Error },
+    #[error("create network namespace '{name}': {step}: {errno}")]
+    Create {
+        name: String,
+        step: String,
+        errno: nix::Error,
+    },
     #[error("creating network namespace '{name}' panicked")]
     CreatePanicked { name: String },
     #[error("remove {path}: {io}")]
@@ -138,7 +142,10 @@ impl Netns {
                 ns.enter()?;
                 f()
             })
-            .map_err(NetnsError::Spawn)?
+            .map_err(|io| NetnsError::Spawn {
+                name: name.clone(),
+                io,
+            })?
             .join()
             .map_err(|_| NetnsError::Panicked { name })?
     }
@@ -173,12 +180,18 @@ impl Netns {
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                        .map_err(NetnsError::Runtime)?
+                        .map_err(|io| NetnsError::Runtime {
+                            name: ns.name.clone(),
+                            io,
+                        })?
                         .block_on(f())
                 })();
                 let _ = tx.send(r);
             })
-            .map_err(NetnsError::Spawn)?;
+            .map_err(|io| NetnsError::Spawn {
+                name: name.clone(),
+                io,
+            })?;
         rx.await.map_err(|_| NetnsError::Panicked { name })?
     }
 
@@ -276,10 +289,12 @@ pub fn create(name: &str) -> Result<Netns, NetnsError> {
             io,
         })?;
     let target = path.clone();
+    let new_name = name.to_string();
     let res = std::thread::Builder::new()
         .name("vxm-netns-new".into())
         .spawn(move || -> Result<(), NetnsError> {
             unshare(CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Create {
+                name: new_name.clone(),
                 step: "unshare(CLONE_NEWNET)".into(),
                 errno,
             })?;
@@ -291,12 +306,16 @@ pub fn create(name: &str) -> Result<Netns, NetnsError> {
                 None::<&str>,
             )
             .map_err(|errno| NetnsError::Create {
+                name: new_name,
                 step: format!("bind-mount new namespace onto {}", target.display()),
                 errno,
             })?;
             Ok(())
         })
-        .map_err(NetnsError::Spawn)?
+        .map_err(|io| NetnsError::Spawn {
+            name: name.to_string(),
+            io,
+        })?
         .join()
         .map_err(|_| NetnsError::CreatePanicked {
             name: name.to_string(),

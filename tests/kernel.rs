@@ -639,9 +639,9 @@ async fn apply_keeps_going_and_reports_every_failure() {
         msg.contains("create vxlan vxm-vx100") && msg.contains("device eth9 does not exist"),
         "{msg}"
     );
-    let apply = err
-        .downcast_ref::<vxmesh::dataplane::kernel::ApplyError>()
-        .expect("an ApplyError");
+    let vxmesh::dataplane::ReconcileError::Apply(apply) = &err else {
+        panic!("an ApplyError: {err}");
+    };
     // VTEP + its address + 2 x 3 entries.
     assert_eq!(
         apply.report.errors.len(),
@@ -654,6 +654,7 @@ async fn apply_keeps_going_and_reports_every_failure() {
             .report
             .errors
             .iter()
+            .map(ToString::to_string)
             .any(|e| e.starts_with("replace fdb") && e.contains("vxm-vx100 does not exist"))
     );
     let st = nl.dump().await.unwrap();
@@ -685,16 +686,23 @@ async fn kernel_rejections_inside_batches_reach_their_own_changes() {
         })
         .collect();
     let err = reconcile(&nl, &plan).await.unwrap_err();
-    let apply = err
-        .downcast_ref::<vxmesh::dataplane::kernel::ApplyError>()
-        .expect("an ApplyError");
+    let vxmesh::dataplane::ReconcileError::Apply(apply) = &err else {
+        panic!("an ApplyError: {err}");
+    };
     let errors = &apply.report.errors;
     assert_eq!(errors.len(), 2, "{errors:#?}");
     for (e, dst) in errors.iter().zip(&bad) {
+        let text = e.to_string();
         assert!(
-            e.contains("route") && e.contains(&dst.to_string()) && e.contains("224.0.0.9"),
+            text.contains("route") && text.contains(&dst.to_string()) && text.contains("224.0.0.9"),
             "{e} should name route {dst}"
         );
+        // The typed error carries the change and the kernel's errno.
+        assert!(
+            matches!(e.change(), Some(vxmesh::dataplane::diff::Change::ReplaceRoute { route }) if route.dst == *dst),
+            "{e:?}"
+        );
+        assert!(e.kernel().is_some_and(|k| k.errno > 0), "{e:?}");
     }
     let st = nl.dump().await.unwrap();
     assert_eq!(owned(&st), (N as usize - 2, N as usize, N as usize));

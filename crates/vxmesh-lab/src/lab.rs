@@ -558,10 +558,10 @@ impl Lab {
     }
 
     pub fn save(&self) -> Result<()> {
-        state::write_atomic(
+        Ok(state::write_atomic(
             &self.info.dir.join("lab.json"),
             serde_json::to_string_pretty(&self.info)?.as_bytes(),
-        )
+        )?)
     }
 
     pub fn node(&self, name: &str) -> Result<&LabNode> {
@@ -611,7 +611,10 @@ impl Lab {
 
     /// Rewrite the lab's cluster file (agents pick it up through inotify).
     pub fn write_cluster(&self, file: &ClusterFile) -> Result<()> {
-        state::write_atomic(&self.info.cluster_file, toml::to_string(file)?.as_bytes())
+        Ok(state::write_atomic(
+            &self.info.cluster_file,
+            toml::to_string(file)?.as_bytes(),
+        )?)
     }
 
     pub fn read_cluster(&self) -> Result<ClusterFile> {

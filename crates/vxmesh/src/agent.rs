@@ -38,7 +38,7 @@ use crate::dataplane::{NodePlan, reconcile, reconcile_from};
 use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
 use crate::model::NodeRecord;
-use crate::state::{self, ServedNetwork};
+use crate::state::{self, PlanStore, ServedNetwork};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
 #[derive(Clone, Debug)]
@@ -152,11 +152,13 @@ pub struct PassOutcome {
 /// only is applied straight from the two plans, with no dump: a joining peer
 /// costs its few messages, not a walk over every entry. Anything else (and
 /// every pass without `base`) dumps, diffs and repairs container veths.
+/// The applied plan is saved through `plans` (rewritten only when it changed).
 pub async fn pass<S: Store>(
     store: &mut S,
     nl: &Netlink,
     opts: &AgentOptions,
     base: Option<&NodePlan>,
+    plans: &mut PlanStore,
 ) -> Result<PassOutcome> {
     let snap = store
         .snapshot()
@@ -184,52 +186,13 @@ pub async fn pass<S: Store>(
     opts.metrics.reattached(reattached);
     let changes = report.changes + reattached;
     publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
-    save_plan(&opts.state_dir, &opts.node, &snap, &p)?;
+    plans.save(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, &opts.state_dir, &p).await?;
     Ok(PassOutcome {
         changes,
         plan: p,
         incremental,
     })
-}
-
-/// Save the applied plan for `vxmesh status`/`doctor`, only when it differs
-/// from what the file already holds (a 10 000-peer plan is megabytes: it is
-/// not rewritten on every pass). A deleted file is written again.
-fn save_plan(state_dir: &std::path::Path, node: &str, snap: &Snapshot, p: &NodePlan) -> Result<()> {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex as StdMutex;
-    type Saved = (
-        std::path::PathBuf,
-        String,
-        BTreeMap<Ipv4Addr, String>,
-        NodePlan,
-    );
-    static LAST: StdMutex<Option<Saved>> = StdMutex::new(None);
-    let nodes: BTreeMap<Ipv4Addr, String> = snap
-        .cluster
-        .nodes
-        .iter()
-        .map(|n| (n.underlay_ip, n.name.clone()))
-        .collect();
-    let path = state_dir.join(crate::status::PLAN_FILE);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    // Compared field by field (no serialising a large plan on every pass).
-    if let Some((lp, ln, lnodes, lplan)) = last.as_ref()
-        && (lp, ln.as_str(), lnodes, lplan) == (&path, node, &nodes, p)
-        && path.exists()
-    {
-        return Ok(());
-    }
-    let saved = crate::status::SavedPlan {
-        node: node.to_string(),
-        applied_at: state::now_secs(),
-        nodes,
-        plan: p.clone(),
-    };
-    crate::status::write_plan(state_dir, &saved)?;
-    *last = Some((path, saved.node, saved.nodes, saved.plan));
-    Ok(())
 }
 
 /// Bridged networks whose addresses the store allocates (etcd): publish
@@ -471,7 +434,7 @@ async fn serve<S: Store>(
     opts.metrics.store_ready();
     let nl = Netlink::connect().await.context("connect to rtnetlink")?;
     if opts.once {
-        let outcome = pass(store, &nl, opts, None).await;
+        let outcome = pass(store, &nl, opts, None, &mut PlanStore::new()).await;
         opts.metrics.pass_done(outcome.is_ok());
         let o = outcome?;
         tracing::info!(changes = o.changes, "reconciled once");
@@ -488,6 +451,7 @@ async fn serve<S: Store>(
     let mut trusted: Option<(NodePlan, u64)> = None;
     let mut resync_due = false;
     let mut allocations = AllocationMemory::default();
+    let mut plans = PlanStore::new();
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         // The state dir may have been deleted under us: take the lock again
@@ -511,7 +475,7 @@ async fn serve<S: Store>(
             .take()
             .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
             .map(|(p, _)| p);
-        let outcome = pass(store, &nl, opts, base.as_ref()).await;
+        let outcome = pass(store, &nl, opts, base.as_ref(), &mut plans).await;
         opts.metrics.pass_done(outcome.is_ok());
         // An incremental pass changes no device: the owned indexes stand.
         if !matches!(&outcome, Ok(o) if o.incremental) {

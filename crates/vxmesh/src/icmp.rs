@@ -12,11 +12,44 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::dataplane::netns::Netns;
+use crate::dataplane::netns::{Netns, NetnsError};
+
+/// A probe could not be made (refusals and ICMP errors are outcomes, not
+/// errors): every variant names the namespace, and the echo its target.
+#[derive(Debug, thiserror::Error)]
+pub enum IcmpError {
+    #[error("in network namespace '{namespace}': create raw ICMP socket (needs CAP_NET_RAW): {io}")]
+    CreateSocket { namespace: String, io: io::Error },
+    #[error("in network namespace '{namespace}': {netns}")]
+    Netns {
+        namespace: String,
+        netns: NetnsError,
+    },
+    /// A socket option ("set ICMP_FILTER", ...).
+    #[error("{step}: {io}")]
+    SetupSocket { step: &'static str, io: io::Error },
+    #[error(
+        "ICMP echo from network namespace '{namespace}' to {dst}: payload of {len} bytes exceeds the IPv4 maximum of {MAX_PAYLOAD}"
+    )]
+    PayloadTooLarge {
+        namespace: String,
+        dst: Ipv4Addr,
+        len: usize,
+    },
+    /// Sending or receiving failed for a reason that is not a refusal.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// One echo failed: which namespace, which target, and why.
+    #[error("ICMP echo from network namespace '{namespace}' to {dst}: {cause}")]
+    Echo {
+        namespace: String,
+        dst: Ipv4Addr,
+        cause: Box<IcmpError>,
+    },
+}
 
 /// ICMP payload of the stream and the pair matrix (the classic ping size).
 pub const DEFAULT_PAYLOAD: usize = 56;
@@ -128,25 +161,30 @@ pub fn icmp_echo(
     payload_len: usize,
     dont_fragment: bool,
     timeout: Duration,
-) -> Result<EchoOutcome> {
-    let ctx = || format!("ICMP echo from network namespace '{}' to {dst}", ns.name());
+) -> Result<EchoOutcome, IcmpError> {
+    let ctx = |cause: IcmpError| IcmpError::Echo {
+        namespace: ns.name().to_string(),
+        dst,
+        cause: Box::new(cause),
+    };
     if payload_len > MAX_PAYLOAD {
-        bail!(
-            "{}: payload of {payload_len} bytes exceeds the IPv4 maximum of {MAX_PAYLOAD}",
-            ctx()
-        );
+        return Err(IcmpError::PayloadTooLarge {
+            namespace: ns.name().to_string(),
+            dst,
+            len: payload_len,
+        });
     }
-    let mut sock = EchoSocket::open(ns, payload_len, dont_fragment).with_context(ctx)?;
+    let mut sock = EchoSocket::open(ns, payload_len, dont_fragment).map_err(ctx)?;
     let seq = 1;
     let sent_at = Instant::now();
     if let Err(e) = sock.send(dst, seq) {
         return match local_refusal(&e) {
             Some(reason) => Ok(EchoOutcome::Refused { reason }),
-            None => Err(e).with_context(ctx),
+            None => Err(ctx(e.into())),
         };
     }
     let deadline = sent_at + timeout;
-    while let Some(event) = sock.next_event(deadline).with_context(ctx)? {
+    while let Some(event) = sock.next_event(deadline).map_err(|e| ctx(e.into()))? {
         match event {
             Event::Reply { from, seq: s, at } if from == dst && s == seq => {
                 return Ok(EchoOutcome::Reply { rtt: at - sent_at });
@@ -214,24 +252,32 @@ pub struct EchoSocket {
 }
 
 impl EchoSocket {
-    pub fn open(ns: &Netns, payload_len: usize, dont_fragment: bool) -> Result<Self> {
+    pub fn open(ns: &Netns, payload_len: usize, dont_fragment: bool) -> Result<Self, IcmpError> {
+        let namespace = || ns.name().to_string();
         let sock = ns
             .run(|| {
-                Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-                    .context("create raw ICMP socket (needs CAP_NET_RAW)")
+                Ok::<_, NetnsError>(Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)))
             })
-            .with_context(|| format!("in network namespace '{}'", ns.name()))?;
+            .map_err(|netns| IcmpError::Netns {
+                namespace: namespace(),
+                netns,
+            })?
+            .map_err(|io| IcmpError::CreateSocket {
+                namespace: namespace(),
+                io,
+            })?;
+        let setup = |step| move |io| IcmpError::SetupSocket { step, io };
         let pmtu = if dont_fragment {
             libc::IP_PMTUDISC_DO
         } else {
             libc::IP_PMTUDISC_DONT
         };
         setsockopt(&sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, pmtu)
-            .context("set IP_MTU_DISCOVER")?;
+            .map_err(setup("set IP_MTU_DISCOVER"))?;
         let wanted = (1u32 << ECHO_REPLY) | (1 << DEST_UNREACHABLE) | (1 << TIME_EXCEEDED);
-        setsockopt(&sock, SOL_RAW, ICMP_FILTER, !wanted).context("set ICMP_FILTER")?;
+        setsockopt(&sock, SOL_RAW, ICMP_FILTER, !wanted).map_err(setup("set ICMP_FILTER"))?;
         sock.set_nonblocking(true)
-            .context("make ICMP socket non-blocking")?;
+            .map_err(setup("make ICMP socket non-blocking"))?;
         let _ = sock.set_recv_buffer_size(1 << 20);
 
         let n = PROBES.fetch_add(1, Ordering::Relaxed);

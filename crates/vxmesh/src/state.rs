@@ -5,17 +5,63 @@
 //!   STATE/networks/NETWORK.json   the network as served on this node
 //!   STATE/agent.lock              held (flock) by the running agent
 //!   STATE/ipam/NETWORK/           address allocations (see `ipam`)
+//!   STATE/plan.json               the applied plan (see [`PlanStore`])
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::NetworkState;
-use crate::store::AllocatorSpec;
+use crate::dataplane::{NetworkState, NodePlan};
+use crate::status::{PLAN_FILE, SavedPlan};
+use crate::store::{AllocatorSpec, Snapshot};
+
+/// A state file could not be read, written or locked; every variant names
+/// the file (or the state dir).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A filesystem step failed: "create DIR", "rename A to B", ...
+    #[error("{step}: {io}")]
+    Io { step: String, io: std::io::Error },
+    #[error("{path}: path has no parent")]
+    NoParent { path: String },
+    #[error(
+        "network '{network}' is not served on this node ({path} missing): is `vxmesh agent` running with --state-dir {state_dir}?: {io}"
+    )]
+    NotServed {
+        network: String,
+        path: String,
+        state_dir: String,
+        io: std::io::Error,
+    },
+    #[error("corrupt state file {path}: {json}")]
+    Corrupt {
+        path: String,
+        json: serde_json::Error,
+    },
+    /// File contents that do not parse (no file named: see `Corrupt`).
+    #[error("{0}")]
+    Parse(serde_json::Error),
+    #[error("serialise {what}: {json}")]
+    Serialise {
+        what: String,
+        json: serde_json::Error,
+    },
+    #[error(
+        "another vxmesh agent (pid {holder}) already serves state dir {state_dir}: stop it first, or use another --state-dir"
+    )]
+    Locked { holder: String, state_dir: String },
+}
+
+/// An I/O error of `step` ("create PATH", ...).
+fn io_step(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> StateError {
+    let step = step.into();
+    move |io| StateError::Io { step, io }
+}
 
 pub const DEFAULT_STATE_DIR: &str = "/run/vxmesh";
 
@@ -66,18 +112,24 @@ fn networks_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Write a file atomically (temp file in the same dir, fsync, rename).
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().ok_or_else(|| StateError::NoParent {
+        path: path.display().to_string(),
+    })?;
+    fs::create_dir_all(dir).map_err(io_step(format!("create {}", dir.display())))?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
     ));
-    let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+    let mut f = File::create(&tmp).map_err(io_step(format!("create {}", tmp.display())))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(io_step(format!("write {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_step(format!(
+        "rename {} to {}",
+        tmp.display(),
+        path.display()
+    )))
 }
 
 pub fn now_secs() -> u64 {
@@ -87,26 +139,32 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn write_network(state_dir: &Path, served: &ServedNetwork) -> Result<()> {
+pub fn write_network(state_dir: &Path, served: &ServedNetwork) -> Result<(), StateError> {
     let path = networks_dir(state_dir).join(format!("{}.json", served.state.network));
-    write_atomic(&path, serde_json::to_string_pretty(served)?.as_bytes())
+    let json = serde_json::to_string_pretty(served).map_err(|json| StateError::Serialise {
+        what: format!("network {}", served.state.network),
+        json,
+    })?;
+    write_atomic(&path, json.as_bytes())
 }
 
-pub fn read_network(state_dir: &Path, network: &str) -> Result<ServedNetwork> {
+pub fn read_network(state_dir: &Path, network: &str) -> Result<ServedNetwork, StateError> {
     let path = networks_dir(state_dir).join(format!("{network}.json"));
-    let data = fs::read(&path).with_context(|| {
-        format!(
-            "network '{network}' is not served on this node ({} missing): is `vxmesh agent` running with --state-dir {}?",
-            path.display(),
-            state_dir.display()
-        )
+    let data = fs::read(&path).map_err(|io| StateError::NotServed {
+        network: network.to_string(),
+        path: path.display().to_string(),
+        state_dir: state_dir.display().to_string(),
+        io,
     })?;
-    parse_served_network(&data).with_context(|| format!("corrupt state file {}", path.display()))
+    serde_json::from_slice(&data).map_err(|json| StateError::Corrupt {
+        path: path.display().to_string(),
+        json,
+    })
 }
 
 /// Parse the contents of a `STATE/networks/NETWORK.json` file.
-pub fn parse_served_network(data: &[u8]) -> Result<ServedNetwork> {
-    Ok(serde_json::from_slice(data)?)
+pub fn parse_served_network(data: &[u8]) -> Result<ServedNetwork, StateError> {
+    serde_json::from_slice(data).map_err(StateError::Parse)
 }
 
 /// Names of the networks with a state file.
@@ -123,13 +181,78 @@ pub fn list_networks(state_dir: &Path) -> Vec<String> {
     v
 }
 
-pub fn remove_network(state_dir: &Path, network: &str) -> Result<()> {
+pub fn remove_network(state_dir: &Path, network: &str) -> Result<(), StateError> {
     let path = networks_dir(state_dir).join(format!("{network}.json"));
     match fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("remove {}", path.display()))
+            Err(io_step(format!("remove {}", path.display()))(e))
         }
         _ => Ok(()),
+    }
+}
+
+/// Saves the applied plan to `STATE/plan.json` for `vxmesh status` and
+/// `doctor`, only when it differs from what the file already holds (a
+/// 10 000-peer plan is megabytes: it is not rewritten on every pass). A
+/// deleted file is written again. The agent owns one and remembers through
+/// it what it last wrote.
+#[derive(Debug, Default)]
+pub struct PlanStore {
+    /// The file last written and what it holds.
+    last: Option<(PathBuf, SavedPlan)>,
+}
+
+impl PlanStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Save `plan`, applied on `node` with the cluster of `snap`, unless the
+    /// file already holds it. Returns whether the file was written.
+    pub fn save(
+        &mut self,
+        state_dir: &Path,
+        node: &str,
+        snap: &Snapshot,
+        plan: &NodePlan,
+    ) -> Result<bool, StateError> {
+        let nodes: BTreeMap<Ipv4Addr, String> = snap
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| (n.underlay_ip, n.name.clone()))
+            .collect();
+        let path = state_dir.join(PLAN_FILE);
+        if self.holds(&path, node, &nodes, plan) && path.exists() {
+            return Ok(false);
+        }
+        let saved = SavedPlan {
+            node: node.to_string(),
+            applied_at: now_secs(),
+            nodes,
+            plan: plan.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&saved).map_err(|json| StateError::Serialise {
+            what: "the plan".into(),
+            json,
+        })?;
+        write_atomic(&path, &json)?;
+        self.last = Some((path, saved));
+        Ok(true)
+    }
+
+    /// Was exactly this written last to `path`? Compared field by field
+    /// (no serialising a large plan on every pass).
+    fn holds(
+        &self,
+        path: &Path,
+        node: &str,
+        nodes: &BTreeMap<Ipv4Addr, String>,
+        plan: &NodePlan,
+    ) -> bool {
+        self.last.as_ref().is_some_and(|(p, s)| {
+            p == path && s.node == node && &s.nodes == nodes && &s.plan == plan
+        })
     }
 }
 
@@ -144,22 +267,27 @@ impl AgentLock {
     /// under a running agent): a lock on a deleted file keeps nobody out.
     /// Returns whether it had to; an error if another agent took the new
     /// file first.
-    pub fn keep(&mut self) -> Result<bool> {
+    pub fn keep(&mut self) -> Result<bool, StateError> {
         use std::os::unix::fs::MetadataExt;
-        let held = self.file.metadata()?;
+        let held = self
+            .file
+            .metadata()
+            .map_err(io_step(format!("stat {}", self.path.display())))?;
         if fs::metadata(&self.path).is_ok_and(|m| m.dev() == held.dev() && m.ino() == held.ino()) {
             return Ok(false);
         }
-        let dir = self.path.parent().context("lock path has no parent")?;
+        let dir = self.path.parent().ok_or_else(|| StateError::NoParent {
+            path: self.path.display().to_string(),
+        })?;
         *self = lock_agent(dir)?;
         Ok(true)
     }
 }
 
 /// Take the agent lock, refusing clearly if another agent holds it.
-pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
+pub fn lock_agent(state_dir: &Path) -> Result<AgentLock, StateError> {
     fs::create_dir_all(state_dir)
-        .with_context(|| format!("create state dir {}", state_dir.display()))?;
+        .map_err(io_step(format!("create state dir {}", state_dir.display())))?;
     let path = state_dir.join("agent.lock");
     let mut file = OpenOptions::new()
         .create(true)
@@ -167,19 +295,20 @@ pub fn lock_agent(state_dir: &Path) -> Result<AgentLock> {
         .read(true)
         .write(true)
         .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
+        .map_err(io_step(format!("open {}", path.display())))?;
     if file.try_lock_exclusive().is_err() {
         let holder = fs::read(&path)
             .ok()
             .and_then(|d| lock_holder(&d))
             .map_or("unknown".to_string(), |pid| pid.to_string());
-        bail!(
-            "another vxmesh agent (pid {holder}) already serves state dir {}: stop it first, or use another --state-dir",
-            state_dir.display()
-        );
+        return Err(StateError::Locked {
+            holder,
+            state_dir: state_dir.display().to_string(),
+        });
     }
-    file.set_len(0)?;
-    write!(file, "{}", std::process::id())?;
+    file.set_len(0)
+        .and_then(|()| write!(file, "{}", std::process::id()))
+        .map_err(io_step(format!("write {}", path.display())))?;
     Ok(AgentLock { path, file })
 }
 
@@ -232,6 +361,34 @@ mod tests {
         assert!(agent_running(&dir));
         let e = lock_agent(&dir).err().unwrap().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    }
+
+    /// The plan file is written when its content changes or the file is
+    /// gone, not on every pass; each store remembers only its own writes.
+    #[test]
+    fn plan_store_rewrites_only_changed_or_missing_plans() {
+        let d = tempfile::tempdir().unwrap();
+        let snap = Snapshot {
+            cluster: crate::config::Cluster {
+                networks: Vec::new(),
+                nodes: Vec::new(),
+            },
+            endpoints: None,
+        };
+        let plan = NodePlan::default();
+        let mut plans = PlanStore::new();
+        assert!(plans.save(d.path(), "n1", &snap, &plan).unwrap());
+        assert!(!plans.save(d.path(), "n1", &snap, &plan).unwrap());
+        let file = d.path().join(PLAN_FILE);
+        let saved: SavedPlan = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+        assert_eq!((saved.node.as_str(), &saved.plan), ("n1", &plan));
+        // Another node name is another plan; a deleted file is written again.
+        assert!(plans.save(d.path(), "n2", &snap, &plan).unwrap());
+        fs::remove_file(&file).unwrap();
+        assert!(plans.save(d.path(), "n2", &snap, &plan).unwrap());
+        assert!(file.exists());
+        // A second store has written nothing yet: it writes.
+        assert!(PlanStore::new().save(d.path(), "n2", &snap, &plan).unwrap());
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub struct SavedPlan {
 /// Write the plan atomically to `STATE/plan.json`.
 pub fn write_plan(state_dir: &Path, saved: &SavedPlan) -> Result<()> {
     let data = serde_json::to_vec_pretty(saved).context("serialise the plan")?;
-    crate::state::write_atomic(&state_dir.join(PLAN_FILE), &data)
+    Ok(crate::state::write_atomic(
+        &state_dir.join(PLAN_FILE),
+        &data,
+    )?)
 }
 
 /// Read `STATE/plan.json`.

@@ -3,10 +3,10 @@
 
 use super::config::{NetConf, at_least_1_1};
 use super::error::{CniError, CniResult, Code};
-use crate::names::VethAlias;
 use crate::attach;
 use crate::dataplane::kernel::Netlink;
 use crate::ipam::Ipam;
+use crate::names::VethAlias;
 
 /// GC: delete this network's container veths and release its addresses
 /// unless `cni.dev/valid-attachments` lists their (container, interface).

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
@@ -81,20 +80,27 @@ impl KernelEvents {
     }
 }
 
+/// The rtnetlink notification socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("subscribe to rtnetlink notifications: {io}")]
+pub struct SubscribeError {
+    pub io: std::io::Error,
+}
+
 /// Start listening in the calling thread's namespace (call from inside the
 /// runtime, in the namespace the agent serves). Every relevant event is
 /// recorded in `events`.
 pub fn spawn_watcher(
     owned: OwnedIndexes,
     events: Arc<KernelEvents>,
-) -> Result<tokio::task::JoinHandle<()>> {
+) -> Result<tokio::task::JoinHandle<()>, SubscribeError> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv4Ifaddr,
     ])
-    .context("subscribe to rtnetlink notifications")?;
+    .map_err(|io| SubscribeError { io })?;
     tokio::spawn(conn);
     Ok(tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {

@@ -5,6 +5,11 @@
 //! - Generic operations (links, addresses, routes) used by attach, the lab
 //!   and CNI live in `ops.rs`; every error names the device, the peer and the
 //!   namespace.
+//! - Errors: `error.rs` ([`KernelError`]: the kernel's errno and message;
+//!   [`NetlinkError`]: which operation, device and namespace); `report.rs`
+//!   (what an apply sent, and every failed change as a [`ChangeError`]).
+//! - `apply.rs` sends changes, `reconcile.rs` runs dump -> diff -> apply,
+//!   `teardown.rs` removes what vxmesh owns.
 //! - [`Netlink::dump`] reads everything vxmesh owns into an [`ActualState`]
 //!   (one dump per object type); [`crate::dataplane::diff::diff`] compares it
 //!   with a [`NodePlan`](crate::dataplane::NodePlan); [`Netlink::apply`] sends
@@ -35,8 +40,12 @@
 
 mod actual;
 mod apply;
+mod error;
 mod msg;
 mod ops;
+mod reconcile;
+mod report;
+mod teardown;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -45,12 +54,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket;
@@ -58,13 +65,15 @@ use netlink_sys::AsyncSocket;
 pub use actual::{
     ActualFdb, ActualLink, ActualNeigh, ActualRoute, ActualState, ActualVxlan, Ownership,
 };
-pub use apply::{
-    ApplyError, ApplyReport, ReconcileReport, TeardownReport, reconcile, reconcile_from,
-};
+use error::kernel_error;
+pub use error::{KernelError, NetlinkError};
 pub(crate) use msg::RT_TABLE_MAIN;
 pub use ops::{InterfaceFacts, LinkInfo, LinkOptions};
+pub use reconcile::{ReconcileError, ReconcileReport, reconcile, reconcile_from};
+pub use report::{ApplyError, ApplyFailure, ApplyReport, ChangeError, ChangeFailure};
+pub use teardown::{TeardownError, TeardownReport};
 
-use crate::dataplane::netns::{self, Netns};
+use crate::dataplane::netns::{self, Netns, NetnsError};
 use crate::model;
 
 /// Alias prefix of the devices the reconciler manages (`vxmesh:net:NETWORK`).
@@ -109,92 +118,6 @@ const RCVBUF_BYTES: usize = 4 << 20;
 const BATCH_SIZE: usize = 128;
 /// Batches queued at once on the batch connection.
 const BATCHES_IN_FLIGHT: usize = 4;
-
-/// An error the kernel (or the connection) returned for one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelError {
-    /// Positive errno; 0 when the connection itself failed.
-    pub errno: i32,
-    /// The kernel's extended-ack message, if it sent one.
-    pub message: Option<String>,
-}
-
-impl KernelError {
-    fn closed() -> Self {
-        KernelError {
-            errno: 0,
-            message: Some("the netlink connection is closed".into()),
-        }
-    }
-
-    /// The socket's receive buffer overflowed while the request was in
-    /// flight: an error the kernel sent for it may have been dropped.
-    fn overrun() -> Self {
-        KernelError {
-            errno: libc::ENOBUFS,
-            message: Some("netlink receive buffer overrun: the outcome is unknown".into()),
-        }
-    }
-
-    pub fn is(&self, errno: i32) -> bool {
-        self.errno == errno
-    }
-}
-
-impl fmt::Display for KernelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.errno, &self.message) {
-            (0, Some(m)) => write!(f, "{m}"),
-            (0, None) => write!(f, "netlink request failed"),
-            (e, None) => write!(f, "{}", std::io::Error::from_raw_os_error(e)),
-            (e, Some(m)) => write!(f, "{} ({m})", std::io::Error::from_raw_os_error(e)),
-        }
-    }
-}
-
-impl std::error::Error for KernelError {}
-
-/// Turn an `NLMSG_ERROR` message into a [`KernelError`]; `None` for an ack.
-fn kernel_error(flags: u16, e: &netlink_packet_core::ErrorMessage) -> Option<KernelError> {
-    let code = e.code?.get();
-    const NLMSGERR_ATTR_MSG: u16 = 1;
-    let mut message = None;
-    // The payload is the request's header (NETLINK_CAP_ACK, "capped") or the
-    // whole request, followed by the extended-ack attributes.
-    const NLM_F_CAPPED: u16 = 0x100;
-    let skip = if flags & NLM_F_CAPPED != 0 || e.header.len() < 16 {
-        16
-    } else {
-        let len = u32::from_ne_bytes([e.header[0], e.header[1], e.header[2], e.header[3]]);
-        (len as usize + 3) & !3
-    };
-    if flags & NLM_F_ACK_TLVS != 0 && e.header.len() > skip {
-        let mut tlvs = &e.header[skip..];
-        while tlvs.len() >= 4 {
-            let len = u16::from_ne_bytes([tlvs[0], tlvs[1]]) as usize;
-            let kind = u16::from_ne_bytes([tlvs[2], tlvs[3]]) & 0x3fff;
-            if len < 4 || len > tlvs.len() {
-                break;
-            }
-            if kind == NLMSGERR_ATTR_MSG {
-                let s = &tlvs[4..len];
-                let s = s.split(|b| *b == 0).next().unwrap_or_default();
-                let s = String::from_utf8_lossy(s).trim().to_string();
-                if !s.is_empty() {
-                    message = Some(s);
-                }
-            }
-            tlvs = &tlvs[(len + 3) & !3..];
-            if tlvs.len() < 4 {
-                break;
-            }
-        }
-    }
-    Some(KernelError {
-        errno: code.abs(),
-        message,
-    })
-}
 
 /// One rtnetlink connection bound to a network namespace.
 ///
@@ -290,21 +213,24 @@ fn tune(sock: &netlink_sys::Socket) {
     }
 }
 
-/// Both sockets, created in the calling thread's namespace (inside a tokio
-/// runtime context).
-fn new_sockets() -> Result<(
+/// The two connections (requests and dumps; batches) and the batch
+/// connection's channel of unsolicited errors.
+type Sockets = (
     Connection,
     rtnetlink::Handle,
     Connection,
     netlink_proto::ConnectionHandle<RouteNetlinkMessage>,
     Unsolicited,
-)> {
-    let (mut conn, handle, _unsolicited) =
-        rtnetlink::new_connection().context("open rtnetlink socket")?;
+);
+
+/// Both sockets, created in the calling thread's namespace (inside a tokio
+/// runtime context).
+fn new_sockets() -> std::io::Result<Sockets> {
+    let (mut conn, handle, _unsolicited) = rtnetlink::new_connection()?;
     tune(conn.socket_mut().socket_mut());
-    let (mut bconn, bhandle, errors) =
-        netlink_proto::new_connection::<RouteNetlinkMessage>(netlink_sys::protocols::NETLINK_ROUTE)
-            .context("open rtnetlink socket")?;
+    let (mut bconn, bhandle, errors) = netlink_proto::new_connection::<RouteNetlinkMessage>(
+        netlink_sys::protocols::NETLINK_ROUTE,
+    )?;
     bconn.set_forward_ack(true);
     tune(bconn.socket_mut().socket_mut());
     Ok((conn, handle, bconn, bhandle, errors))
@@ -336,11 +262,14 @@ fn describe_current_namespace() -> String {
 impl Netlink {
     /// Connect in the namespace of the calling thread. An async fn: call it
     /// from inside a tokio runtime (the connection task is spawned on it).
-    pub async fn connect() -> Result<Self> {
-        let ns = Netns::current().context("open the current network namespace")?;
+    pub async fn connect() -> Result<Self, NetlinkError> {
+        let ns = Netns::current()?;
         let label = describe_current_namespace();
         let (conn, handle, bconn, batch, errors) =
-            new_sockets().with_context(|| format!("connect to rtnetlink in {label}"))?;
+            new_sockets().map_err(|io| NetlinkError::Connect {
+                namespace: label.clone(),
+                io,
+            })?;
         tokio::spawn(conn);
         tokio::spawn(bconn);
         Ok(Netlink {
@@ -357,16 +286,19 @@ impl Netlink {
     /// has entered `ns` (and the caller's tokio runtime, so the socket
     /// registers with its reactor); the handle is then usable from anywhere.
     /// An async fn: call it from inside a tokio runtime.
-    pub async fn connect_in(ns: &Netns) -> Result<Self> {
+    pub async fn connect_in(ns: &Netns) -> Result<Self, NetlinkError> {
         let rt = tokio::runtime::Handle::current();
         let label = format!("namespace {}", ns.name());
         let inner = rt.clone();
         let (conn, handle, bconn, batch, errors) = ns
             .run(move || {
                 let _guard = inner.enter();
-                new_sockets()
-            })
-            .with_context(|| format!("connect to rtnetlink in {label}"))?;
+                Ok::<_, NetnsError>(new_sockets())
+            })?
+            .map_err(|io| NetlinkError::Connect {
+                namespace: label.clone(),
+                io,
+            })?;
         rt.spawn(conn);
         rt.spawn(bconn);
         Ok(Netlink {
@@ -395,10 +327,11 @@ impl Netlink {
     }
 
     /// Run `f` on a thread inside this connection's namespace (sysctls).
-    pub(crate) fn run_in_ns<T, F>(&self, f: F) -> Result<T>
+    pub(crate) fn run_in_ns<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
-        F: FnOnce() -> Result<T> + Send + 'static,
+        E: From<NetnsError> + Send + 'static,
+        F: FnOnce() -> Result<T, E> + Send + 'static,
     {
         self.ns.run(f)
     }
@@ -542,32 +475,6 @@ mod tests {
         assert_eq!(m("172.18.20.64/26") - m("172.18.20.0/26"), 1);
         assert_eq!(m("0.0.0.0/0"), 0);
         assert!(m("10.0.0.1/32") < 4096);
-    }
-
-    #[test]
-    fn extended_ack_message_is_parsed() {
-        let mut header = vec![0u8; 16];
-        let text = b"A VXLAN device with the specified VNI already exists\0";
-        let len = (4 + text.len()) as u16;
-        header.extend_from_slice(&len.to_ne_bytes());
-        header.extend_from_slice(&1u16.to_ne_bytes());
-        header.extend_from_slice(text);
-        while !header.len().is_multiple_of(4) {
-            header.push(0);
-        }
-        let mut e = netlink_packet_core::ErrorMessage::default();
-        e.code = std::num::NonZeroI32::new(-libc::EEXIST);
-        e.header = header;
-        let err = kernel_error(0x300, &e).unwrap();
-        assert_eq!(err.errno, libc::EEXIST);
-        assert_eq!(
-            err.message.as_deref(),
-            Some("A VXLAN device with the specified VNI already exists")
-        );
-        assert!(err.to_string().contains("File exists"));
-        let mut ack = netlink_packet_core::ErrorMessage::default();
-        ack.header = vec![0; 16];
-        assert!(kernel_error(0, &ack).is_none());
     }
 
     /// The un-acked requests' side channel: errors are parked by sequence

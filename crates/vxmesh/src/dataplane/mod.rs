@@ -8,5 +8,5 @@ pub mod plan;
 pub mod plan_types;
 pub mod sysctl;
 
-pub use kernel::{ReconcileReport, reconcile, reconcile_from};
+pub use kernel::{ReconcileError, ReconcileReport, reconcile, reconcile_from};
 pub use plan_types::*;

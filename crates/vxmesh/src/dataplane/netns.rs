@@ -10,11 +10,58 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 
 pub const NETNS_DIR: &str = "/run/netns";
+
+/// A namespace could not be opened, entered, created or removed; every
+/// variant names the namespace (its `/run/netns` name or its path).
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("network namespace '{name}' does not exist ({path}): {io}")]
+    NotFound {
+        name: String,
+        path: String,
+        io: std::io::Error,
+    },
+    #[error("cannot open network namespace {path}: {io}")]
+    Open { path: String, io: std::io::Error },
+    #[error("duplicate the handle of network namespace '{name}': {io}")]
+    Clone { name: String, io: std::io::Error },
+    #[error("setns into network namespace '{name}': {errno}")]
+    Enter { name: String, errno: nix::Error },
+    #[error("spawn a thread for network namespace '{name}': {io}")]
+    Spawn { name: String, io: std::io::Error },
+    #[error("start a runtime inside network namespace '{name}': {io}")]
+    Runtime { name: String, io: std::io::Error },
+    #[error("work inside network namespace '{name}' panicked")]
+    Panicked { name: String },
+    #[error("invalid network namespace name '{name}': use 1-64 characters from [A-Za-z0-9._-]")]
+    InvalidName { name: String },
+    /// Making `/run/netns` a shared mount failed at `step`.
+    #[error("{step}: {errno}")]
+    PrepareDir { step: String, errno: String },
+    #[error("create network namespace '{name}': {path} exists or cannot be created: {io}")]
+    Exists {
+        name: String,
+        path: String,
+        io: std::io::Error,
+    },
+    #[error("create network namespace '{name}': {step}: {errno}")]
+    Create {
+        name: String,
+        step: String,
+        errno: nix::Error,
+    },
+    #[error("creating network namespace '{name}' panicked")]
+    CreatePanicked { name: String },
+    #[error("remove {path}: {io}")]
+    Remove { path: String, io: std::io::Error },
+    /// Loopback could not be brought up in a new namespace.
+    #[error("{0}")]
+    Loopback(#[from] crate::dataplane::sysctl::SysctlError),
+}
 
 /// An open handle on a network namespace (keeps it alive while open).
 #[derive(Debug)]
@@ -25,13 +72,12 @@ pub struct Netns {
 
 impl Netns {
     /// Open the named namespace `/run/netns/NAME`.
-    pub fn open(name: &str) -> Result<Self> {
+    pub fn open(name: &str) -> Result<Self, NetnsError> {
         let path = Path::new(NETNS_DIR).join(name);
-        let file = File::open(&path).with_context(|| {
-            format!(
-                "network namespace '{name}' does not exist ({})",
-                path.display()
-            )
+        let file = File::open(&path).map_err(|io| NetnsError::NotFound {
+            name: name.to_string(),
+            path: path.display().to_string(),
+            io,
         })?;
         Ok(Netns {
             name: name.to_string(),
@@ -40,9 +86,11 @@ impl Netns {
     }
 
     /// Open a namespace by any path (e.g. `/proc/PID/ns/net` or a CNI_NETNS path).
-    pub fn open_path(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+    pub fn open_path(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|io| NetnsError::Open {
+            path: path.display().to_string(),
+            io,
+        })?;
         Ok(Netns {
             name: path.display().to_string(),
             file,
@@ -50,7 +98,7 @@ impl Netns {
     }
 
     /// The namespace of the calling thread.
-    pub fn current() -> Result<Self> {
+    pub fn current() -> Result<Self, NetnsError> {
         Self::open_path(Path::new("/proc/thread-self/ns/net"))
     }
 
@@ -66,43 +114,60 @@ impl Netns {
         self.file.as_raw_fd()
     }
 
-    pub fn try_clone(&self) -> Result<Self> {
+    pub fn try_clone(&self) -> Result<Self, NetnsError> {
         Ok(Netns {
             name: self.name.clone(),
-            file: self.file.try_clone()?,
+            file: self.file.try_clone().map_err(|io| NetnsError::Clone {
+                name: self.name.clone(),
+                io,
+            })?,
         })
     }
 
     /// Run `f` on a fresh thread that has entered this namespace. The thread
     /// exits afterwards, so the namespace switch can never leak.
-    pub fn run<T, F>(&self, f: F) -> Result<T>
+    /// `f`'s error type only needs to hold a [`NetnsError`] (entering the
+    /// namespace can fail before `f` runs).
+    pub fn run<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
-        F: FnOnce() -> Result<T> + Send + 'static,
+        E: From<NetnsError> + Send + 'static,
+        F: FnOnce() -> Result<T, E> + Send + 'static,
     {
         let ns = self.try_clone()?;
         let name = self.name.clone();
         std::thread::Builder::new()
             .name("vxm-netns".into())
-            .spawn(move || -> Result<T> {
-                setns(ns.fd(), CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("setns into network namespace '{}'", ns.name))?;
+            .spawn(move || -> Result<T, E> {
+                ns.enter()?;
                 f()
             })
-            .context("spawn namespace thread")?
+            .map_err(|io| NetnsError::Spawn {
+                name: name.clone(),
+                io,
+            })?
             .join()
-            .map_err(|_| anyhow!("work inside network namespace '{name}' panicked"))?
+            .map_err(|_| NetnsError::Panicked { name })?
+    }
+
+    /// `setns` the calling thread into this namespace.
+    fn enter(&self) -> Result<(), NetnsError> {
+        setns(self.fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Enter {
+            name: self.name.clone(),
+            errno,
+        })
     }
 
     /// Run the async job `f` inside this namespace: on a fresh thread that
     /// has entered it, with its own single-threaded tokio runtime, so every
     /// socket the job opens (an etcd client, say) belongs to the namespace.
     /// The caller's runtime is not blocked; the thread ends with the job.
-    pub async fn run_async<T, F, Fut>(&self, f: F) -> Result<T>
+    pub async fn run_async<T, E, F, Fut>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
+        E: From<NetnsError> + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<T>>,
+        Fut: std::future::Future<Output = Result<T, E>>,
     {
         let ns = self.try_clone()?;
         let name = self.name.clone();
@@ -110,20 +175,24 @@ impl Netns {
         std::thread::Builder::new()
             .name("vxm-netns-rt".into())
             .spawn(move || {
-                let r = (|| {
-                    setns(ns.fd(), CloneFlags::CLONE_NEWNET)
-                        .with_context(|| format!("setns into network namespace '{}'", ns.name))?;
+                let r = (|| -> Result<T, E> {
+                    ns.enter()?;
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                        .context("start a runtime inside the namespace")?
+                        .map_err(|io| NetnsError::Runtime {
+                            name: ns.name.clone(),
+                            io,
+                        })?
                         .block_on(f())
                 })();
                 let _ = tx.send(r);
             })
-            .context("spawn namespace thread")?;
-        rx.await
-            .map_err(|_| anyhow!("work inside network namespace '{name}' panicked"))?
+            .map_err(|io| NetnsError::Spawn {
+                name: name.clone(),
+                io,
+            })?;
+        rx.await.map_err(|_| NetnsError::Panicked { name })?
     }
 
     /// Make `cmd` enter this namespace between fork and exec (the child runs
@@ -144,9 +213,8 @@ impl Netns {
 
     /// Enter this namespace for the calling thread for good. Only for the start
     /// of a process (before any other thread exists), e.g. `vxmesh --netns`.
-    pub fn enter_for_process(&self) -> Result<()> {
-        setns(self.fd(), CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns into network namespace '{}'", self.name))
+    pub fn enter_for_process(&self) -> Result<(), NetnsError> {
+        self.enter()
     }
 }
 
@@ -155,7 +223,7 @@ fn netns_path(name: &str) -> PathBuf {
 }
 
 /// Check a namespace name: no path separators, sane length.
-pub fn validate_name(name: &str) -> Result<()> {
+pub fn validate_name(name: &str) -> Result<(), NetnsError> {
     if name.is_empty()
         || name.len() > 64
         || name.contains('/')
@@ -165,7 +233,9 @@ pub fn validate_name(name: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        bail!("invalid network namespace name '{name}': use 1-64 characters from [A-Za-z0-9._-]");
+        return Err(NetnsError::InvalidName {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -176,8 +246,13 @@ pub fn exists(name: &str) -> bool {
 
 /// Make `/run/netns` a shared mount point, as `ip netns add` does, so bind
 /// mounts of namespaces propagate to other mount namespaces.
-fn prepare_netns_dir() -> Result<()> {
-    std::fs::create_dir_all(NETNS_DIR).with_context(|| format!("create {NETNS_DIR}"))?;
+fn prepare_netns_dir() -> Result<(), NetnsError> {
+    let failed = |step: &str, errno: String| NetnsError::PrepareDir {
+        step: step.to_string(),
+        errno,
+    };
+    std::fs::create_dir_all(NETNS_DIR)
+        .map_err(|e| failed(&format!("create {NETNS_DIR}"), e.to_string()))?;
     let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
     if mount(None::<&str>, NETNS_DIR, Some("none"), shared, None::<&str>).is_err() {
         mount(
@@ -187,15 +262,20 @@ fn prepare_netns_dir() -> Result<()> {
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
-        .with_context(|| format!("bind-mount {NETNS_DIR} onto itself"))?;
+        .map_err(|e| {
+            failed(
+                &format!("bind-mount {NETNS_DIR} onto itself"),
+                e.to_string(),
+            )
+        })?;
         mount(None::<&str>, NETNS_DIR, Some("none"), shared, None::<&str>)
-            .with_context(|| format!("make {NETNS_DIR} a shared mount"))?;
+            .map_err(|e| failed(&format!("make {NETNS_DIR} a shared mount"), e.to_string()))?;
     }
     Ok(())
 }
 
 /// Create a new named network namespace (fails if it exists) with loopback up.
-pub fn create(name: &str) -> Result<Netns> {
+pub fn create(name: &str) -> Result<Netns, NetnsError> {
     validate_name(name)?;
     prepare_netns_dir()?;
     let path = netns_path(name);
@@ -203,17 +283,21 @@ pub fn create(name: &str) -> Result<Netns> {
         .write(true)
         .create_new(true)
         .open(&path)
-        .with_context(|| {
-            format!(
-                "create network namespace '{name}': {} exists or cannot be created",
-                path.display()
-            )
+        .map_err(|io| NetnsError::Exists {
+            name: name.to_string(),
+            path: path.display().to_string(),
+            io,
         })?;
     let target = path.clone();
+    let new_name = name.to_string();
     let res = std::thread::Builder::new()
         .name("vxm-netns-new".into())
-        .spawn(move || -> Result<()> {
-            unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        .spawn(move || -> Result<(), NetnsError> {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Create {
+                name: new_name.clone(),
+                step: "unshare(CLONE_NEWNET)".into(),
+                errno,
+            })?;
             mount(
                 Some("/proc/thread-self/ns/net"),
                 &target,
@@ -221,12 +305,21 @@ pub fn create(name: &str) -> Result<Netns> {
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
-            .with_context(|| format!("bind-mount new namespace onto {}", target.display()))?;
+            .map_err(|errno| NetnsError::Create {
+                name: new_name,
+                step: format!("bind-mount new namespace onto {}", target.display()),
+                errno,
+            })?;
             Ok(())
         })
-        .context("spawn namespace thread")?
+        .map_err(|io| NetnsError::Spawn {
+            name: name.to_string(),
+            io,
+        })?
         .join()
-        .map_err(|_| anyhow!("creating network namespace '{name}' panicked"));
+        .map_err(|_| NetnsError::CreatePanicked {
+            name: name.to_string(),
+        });
     match res {
         Ok(Ok(())) => {}
         Ok(Err(e)) | Err(e) => {
@@ -235,18 +328,21 @@ pub fn create(name: &str) -> Result<Netns> {
         }
     }
     let ns = Netns::open(name)?;
-    ns.run(crate::dataplane::sysctl::set_loopback_up)?;
+    ns.run(|| crate::dataplane::sysctl::set_loopback_up().map_err(NetnsError::from))?;
     Ok(ns)
 }
 
 /// Delete a named namespace. Missing namespaces are not an error.
-pub fn delete(name: &str) -> Result<()> {
+pub fn delete(name: &str) -> Result<(), NetnsError> {
     let path = netns_path(name);
     if !path.exists() {
         return Ok(());
     }
     let _ = umount2(&path, MntFlags::MNT_DETACH);
-    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    std::fs::remove_file(&path).map_err(|io| NetnsError::Remove {
+        path: path.display().to_string(),
+        io,
+    })?;
     Ok(())
 }
 
@@ -271,14 +367,14 @@ pub struct NetnsGuard {
 }
 
 impl NetnsGuard {
-    pub fn create(name: &str) -> Result<Self> {
+    pub fn create(name: &str) -> Result<Self, NetnsError> {
         create(name)?;
         Ok(NetnsGuard {
             name: name.to_string(),
         })
     }
 
-    pub fn open(&self) -> Result<Netns> {
+    pub fn open(&self) -> Result<Netns, NetnsError> {
         Netns::open(&self.name)
     }
 }

@@ -303,7 +303,11 @@ pub(super) fn reachability_hop(peer: Ipv4Addr, ping: bool) -> Hop {
         return ok("underlay_reachability", format!("route to {peer} {via}"));
     }
     let echo = crate::dataplane::netns::Netns::current()
-        .and_then(|ns| crate::icmp::icmp_echo(&ns, peer, 56, false, Duration::from_millis(800)));
+        .map_err(anyhow::Error::from)
+        .and_then(|ns| {
+            crate::icmp::icmp_echo(&ns, peer, 56, false, Duration::from_millis(800))
+                .map_err(anyhow::Error::from)
+        });
     match echo {
         Ok(crate::icmp::EchoOutcome::Reply { rtt }) => ok(
             "underlay_reachability",

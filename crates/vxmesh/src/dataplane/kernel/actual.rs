@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
@@ -17,7 +16,7 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage as R};
 use serde::Serialize;
 
-use super::{ATTACHED_ALIAS_PREFIX, MANAGED_ALIAS_PREFIX, Netlink, msg};
+use super::{ATTACHED_ALIAS_PREFIX, KernelError, MANAGED_ALIAS_PREFIX, Netlink, NetlinkError, msg};
 use crate::dataplane::AddrSpec;
 use crate::model::{self, Mac};
 
@@ -250,11 +249,8 @@ fn ipv4_of_neigh(a: &NeighbourAddress) -> Option<Ipv4Addr> {
 }
 
 /// Index → name of every device, and the parsed rows.
-pub(crate) async fn link_rows(nl: &Netlink) -> Result<Vec<ActualLink>> {
-    let msgs = nl
-        .query(msg::link_dump(), true)
-        .await
-        .with_context(|| format!("dump links in {}", nl.namespace()))?;
+pub(crate) async fn link_rows(nl: &Netlink) -> Result<Vec<ActualLink>, KernelError> {
+    let msgs = nl.query(msg::link_dump(), true).await?;
     Ok(msgs
         .iter()
         .filter_map(|m| match m {
@@ -267,34 +263,41 @@ pub(crate) async fn link_rows(nl: &Netlink) -> Result<Vec<ActualLink>> {
 impl Netlink {
     /// Read everything vxmesh owns in this namespace: five dumps (links,
     /// addresses, routes, ARP, FDB) and one sysctl read.
-    pub async fn dump(&self) -> Result<ActualState> {
-        let ns = self.namespace().to_string();
+    pub async fn dump(&self) -> Result<ActualState, NetlinkError> {
         let (rows, addrs, routes, neighs, fdbs) = futures::try_join!(
-            link_rows(self),
+            async {
+                link_rows(self)
+                    .await
+                    .map_err(|e| self.dump_failed("links", e))
+            },
             async {
                 self.query(msg::addr_dump(), true)
                     .await
-                    .with_context(|| format!("dump addresses in {ns}"))
+                    .map_err(|e| self.dump_failed("addresses", e))
             },
             async {
                 self.query(msg::route_dump(), true)
                     .await
-                    .with_context(|| format!("dump routes in {ns}"))
+                    .map_err(|e| self.dump_failed("routes", e))
             },
             async {
                 self.query(msg::neigh_dump(AddressFamily::Inet), true)
                     .await
-                    .with_context(|| format!("dump neighbours in {ns}"))
+                    .map_err(|e| self.dump_failed("neighbours", e))
             },
             async {
                 self.query(msg::neigh_dump(AddressFamily::Bridge), true)
                     .await
-                    .with_context(|| format!("dump FDB entries in {ns}"))
+                    .map_err(|e| self.dump_failed("FDB entries", e))
             },
         )?;
         let ip_forward = self
-            .run_in_ns(crate::dataplane::sysctl::ip_forward)
-            .with_context(|| format!("read net.ipv4.ip_forward in {ns}"))?;
+            .run_in_ns(|| Ok::<_, NetlinkError>(crate::dataplane::sysctl::ip_forward()))?
+            .map_err(|sysctl| NetlinkError::Sysctl {
+                what: "read net.ipv4.ip_forward",
+                namespace: self.namespace().to_string(),
+                sysctl,
+            })?;
         Ok(assemble(rows, &addrs, &routes, &neighs, &fdbs, ip_forward))
     }
 }

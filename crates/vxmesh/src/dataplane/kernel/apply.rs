@@ -1,115 +1,22 @@
-//! Applying changes (pipelined, phase by phase), teardown and reconcile.
+//! Applying changes: phase by phase, requests pipelined in batches, every
+//! failure kept with its change.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::RouteNetlinkMessage;
-use serde::Serialize;
 
-use super::actual::{Ownership, link_rows, routes_of};
+use super::actual::link_rows;
+use super::report::Kind;
+use super::report::{ApplyError, ApplyFailure, ApplyReport, ChangeError, ChangeFailure};
 use super::{BATCH_SIZE, BATCHES_IN_FLIGHT, KernelError, Netlink, msg};
-use crate::dataplane::NodePlan;
-use crate::dataplane::diff::{Change, Phase, diff, diff_entries};
+use crate::dataplane::diff::{Change, Phase};
+use crate::dataplane::netns::NetnsError;
 use crate::dataplane::{LinkKind, sysctl};
 use crate::model;
-
-/// What an apply sent. Counts are requests (each answered by the kernel),
-/// whether they succeeded or not.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ApplyReport {
-    /// Changes asked for.
-    pub changes: usize,
-    pub links: usize,
-    pub addresses: usize,
-    pub routes: usize,
-    pub neighbours: usize,
-    pub fdb: usize,
-    /// sysctl writes (not netlink).
-    pub sysctl: usize,
-    /// Link dumps made to resolve device names to indexes (not counted in
-    /// [`ApplyReport::messages`]).
-    pub dumps: usize,
-    /// One line per failed change, with the change and the kernel's reason.
-    pub errors: Vec<String>,
-    /// Time per phase: (phase, changes, duration).
-    pub phases: Vec<(Phase, usize, Duration)>,
-    pub elapsed: Duration,
-}
-
-impl ApplyReport {
-    /// Netlink requests sent to change state.
-    pub fn messages(&self) -> usize {
-        self.links + self.addresses + self.routes + self.neighbours + self.fdb
-    }
-
-    fn count(&mut self, kind: Kind, n: usize) {
-        match kind {
-            Kind::Link => self.links += n,
-            Kind::Address => self.addresses += n,
-            Kind::Route => self.routes += n,
-            Kind::Neighbour => self.neighbours += n,
-            Kind::Fdb => self.fdb += n,
-            Kind::Sysctl => self.sysctl += n,
-        }
-    }
-}
-
-fn summarise(errors: &[String], total: usize, what: &str, ns: &str) -> String {
-    const SHOWN: usize = 20;
-    let mut s = format!("{} of {total} {what} failed in {ns}:", errors.len());
-    for e in errors.iter().take(SHOWN) {
-        s.push_str("\n  - ");
-        s.push_str(e);
-    }
-    if errors.len() > SHOWN {
-        s.push_str(&format!("\n  ... and {} more", errors.len() - SHOWN));
-    }
-    s
-}
-
-/// Some changes failed; the report lists every failure.
-#[derive(Clone, Debug)]
-pub struct ApplyError {
-    pub namespace: String,
-    pub report: ApplyReport,
-}
-
-impl fmt::Display for ApplyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = &self.report;
-        f.write_str(&summarise(&r.errors, r.changes, "changes", &self.namespace))
-    }
-}
-
-impl std::error::Error for ApplyError {}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Link,
-    Address,
-    Route,
-    Neighbour,
-    Fdb,
-    Sysctl,
-}
-
-fn kind_of(c: &Change) -> Kind {
-    match c {
-        Change::DeleteLink { .. }
-        | Change::CreateLink { .. }
-        | Change::SetLink { .. }
-        | Change::SetPortLearning { .. } => Kind::Link,
-        Change::DeleteAddress { .. } | Change::AddAddress { .. } => Kind::Address,
-        Change::SetIpForward { .. } => Kind::Sysctl,
-        Change::DeleteRoute { .. } | Change::ReplaceRoute { .. } => Kind::Route,
-        Change::ReplaceNeighbour { .. } | Change::DeleteNeighbour { .. } => Kind::Neighbour,
-        Change::ReplaceFdb { .. } | Change::DeleteFdb { .. } => Kind::Fdb,
-    }
-}
 
 /// Device name -> index, refreshed (one link dump) after devices changed.
 struct Indexes {
@@ -119,10 +26,14 @@ struct Indexes {
 }
 
 impl Indexes {
-    async fn refresh(&mut self, nl: &Netlink) -> Result<()> {
+    async fn refresh(&mut self, nl: &Netlink) -> Result<(), ApplyFailure> {
         if self.stale {
             self.map = link_rows(nl)
-                .await?
+                .await
+                .map_err(|kernel| ApplyFailure::ResolveDevices {
+                    namespace: nl.namespace().to_string(),
+                    kernel,
+                })?
                 .into_iter()
                 .map(|r| (r.name, r.index))
                 .collect();
@@ -133,7 +44,7 @@ impl Indexes {
     }
 }
 
-type Outcome = (Kind, usize, Result<(), String>);
+type Outcome = (Kind, usize, Result<(), ChangeFailure>);
 
 /// Errors that mean "already as wanted" for a delete.
 fn gone_already(e: &KernelError) -> bool {
@@ -149,20 +60,20 @@ type Request = (RouteNetlinkMessage, u16, bool);
 /// What became of one item of [`Netlink::send_built`].
 enum Sent {
     /// Its request could not be built (nothing was sent).
-    NotBuilt(String),
+    NotBuilt(ChangeFailure),
     /// The kernel's answer.
     Kernel(Result<(), KernelError>),
 }
 
 impl Netlink {
-    fn index(&self, idx: &HashMap<String, u32>, dev: &str) -> Result<u32, String> {
+    fn index(&self, idx: &HashMap<String, u32>, dev: &str) -> Result<u32, ChangeFailure> {
         idx.get(dev)
             .copied()
-            .ok_or_else(|| format!("device {dev} does not exist"))
+            .ok_or_else(|| ChangeFailure::NoDevice(dev.to_string()))
     }
 
     /// Send single requests pipelined in batches; one result per request.
-    async fn send_all(&self, reqs: Vec<Request>) -> Vec<Result<(), KernelError>> {
+    pub(super) async fn send_all(&self, reqs: Vec<Request>) -> Vec<Result<(), KernelError>> {
         self.send_built(reqs, Ok)
             .await
             .into_iter()
@@ -179,7 +90,7 @@ impl Netlink {
     async fn send_built<T>(
         &self,
         items: Vec<T>,
-        build: impl Fn(T) -> Result<Request, String>,
+        build: impl Fn(T) -> Result<Request, ChangeFailure>,
     ) -> Vec<Sent> {
         let mut chunks: Vec<Vec<T>> = Vec::new();
         let mut it = items.into_iter().peekable();
@@ -218,7 +129,7 @@ impl Netlink {
     }
 
     /// The one request of a change (all but device creation and sysctls).
-    fn request(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<Request, String> {
+    fn request(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<Request, ChangeFailure> {
         let replace = NLM_F_CREATE | NLM_F_REPLACE;
         Ok(match c {
             Change::DeleteLink { name, .. } => (msg::link_del(name), 0, true),
@@ -299,7 +210,7 @@ impl Netlink {
                 (msg::fdb_del(self.index(idx, dev)?, *mac, *dst), 0, true)
             }
             Change::CreateLink { .. } | Change::SetIpForward { .. } => {
-                return Err("not a single-request change".into());
+                return Err(ChangeFailure::NotSingleRequest);
             }
         })
     }
@@ -313,8 +224,13 @@ impl Netlink {
             match c {
                 Change::SetIpForward { on } => {
                     let on = *on;
-                    let r = self.run_in_ns(move || sysctl::set_ip_forward(on));
-                    out[i] = Some((kind_of(c), 1, r.map_err(|e| format!("{c}: {e:#}"))));
+                    let r = self.run_in_ns(move || Ok::<_, NetnsError>(sysctl::set_ip_forward(on)));
+                    let r = match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(ChangeFailure::Sysctl(Arc::new(e))),
+                        Err(e) => Err(ChangeFailure::Netns(Arc::new(e))),
+                    };
+                    out[i] = Some((Kind::of(c), 1, r));
                 }
                 _ => slots.push(i),
             }
@@ -323,8 +239,8 @@ impl Netlink {
         for (i, r) in slots.into_iter().zip(sent.await) {
             let c = group[i];
             out[i] = Some(match r {
-                Sent::NotBuilt(e) => (kind_of(c), 0, Err(format!("{c}: {e}"))),
-                Sent::Kernel(r) => (kind_of(c), 1, r.map_err(|e| format!("{c}: {e}"))),
+                Sent::NotBuilt(e) => (Kind::of(c), 0, Err(e)),
+                Sent::Kernel(r) => (Kind::of(c), 1, r.map_err(ChangeFailure::Kernel)),
             });
         }
         out.into_iter().flatten().collect()
@@ -336,11 +252,11 @@ impl Netlink {
         &self,
         l: &crate::dataplane::LinkSpec,
         idx: &HashMap<String, u32>,
-    ) -> (usize, Result<(), String>) {
+    ) -> (usize, Result<(), ChangeFailure>) {
         let master = match &l.master {
-            Some(m) => match self.index(idx, m) {
-                Ok(i) => Some(i),
-                Err(e) => return (0, Err(format!("master: {e}"))),
+            Some(m) => match idx.get(m) {
+                Some(i) => Some(*i),
+                None => return (0, Err(ChangeFailure::NoMaster(m.clone()))),
             },
             None => None,
         };
@@ -351,14 +267,14 @@ impl Netlink {
                     .await
                 {
                     Ok(n) => (n, Ok(())),
-                    Err(e) => (2, Err(format!("{e:#}"))),
+                    Err(e) => (2, Err(ChangeFailure::Bridge(Arc::new(e)))),
                 }
             }
             LinkKind::Vxlan(v) => {
                 let underlay = match &v.underlay_dev {
-                    Some(d) => match self.index(idx, d) {
-                        Ok(i) => Some(i),
-                        Err(e) => return (0, Err(format!("underlay: {e}"))),
+                    Some(d) => match idx.get(d) {
+                        Some(i) => Some(*i),
+                        None => return (0, Err(ChangeFailure::NoUnderlay(d.clone()))),
                     },
                     None => None,
                 };
@@ -380,22 +296,23 @@ impl Netlink {
                     .ack(msg::vxlan_new(&new, &vx), NLM_F_CREATE | NLM_F_EXCL)
                     .await
                 {
-                    let hint = if e.is(libc::EEXIST) && e.message.is_none() {
-                        format!(
-                            " (another vxlan device may already use VNI {} on port {})",
-                            v.vni, v.port
-                        )
+                    let failure = if e.is(libc::EEXIST) && e.message.is_none() {
+                        ChangeFailure::VniInUse {
+                            kernel: e,
+                            vni: v.vni.get(),
+                            port: v.port,
+                        }
                     } else {
-                        String::new()
+                        ChangeFailure::Kernel(e)
                     };
-                    return (1, Err(format!("{e}{hint}")));
+                    return (1, Err(failure));
                 }
                 let set = msg::SetLink {
                     alias: Some(l.alias.clone()),
                     ..Default::default()
                 };
                 let r = self.ack(msg::link_set(None, &l.name, &set), 0).await;
-                (2, r.map_err(|e| format!("set alias: {e}")))
+                (2, r.map_err(ChangeFailure::SetAlias))
             }
         }
     }
@@ -403,9 +320,9 @@ impl Netlink {
     /// Apply `changes` (normally [`diff`]'s output) in [`Phase`] order. Within
     /// a phase requests are pipelined: 128 requests per datagram, 4 datagrams
     /// queued; device creation is sequential. Keeps going after a failure;
-    /// returns an [`ApplyError`] (in the `anyhow::Error`) listing every
+    /// returns an [`ApplyError`] listing every
     /// failure at the end.
-    pub async fn apply(&self, changes: &[Change]) -> Result<ApplyReport> {
+    pub async fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ApplyError> {
         let t0 = Instant::now();
         let mut rep = ApplyReport {
             changes: changes.len(),
@@ -432,7 +349,7 @@ impl Netlink {
             if phase != Phase::DeleteLinks
                 && let Err(e) = idx.refresh(self).await
             {
-                rep.errors.push(format!("{e:#}"));
+                rep.errors.push(e);
                 continue;
             }
             let outcomes: Vec<Outcome> = if phase == Phase::CreateLinks {
@@ -440,11 +357,11 @@ impl Netlink {
                 for c in group {
                     // A VTEP may need the index of the bridge made just before.
                     if let Err(e) = idx.refresh(self).await {
-                        rep.errors.push(format!("{e:#}"));
+                        rep.errors.push(e);
                     }
                     if let Change::CreateLink { link } = c {
                         let (sent, r) = self.create_link(link, &idx.map).await;
-                        v.push((Kind::Link, sent, r.map_err(|e| format!("{c}: {e}"))));
+                        v.push((Kind::Link, sent, r));
                     }
                     idx.stale = true;
                 }
@@ -452,10 +369,13 @@ impl Netlink {
             } else {
                 self.run_phase(group, &idx.map).await
             };
-            for (kind, sent, res) in outcomes {
+            for (change, (kind, sent, res)) in group.iter().zip(outcomes) {
                 rep.count(kind, sent);
-                if let Err(e) = res {
-                    rep.errors.push(e);
+                if let Err(failure) = res {
+                    rep.errors.push(ApplyFailure::Change(ChangeError {
+                        change: (*change).clone(),
+                        failure,
+                    }));
                 }
             }
             if matches!(
@@ -481,171 +401,7 @@ impl Netlink {
             Err(ApplyError {
                 namespace: self.namespace().to_string(),
                 report: rep,
-            }
-            .into())
-        }
-    }
-
-    /// Delete every managed `vxm-` device (alias `vxmesh:net:`) and every
-    /// IPv4 route with protocol 86 (any table). Container veths (alias
-    /// `vxmesh:veth:`) and foreign `vxm-` devices are left alone and listed in
-    /// `skipped`; ip_forward is left as it is. Keeps going after a failure and
-    /// returns an error listing all of them.
-    pub async fn teardown(&self) -> Result<TeardownReport> {
-        let ns = self.namespace().to_string();
-        let (rows, routes) = futures::try_join!(link_rows(self), async {
-            self.query(msg::route_dump(), true)
-                .await
-                .with_context(|| format!("dump routes in {ns}"))
-        })?;
-        let names: HashMap<u32, String> = rows.iter().map(|r| (r.index, r.name.clone())).collect();
-        let routes = routes_of(&routes, &names);
-        let mut rep = TeardownReport::default();
-        let reqs = routes
-            .iter()
-            .map(|r| {
-                let req = msg::route_del(&msg::Route {
-                    dst: r.dst,
-                    via: r.via,
-                    oif: r.oif,
-                    onlink: false,
-                    protocol: Some(model::ROUTE_PROTOCOL),
-                    table: r.table,
-                    priority: r.priority,
-                    tos: r.tos,
-                });
-                (req, 0, true)
             })
-            .collect();
-        for (r, res) in routes.iter().zip(self.send_all(reqs).await) {
-            match res {
-                Ok(()) => rep.routes_deleted += 1,
-                Err(e) => rep
-                    .errors
-                    .push(format!("delete route {} (table {}): {e}", r.dst, r.table)),
-            }
-        }
-        let mut doomed = Vec::new();
-        for r in rows
-            .iter()
-            .filter(|r| r.name.starts_with(model::DEVICE_PREFIX))
-        {
-            match super::actual::ownership(&r.name, r.alias.as_deref()) {
-                Ownership::Managed => doomed.push(r.name.clone()),
-                other => rep.skipped.push(format!(
-                    "{} ({}, {})",
-                    r.name,
-                    r.kind.as_deref().unwrap_or("unknown kind"),
-                    if other == Ownership::Attached {
-                        "container veth"
-                    } else {
-                        "not created by vxmesh"
-                    }
-                )),
-            }
-        }
-        let reqs = doomed.iter().map(|n| (msg::link_del(n), 0, true)).collect();
-        for (name, res) in doomed.into_iter().zip(self.send_all(reqs).await) {
-            match res {
-                Ok(()) => rep.links_deleted.push(name),
-                Err(e) => rep.errors.push(format!("delete device {name}: {e}")),
-            }
-        }
-        rep.links_deleted.sort();
-        if rep.errors.is_empty() {
-            Ok(rep)
-        } else {
-            let total = rep.errors.len() + rep.routes_deleted + rep.links_deleted.len();
-            Err(anyhow!(summarise(
-                &rep.errors,
-                total,
-                "teardown steps",
-                &ns
-            )))
         }
     }
-}
-
-/// What [`Netlink::teardown`] removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct TeardownReport {
-    pub links_deleted: Vec<String>,
-    pub routes_deleted: usize,
-    /// `vxm-` devices left in place: "name (kind, why)".
-    pub skipped: Vec<String>,
-    pub errors: Vec<String>,
-}
-
-/// What one [`reconcile`] did.
-#[derive(Clone, Debug, Serialize)]
-pub struct ReconcileReport {
-    /// Number of changes the diff produced (0 = already converged).
-    pub changes: usize,
-    /// Netlink requests sent to apply them.
-    pub messages: usize,
-    pub duration: Duration,
-    /// The changes (their `Display` is the log line).
-    pub applied: Vec<Change>,
-    pub apply: ApplyReport,
-}
-
-impl ReconcileReport {
-    /// The changes as log lines.
-    pub fn lines(&self) -> Vec<String> {
-        self.applied.iter().map(ToString::to_string).collect()
-    }
-}
-
-/// Dump, diff against `plan`, apply: one reconciliation pass.
-pub async fn reconcile(nl: &Netlink, plan: &NodePlan) -> Result<ReconcileReport> {
-    let t0 = Instant::now();
-    let actual = nl.dump().await?;
-    let changes = diff(plan, &actual).with_context(|| format!("reconcile {}", nl.namespace()))?;
-    apply_logged(nl, changes, t0).await
-}
-
-/// The incremental pass: the kernel is known to hold exactly `old` (it was
-/// applied and no kernel event came since), so the changes to `new` are
-/// computed from the two plans, with no dump. `None` when more than peer
-/// entries differ: the caller then runs a full [`reconcile`].
-pub async fn reconcile_from(
-    nl: &Netlink,
-    old: &NodePlan,
-    new: &NodePlan,
-) -> Result<Option<ReconcileReport>> {
-    let t0 = Instant::now();
-    let Some(changes) = diff_entries(old, new) else {
-        return Ok(None);
-    };
-    apply_logged(nl, changes, t0).await.map(Some)
-}
-
-async fn apply_logged(nl: &Netlink, changes: Vec<Change>, t0: Instant) -> Result<ReconcileReport> {
-    const LOGGED: usize = 50;
-    for (i, c) in changes.iter().enumerate() {
-        if i < LOGGED {
-            tracing::info!(namespace = nl.namespace(), "{c}");
-        } else {
-            tracing::debug!(namespace = nl.namespace(), "{c}");
-        }
-    }
-    if changes.len() > LOGGED {
-        tracing::info!(
-            namespace = nl.namespace(),
-            "... and {} more changes",
-            changes.len() - LOGGED
-        );
-    }
-    let apply = if changes.is_empty() {
-        ApplyReport::default()
-    } else {
-        nl.apply(&changes).await?
-    };
-    Ok(ReconcileReport {
-        changes: changes.len(),
-        messages: apply.messages(),
-        duration: t0.elapsed(),
-        applied: changes,
-        apply,
-    })
 }

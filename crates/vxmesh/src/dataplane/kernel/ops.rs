@@ -4,14 +4,13 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
-use anyhow::{Context, Result, anyhow, bail};
 use ipnet::Ipv4Net;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::RouteNetlinkMessage as R;
 use serde::Serialize;
 
 use super::actual::{ActualLink, link_rows, parse_link};
-use super::{KernelError, Netlink, msg};
+use super::{KernelError, Netlink, NetlinkError, msg};
 use crate::dataplane::netns::Netns;
 use crate::model::Mac;
 
@@ -76,24 +75,26 @@ pub struct InterfaceFacts {
     pub routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
 }
 
-/// A short hint for the errors people hit most.
-fn hint(e: &KernelError) -> &'static str {
-    match e.errno {
-        libc::EEXIST => "; it already exists",
-        libc::ENODEV => "; no such device",
-        libc::EBUSY => "; the device must be down for this",
-        libc::EPERM => "; run as root (CAP_NET_ADMIN)",
-        _ => "",
-    }
-}
-
 impl Netlink {
-    fn fail(&self, what: String, e: KernelError) -> anyhow::Error {
-        anyhow!("{what} in {}: {e}{}", self.namespace(), hint(&e))
+    fn fail(&self, what: String, kernel: KernelError) -> NetlinkError {
+        NetlinkError::Request {
+            what,
+            namespace: self.namespace().to_string(),
+            kernel,
+        }
+    }
+
+    /// A failed dump of `what` ("addresses", "routes", ...).
+    pub(crate) fn dump_failed(&self, what: &'static str, kernel: KernelError) -> NetlinkError {
+        NetlinkError::Dump {
+            what,
+            namespace: self.namespace().to_string(),
+            kernel,
+        }
     }
 
     /// Index of device `name`, `None` if there is no such device.
-    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
         match self.query(msg::link_get(name), false).await {
             Ok(msgs) => Ok(msgs.iter().find_map(|m| match m {
                 R::NewLink(l) => Some(l.header.index),
@@ -104,17 +105,18 @@ impl Netlink {
         }
     }
 
-    async fn require_index(&self, name: &str, purpose: &str) -> Result<u32> {
-        self.link_index(name).await?.ok_or_else(|| {
-            anyhow!(
-                "{purpose}: device {name} does not exist in {}",
-                self.namespace()
-            )
-        })
+    async fn require_index(&self, name: &str, purpose: &str) -> Result<u32, NetlinkError> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NeedsDevice {
+                purpose: purpose.to_string(),
+                device: name.to_string(),
+                namespace: self.namespace().to_string(),
+            })
     }
 
     /// One device by name, `None` if missing.
-    pub async fn get_link(&self, name: &str) -> Result<Option<LinkInfo>> {
+    pub async fn get_link(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
         match self.query(msg::link_get(name), false).await {
             Ok(msgs) => Ok(msgs
                 .iter()
@@ -129,9 +131,10 @@ impl Netlink {
     }
 
     /// Every device of the namespace.
-    pub async fn list_links(&self) -> Result<Vec<LinkInfo>> {
+    pub async fn list_links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
         Ok(link_rows(self)
-            .await?
+            .await
+            .map_err(|e| self.dump_failed("links", e))?
             .into_iter()
             .map(LinkInfo::from)
             .collect())
@@ -147,7 +150,7 @@ impl Netlink {
         peer_name: &str,
         peer_ns: Option<&Netns>,
         mtu: u32,
-    ) -> Result<()> {
+    ) -> Result<(), NetlinkError> {
         let fd = peer_ns.map(|ns| ns.fd().as_raw_fd());
         let req = msg::veth_new(name, peer_name, fd, Some(mtu));
         // `peer_ns` stays borrowed (its fd open) until the kernel answered.
@@ -174,7 +177,7 @@ impl Netlink {
         mtu: u32,
         mac: Option<Mac>,
         alias: Option<&str>,
-    ) -> Result<()> {
+    ) -> Result<(), NetlinkError> {
         self.create_bridge_msgs(name, mtu, mac, None, false, alias)
             .await
             .map(|_| ())
@@ -189,7 +192,7 @@ impl Netlink {
         master: Option<u32>,
         up: bool,
         alias: Option<&str>,
-    ) -> Result<usize> {
+    ) -> Result<usize, NetlinkError> {
         let first_mtu = if mtu > 68 { mtu - 1 } else { mtu + 1 };
         let l = msg::NewLink {
             name: name.to_string(),
@@ -213,7 +216,7 @@ impl Netlink {
     }
 
     /// Change a device: up/down, mtu, mac, master, alias (one request).
-    pub async fn set_link(&self, name: &str, opts: LinkOptions) -> Result<()> {
+    pub async fn set_link(&self, name: &str, opts: LinkOptions) -> Result<(), NetlinkError> {
         let master = match (&opts.master, opts.nomaster) {
             (Some(m), _) => Some(
                 self.require_index(m, &format!("enslave {name} to {m}"))
@@ -236,7 +239,7 @@ impl Netlink {
     }
 
     /// Rename a device (it must be down).
-    pub async fn rename_link(&self, name: &str, new_name: &str) -> Result<()> {
+    pub async fn rename_link(&self, name: &str, new_name: &str) -> Result<(), NetlinkError> {
         let index = self
             .require_index(name, &format!("rename {name} to {new_name}"))
             .await?;
@@ -250,7 +253,7 @@ impl Netlink {
     }
 
     /// Move a device into another namespace (it keeps its name there).
-    pub async fn move_link_to_ns(&self, name: &str, ns: &Netns) -> Result<()> {
+    pub async fn move_link_to_ns(&self, name: &str, ns: &Netns) -> Result<(), NetlinkError> {
         let set = msg::SetLink {
             netns_fd: Some(ns.fd().as_raw_fd()),
             ..Default::default()
@@ -261,7 +264,7 @@ impl Netlink {
     }
 
     /// Delete a device; a missing device is not an error.
-    pub async fn delete_link(&self, name: &str) -> Result<()> {
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
         match self.ack(msg::link_del(name), 0).await {
             Ok(()) => Ok(()),
             Err(e) if e.is(libc::ENODEV) => Ok(()),
@@ -270,7 +273,7 @@ impl Netlink {
     }
 
     /// Add an IPv4 address; an existing identical address is not an error.
-    pub async fn add_address(&self, dev: &str, addr: Ipv4Net) -> Result<()> {
+    pub async fn add_address(&self, dev: &str, addr: Ipv4Net) -> Result<(), NetlinkError> {
         let what = format!("add address {addr} to {dev}");
         let index = self.require_index(dev, &what).await?;
         match self
@@ -292,7 +295,7 @@ impl Netlink {
         dev: &str,
         onlink: bool,
         protocol: Option<u8>,
-    ) -> Result<()> {
+    ) -> Result<(), NetlinkError> {
         let what = match via {
             Some(gw) => format!("add route {dst} via {gw} dev {dev}"),
             None => format!("add route {dst} dev {dev}"),
@@ -314,7 +317,11 @@ impl Netlink {
     }
 
     /// Bridge-port `learning` of a device enslaved to a bridge.
-    pub async fn set_bridge_port_learning(&self, dev: &str, learning: bool) -> Result<()> {
+    pub async fn set_bridge_port_learning(
+        &self,
+        dev: &str,
+        learning: bool,
+    ) -> Result<(), NetlinkError> {
         self.ack(msg::port_learning(dev, learning), 0)
             .await
             .map_err(|e| {
@@ -329,21 +336,23 @@ impl Netlink {
     }
 
     /// A device with its IPv4 addresses and main-table routes (CNI CHECK).
-    pub async fn interface_facts(&self, name: &str) -> Result<Option<InterfaceFacts>> {
+    pub async fn interface_facts(
+        &self,
+        name: &str,
+    ) -> Result<Option<InterfaceFacts>, NetlinkError> {
         let Some(link) = self.get_link(name).await? else {
             return Ok(None);
         };
-        let ns = self.namespace().to_string();
         let (addrs, routes) = futures::try_join!(
             async {
                 self.query(msg::addr_dump(), true)
                     .await
-                    .with_context(|| format!("dump addresses in {ns}"))
+                    .map_err(|e| self.dump_failed("addresses", e))
             },
             async {
                 self.query(msg::route_dump(), true)
                     .await
-                    .with_context(|| format!("dump routes in {ns}"))
+                    .map_err(|e| self.dump_failed("routes", e))
             },
         )?;
         let mut facts = InterfaceFacts {
@@ -397,10 +406,13 @@ impl Netlink {
     }
 
     /// Fail unless `name` exists (for callers that want a clear message).
-    pub async fn expect_link(&self, name: &str) -> Result<LinkInfo> {
+    pub async fn expect_link(&self, name: &str) -> Result<LinkInfo, NetlinkError> {
         match self.get_link(name).await? {
             Some(l) => Ok(l),
-            None => bail!("device {name} does not exist in {}", self.namespace()),
+            None => Err(NetlinkError::NoDevice {
+                device: name.to_string(),
+                namespace: self.namespace().to_string(),
+            }),
         }
     }
 }

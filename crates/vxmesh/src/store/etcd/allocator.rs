@@ -70,7 +70,9 @@ impl<'a> EtcdAllocator<'a> {
     {
         match self.host_ns {
             Some(ns) => ns
-                .run_async(move || async move { Ok(f().await) })
+                .run_async(move || async move {
+                    Ok::<_, crate::dataplane::netns::NetnsError>(f().await)
+                })
                 .await
                 .map_err(|e| StoreError::Namespace {
                     name: ns.name().to_string(),

@@ -19,28 +19,23 @@
 //! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpListener;
 
-use crate::dataplane::kernel::ApplyError;
-use crate::dataplane::{NodePlan, ReconcileReport};
+use crate::dataplane::{NodePlan, ReconcileError, ReconcileReport};
+
+mod server;
+pub use server::{BindError, Server, bind, serve};
 
 /// Content type of the OpenMetrics text format that prometheus-client writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -249,12 +244,16 @@ impl Metrics {
 
     /// Run one reconcile (`fut`, for `plan`) and record it: its duration,
     /// the changes made and the messages sent, the changes that failed
-    /// (from an [`ApplyError`]), and (if it succeeded) the peers of every
-    /// network in `plan`. Failures before the apply (a dump, the diff) count
-    /// only in the pass result.
-    pub async fn reconcile<F>(&self, plan: &NodePlan, fut: F) -> Result<ReconcileReport>
+    /// (from the report a failed apply carries), and (if it succeeded) the
+    /// peers of every network in `plan`. Failures before the apply (a dump,
+    /// the diff) count only in the pass result.
+    pub async fn reconcile<F>(
+        &self,
+        plan: &NodePlan,
+        fut: F,
+    ) -> Result<ReconcileReport, ReconcileError>
     where
-        F: Future<Output = Result<ReconcileReport>>,
+        F: Future<Output = Result<ReconcileReport, ReconcileError>>,
     {
         let t0 = Instant::now();
         let r = fut.await;
@@ -267,11 +266,10 @@ impl Metrics {
                 self.set_peers(plan);
             }
             Err(e) => {
-                if let Some(a) = e.downcast_ref::<ApplyError>() {
-                    let failed = a.report.errors.len();
-                    m.changes
-                        .inc_by(a.report.changes.saturating_sub(failed) as u64);
-                    m.messages.inc_by(a.report.messages() as u64);
+                if let Some(a) = e.apply_report() {
+                    let failed = a.errors.len();
+                    m.changes.inc_by(a.changes.saturating_sub(failed) as u64);
+                    m.messages.inc_by(a.messages() as u64);
                     m.netlink_errors.inc_by(failed as u64);
                 }
             }
@@ -361,122 +359,10 @@ impl Metrics {
     }
 }
 
-/// Parse and bind `--metrics ADDR` (IP:PORT). Call before anything is
-/// applied: a bad address fails the agent at once.
-pub async fn bind(addr: &str) -> Result<TcpListener> {
-    let sa: SocketAddr = addr.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "--metrics {addr}: not an IP:PORT address: give an address of this host and a port, \
-             e.g. --metrics 10.0.0.1:9472 (0.0.0.0:9472 listens on every address)"
-        )
-    })?;
-    TcpListener::bind(sa).await.with_context(|| {
-        format!(
-            "--metrics {addr}: cannot listen there: use an address this host (its network namespace) has \
-             and a port no other process uses"
-        )
-    })
-}
-
-/// Connections served at once (further ones wait in the listen backlog).
-const MAX_CONNECTIONS: usize = 16;
-
-/// The HTTP server [`serve`] started; dropping it stops the server.
-pub struct Server(tokio::task::JoinHandle<()>);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Serve `GET /metrics` on `listener` (on the current tokio runtime) until
-/// the returned [`Server`] is dropped. Other paths get 404, methods other
-/// than GET and HEAD 405.
-pub fn serve(listener: TcpListener, metrics: Metrics) -> Server {
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    tracing::info!("serving metrics on http://{local}/metrics");
-    // Scrapers are few; a client opening many connections gets no more.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    Server(tokio::spawn(async move {
-        let mut last_error: Option<String> = None;
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: log once, back off.
-                    let msg = e.to_string();
-                    if last_error.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!("metrics listener {local}: accept: {msg}");
-                        last_error = Some(msg);
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let m = metrics.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let svc = hyper::service::service_fn(move |req| {
-                    let m = m.clone();
-                    async move { Ok::<_, Infallible>(respond(&m, &req)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .keep_alive(true)
-                    .serve_connection(io, svc);
-                if let Err(e) = conn.await {
-                    tracing::debug!("metrics connection: {e}");
-                }
-            });
-        }
-    }))
-}
-
-fn respond<B>(m: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
-    let plain = |status: StatusCode, text: &str| {
-        let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
-    if req.uri().path() != "/metrics" {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "not found: metrics are at /metrics\n",
-        );
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
-        r.headers_mut().insert(
-            hyper::header::ALLOW,
-            hyper::header::HeaderValue::from_static("GET, HEAD"),
-        );
-        return r;
-    }
-    let mut r = Response::new(Full::new(Bytes::from(m.encode())));
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
-    );
-    r
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::kernel::ApplyReport;
+    use crate::dataplane::kernel::{ApplyError, ApplyFailure, ApplyReport, KernelError};
     use crate::dataplane::plan::{PlanInput, plan};
 
     /// The value of the series written exactly as `series` (name and labels).
@@ -512,6 +398,18 @@ mod tests {
             underlay_mtu: 1500,
         })
         .unwrap()
+    }
+
+    /// A failed apply's entry: the kernel refused a request (the namespace
+    /// names it, for the test).
+    fn failure(namespace: &str) -> ApplyFailure {
+        ApplyFailure::ResolveDevices {
+            namespace: namespace.to_string(),
+            kernel: KernelError {
+                errno: libc::EBUSY,
+                message: None,
+            },
+        }
     }
 
     fn report(changes: usize, messages: usize) -> ReconcileReport {
@@ -599,16 +497,16 @@ mod tests {
                 changes: 4,
                 routes: 2,
                 fdb: 2,
-                errors: vec!["a".into(), "b".into()],
+                errors: ["a", "b"].map(failure).to_vec(),
                 ..Default::default()
             },
         };
         let bridged = cluster_plan(3, 2);
         let e = m
-            .reconcile(&bridged, async { Err(anyhow::Error::new(failed)) })
+            .reconcile(&bridged, async { Err(ReconcileError::Apply(failed)) })
             .await
             .unwrap_err();
-        assert!(e.downcast_ref::<ApplyError>().is_some());
+        assert_eq!(e.apply_report().map(|r| r.errors.len()), Some(2));
         m.pass_done(false);
         let t = m.encode();
         assert_eq!(sample(&t, "vxmesh_netlink_errors_total"), Some(2.0), "{t}");
@@ -679,38 +577,5 @@ mod tests {
             sample(&t, "vxmesh_records_rejected_total{kind=\"subnet\"}"),
             Some(0.0)
         );
-    }
-
-    #[test]
-    fn http_answers() {
-        let m = Metrics::new();
-        let req = |method: Method, path: &str| {
-            Request::builder()
-                .method(method)
-                .uri(path)
-                .body(())
-                .unwrap()
-        };
-        let r = respond(&m, &req(Method::GET, "/metrics"));
-        assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], CONTENT_TYPE);
-        assert_eq!(
-            respond(&m, &req(Method::GET, "/")).status(),
-            StatusCode::NOT_FOUND
-        );
-        let r = respond(&m, &req(Method::POST, "/metrics"));
-        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(r.headers()[hyper::header::ALLOW], "GET, HEAD");
-    }
-
-    #[tokio::test]
-    async fn bad_addresses_name_the_option_and_the_fix() {
-        for bad in ["localhost", "10.0.0.1", "10.0.0.1:99999", ":9472"] {
-            let e = format!("{:#}", bind(bad).await.unwrap_err());
-            assert!(
-                e.contains("--metrics") && e.contains("IP:PORT"),
-                "{bad}: {e}"
-            );
-        }
     }
 }

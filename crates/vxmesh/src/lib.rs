@@ -1,8 +1,15 @@
 //! vxmesh: a control plane for kernel VXLAN overlays.
 //!
-//! See DESIGN.md in the repository for the architecture: a pure planner
-//! ([`dataplane::plan`]) computes desired state, the kernel layer
-//! ([`dataplane::kernel`]) dumps what vxmesh owns and applies the difference.
+//! The library a production host runs: a pure planner
+//! ([`dataplane::plan`]) computes desired state, the one comparator
+//! ([`dataplane::diff`]) judges the kernel's dump against it, and the kernel
+//! layer ([`dataplane::kernel`]) applies the difference; [`store`] says
+//! where node and endpoint records come from, [`agent`] keeps it all true,
+//! and [`attach`] / [`cni`] put containers on the network.
+//!
+//! The architecture as built (crates, the flow plan -> diff -> apply, the
+//! store and allocator traits, ownership rules): `DESIGN.md` at the root of
+//! the repository.
 
 pub mod agent;
 pub mod attach;

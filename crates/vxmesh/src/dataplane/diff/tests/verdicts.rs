@@ -2,8 +2,11 @@
 
 use super::*;
 
+/// A change made to the kernel state by hand.
+type Perturbation = Box<dyn Fn(&mut ActualState)>;
+
 /// Every drift the tests below apply to a converged routed node.
-fn perturbations() -> Vec<(&'static str, Box<dyn Fn(&mut ActualState)>)> {
+fn perturbations() -> Vec<(&'static str, Perturbation)> {
     vec![
         ("nothing", Box::new(|_| {})),
         ("route gone", Box::new(|a| drop(a.routes.remove(0)))),

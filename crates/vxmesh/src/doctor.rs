@@ -8,22 +8,50 @@
 //! route -> neighbour -> FDB entry -> underlay reachability of the peer ->
 //! MTU consistency -> the VTEP's tx checksum offload (reported, a warning).
 //! Devices come before entries: the kernel drops a down device's routes, so
-//! the device is the cause and the missing route only a symptom.
+//! the device is the cause and the missing route only a symptom. The device
+//! and entry hops render the diff's verdicts (the checks `status` shows); the
+//! underlay, reachability, MTU and offload hops read the host.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
+use crate::dataplane::diff;
 use crate::dataplane::kernel::{ActualState, Netlink};
-use crate::status::{self, SavedPlan};
+use crate::status::{self, BoxError, SavedPlan, StatusError};
 
 mod hops;
 
 use hops::*;
 pub use hops::{tx_checksum_offload, underlay_route};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error(
+        "{to} is in this node's own subnet {subnet} of network {network}: the path stays on {bridge}"
+    )]
+    LocalAddress {
+        to: Ipv4Addr,
+        subnet: Ipv4Net,
+        network: String,
+        bridge: String,
+    },
+    #[error("no peer of this node serves {to}: is it a container address of a remote node?")]
+    NoPeerServes { to: Ipv4Addr },
+    #[error("connect to rtnetlink")]
+    Connect(#[source] BoxError),
+    #[error("read the kernel state")]
+    Kernel(#[source] BoxError),
+    #[error("list interface addresses")]
+    Addresses(#[source] nix::Error),
+    #[error("doctor task")]
+    Task(#[source] tokio::task::JoinError),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,7 +120,8 @@ pub fn examine(
     offload: &dyn Fn(&str) -> Option<bool>,
     agent_running: bool,
     opts: &DoctorOptions,
-) -> Result<DoctorReport> {
+) -> Result<DoctorReport, DoctorError> {
+    let verdicts = diff::compare(&saved.plan, actual).verdicts;
     let mut paths = Vec::new();
     let mut reachable: std::collections::HashMap<Ipv4Addr, Hop> = Default::default();
     for st in saved.plan.networks.values() {
@@ -104,30 +133,30 @@ pub fn examine(
                     continue;
                 }
             }
-            let mut hops = vec![bridge_hop(st, saved, actual)];
+            let mut hops = vec![bridge_hop(st, saved, &verdicts, actual)];
             if st.mode == Mode::Routed {
                 hops.push(forwarding_hop(actual));
             }
-            hops.push(vtep_hop(st, saved, actual));
+            hops.push(vtep_hop(st, &verdicts, actual));
             let (u, underlay_mtu) = underlay_hop(st, actual, facts);
             hops.push(u);
             for r in &routes {
                 hops.push(entry_hop(
                     "route",
-                    &status::check_route(r, actual),
+                    &status::route_status(r, &verdicts),
                     &format!("the route to {} via {} on {}", r.dst, r.via, r.dev),
                 ));
             }
             for n in &neighs {
                 hops.push(entry_hop(
                     "neighbour",
-                    &status::check_neigh(n, actual),
+                    &status::neigh_status(n, &verdicts),
                     &format!("the neighbour entry {} -> {} on {}", n.ip, n.mac, n.dev),
                 ));
             }
             hops.push(entry_hop(
                 "fdb",
-                &status::check_fdb(&f, actual),
+                &status::fdb_status(&f, &verdicts),
                 &format!("the FDB entry for {} (dst {}) on {}", f.mac, f.dst, f.dev),
             ));
             // One lookup (and echo) per underlay IP: bridged peers share it.
@@ -156,17 +185,15 @@ pub fn examine(
             .networks
             .values()
             .find(|st| st.mode == Mode::Routed && st.subnet.contains(&to));
-        match local {
-            Some(st) => bail!(
-                "{to} is in this node's own subnet {} of network {}: the path stays on {}",
-                st.subnet,
-                st.network,
-                st.bridge
-            ),
-            None => bail!(
-                "no peer of this node serves {to}: is it a container address of a remote node?"
-            ),
-        }
+        return Err(match local {
+            Some(st) => DoctorError::LocalAddress {
+                to,
+                subnet: st.subnet,
+                network: st.network.clone(),
+                bridge: st.bridge.clone(),
+            },
+            None => DoctorError::NoPeerServes { to },
+        });
     }
     let first_broken = paths.iter().find_map(|p| p.first_broken.clone());
     Ok(DoctorReport {
@@ -178,9 +205,9 @@ pub fn examine(
     })
 }
 
-fn host_facts(links: &[crate::dataplane::kernel::LinkInfo]) -> Result<HostFacts> {
+fn host_facts(links: &[crate::dataplane::kernel::LinkInfo]) -> Result<HostFacts, DoctorError> {
     let mut addresses = Vec::new();
-    for a in nix::ifaddrs::getifaddrs().context("list interface addresses")? {
+    for a in nix::ifaddrs::getifaddrs().map_err(DoctorError::Addresses)? {
         if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
             let len = a
                 .netmask
@@ -200,11 +227,16 @@ fn host_facts(links: &[crate::dataplane::kernel::LinkInfo]) -> Result<HostFacts>
 }
 
 /// Run the doctor on the node in the current network namespace.
-pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorReport> {
+pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorReport, DoctorError> {
     let saved = status::read_plan(state_dir)?;
-    let nl = Netlink::connect().await.context("connect to rtnetlink")?;
-    let actual = nl.dump().await?;
-    let links = nl.list_links().await?;
+    let nl = Netlink::connect()
+        .await
+        .map_err(|e| DoctorError::Connect(e.into()))?;
+    let actual = nl.dump().await.map_err(|e| DoctorError::Kernel(e.into()))?;
+    let links = nl
+        .list_links()
+        .await
+        .map_err(|e| DoctorError::Kernel(e.into()))?;
     let facts = host_facts(&links)?;
     let saved2 = saved.clone();
     let actual2 = actual.clone();
@@ -221,7 +253,7 @@ pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorRepo
         )
     })
     .await
-    .context("doctor task")?
+    .map_err(DoctorError::Task)?
 }
 
 /// Human-readable rendering.

@@ -16,6 +16,16 @@ pub enum LinkKind {
     Vxlan(VxlanSpec),
 }
 
+impl LinkKind {
+    /// The kernel's name of the kind (`IFLA_INFO_KIND`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkKind::Bridge => "bridge",
+            LinkKind::Vxlan(_) => "vxlan",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VxlanSpec {
     pub vni: Vni,
@@ -60,6 +70,13 @@ pub struct RouteSpec {
     pub via: Ipv4Addr,
     pub dev: String,
 }
+
+/// The scope of the routes vxmesh writes: `RT_SCOPE_UNIVERSE` (the route
+/// dump reports it as a number).
+pub const ROUTE_SCOPE_UNIVERSE: u8 = 0;
+
+/// The type of the routes vxmesh writes: `RTN_UNICAST`.
+pub const ROUTE_TYPE_UNICAST: u8 = 1;
 
 /// A permanent ARP entry `ip lladdr mac` on `dev`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -108,4 +125,15 @@ pub struct NetworkState {
     pub pool: Ipv4Net,
     /// Routed: the bridge address containers use as default gateway.
     pub gateway: Option<Ipv4Addr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::route::{RouteScope, RouteType};
+
+    #[test]
+    fn route_constants_are_the_kernel_values() {
+        assert_eq!(super::ROUTE_SCOPE_UNIVERSE, u8::from(RouteScope::Universe));
+        assert_eq!(super::ROUTE_TYPE_UNICAST, u8::from(RouteType::Unicast));
+    }
 }

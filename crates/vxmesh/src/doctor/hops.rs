@@ -5,8 +5,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::config::Mode;
+use crate::dataplane::NetworkState;
+use crate::dataplane::diff::{LinkDrift, Verdict, Verdicts};
 use crate::dataplane::kernel::{ATTACHED_ALIAS_PREFIX, ActualState};
-use crate::dataplane::{LinkKind, NetworkState};
 use crate::status::{self, Check, SavedPlan};
 
 use super::{Hop, HopState, HostFacts};
@@ -30,15 +31,34 @@ pub(super) fn broken(name: &str, detail: String, fix: String) -> Hop {
 
 const AGENT_FIX: &str = "is the agent running? it restores it within a second";
 
-pub(super) fn bridge_hop(st: &NetworkState, plan: &SavedPlan, actual: &ActualState) -> Hop {
-    let Some(b) = actual.link(&st.bridge) else {
+/// The drift of a planned device, or `None` when the kernel lacks it (or
+/// the plan does not list it).
+fn device_drift<'v>(verdicts: &'v Verdicts, name: &str) -> Option<&'v [LinkDrift]> {
+    match verdicts.link(name)? {
+        Verdict::Missing => None,
+        Verdict::Ok => Some(&[]),
+        Verdict::Different(drift) => Some(drift),
+    }
+}
+
+fn has(drift: &[LinkDrift], pred: impl Fn(&LinkDrift) -> bool) -> bool {
+    drift.iter().any(pred)
+}
+
+pub(super) fn bridge_hop(
+    st: &NetworkState,
+    plan: &SavedPlan,
+    verdicts: &Verdicts,
+    actual: &ActualState,
+) -> Hop {
+    let Some(drift) = device_drift(verdicts, &st.bridge) else {
         return broken(
             "bridge",
             format!("bridge {} does not exist", st.bridge),
             format!("the bridge {} is missing: {AGENT_FIX}", st.bridge),
         );
     };
-    if !b.up {
+    if has(drift, |d| *d == LinkDrift::Down) {
         return broken(
             "bridge",
             format!("bridge {} is down", st.bridge),
@@ -49,14 +69,9 @@ pub(super) fn bridge_hop(st: &NetworkState, plan: &SavedPlan, actual: &ActualSta
         );
     }
     if st.mode == Mode::Routed {
-        let want: Vec<_> = plan
-            .plan
-            .addresses
-            .iter()
-            .filter(|a| a.dev == st.bridge)
-            .collect();
+        let want = plan.plan.addresses.iter().filter(|a| a.dev == st.bridge);
         for a in want {
-            if !actual.addresses.contains(a) {
+            if !verdicts.address(a).is_some_and(Verdict::is_ok) {
                 return broken(
                     "bridge",
                     format!("bridge {} lacks its address {}", st.bridge, a.addr),
@@ -68,7 +83,10 @@ pub(super) fn bridge_hop(st: &NetworkState, plan: &SavedPlan, actual: &ActualSta
             }
         }
     }
-    ok("bridge", format!("bridge {} up ({})", st.bridge, b.oper))
+    let oper = actual
+        .link(&st.bridge)
+        .map_or("unknown", |b| b.oper.as_str());
+    ok("bridge", format!("bridge {} up ({oper})", st.bridge))
 }
 
 pub(super) fn forwarding_hop(actual: &ActualState) -> Hop {
@@ -83,71 +101,63 @@ pub(super) fn forwarding_hop(actual: &ActualState) -> Hop {
     }
 }
 
-pub(super) fn vtep_hop(st: &NetworkState, plan: &SavedPlan, actual: &ActualState) -> Hop {
-    let Some(v) = actual.link(&st.vtep) else {
+pub(super) fn vtep_hop(st: &NetworkState, verdicts: &Verdicts, actual: &ActualState) -> Hop {
+    let Some(drift) = device_drift(verdicts, &st.vtep) else {
         return broken(
             "vtep",
             format!("VTEP {} does not exist", st.vtep),
             format!("the VTEP {} is missing: {AGENT_FIX}", st.vtep),
         );
     };
-    if !v.up {
+    if has(drift, |d| *d == LinkDrift::Down) {
         return broken(
             "vtep",
             format!("VTEP {} is down", st.vtep),
             format!("bring the VTEP {} up: {AGENT_FIX}", st.vtep),
         );
     }
-    let spec = plan.plan.links.iter().find(|l| l.name == st.vtep);
-    if let (Some(spec), Some(x)) = (spec, &v.vxlan) {
-        if let LinkKind::Vxlan(s) = &spec.kind {
-            let mut bad = Vec::new();
-            if x.vni != s.vni.get() {
-                bad.push(format!("VNI {} (want {})", x.vni, s.vni.get()));
-            }
-            if x.port != s.port {
-                bad.push(format!("dstport {} (want {})", x.port, s.port));
-            }
-            if x.local != Some(s.local) {
-                bad.push(format!(
-                    "local {} (want {})",
-                    x.local.map_or("-".into(), |l| l.to_string()),
-                    s.local
-                ));
-            }
-            if !bad.is_empty() {
-                return broken(
-                    "vtep",
-                    format!("VTEP {} has {}", st.vtep, bad.join(", ")),
-                    format!(
-                        "the VTEP {} was changed by hand or by another tool: the agent replaces it (is it running?)",
-                        st.vtep
-                    ),
-                );
-            }
-        }
-        if st.mode == Mode::Bridged && v.master.as_deref() != Some(st.bridge.as_str()) {
-            return broken(
-                "vtep",
-                format!("VTEP {} is not a port of {}", st.vtep, st.bridge),
-                format!("enslave {} to {} again: {AGENT_FIX}", st.vtep, st.bridge),
-            );
-        }
-        return ok(
+    let x = actual.link(&st.vtep).and_then(|v| v.vxlan.as_ref());
+    let not_vxlan =
+        |d: &LinkDrift| matches!(d, LinkDrift::Kind { .. } | LinkDrift::NoVxlanAttributes);
+    let Some(x) = x.filter(|_| !has(drift, not_vxlan)) else {
+        return broken(
             "vtep",
+            format!("{} is not a vxlan device", st.vtep),
+            format!("{} is not the VTEP vxmesh created: {AGENT_FIX}", st.vtep),
+        );
+    };
+    // What is set at creation: the agent replaces the device.
+    let bad: Vec<String> = drift
+        .iter()
+        .filter(|d| d.needs_recreate())
+        .map(ToString::to_string)
+        .collect();
+    if !bad.is_empty() {
+        return broken(
+            "vtep",
+            format!("VTEP {} has {}", st.vtep, bad.join(", ")),
             format!(
-                "VTEP {} up, vni {} dstport {} local {}",
-                st.vtep,
-                x.vni,
-                x.port,
-                x.local.map_or("-".into(), |l| l.to_string())
+                "the VTEP {} was changed by hand or by another tool: the agent replaces it (is it running?)",
+                st.vtep
             ),
         );
     }
-    broken(
+    if st.mode == Mode::Bridged && has(drift, |d| matches!(d, LinkDrift::Master { .. })) {
+        return broken(
+            "vtep",
+            format!("VTEP {} is not a port of {}", st.vtep, st.bridge),
+            format!("enslave {} to {} again: {AGENT_FIX}", st.vtep, st.bridge),
+        );
+    }
+    ok(
         "vtep",
-        format!("{} is not a vxlan device", st.vtep),
-        format!("{} is not the VTEP vxmesh created: {AGENT_FIX}", st.vtep),
+        format!(
+            "VTEP {} up, vni {} dstport {} local {}",
+            st.vtep,
+            x.vni,
+            x.port,
+            x.local.map_or("-".into(), |l| l.to_string())
+        ),
     )
 }
 
@@ -302,12 +312,12 @@ pub(super) fn reachability_hop(peer: Ipv4Addr, ping: bool) -> Hop {
     if !ping {
         return ok("underlay_reachability", format!("route to {peer} {via}"));
     }
-    let echo = crate::dataplane::netns::Netns::current()
-        .map_err(anyhow::Error::from)
-        .and_then(|ns| {
-            crate::icmp::icmp_echo(&ns, peer, 56, false, Duration::from_millis(800))
-                .map_err(anyhow::Error::from)
-        });
+    // The namespace and ICMP layers have errors of their own: shown as text.
+    let echo = match crate::dataplane::netns::Netns::current() {
+        Ok(ns) => crate::icmp::icmp_echo(&ns, peer, 56, false, Duration::from_millis(800))
+            .map_err(|e| format!("{e:#}")),
+        Err(e) => Err(format!("{e:#}")),
+    };
     match echo {
         Ok(crate::icmp::EchoOutcome::Reply { rtt }) => ok(
             "underlay_reachability",
@@ -327,7 +337,7 @@ pub(super) fn reachability_hop(peer: Ipv4Addr, ping: bool) -> Hop {
         Err(e) => hop(
             "underlay_reachability",
             HopState::Warn,
-            format!("route to {peer} {via}; ICMP echo not sent: {e:#}"),
+            format!("route to {peer} {via}; ICMP echo not sent: {e}"),
             None,
         ),
     }

@@ -101,13 +101,7 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
         .node(node)
         .ok_or_else(|| AgentError::UnknownNode {
             node: node.to_string(),
-            known: snap
-                .cluster
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: snap.cluster.node_names(),
         })?;
     let (_, underlay_mtu) = find_underlay(nl, me).await?;
     Ok(plan(&PlanInput {

@@ -8,7 +8,6 @@ mod common_etcd;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common_etcd::EtcdServer;
@@ -22,7 +21,6 @@ use vxmesh::store::etcd::{self, ClientOptions, EtcdNetworks, EtcdOptions, TlsOpt
 use vxmesh::store::{AddressAllocator, Allocator, AllocatorSpec, Snapshot, Store, StoreError};
 
 const PREFIX: &str = "/vxmesh";
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Run `f` inside a fresh network namespace, removed afterwards (also when
 /// `f` fails or panics): the etcd server it starts and every client live there.
@@ -31,8 +29,7 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let guard = NetnsGuard::create(&format!("vxm-ea{}-{n}", std::process::id() % 100_000)).unwrap();
+    let guard = NetnsGuard::create(&common_etcd::unique_ns("ea")).unwrap();
     let ns = guard.open().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

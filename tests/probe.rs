@@ -1,9 +1,10 @@
 //! The probes against real namespaces joined by veth pairs (run as root).
 //! Every test makes its own namespaces `vxm-p-<pid>-<n>`, removed on drop.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vxmesh::dataplane::netns::{Netns, NetnsGuard};
@@ -14,15 +15,8 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// On the link, but nobody has it.
 const NOBODY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 77);
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 fn new_ns() -> NetnsGuard {
-    let name = format!(
-        "vxm-p-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    );
-    NetnsGuard::create(&name).expect("create namespace")
+    NetnsGuard::create(&common::unique_ns("p-")).expect("create namespace")
 }
 
 fn ip(ns: &NetnsGuard, args: &[&str]) {

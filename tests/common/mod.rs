@@ -2,19 +2,15 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vxmesh::config::Mode;
 use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+mod naming;
 
-/// A lab name unique per process and call (fits the 16-character limit).
-pub fn unique(tag: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    format!("{tag}{}{n}", std::process::id() % 100_000)
-}
+#[allow(unused_imports)] // not every test file names namespaces
+pub use naming::{unique, unique_ns};
 
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vxmesh"))

@@ -10,13 +10,16 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 const ETCD: &str = "/usr/bin/etcd";
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+#[path = "../common/naming.rs"]
+mod naming;
+
+pub use naming::unique_ns;
 
 pub struct EtcdServer {
     dir: tempfile::TempDir,
@@ -171,8 +174,7 @@ impl EtcdServer {
     }
 
     async fn start_with(tls: Option<TlsFiles>) -> EtcdServer {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("vxm-test-{}-{n}", std::process::id());
+        let name = unique_ns("test-");
         for attempt in 0..3 {
             let (client_port, peer_port) = free_ports();
             let mut s = EtcdServer {

@@ -27,7 +27,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::config::Mode;
@@ -35,11 +34,18 @@ use crate::dataplane::events::{self, KernelEvents, OwnedIndexes};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile, reconcile_from};
+use crate::error::chain;
 use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
 use crate::model::NodeRecord;
 use crate::state::{self, PlanStore, ServedNetwork};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
+
+mod error;
+
+pub use error::AgentError;
+
+type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -58,24 +64,26 @@ pub async fn find_underlay(nl: &Netlink, me: &NodeRecord) -> Result<(String, u32
     let links = nl.list_links().await?;
     let dev = match &me.underlay_dev {
         Some(d) => d.clone(),
-        None => device_with_address(me.underlay_ip)?.with_context(|| {
-            format!(
-                "underlay IP {} of node '{}' is not on any interface of this host: fix underlay_ip in the cluster file or add the address",
-                me.underlay_ip, me.name
-            )
-        })?,
+        None => {
+            device_with_address(me.underlay_ip)?.ok_or_else(|| AgentError::UnderlayIpNotHere {
+                ip: me.underlay_ip,
+                node: me.name.clone(),
+            })?
+        }
     };
-    let link = links.iter().find(|l| l.name == dev).with_context(|| {
-        format!(
-            "underlay device '{dev}' of node '{}' does not exist",
-            me.name
-        )
-    })?;
+    let link =
+        links
+            .iter()
+            .find(|l| l.name == dev)
+            .ok_or_else(|| AgentError::NoUnderlayDevice {
+                device: dev.clone(),
+                node: me.name.clone(),
+            })?;
     Ok((dev, link.mtu))
 }
 
 fn device_with_address(ip: Ipv4Addr) -> Result<Option<String>> {
-    let addrs = nix::ifaddrs::getifaddrs().context("list interface addresses")?;
+    let addrs = nix::ifaddrs::getifaddrs().map_err(AgentError::Addresses)?;
     for a in addrs {
         if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in())
             && sin.ip() == ip
@@ -88,17 +96,13 @@ fn device_with_address(ip: Ipv4Addr) -> Result<Option<String>> {
 
 /// Plan this node from a snapshot.
 pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<NodePlan> {
-    let me = snap.cluster.node(node).with_context(|| {
-        format!(
-            "node '{node}' is not in the cluster (known: {}): check --node",
-            snap.cluster
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
+    let me = snap
+        .cluster
+        .node(node)
+        .ok_or_else(|| AgentError::UnknownNode {
+            node: node.to_string(),
+            known: snap.cluster.node_names(),
+        })?;
     let (_, underlay_mtu) = find_underlay(nl, me).await?;
     Ok(plan(&PlanInput {
         cluster: &snap.cluster,
@@ -163,7 +167,10 @@ pub async fn pass<S: Store>(
     let snap = store
         .snapshot()
         .await
-        .with_context(|| format!("read {}", store.describe()))?;
+        .map_err(|error| AgentError::Snapshot {
+            store: store.describe(),
+            error,
+        })?;
     let p = plan_node(nl, &snap, &opts.node).await?;
     let mut incremental = false;
     let report = opts
@@ -208,17 +215,23 @@ async fn sync_endpoints<S: Store>(
             continue;
         }
         let (dir, net) = (state_dir.to_path_buf(), name.clone());
-        let (lock, allocated) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (lock, allocated) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let ipam = Ipam::new(&dir, &net);
             let lock = ipam.lock()?;
             let allocated: BTreeSet<Ipv4Addr> = ipam.list()?.into_iter().map(|a| a.ip).collect();
             Ok((lock, allocated))
         })
         .await
-        .context("IPAM lock task")??;
+        .map_err(|error| AgentError::IpamTask {
+            network: name.clone(),
+            error,
+        })??;
         let r = store.sync_endpoints(name, &allocated).await;
         drop(lock);
-        r.with_context(|| format!("publish the endpoints of network {name}"))?;
+        r.map_err(|error| AgentError::PublishEndpoints {
+            network: name.clone(),
+            error,
+        })?;
     }
     Ok(())
 }
@@ -254,7 +267,11 @@ pub async fn repair_attachments(nl: &Netlink, p: &NodePlan) -> Result<usize> {
                 },
             )
             .await
-            .with_context(|| format!("re-attach container veth {} to {}", l.name, st.bridge))?;
+            .map_err(|error| AgentError::Reattach {
+                veth: l.name.clone(),
+                bridge: st.bridge.clone(),
+                error: Box::new(error),
+            })?;
             tracing::info!("re-attached container veth {} to {}", l.name, st.bridge);
             fixed += 1;
         }
@@ -281,14 +298,17 @@ impl AllocationMemory {
         let mut seen = BTreeMap::new();
         for net in networks {
             let (dir, name) = (state_dir.to_path_buf(), net.clone());
-            let (lock, on_disk) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (lock, on_disk) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
                 let ipam = Ipam::new(&dir, &name);
                 let lock = ipam.lock()?;
                 let list = ipam.list()?;
                 Ok((lock, list))
             })
             .await
-            .context("IPAM lock task")??;
+            .map_err(|error| AgentError::IpamTask {
+                network: net.clone(),
+                error,
+            })??;
             let missing: Vec<&Allocation> = remembered
                 .get(&net)
                 .into_iter()
@@ -348,9 +368,15 @@ struct Signals {
 
 impl Signals {
     fn install() -> Result<Self> {
+        let handler = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|error| AgentError::Signal {
+                signal: name,
+                error,
+            })
+        };
         Ok(Signals {
-            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+            term: handler(SignalKind::terminate(), "SIGTERM")?,
+            int: handler(SignalKind::interrupt(), "SIGINT")?,
         })
     }
     async fn recv(&mut self) -> &'static str {
@@ -432,7 +458,7 @@ async fn serve<S: Store>(
     lock: &mut state::AgentLock,
 ) -> Result<()> {
     opts.metrics.store_ready();
-    let nl = Netlink::connect().await.context("connect to rtnetlink")?;
+    let nl = Netlink::connect().await.map_err(AgentError::Connect)?;
     if opts.once {
         let outcome = pass(store, &nl, opts, None, &mut PlanStore::new()).await;
         opts.metrics.pass_done(outcome.is_ok());
@@ -467,7 +493,7 @@ async fn serve<S: Store>(
         // allocate from an emptied IPAM) and, bridged on etcd, exactly the
         // endpoints the IPAM holds (none must be withdrawn by mistake).
         if let Err(e) = allocations.keep(&nl, &opts.state_dir).await {
-            tracing::error!("keeping the address allocations: {e:#}");
+            tracing::error!("keeping the address allocations: {}", chain(&e));
         }
         let started = Instant::now();
         let seen = kernel.count();
@@ -501,7 +527,7 @@ async fn serve<S: Store>(
                 opts.resync
             }
             Err(e) => {
-                let msg = format!("{e:#}");
+                let msg = chain(&e);
                 // Log once per distinct failure, not on every retry.
                 if last_error.as_deref() != Some(msg.as_str()) {
                     tracing::error!("pass failed (keeping the last applied state): {msg}");
@@ -515,7 +541,9 @@ async fn serve<S: Store>(
         resync_due = false;
         tokio::select! {
             r = store.changed() => {
-                if let Err(e) = r { bail!("watching {}: {e:#}", store.describe()); }
+                if let Err(error) = r {
+                    return Err(AgentError::Watch { store: store.describe(), error });
+                }
                 tracing::debug!("store changed");
             }
             _ = kernel.notify.notified() => {

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
 use crate::dataplane::diff;
-use crate::dataplane::kernel::{ActualState, Netlink};
-use crate::status::{self, BoxError, SavedPlan, StatusError};
+use crate::dataplane::kernel::{ActualState, Netlink, NetlinkError};
+use crate::status::{self, SavedPlan, StatusError};
 
 mod hops;
 
@@ -44,9 +44,9 @@ pub enum DoctorError {
     #[error("no peer of this node serves {to}: is it a container address of a remote node?")]
     NoPeerServes { to: Ipv4Addr },
     #[error("connect to rtnetlink")]
-    Connect(#[source] BoxError),
+    Connect(#[source] NetlinkError),
     #[error("read the kernel state")]
-    Kernel(#[source] BoxError),
+    Kernel(#[source] NetlinkError),
     #[error("list interface addresses")]
     Addresses(#[source] nix::Error),
     #[error("doctor task")]
@@ -229,14 +229,9 @@ fn host_facts(links: &[crate::dataplane::kernel::LinkInfo]) -> Result<HostFacts,
 /// Run the doctor on the node in the current network namespace.
 pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorReport, DoctorError> {
     let saved = status::read_plan(state_dir)?;
-    let nl = Netlink::connect()
-        .await
-        .map_err(|e| DoctorError::Connect(e.into()))?;
-    let actual = nl.dump().await.map_err(|e| DoctorError::Kernel(e.into()))?;
-    let links = nl
-        .list_links()
-        .await
-        .map_err(|e| DoctorError::Kernel(e.into()))?;
+    let nl = Netlink::connect().await.map_err(DoctorError::Connect)?;
+    let actual = nl.dump().await.map_err(DoctorError::Kernel)?;
+    let links = nl.list_links().await.map_err(DoctorError::Kernel)?;
     let facts = host_facts(&links)?;
     let saved2 = saved.clone();
     let actual2 = actual.clone();

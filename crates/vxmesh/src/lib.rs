@@ -17,6 +17,7 @@ pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod doctor;
+pub mod error;
 pub mod icmp;
 pub mod ipam;
 pub mod leave;

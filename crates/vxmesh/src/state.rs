@@ -232,11 +232,7 @@ impl PlanStore {
             nodes,
             plan: plan.clone(),
         };
-        let json = serde_json::to_vec_pretty(&saved).map_err(|json| StateError::Serialise {
-            what: "the plan".into(),
-            json,
-        })?;
-        write_atomic(&path, &json)?;
+        write_plan(state_dir, &saved)?;
         self.last = Some((path, saved));
         Ok(true)
     }
@@ -254,6 +250,15 @@ impl PlanStore {
             p == path && s.node == node && &s.nodes == nodes && &s.plan == plan
         })
     }
+}
+
+/// Write `saved` atomically to `STATE/plan.json`.
+pub fn write_plan(state_dir: &Path, saved: &SavedPlan) -> Result<(), StateError> {
+    let json = serde_json::to_vec_pretty(saved).map_err(|json| StateError::Serialise {
+        what: "the plan".into(),
+        json,
+    })?;
+    write_atomic(&state_dir.join(PLAN_FILE), &json)
 }
 
 /// The single-agent lock of a state dir.

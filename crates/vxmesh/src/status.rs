@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::NodePlan;
-use crate::dataplane::kernel::Netlink;
+use crate::dataplane::kernel::{Netlink, NetlinkError};
+use crate::state::StateError;
 
 mod render;
 mod report;
@@ -27,9 +28,6 @@ pub use report::{
 /// File name of the saved plan in the state dir.
 pub const PLAN_FILE: &str = "plan.json";
 
-/// An error of another layer (the kernel I/O, the state dir), kept whole.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("read {}: has the agent completed a pass with this --state-dir?", path.display())]
@@ -42,14 +40,12 @@ pub enum StatusError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("serialise the plan")]
-    SerialisePlan(#[source] serde_json::Error),
     #[error("write the plan")]
-    WritePlan(#[source] BoxError),
+    WritePlan(#[source] StateError),
     #[error("connect to rtnetlink")]
-    Connect(#[source] BoxError),
+    Connect(#[source] NetlinkError),
     #[error("dump the kernel state")]
-    Dump(#[source] BoxError),
+    Dump(#[source] NetlinkError),
 }
 
 /// The plan the agent last applied, with who and when.
@@ -64,11 +60,10 @@ pub struct SavedPlan {
     pub plan: NodePlan,
 }
 
-/// Write the plan atomically to `STATE/plan.json`.
+/// Write the plan atomically to `STATE/plan.json` (what the agent's
+/// [`PlanStore`](crate::state::PlanStore) does after a pass).
 pub fn write_plan(state_dir: &Path, saved: &SavedPlan) -> Result<(), StatusError> {
-    let data = serde_json::to_vec_pretty(saved).map_err(StatusError::SerialisePlan)?;
-    crate::state::write_atomic(&state_dir.join(PLAN_FILE), &data)
-        .map_err(|e| StatusError::WritePlan(e.into()))
+    crate::state::write_plan(state_dir, saved).map_err(StatusError::WritePlan)
 }
 
 /// Read `STATE/plan.json`.
@@ -89,10 +84,8 @@ pub fn parse_plan(data: &[u8]) -> Result<SavedPlan, serde_json::Error> {
 /// Status of the node in the current network namespace.
 pub async fn status(state_dir: &Path) -> Result<StatusReport, StatusError> {
     let saved = read_plan(state_dir)?;
-    let nl = Netlink::connect()
-        .await
-        .map_err(|e| StatusError::Connect(e.into()))?;
-    let actual = nl.dump().await.map_err(|e| StatusError::Dump(e.into()))?;
+    let nl = Netlink::connect().await.map_err(StatusError::Connect)?;
+    let actual = nl.dump().await.map_err(StatusError::Dump)?;
     Ok(compare(
         &saved,
         &actual,

@@ -88,7 +88,7 @@ pub async fn run(a: AgentArgs) -> Result<()> {
         metrics: metrics.clone(),
     };
     match a.store_choice().open(&a.node)? {
-        ChosenStore::Static(mut store) => vxmesh::agent::run(&mut store, &opts).await,
+        ChosenStore::Static(mut store) => Ok(vxmesh::agent::run(&mut store, &opts).await?),
         ChosenStore::Etcd {
             mut options,
             networks,

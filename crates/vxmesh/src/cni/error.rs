@@ -72,18 +72,7 @@ impl CniError {
     }
 }
 
-/// An error and its causes, outermost first, joined with ": " (what
-/// `anyhow`'s `{:#}` prints).
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+pub use crate::error::chain;
 
 pub type CniResult<T> = Result<T, CniError>;
 

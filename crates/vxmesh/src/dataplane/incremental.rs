@@ -8,10 +8,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::dataplane::change::Change;
-use crate::dataplane::kernel::{ActualRoute, RT_TABLE_MAIN, route_metric};
-use crate::dataplane::{
-    FdbSpec, LinkKind, NeighSpec, NodePlan, ROUTE_SCOPE_UNIVERSE, ROUTE_TYPE_UNICAST, RouteSpec,
-};
+use crate::dataplane::kernel::ActualRoute;
+use crate::dataplane::{FdbSpec, LinkKind, NeighSpec, NodePlan, RouteSpec};
 use crate::model::Mac;
 
 /// The changes that turn a node holding exactly `old` into `new`, when the
@@ -35,18 +33,7 @@ pub fn diff_entries(old: &NodePlan, new: &NodePlan) -> Option<Vec<Change>> {
     for r in routes_gone {
         if routes_to(new, r.dst) == 0 {
             out.push(Change::DeleteRoute {
-                route: ActualRoute {
-                    dst: r.dst,
-                    via: Some(r.via),
-                    dev: Some(r.dev.clone()),
-                    oif: None,
-                    onlink: true,
-                    table: RT_TABLE_MAIN,
-                    priority: route_metric(r.dst),
-                    tos: 0,
-                    scope: ROUTE_SCOPE_UNIVERSE,
-                    kind: ROUTE_TYPE_UNICAST,
-                },
+                route: ActualRoute::written(r, None),
             });
         }
     }

@@ -67,7 +67,6 @@ pub use actual::{
 };
 use error::kernel_error;
 pub use error::{KernelError, NetlinkError};
-pub(crate) use msg::RT_TABLE_MAIN;
 pub use ops::{InterfaceFacts, LinkInfo, LinkOptions};
 pub use reconcile::{ReconcileError, ReconcileReport, reconcile, reconcile_from};
 pub use report::{ApplyError, ApplyFailure, ApplyReport, ChangeError, ChangeFailure};

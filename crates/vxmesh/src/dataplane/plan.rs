@@ -97,12 +97,7 @@ pub fn plan(input: &PlanInput) -> Result<NodePlan, PlanError> {
         .node(input.node)
         .ok_or_else(|| PlanError::UnknownNode {
             node: input.node.to_string(),
-            known: cluster
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: cluster.node_names(),
         })?;
     let mut p = NodePlan::default();
     for net in &cluster.networks {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::config::Mode;
 use crate::dataplane::NetworkState;
 use crate::dataplane::diff::{LinkDrift, Verdict, Verdicts};
-use crate::dataplane::kernel::{ATTACHED_ALIAS_PREFIX, ActualState};
+use crate::dataplane::kernel::ActualState;
+use crate::names::VethAlias;
 use crate::status::{self, Check, SavedPlan};
 
 use super::{Hop, HopState, HostFacts};
@@ -369,11 +370,7 @@ pub(super) fn mtu_hop(st: &NetworkState, actual: &ActualState, underlay_mtu: Opt
         ));
     }
     for l in &actual.links {
-        let ours = l
-            .alias
-            .as_deref()
-            .and_then(|a| a.strip_prefix(ATTACHED_ALIAS_PREFIX))
-            .is_some_and(|rest| rest.split(':').next() == Some(st.network.as_str()));
+        let ours = l.alias.as_deref().and_then(VethAlias::network_of) == Some(st.network.as_str());
         if ours && l.mtu != v.mtu {
             bad.push(format!(
                 "container veth {} mtu {} != VTEP mtu {}",

@@ -2,10 +2,8 @@
 
 use super::*;
 use crate::dataplane::diff::compare as judge;
-use crate::dataplane::kernel::{
-    ActualFdb, ActualNeigh, ActualRoute, ActualState, RT_TABLE_MAIN, route_metric,
-};
-use crate::dataplane::{FdbSpec, NeighSpec, ROUTE_SCOPE_UNIVERSE, ROUTE_TYPE_UNICAST, RouteSpec};
+use crate::dataplane::kernel::{ActualFdb, ActualNeigh, ActualRoute, ActualState};
+use crate::dataplane::{FdbSpec, NeighSpec, RouteSpec};
 use crate::model::Mac;
 
 fn mac(last: u8) -> Mac {
@@ -42,18 +40,7 @@ fn actual_of(s: &SavedPlan) -> ActualState {
     let n = s.plan.neighbours.first().unwrap();
     let f = s.plan.fdb.first().unwrap();
     ActualState {
-        routes: vec![ActualRoute {
-            dst: r.dst,
-            via: Some(r.via),
-            dev: Some(r.dev.clone()),
-            oif: Some(7),
-            onlink: true,
-            table: RT_TABLE_MAIN,
-            priority: route_metric(r.dst),
-            tos: 0,
-            scope: ROUTE_SCOPE_UNIVERSE,
-            kind: ROUTE_TYPE_UNICAST,
-        }],
+        routes: vec![ActualRoute::written(r, Some(7))],
         neighbours: vec![ActualNeigh {
             dev: n.dev.clone(),
             ip: n.ip,

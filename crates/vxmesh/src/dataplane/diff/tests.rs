@@ -4,12 +4,8 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::dataplane::kernel::{
-    ActualFdb, ActualNeigh, ActualRoute, ActualVxlan, RT_TABLE_MAIN, route_metric,
-};
-use crate::dataplane::{
-    AddrSpec, FdbSpec, NeighSpec, ROUTE_SCOPE_UNIVERSE, ROUTE_TYPE_UNICAST, RouteSpec, VxlanSpec,
-};
+use crate::dataplane::kernel::{ActualFdb, ActualNeigh, ActualRoute, ActualVxlan, route_metric};
+use crate::dataplane::{AddrSpec, FdbSpec, NeighSpec, RouteSpec, VxlanSpec};
 use crate::model::{Mac, Vni, vtep_mac};
 
 mod devices;
@@ -176,18 +172,7 @@ fn converged(plan: &NodePlan) -> ActualState {
     st.routes = plan
         .routes
         .iter()
-        .map(|r| ActualRoute {
-            dst: r.dst,
-            via: Some(r.via),
-            dev: Some(r.dev.clone()),
-            oif: Some(11),
-            onlink: true,
-            table: RT_TABLE_MAIN,
-            priority: route_metric(r.dst),
-            tos: 0,
-            scope: ROUTE_SCOPE_UNIVERSE,
-            kind: ROUTE_TYPE_UNICAST,
-        })
+        .map(|r| ActualRoute::written(r, Some(11)))
         .collect();
     st.neighbours = plan
         .neighbours

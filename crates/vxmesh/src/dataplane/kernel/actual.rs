@@ -17,7 +17,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage as R};
 use serde::Serialize;
 
 use super::{ATTACHED_ALIAS_PREFIX, KernelError, MANAGED_ALIAS_PREFIX, Netlink, NetlinkError, msg};
-use crate::dataplane::AddrSpec;
+use crate::dataplane::{AddrSpec, ROUTE_SCOPE_UNIVERSE, ROUTE_TYPE_UNICAST, RouteSpec};
 use crate::model::{self, Mac};
 
 /// Who a `vxm-` device belongs to.
@@ -104,10 +104,31 @@ pub struct ActualRoute {
 }
 
 impl ActualRoute {
+    /// The route the kernel holds once vxmesh has written `spec` (through
+    /// the device of index `oif`, when known): main table, the shape
+    /// [`Self::is_vxmesh_shape`] accepts.
+    pub fn written(spec: &RouteSpec, oif: Option<u32>) -> ActualRoute {
+        ActualRoute {
+            dst: spec.dst,
+            via: Some(spec.via),
+            dev: Some(spec.dev.clone()),
+            oif,
+            onlink: true,
+            table: msg::RT_TABLE_MAIN,
+            priority: super::route_metric(spec.dst),
+            tos: 0,
+            scope: ROUTE_SCOPE_UNIVERSE,
+            kind: ROUTE_TYPE_UNICAST,
+        }
+    }
+
     /// `dst via gw dev DEV onlink metric route_metric(dst)`, universe,
     /// unicast: the shape vxmesh writes.
     pub fn is_vxmesh_shape(&self) -> bool {
-        self.onlink && self.scope == 0 && self.kind == 1 && self.has_vxmesh_key()
+        self.onlink
+            && self.scope == ROUTE_SCOPE_UNIVERSE
+            && self.kind == ROUTE_TYPE_UNICAST
+            && self.has_vxmesh_key()
     }
 
     /// Same (tos, metric) key as vxmesh's route to `dst`: a replace hits it.
@@ -265,31 +286,11 @@ impl Netlink {
     /// addresses, routes, ARP, FDB) and one sysctl read.
     pub async fn dump(&self) -> Result<ActualState, NetlinkError> {
         let (rows, addrs, routes, neighs, fdbs) = futures::try_join!(
-            async {
-                link_rows(self)
-                    .await
-                    .map_err(|e| self.dump_failed("links", e))
-            },
-            async {
-                self.query(msg::addr_dump(), true)
-                    .await
-                    .map_err(|e| self.dump_failed("addresses", e))
-            },
-            async {
-                self.query(msg::route_dump(), true)
-                    .await
-                    .map_err(|e| self.dump_failed("routes", e))
-            },
-            async {
-                self.query(msg::neigh_dump(AddressFamily::Inet), true)
-                    .await
-                    .map_err(|e| self.dump_failed("neighbours", e))
-            },
-            async {
-                self.query(msg::neigh_dump(AddressFamily::Bridge), true)
-                    .await
-                    .map_err(|e| self.dump_failed("FDB entries", e))
-            },
+            self.dump_links(),
+            self.dump_rows(msg::addr_dump(), "addresses"),
+            self.dump_rows(msg::route_dump(), "routes"),
+            self.dump_rows(msg::neigh_dump(AddressFamily::Inet), "neighbours"),
+            self.dump_rows(msg::neigh_dump(AddressFamily::Bridge), "FDB entries"),
         )?;
         let ip_forward = self
             .run_in_ns(|| Ok::<_, NetlinkError>(crate::dataplane::sysctl::ip_forward()))?

@@ -93,6 +93,24 @@ impl Netlink {
         }
     }
 
+    /// Dump with `request`; a failure names `what` ("addresses", "routes", ...).
+    pub(crate) async fn dump_rows(
+        &self,
+        request: R,
+        what: &'static str,
+    ) -> Result<Vec<R>, NetlinkError> {
+        self.query(request, true)
+            .await
+            .map_err(|e| self.dump_failed(what, e))
+    }
+
+    /// Every device of the namespace as dumped (a failure names "links").
+    pub(crate) async fn dump_links(&self) -> Result<Vec<ActualLink>, NetlinkError> {
+        link_rows(self)
+            .await
+            .map_err(|e| self.dump_failed("links", e))
+    }
+
     /// Index of device `name`, `None` if there is no such device.
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
         match self.query(msg::link_get(name), false).await {
@@ -132,9 +150,9 @@ impl Netlink {
 
     /// Every device of the namespace.
     pub async fn list_links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
-        Ok(link_rows(self)
-            .await
-            .map_err(|e| self.dump_failed("links", e))?
+        Ok(self
+            .dump_links()
+            .await?
             .into_iter()
             .map(LinkInfo::from)
             .collect())
@@ -344,16 +362,8 @@ impl Netlink {
             return Ok(None);
         };
         let (addrs, routes) = futures::try_join!(
-            async {
-                self.query(msg::addr_dump(), true)
-                    .await
-                    .map_err(|e| self.dump_failed("addresses", e))
-            },
-            async {
-                self.query(msg::route_dump(), true)
-                    .await
-                    .map_err(|e| self.dump_failed("routes", e))
-            },
+            self.dump_rows(msg::addr_dump(), "addresses"),
+            self.dump_rows(msg::route_dump(), "routes"),
         )?;
         let mut facts = InterfaceFacts {
             name: link.name,

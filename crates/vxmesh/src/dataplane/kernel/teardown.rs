@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::actual::{Ownership, link_rows, routes_of};
+use super::actual::{Ownership, routes_of};
 use super::report::summarise;
 use super::{Netlink, NetlinkError, msg};
 use crate::model;
@@ -31,16 +31,8 @@ impl Netlink {
     /// returns an error listing all of them.
     pub async fn teardown(&self) -> Result<TeardownReport, TeardownError> {
         let (rows, routes) = futures::try_join!(
-            async {
-                link_rows(self)
-                    .await
-                    .map_err(|e| self.dump_failed("links", e))
-            },
-            async {
-                self.query(msg::route_dump(), true)
-                    .await
-                    .map_err(|e| self.dump_failed("routes", e))
-            }
+            self.dump_links(),
+            self.dump_rows(msg::route_dump(), "routes"),
         )?;
         let names: HashMap<u32, String> = rows.iter().map(|r| (r.index, r.name.clone())).collect();
         let routes = routes_of(&routes, &names);

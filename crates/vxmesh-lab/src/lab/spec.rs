@@ -1,0 +1,182 @@
+//! The lab's model: what to build ([`LabSpec`]), what was built (the
+//! [`LabInfo`] record in `lab.json`), and the names and cluster file derived
+//! from a spec.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
+
+use super::{LAB_ROOT, LAB_TTL, LabEtcd, LabStore, UNDERLAY_NET};
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub name: String,
+    pub nodes: usize,
+    pub containers: usize,
+    pub mode: Mode,
+    /// Bridged networks (routed mode always has one).
+    pub networks: usize,
+    /// The vxmesh binary to run as agent.
+    pub exe: PathBuf,
+    /// Extra agent arguments (e.g. a short --resync for tests).
+    pub agent_args: Vec<String>,
+    /// How containers are attached.
+    pub attach: AttachMode,
+    /// Where node and endpoint records live.
+    pub store: LabStore,
+    /// etcd store: the agents' lease TTL (short: crashed hosts vanish fast).
+    pub ttl: Duration,
+    /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
+    pub metrics_port: Option<u16>,
+}
+
+/// How the lab attaches its containers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Call the attach code in-process.
+    #[default]
+    Library,
+    /// Run the vxmesh binary as a CNI plugin (`CNI_COMMAND=ADD`, network
+    /// configuration on stdin, inside the node's namespace), as a runtime does.
+    Cni,
+}
+
+impl LabSpec {
+    pub fn new(name: &str, nodes: usize, containers: usize) -> Self {
+        LabSpec {
+            name: name.to_string(),
+            nodes,
+            containers,
+            mode: Mode::Routed,
+            networks: 1,
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vxmesh")),
+            agent_args: Vec::new(),
+            attach: AttachMode::Library,
+            store: LabStore::Static,
+            ttl: LAB_TTL,
+            metrics_port: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub subnets: BTreeMap<String, Ipv4Net>,
+    pub state_dir: PathBuf,
+    pub agent_pid: Option<u32>,
+    pub agent_log: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabContainer {
+    pub name: String,
+    pub node: String,
+    pub network: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// The lab as recorded in `LAB_ROOT/NAME/lab.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabInfo {
+    pub name: String,
+    pub mode: Mode,
+    pub dir: PathBuf,
+    pub underlay_ns: String,
+    pub cluster_file: PathBuf,
+    pub nodes: Vec<LabNode>,
+    pub containers: Vec<LabContainer>,
+    /// Containers per host (per network), for hosts added later.
+    #[serde(default)]
+    pub containers_per_node: usize,
+    /// The etcd store, if the lab uses one (no cluster file then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<LabEtcd>,
+    /// Agents serve metrics on their underlay address at this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
+}
+
+impl LabInfo {
+    /// Parse the contents of a `lab.json` file.
+    pub fn from_json(data: &[u8]) -> serde_json::Result<LabInfo> {
+        serde_json::from_slice(data)
+    }
+}
+
+pub fn validate_lab_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 16
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        bail!("invalid lab name '{name}': use 1-16 characters from [A-Za-z0-9-]");
+    }
+    Ok(())
+}
+
+pub(super) fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+pub(super) fn ns_prefix(name: &str) -> String {
+    format!("vxm-{name}-")
+}
+
+pub fn network_names(spec_mode: Mode, networks: usize) -> Vec<String> {
+    match spec_mode {
+        Mode::Routed => vec!["demo".to_string()],
+        Mode::Bridged => (1..=networks).map(|m| format!("net{m}")).collect(),
+    }
+}
+
+/// The cluster file the lab writes (same on every host).
+pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
+    let networks: Vec<NetworkFile> = match spec.mode {
+        Mode::Routed => vec![NetworkFile {
+            name: "demo".into(),
+            mode: Mode::Routed,
+            cidr: "172.18.0.0/16".into(),
+            subnet_len: 24,
+            vni: 100,
+            port: 4789,
+            mtu: None,
+        }],
+        // Every bridged network uses the same subnet on purpose: VNIs isolate them.
+        Mode::Bridged => network_names(Mode::Bridged, spec.networks)
+            .into_iter()
+            .enumerate()
+            .map(|(m, name)| NetworkFile {
+                name,
+                mode: Mode::Bridged,
+                cidr: "10.10.0.0/22".into(),
+                subnet_len: 28,
+                vni: 200 + m as u32,
+                port: 4789,
+                mtu: None,
+            })
+            .collect(),
+    };
+    let nodes = (1..=spec.nodes)
+        .map(|i| NodeFile {
+            name: format!("host{i}"),
+            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8)
+                .to_string(),
+            underlay_dev: Some("eth0".into()),
+            // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
+            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25)
+                .then(|| format!("172.18.{}.0/24", i * 10)),
+            subnets: BTreeMap::new(),
+        })
+        .collect();
+    ClusterFile { networks, nodes }
+}

@@ -5,6 +5,7 @@
 //! ([`dataplane::kernel`]) dumps what vxmesh owns and applies the difference.
 
 pub mod agent;
+pub mod agent_config;
 pub mod attach;
 pub mod cni;
 pub mod config;

@@ -40,6 +40,8 @@ impl Problems<'_> {
                 let flag = flag_of(key).unwrap_or(key);
                 match v {
                     toml::Value::String(s) => format!("{flag} {s}"),
+                    // As typed: `--resync 0`, not TOML's `0.0`.
+                    toml::Value::Float(f) => format!("{flag} {f}"),
                     v => format!("{flag} {v}"),
                 }
             }

@@ -22,9 +22,7 @@ fn repo() -> PathBuf {
 
 /// Run a command; (success, stdout + stderr).
 fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -116,8 +114,14 @@ fn validate_agent_config_names_every_problem_and_starts_nothing() {
     std::fs::write(&file, text).unwrap();
     let (code, _, err) = vxmesh(&["validate", "--agent-config", file.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains(&format!("invalid agent configuration ({})", file.display())), "{err}");
-    assert!(err.contains("node = \"h 1\": 'h 1' is not a valid node name"), "{err}");
+    assert!(
+        err.contains(&format!("invalid agent configuration ({})", file.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("node = \"h 1\": 'h 1' is not a valid node name"),
+        "{err}"
+    );
     assert!(err.contains("ttl = 0: out of range"), "{err}");
     // A valid etcd file whose password file is missing: read, not contacted.
     std::fs::write(
@@ -127,26 +131,29 @@ fn validate_agent_config_names_every_problem_and_starts_nothing() {
     .unwrap();
     let (code, _, err) = vxmesh(&["validate", "--agent-config", file.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains(&dir.path().join("pw").display().to_string()), "{err}");
+    assert!(
+        err.contains(&dir.path().join("pw").display().to_string()),
+        "{err}"
+    );
     std::fs::write(dir.path().join("pw"), "secret\n").unwrap();
     let (code, out, err) = vxmesh(&["validate", "--agent-config", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("etcd store etcd://127.0.0.1:2379, network(s) blue, underlay 198.18.0.1"), "{out}");
+    assert!(
+        out.contains("etcd store etcd://127.0.0.1:2379, network(s) blue, underlay 198.18.0.1"),
+        "{out}"
+    );
     // The agent refuses the same bad file before touching anything.
     std::fs::write(&file, "node = \"h1\"\ncluster = \"c.toml\"\nttl = 5\n").unwrap();
     let (code, _, err) = vxmesh(&["agent", "--config", file.to_str().unwrap(), "--once"]);
     assert_eq!(code, 1);
     assert!(err.contains("ttl = 5: belongs to the etcd store"), "{err}");
     // A flag's problem is named as the flag.
-    let (code, _, err) = vxmesh(&[
-        "agent",
-        "--config",
-        file.to_str().unwrap(),
-        "--resync",
-        "0",
-    ]);
+    let (code, _, err) = vxmesh(&["agent", "--config", file.to_str().unwrap(), "--resync", "0"]);
     assert_eq!(code, 1);
-    assert!(err.contains("--resync 0: must be between 0 and 86400"), "{err}");
+    assert!(
+        err.contains("--resync 0: must be between 0 and 86400"),
+        "{err}"
+    );
     assert!(err.contains("and the command line"), "{err}");
     let (code, _, err) = vxmesh(&["agent", "--config", "/nonexistent/agent.toml"]);
     assert_eq!(code, 1);
@@ -161,7 +168,9 @@ async fn the_agent_runs_from_the_file_alone_and_flags_override_it() {
     let mut lab = up(&spec("pk", 2, 1, Mode::Routed, 1)).await;
     let name = lab.info.name.clone();
     {
-        lab.stop_agent_async("host1", Signal::SIGTERM).await.unwrap();
+        lab.stop_agent_async("host1", Signal::SIGTERM)
+            .await
+            .unwrap();
         let h1 = lab.node("host1").unwrap().clone();
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -177,7 +186,13 @@ async fn the_agent_runs_from_the_file_alone_and_flags_override_it() {
             .unwrap()
         };
         let agent = |extra: &[&str]| {
-            let mut args = vec!["--netns", &h1.netns, "agent", "--config", file.to_str().unwrap()];
+            let mut args = vec![
+                "--netns",
+                &h1.netns,
+                "agent",
+                "--config",
+                file.to_str().unwrap(),
+            ];
             args.extend_from_slice(extra);
             vxmesh(&args)
         };
@@ -209,9 +224,12 @@ fn deb() -> &'static Path {
     static DEB: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = DEB.get_or_init(|| {
         let out = tempfile::tempdir().unwrap();
+        // The target dir this test binary's vxmesh was built in (TARGET/debug/vxmesh).
+        let target = exe().parent().unwrap().parent().unwrap().to_path_buf();
         let (ok, text) = run(Command::new(repo().join("scripts/package.sh"))
             .args(["--dev", "--output"])
             .arg(out.path())
+            .env("CARGO_TARGET_DIR", target)
             .stdin(Stdio::null()));
         assert!(ok, "scripts/package.sh --dev failed:\n{text}");
         let deb = std::fs::read_dir(out.path())
@@ -229,7 +247,10 @@ fn extracted() -> &'static Path {
     static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
     ROOT.get_or_init(|| {
         let root = tempfile::tempdir().unwrap();
-        let (ok, text) = run(Command::new("dpkg-deb").arg("-x").arg(deb()).arg(root.path()));
+        let (ok, text) = run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb())
+            .arg(root.path()));
         assert!(ok, "dpkg-deb -x: {text}");
         root
     })
@@ -254,7 +275,10 @@ fn the_package_lists_every_file() {
     let (ok, list) = run(Command::new("dpkg-deb").arg("-c").arg(deb()));
     assert!(ok, "{list}");
     let has = |entry: &str| {
-        list.lines().any(|l| l.contains(&format!(" .{entry}")) && (l.ends_with(entry) || l.contains(&format!(".{entry} -> "))))
+        list.lines().any(|l| {
+            l.contains(&format!(" .{entry}"))
+                && (l.ends_with(entry) || l.contains(&format!(".{entry} -> ")))
+        })
     };
     for f in [
         "/usr/bin/vxmesh",
@@ -269,23 +293,39 @@ fn the_package_lists_every_file() {
     }
     for link in ["/usr/lib/cni/vxmesh", "/opt/cni/bin/vxmesh"] {
         assert!(
-            list.lines().any(|l| l.starts_with('l') && l.contains(&format!(".{link} -> "))),
+            list.lines()
+                .any(|l| l.starts_with('l') && l.contains(&format!(".{link} -> "))),
             "{link} is not a symlink in the package:\n{list}"
         );
     }
     let pages = man_pages();
-    for must in ["vxmesh.1", "vxmesh-agent.1", "vxmesh-validate.1", "vxmesh-completions.1", "vxmesh-net-create.1"] {
-        assert!(pages.iter().any(|p| p == must), "{must} not generated: {pages:?}");
+    for must in [
+        "vxmesh.1",
+        "vxmesh-agent.1",
+        "vxmesh-validate.1",
+        "vxmesh-completions.1",
+        "vxmesh-net-create.1",
+    ] {
+        assert!(
+            pages.iter().any(|p| p == must),
+            "{must} not generated: {pages:?}"
+        );
     }
     for p in &pages {
         let entry = format!("/usr/share/man/man1/{p}");
         assert!(has(&entry), "{entry} is not in the package:\n{list}");
     }
     // The maintainer scripts: the agent starts only once configured.
-    let (ok, postinst) = run(Command::new("dpkg-deb").arg("-I").arg(deb()).arg("postinst"));
+    let (ok, postinst) = run(Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(deb())
+        .arg("postinst"));
     assert!(ok, "{postinst}");
     assert!(postinst.contains("if [ -e \"$CONFIG\" ]"), "{postinst}");
-    assert!(postinst.contains("CONFIG=/etc/vxmesh/agent.toml"), "{postinst}");
+    assert!(
+        postinst.contains("CONFIG=/etc/vxmesh/agent.toml"),
+        "{postinst}"
+    );
     assert!(postinst.contains("try-restart"), "{postinst}");
 }
 
@@ -363,7 +403,10 @@ fn the_unit_passes_systemd_analyze_verify() {
     // exist in that root, and Documentation=man: must find the packaged
     // page.
     let verify_root = tempfile::tempdir().unwrap();
-    let (ok, out) = run(Command::new("cp").arg("-a").arg(format!("{}/.", root.display())).arg(verify_root.path()));
+    let (ok, out) = run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", root.display()))
+        .arg(verify_root.path()));
     assert!(ok, "{out}");
     let system_units = ["/usr/lib/systemd/system", "/lib/systemd/system"]
         .into_iter()
@@ -377,12 +420,19 @@ fn the_unit_passes_systemd_analyze_verify() {
     let (ok, out) = run(Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", verify_root.path().display()))
-        .arg(verify_root.path().join("usr/lib/systemd/system/vxmesh-agent.service"))
+        .arg(
+            verify_root
+                .path()
+                .join("usr/lib/systemd/system/vxmesh-agent.service"),
+        )
         .env("MANPATH", verify_root.path().join("usr/share/man"))
         .env("SYSTEMD_LOG_COLOR", "0"));
     assert!(ok, "systemd-analyze verify failed:\n{out}");
     // Warnings (an unknown key, say) do not fail verify: there must be none.
-    assert!(out.trim().is_empty(), "systemd-analyze verify warned:\n{out}");
+    assert!(
+        out.trim().is_empty(),
+        "systemd-analyze verify warned:\n{out}"
+    );
 }
 
 #[test]
@@ -407,8 +457,14 @@ fn man_pages_and_completions_render() {
     let comp = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
     for (file, must) in [
         ("usr/share/bash-completion/completions/vxmesh", "validate"),
-        ("usr/share/zsh/vendor-completions/_vxmesh", "#compdef vxmesh"),
-        ("usr/share/fish/vendor_completions.d/vxmesh.fish", "agent-config"),
+        (
+            "usr/share/zsh/vendor-completions/_vxmesh",
+            "#compdef vxmesh",
+        ),
+        (
+            "usr/share/fish/vendor_completions.d/vxmesh.fish",
+            "agent-config",
+        ),
     ] {
         assert!(comp(file).contains(must), "{file} lacks {must}");
     }
@@ -419,7 +475,10 @@ fn man_pages_and_completions_render() {
         .arg(root.join("usr/share/bash-completion/completions/vxmesh")));
     assert!(ok && out.contains("vxmesh"), "{out}");
     // `vxmesh completions` prints the same script the package holds.
-    let out = Command::new(exe()).args(["completions", "bash"]).output().unwrap();
+    let out = Command::new(exe())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -176,3 +176,65 @@ pub async fn run(a: AgentArgs) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    #[test]
+    fn every_flag_sets_its_key() {
+        let w = Wrap::parse_from([
+            "agent",
+            "--cluster=/c.toml",
+            "--node=h1",
+            "--state-dir=/s",
+            "--once",
+            "--resync=3",
+            "--store=etcd://10.0.0.1:2379",
+            "--prefix=/p",
+            "--etcd-ca=/ca",
+            "--etcd-cert=/cert",
+            "--etcd-key=/key",
+            "--etcd-user=u",
+            "--etcd-password-file=/pw",
+            "--network=a,b",
+            "--underlay-ip=10.0.0.2",
+            "--underlay-dev=eth0",
+            "--ttl=9",
+            "--leave",
+            "--metrics=10.0.0.2:9472",
+        ]);
+        let mut s = AgentSettings::default();
+        s.override_with(w.agent.flags());
+        let mut all: Vec<&str> = agent_config::KEYS.iter().map(|k| k.name).collect();
+        all.sort();
+        let set: Vec<&str> = s.from_flags.iter().copied().collect(); // sorted (a BTreeSet)
+        assert_eq!(set, all, "a flag that sets no key, or a key no flag sets");
+        for k in agent_config::KEYS {
+            assert_eq!(agent_config::flag_of(k.name), Some(k.flag));
+        }
+        assert_eq!(s.values.networks, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(s.values.ttl, Some(9));
+        assert_eq!(s.values.underlay_ip.as_deref(), Some("10.0.0.2"));
+        // Without flags, nothing is set (the file's values stay).
+        let w = Wrap::parse_from(["agent"]);
+        let mut s = AgentSettings::default();
+        s.override_with(w.agent.flags());
+        assert!(s.from_flags.is_empty());
+        assert_eq!(s.values, AgentFile::default());
+        assert!(!w.agent.no_config);
+        let w = Wrap::parse_from(["agent", "--no-config"]);
+        assert_eq!(w.agent.config_file(), None);
+        let w = Wrap::parse_from(["agent", "--config", "/x.toml"]);
+        assert_eq!(w.agent.config_file(), Some(PathBuf::from("/x.toml")));
+        assert!(Wrap::try_parse_from(["agent", "--config", "/x", "--no-config"]).is_err());
+    }
+}

@@ -73,11 +73,7 @@ pub const KEYS: &[Key] = &[
         "--underlay-dev",
         "a string, like underlay_dev = \"eth0\"",
     ),
-    key(
-        "ttl",
-        "--ttl",
-        "a whole number of seconds, like ttl = 10",
-    ),
+    key("ttl", "--ttl", "a whole number of seconds, like ttl = 10"),
     key("leave", "--leave", "true or false"),
     key(
         "metrics",
@@ -167,7 +163,7 @@ pub(super) fn parse(text: &str, source_name: &str) -> Result<AgentFile, AgentCon
         });
     }
     // Every key is known and well typed, so the whole table is too.
-    toml::Value::Table(table).try_into().map_err(|e| {
-        AgentConfigError::one(source_name, "toml", format!("{e}"))
-    })
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| AgentConfigError::one(source_name, "toml", format!("{e}")))
 }

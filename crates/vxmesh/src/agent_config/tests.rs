@@ -52,7 +52,11 @@ fn every_key_of_the_etcd_store_is_read() {
     // test): a key missing from it would go unnoticed.
     let table: toml::Table = toml::from_str(ETCD_FULL).unwrap();
     for k in KEYS.iter().filter(|k| k.name != "cluster") {
-        assert!(table.contains_key(k.name), "{} is not in the test file", k.name);
+        assert!(
+            table.contains_key(k.name),
+            "{} is not in the test file",
+            k.name
+        );
     }
     let c = validate(&settings(ETCD_FULL)).unwrap();
     assert_eq!(c.node, "host1");
@@ -76,7 +80,10 @@ fn every_key_of_the_etcd_store_is_read() {
             password_file: Some("/etc/vxmesh/password".into()),
         }
     );
-    assert_eq!(e.networks, ["blue", "red"].map(|n| n.parse::<crate::names::NetworkName>().unwrap()));
+    assert_eq!(
+        e.networks,
+        ["blue", "red"].map(|n| n.parse::<crate::names::NetworkName>().unwrap())
+    );
     assert_eq!(e.underlay_ip, Ipv4Addr::new(198, 18, 0, 1));
     assert_eq!(e.underlay_dev.as_deref(), Some("eth1"));
     assert_eq!(e.ttl, Some(30));
@@ -102,7 +109,10 @@ fn a_cluster_file_and_defaults() {
     assert!(!c.once && !c.leave());
     assert_eq!(c.metrics, None);
     let choice = c.store_choice();
-    assert_eq!(choice.cluster.as_deref(), Some(Path::new("/etc/vxmesh/cluster.toml")));
+    assert_eq!(
+        choice.cluster.as_deref(),
+        Some(Path::new("/etc/vxmesh/cluster.toml"))
+    );
     assert!(!choice.etcd.given());
     // An integer resync is fine too.
     let c = validate(&settings(
@@ -149,7 +159,10 @@ fn flags_override_the_file_and_are_named_as_flags() {
     assert_eq!(s.source_name(), "a.toml and the command line");
     let p = problems(&s);
     assert_eq!(p.len(), 1, "{p:#?}");
-    assert!(p[0].starts_with("--ttl 1: out of range: use 2 to 3600"), "{p:#?}");
+    assert!(
+        p[0].starts_with("--ttl 1: out of range: use 2 to 3600"),
+        "{p:#?}"
+    );
     // The same mistake in the file is named as a key.
     let p = problems(&settings(&ETCD_FULL.replace("ttl = 30", "ttl = 1")));
     assert!(p[0].starts_with("ttl = 1: out of range"), "{p:#?}");
@@ -176,11 +189,20 @@ fn every_unknown_key_and_wrong_type_is_named() {
     has(&p, "nodes: unknown key: did you mean node?");
     has(&p, "underlay-ip: unknown key: did you mean underlay_ip?");
     has(&p, "network: unknown key: did you mean networks?");
-    has(&p, "colour: unknown key: remove it (known keys: node, cluster");
-    has(&p, "ttl = \"ten\": wrong type: want a whole number of seconds");
+    has(
+        &p,
+        "colour: unknown key: remove it (known keys: node, cluster",
+    );
+    has(
+        &p,
+        "ttl = \"ten\": wrong type: want a whole number of seconds",
+    );
     has(&p, "leave = \"yes\": wrong type: want true or false");
     has(&p, "networks = \"blue\": wrong type: want a list of names");
-    assert!(e.to_string().starts_with("invalid agent configuration (a.toml):\n  - "));
+    assert!(
+        e.to_string()
+            .starts_with("invalid agent configuration (a.toml):\n  - ")
+    );
     // A TOML syntax error names its line.
     let e = parse("node = \"h\"\nstore = \n", "a.toml").unwrap_err();
     assert_eq!(e.problems.len(), 1);
@@ -235,7 +257,9 @@ fn missing_and_contradicting_keys() {
     has(&p, "node: missing");
     has(&p, "store: no store given: use --cluster FILE");
     has(&p, "--store etcd://HOST:2379");
-    let p = problems(&settings("node = \"h\"\nstore = \"etcd://10.0.0.1:2379\"\n"));
+    let p = problems(&settings(
+        "node = \"h\"\nstore = \"etcd://10.0.0.1:2379\"\n",
+    ));
     has(&p, "networks: missing");
     has(&p, "underlay_ip: missing");
     has(&p, "--underlay-ip IP");
@@ -266,8 +290,17 @@ fn etcd_keys_are_refused_with_a_cluster_file() {
     );
     let p = problems(&settings(&text));
     for key in [
-        "prefix", "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file",
-        "networks", "underlay_ip", "underlay_dev", "ttl", "leave",
+        "prefix",
+        "etcd_ca",
+        "etcd_cert",
+        "etcd_key",
+        "etcd_user",
+        "etcd_password_file",
+        "networks",
+        "underlay_ip",
+        "underlay_dev",
+        "ttl",
+        "leave",
     ] {
         has(&p, &format!("{key} = "));
     }

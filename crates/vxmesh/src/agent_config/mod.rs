@@ -197,7 +197,7 @@ pub struct AgentConfig {
 pub enum AgentStore {
     /// The static store: this cluster file.
     ClusterFile(PathBuf),
-    Etcd(EtcdAgent),
+    Etcd(Box<EtcdAgent>),
 }
 
 /// The etcd store's settings.

@@ -124,7 +124,9 @@ pub fn validate(settings: &AgentSettings) -> Result<AgentConfig, AgentConfigErro
             refuse_etcd_keys(settings, &mut p);
             Some(AgentStore::ClusterFile(cluster.clone()))
         }
-        (None, Some(url)) => etcd_store(settings, url, &mut p).map(AgentStore::Etcd),
+        (None, Some(url)) => {
+            etcd_store(settings, url, &mut p).map(|e| AgentStore::Etcd(Box::new(e)))
+        }
     };
     let metrics = v.metrics.as_ref().and_then(|m| {
         m.parse::<SocketAddr>()

@@ -50,6 +50,7 @@ assets="$out_dir/vxmesh-assets"
 rm -rf "$assets"
 mkdir -p "$assets/completions"
 "$bin" man "$assets/man"
+gzip -9n "$assets"/man/*.1          # Debian ships man pages compressed
 "$bin" completions bash >"$assets/completions/vxmesh.bash"
 "$bin" completions zsh >"$assets/completions/_vxmesh"
 "$bin" completions fish >"$assets/completions/vxmesh.fish"

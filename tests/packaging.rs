@@ -312,7 +312,7 @@ fn the_package_lists_every_file() {
         );
     }
     for p in &pages {
-        let entry = format!("/usr/share/man/man1/{p}");
+        let entry = format!("/usr/share/man/man1/{p}.gz");
         assert!(has(&entry), "{entry} is not in the package:\n{list}");
     }
     // The maintainer scripts: the agent starts only once configured.
@@ -440,9 +440,9 @@ fn man_pages_and_completions_render() {
     let root = extracted();
     let man1 = root.join("usr/share/man/man1");
     for (page, must) in [
-        ("vxmesh.1", "completions"),
-        ("vxmesh-agent.1", "--config"),
-        ("vxmesh-validate.1", "--agent-config"),
+        ("vxmesh.1.gz", "completions"),
+        ("vxmesh-agent.1.gz", "--config"),
+        ("vxmesh-validate.1.gz", "--agent-config"),
     ] {
         let (ok, out) = run(Command::new("man")
             .args(["-P", "cat", "-l"])

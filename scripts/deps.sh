@@ -13,6 +13,9 @@ command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)   # the etcd store: lab -
 command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)  # etcd-client compiles protobufs
 command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)    # throwaway certificates of the etcd TLS tests
 [ -x /usr/bin/iperf3 ] || pkgs+=(iperf3)                  # bench throughput (and its smoke test)
+command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)   # tests/packaging.rs: verify the unit
+command -v man >/dev/null 2>&1 || pkgs+=(man-db)         # tests/packaging.rs: the man pages render
+command -v dpkg-deb >/dev/null 2>&1 || pkgs+=(dpkg)       # scripts/package.sh, tests/packaging.rs
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] \
   || pkgs+=(containernetworking-plugins)                 # bench cni: the reference plugins
 if [ ${#pkgs[@]} -gt 0 ]; then
@@ -24,4 +27,10 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "vxmesh needs a Rust toolchain (1.85 or newer, e.g. from rustup)" >&2
   exit 1
+fi
+# scripts/package.sh builds the Debian package with cargo-deb (and installs
+# it the same way when missing); the packaging test runs that script.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing cargo-deb"
+  cargo install cargo-deb --version 3.8.0 --locked
 fi

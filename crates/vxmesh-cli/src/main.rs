@@ -7,10 +7,10 @@ mod commands;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vxmesh::dataplane::netns::Netns;
 
-use commands::{agent, attach, bench, cluster, lab, leave, net, node};
+use commands::{agent, attach, bench, cluster, docs, lab, leave, net, node};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +32,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the node agent: reconcile this node to the cluster and keep it so.
+    /// Options come from the configuration file (--config, default
+    /// /etc/vxmesh/agent.toml when present) and the flags, which override it.
     Agent(agent::AgentArgs),
     /// Remove everything vxmesh owns on this node (devices, routes, entries, state).
     Down(node::DownArgs),
@@ -39,7 +41,8 @@ enum Cmd {
     Status(node::StatusArgs),
     /// Walk the packet path to every peer (or to --to IP) and name the first broken hop.
     Doctor(node::DoctorArgs),
-    /// Validate a cluster file and print the resolved cluster.
+    /// Validate a cluster file (and print the resolved cluster) or an agent
+    /// configuration file, without starting anything.
     Validate(cluster::ValidateArgs),
     /// Print the desired state of a node (JSON), without touching anything.
     Plan(cluster::PlanArgs),
@@ -59,6 +62,11 @@ enum Cmd {
     /// Measured benchmarks (build with --release).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Print a shell completion script (e.g. `vxmesh completions bash > /etc/bash_completion.d/vxmesh`).
+    Completions(docs::CompletionsArgs),
+    /// Write the man pages (vxmesh.1 and one per command) into DIR.
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -128,6 +136,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Leave(a) => leave::run(a).await?,
         Cmd::Lab(l) => return lab::run(l).await,
         Cmd::Bench(b) => bench::run(b).await?,
+        Cmd::Completions(a) => docs::completions(a, Cli::command())?,
+        Cmd::Man(a) => docs::man(a, Cli::command())?,
     }
     Ok(ExitCode::SUCCESS)
 }

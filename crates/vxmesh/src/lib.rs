@@ -12,6 +12,7 @@
 //! the repository.
 
 pub mod agent;
+pub mod agent_config;
 pub mod attach;
 pub mod cni;
 pub mod config;

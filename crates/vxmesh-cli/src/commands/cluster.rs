@@ -1,7 +1,7 @@
-//! The cluster file, read without touching anything: `validate` checks it,
-//! `plan` prints a node's desired state.
+//! The cluster file, read without touching anything: `validate` checks it
+//! (or an agent configuration file), `plan` prints a node's desired state.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -9,9 +9,15 @@ use vxmesh::config;
 use vxmesh::dataplane::plan::{PlanInput, plan};
 
 #[derive(Args, Debug)]
+#[group(id = "what", required = true, multiple = true)]
 pub struct ValidateArgs {
-    #[arg(long)]
-    cluster: PathBuf,
+    /// A cluster file: print the resolved cluster.
+    #[arg(long, value_name = "FILE", group = "what")]
+    cluster: Option<PathBuf>,
+    /// An agent configuration file: every problem with its key, then its
+    /// store opened as the agent would (nothing is contacted or started).
+    #[arg(long, value_name = "FILE", group = "what")]
+    agent_config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -26,10 +32,20 @@ pub struct PlanArgs {
 }
 
 pub fn validate(a: ValidateArgs) -> Result<()> {
-    let c = config::load(&a.cluster)?;
+    if let Some(file) = &a.cluster {
+        validate_cluster(file)?;
+    }
+    if let Some(file) = &a.agent_config {
+        super::agent::check_file(file)?;
+    }
+    Ok(())
+}
+
+fn validate_cluster(file: &Path) -> Result<()> {
+    let c = config::load(file)?;
     println!(
         "{}: {} network(s), {} node(s)",
-        a.cluster.display(),
+        file.display(),
         c.networks.len(),
         c.nodes.len()
     );

@@ -25,6 +25,9 @@ impl Lab {
             .open(&n.agent_log)?;
         let mut cmd = Command::new(&self.spec_exe);
         cmd.arg("--netns").arg(&n.netns).arg("-v").arg("agent");
+        // A lab agent is configured by the lab alone, never by this
+        // machine's /etc/vxmesh/agent.toml.
+        cmd.arg("--no-config");
         match &self.info.etcd {
             None => cmd.arg("--cluster").arg(&self.info.cluster_file),
             Some(e) => cmd

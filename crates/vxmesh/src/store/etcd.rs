@@ -91,6 +91,8 @@ pub use client::{connect, op};
 pub use multi::EtcdNetworks;
 pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;
+/// The rules of a key prefix, for the agent configuration file's checks.
+pub(crate) use records::check_prefix;
 pub use remote::{
     claim_address, leave_node, read_password, release_address, section_client_options,
 };

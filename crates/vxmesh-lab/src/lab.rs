@@ -23,6 +23,8 @@ mod check;
 mod cni;
 mod demo;
 mod etcd;
+pub mod faults;
+pub mod invariants;
 mod membership;
 mod summary;
 mod teardown;
@@ -33,7 +35,10 @@ pub(crate) use cni::run_plugin;
 pub use demo::demo;
 pub use teardown::{LabGuard, down_by_name};
 
-pub use etcd::{ETCD_IP, ETCD_PORT, LAB_TTL, LabEtcd, LabStore};
+pub use etcd::{
+    ETCD_IP, ETCD_PORT, EtcdMember, LAB_CONTROL_IP, LAB_TTL, LabEtcd, LabStore, MAX_ETCD_MEMBERS,
+    member_ip,
+};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -55,8 +60,12 @@ use vxmesh::model::Mac;
 use vxmesh::state;
 
 pub const LAB_ROOT: &str = "/run/vxmesh-lab";
-/// The underlay bridge's MAC (etcd's address lives on it).
-const UNDERLAY_BRIDGE_MAC: Mac = Mac([0x02, 0x00, 198, 18, 0, 254]);
+/// The underlay bridge's MAC (fixed: see [`Lab::build`]); no host or etcd
+/// member has it (their MACs end in their address's last byte, never 0).
+const UNDERLAY_BRIDGE_MAC: Mac = Mac([0x02, 0x00, 198, 18, 0, 0]);
+/// Highest host number: 198.18.0.249 and above are the lab's own address
+/// and etcd's members.
+pub const MAX_HOST: usize = 248;
 
 /// The fixed MAC of a host's underlay link, from its underlay address.
 fn underlay_mac(ip: Ipv4Addr) -> Mac {
@@ -84,6 +93,8 @@ pub struct LabSpec {
     pub store: LabStore,
     /// etcd store: the agents' lease TTL (short: crashed hosts vanish fast).
     pub ttl: Duration,
+    /// etcd store: members of the etcd cluster (1..=5), each in its own namespace.
+    pub etcd_members: usize,
     /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
     pub metrics_port: Option<u16>,
 }
@@ -112,6 +123,7 @@ impl LabSpec {
             attach: AttachMode::Library,
             store: LabStore::Static,
             ttl: LAB_TTL,
+            etcd_members: 1,
             metrics_port: None,
         }
     }
@@ -173,8 +185,8 @@ pub struct Lab {
     pub agent_args: Vec<String>,
     pub attach: AttachMode,
     children: BTreeMap<String, Child>,
-    /// The etcd server, when this process started it.
-    etcd_child: Option<Child>,
+    /// The etcd members this process started, by member name.
+    etcd_children: BTreeMap<String, Child>,
 }
 
 pub fn validate_lab_name(name: &str) -> Result<()> {
@@ -251,6 +263,9 @@ impl Lab {
         if spec.nodes == 0 || spec.nodes > 200 {
             bail!("--nodes must be 1..=200 (got {})", spec.nodes);
         }
+        if spec.store == LabStore::Static && spec.etcd_members != 1 {
+            bail!("--etcd-members belongs to the etcd store: add --store etcd");
+        }
         if spec.mode == Mode::Bridged && (spec.networks == 0 || spec.networks > 16) {
             bail!("--networks must be 1..=16 (got {})", spec.networks);
         }
@@ -281,7 +296,7 @@ impl Lab {
             agent_args: spec.agent_args.clone(),
             attach: spec.attach,
             children: BTreeMap::new(),
-            etcd_child: None,
+            etcd_children: BTreeMap::new(),
         };
         if let Err(e) = lab.build(spec).await {
             // Teardown waits for agents to exit: off the runtime's threads.
@@ -366,8 +381,8 @@ impl Lab {
         i: usize,
         subnets: BTreeMap<String, Ipv4Net>,
     ) -> Result<String> {
-        if !(1..=253).contains(&i) {
-            bail!("host{i}: the underlay has room for host1..host253");
+        if !(1..=MAX_HOST).contains(&i) {
+            bail!("host{i}: the underlay has room for host1..host{MAX_HOST}");
         }
         let node = format!("host{i}");
         let ns_name = format!("vxm-{}-{node}", self.info.name);
@@ -413,7 +428,8 @@ impl Lab {
     }
 
     /// Pin the underlay's ARP entries as permanent neighbours: between the
-    /// `new` hosts and every host, and from the `new` hosts to etcd.
+    /// `new` hosts and every host, and between the `new` hosts and etcd's
+    /// members.
     ///
     /// The lab's hosts share one kernel, whose limit on learned neighbours
     /// (`gc_thresh3`, 1 024 by default, settable only in the root namespace)
@@ -438,8 +454,8 @@ impl Lab {
                 .filter(|o| o.name != h.name && (is_new(h) || is_new(o)))
                 .map(|o| entry(o.underlay_ip, underlay_mac(o.underlay_ip)))
                 .collect();
-            if is_new(h) && self.info.etcd.is_some() {
-                changes.push(entry(ETCD_IP, UNDERLAY_BRIDGE_MAC));
+            if is_new(h) {
+                changes.extend(self.member_neighbours().into_iter().map(|(ip, mac)| entry(ip, mac)));
             }
             if changes.is_empty() {
                 continue;
@@ -448,6 +464,23 @@ impl Lab {
             nl.apply(&changes)
                 .await
                 .with_context(|| format!("pin the underlay neighbours of {}", h.name))?;
+        }
+        // Each member learns the new hosts the same way.
+        for m in self.info.etcd.iter().flat_map(|e| e.members.iter()) {
+            let changes: Vec<Change> = self
+                .info
+                .nodes
+                .iter()
+                .filter(|o| is_new(o))
+                .map(|o| entry(o.underlay_ip, underlay_mac(o.underlay_ip)))
+                .collect();
+            if changes.is_empty() {
+                continue;
+            }
+            let nl = Netlink::connect_in(&Netns::open(&m.netns)?).await?;
+            nl.apply(&changes)
+                .await
+                .with_context(|| format!("pin the underlay neighbours of {}", m.name))?;
         }
         Ok(())
     }
@@ -553,7 +586,7 @@ impl Lab {
             agent_args: Vec::new(),
             attach: AttachMode::Library,
             children: BTreeMap::new(),
-            etcd_child: None,
+            etcd_children: BTreeMap::new(),
         })
     }
 

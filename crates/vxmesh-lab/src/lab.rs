@@ -95,6 +95,9 @@ pub struct LabSpec {
     pub ttl: Duration,
     /// etcd store: members of the etcd cluster (1..=5), each in its own namespace.
     pub etcd_members: usize,
+    /// etcd store, routed mode: the network's CIDR instead of 172.18.0.0/16
+    /// (a small one, e.g. a /22 of four /24 subnets, fills up).
+    pub routed_cidr: Option<Ipv4Net>,
     /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
     pub metrics_port: Option<u16>,
 }
@@ -124,6 +127,7 @@ impl LabSpec {
             store: LabStore::Static,
             ttl: LAB_TTL,
             etcd_members: 1,
+            routed_cidr: None,
             metrics_port: None,
         }
     }
@@ -220,7 +224,10 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
         Mode::Routed => vec![NetworkFile {
             name: "demo".into(),
             mode: Mode::Routed,
-            cidr: "172.18.0.0/16".into(),
+            cidr: spec
+                .routed_cidr
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "172.18.0.0/16".into()),
             subnet_len: 24,
             vni: 100,
             port: 4789,
@@ -248,7 +255,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
                 .to_string(),
             underlay_dev: Some("eth0".into()),
             // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
-            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25)
+            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())
                 .then(|| format!("172.18.{}.0/24", i * 10)),
             subnets: BTreeMap::new(),
         })
@@ -263,8 +270,9 @@ impl Lab {
         if spec.nodes == 0 || spec.nodes > 200 {
             bail!("--nodes must be 1..=200 (got {})", spec.nodes);
         }
-        if spec.store == LabStore::Static && spec.etcd_members != 1 {
-            bail!("--etcd-members belongs to the etcd store: add --store etcd");
+        if spec.store == LabStore::Static && (spec.etcd_members != 1 || spec.routed_cidr.is_some())
+        {
+            bail!("--etcd-members and a routed CIDR belong to the etcd store: add --store etcd");
         }
         if spec.mode == Mode::Bridged && (spec.networks == 0 || spec.networks > 16) {
             bail!("--networks must be 1..=16 (got {})", spec.networks);
@@ -455,7 +463,11 @@ impl Lab {
                 .map(|o| entry(o.underlay_ip, underlay_mac(o.underlay_ip)))
                 .collect();
             if is_new(h) {
-                changes.extend(self.member_neighbours().into_iter().map(|(ip, mac)| entry(ip, mac)));
+                changes.extend(
+                    self.member_neighbours()
+                        .into_iter()
+                        .map(|(ip, mac)| entry(ip, mac)),
+                );
             }
             if changes.is_empty() {
                 continue;

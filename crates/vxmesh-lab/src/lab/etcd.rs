@@ -117,16 +117,19 @@ impl LabEtcd {
 
     /// The member called `name`.
     pub fn member(&self, name: &str) -> Result<&EtcdMember> {
-        self.members.iter().find(|m| m.name == name).with_context(|| {
-            format!(
-                "no etcd member '{name}' (members: {})",
-                self.members
-                    .iter()
-                    .map(|m| m.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+        self.members
+            .iter()
+            .find(|m| m.name == name)
+            .with_context(|| {
+                format!(
+                    "no etcd member '{name}' (members: {})",
+                    self.members
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
     }
 
     /// etcd's `--initial-cluster`: `etcd1=http://IP:2380,...`.
@@ -296,10 +299,7 @@ impl Lab {
             .arg("--data-dir")
             .arg(&m.data_dir)
             .arg("--listen-client-urls")
-            .arg(format!(
-                "{},http://127.0.0.1:{ETCD_PORT}",
-                m.client_url()
-            ))
+            .arg(format!("{},http://127.0.0.1:{ETCD_PORT}", m.client_url()))
             .arg("--advertise-client-urls")
             .arg(m.client_url())
             .arg("--listen-peer-urls")

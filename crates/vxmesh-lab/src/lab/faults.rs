@@ -98,8 +98,7 @@ impl Lab {
         if addrs.is_empty() {
             bail!("partition of {node}: from nothing (give from_etcd or peers)");
         }
-        nft_in(&n.netns, &partition_script(&addrs))
-            .with_context(|| format!("partition {node}"))
+        nft_in(&n.netns, &partition_script(&addrs)).with_context(|| format!("partition {node}"))
     }
 
     /// Heal a partition made by [`Lab::partition`] (no partition: nothing to do).
@@ -152,7 +151,8 @@ impl Lab {
             .pid
             .filter(|p| is_lab_etcd(*p, &self.info.dir))
             .with_context(|| format!("etcd member {member} is not running"))?;
-        kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("{sig} to etcd member {member}"))
+        kill(Pid::from_raw(pid as i32), sig)
+            .with_context(|| format!("{sig} to etcd member {member}"))
     }
 
     /// Ask every member for its status (members that do not answer within
@@ -169,10 +169,7 @@ impl Lab {
                 let mut out = Vec::new();
                 for (name, url) in members {
                     if let Ok(Ok(s)) = tokio::time::timeout(ETCD_REQUEST, status_of(&url)).await {
-                        out.push(MemberStatus {
-                            member: name,
-                            ..s
-                        });
+                        out.push(MemberStatus { member: name, ..s });
                     }
                 }
                 Ok::<_, anyhow::Error>(out)
@@ -336,10 +333,7 @@ mod tests {
 
     #[test]
     fn a_partition_drops_both_directions_in_a_table_of_its_own() {
-        let s = partition_script(&[
-            Ipv4Addr::new(198, 18, 0, 254),
-            Ipv4Addr::new(198, 18, 0, 2),
-        ]);
+        let s = partition_script(&[Ipv4Addr::new(198, 18, 0, 254), Ipv4Addr::new(198, 18, 0, 2)]);
         assert!(s.starts_with("table inet vxmlab_partition {"), "{s}");
         assert!(
             s.contains("hook input priority -10; policy accept; ip saddr { 198.18.0.254, 198.18.0.2 } drop;"),

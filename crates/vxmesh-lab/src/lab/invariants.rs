@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use self::rules::{Excuses, Rule, Sample, Violation, check};
-use self::sample::{Connections, LabPlace, live_nodes, read_etcd, read_info};
+use self::sample::{Connections, LabPlace, joining_nodes, live_nodes, read_etcd, read_info};
 use super::Lab;
 use crate::probe::{self, PairJob, ProbeStream};
 use vxmesh::dataplane::netns::Netns;
@@ -217,13 +217,7 @@ impl InvariantChecker {
         let t0 = Instant::now();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(run(
-            place,
-            opts.clone(),
-            t0,
-            shared.clone(),
-            stop.clone(),
-        ));
+        let task = tokio::spawn(run(place, opts.clone(), t0, shared.clone(), stop.clone()));
         Ok(InvariantChecker {
             shared,
             stop: StopOnDrop(stop),
@@ -373,11 +367,7 @@ async fn start_streams(
     }
     let mut out = Vec::new();
     for (i, j) in pairs {
-        let s = probe::continuous(
-            &Netns::open(&cs[i].netns)?,
-            cs[j].ip,
-            opts.stream_interval,
-        )?;
+        let s = probe::continuous(&Netns::open(&cs[i].netns)?, cs[j].ip, opts.stream_interval)?;
         out.push((
             format!("{}->{}", cs[i].name, cs[j].name),
             s,
@@ -425,6 +415,7 @@ async fn run(
             etcd: etcd.0,
             nodes,
             live: live_nodes(&info),
+            joining: joining_nodes(&info),
         };
         record(&shared, &sample, opts.grace);
         let spent = tick.elapsed();
@@ -440,10 +431,7 @@ fn record(shared: &Mutex<Shared>, sample: &Sample, grace: Duration) {
     if let Some(prev) = s.last_live.clone()
         && prev != sample.live
     {
-        let changed: BTreeSet<String> = prev
-            .symmetric_difference(&sample.live)
-            .cloned()
-            .collect();
+        let changed: BTreeSet<String> = prev.symmetric_difference(&sample.live).cloned().collect();
         s.windows.push(Window {
             label: format!(
                 "membership {}",

@@ -16,8 +16,8 @@ use ipnet::Ipv4Net;
 use super::rules::{EtcdView, NodeView, StoredNode};
 use crate::lab::LabInfo;
 use vxmesh::config::Mode;
-use vxmesh::dataplane::kernel::Netlink;
 use vxmesh::dataplane::kernel::ActualState;
+use vxmesh::dataplane::kernel::Netlink;
 use vxmesh::dataplane::netns::Netns;
 
 /// How long one member may take to answer a sample's read.
@@ -35,6 +35,15 @@ pub fn live_nodes(info: &LabInfo) -> BTreeSet<String> {
     info.nodes
         .iter()
         .filter(|n| n.agent_pid.is_some() && !n.subnets.is_empty())
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// The nodes whose agent runs but has not joined yet.
+pub fn joining_nodes(info: &LabInfo) -> BTreeSet<String> {
+    info.nodes
+        .iter()
+        .filter(|n| n.agent_pid.is_some() && n.subnets.is_empty())
         .map(|n| n.name.clone())
         .collect()
 }

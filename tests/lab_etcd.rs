@@ -1,6 +1,6 @@
 //! Dynamic membership on etcd: acceptance tests on real labs whose etcd runs
-//! inside the lab's underlay namespace (198.18.0.254:2379 and 127.0.0.1 of
-//! that namespace; nothing in the root namespace). Root; namespaces only.
+//! in a namespace of its own on the lab's underlay (198.18.0.254:2379;
+//! nothing in the root namespace). Root; namespaces only.
 
 mod common;
 
@@ -445,7 +445,9 @@ async fn cli_net_create_leave_and_agent_leave() {
     {
         let mut lab = up(&s).await;
         let ul = lab.info.underlay_ns.clone();
-        let store = "etcd://127.0.0.1:2379";
+        // Every member, reached from the underlay namespace (the lab's own address).
+        let store_url = lab.etcd().unwrap().store.clone();
+        let store = store_url.as_str();
         // net create validates like a cluster file, is idempotent, refuses changes.
         let create = |args: &[&str]| {
             let mut v = vec!["--netns", &ul, "net", "create"];

@@ -8,21 +8,26 @@
 //! attach code users run. Nothing is created in the root namespace and no
 //! packet leaves the lab's namespaces.
 //!
-//! The store is a cluster file, or etcd ([`LabStore::Etcd`], see [`LabEtcd`]):
-//! then an etcd server runs inside the underlay namespace, hosts join and
-//! leave while the lab runs ([`Lab::add_node`], [`Lab::remove_node`]) and
-//! bridged containers can move between hosts ([`Lab::move_container`]).
+//! The store is a cluster file, or etcd ([`LabStore::Etcd`], see
+//! [`LabEtcd`]): then an etcd cluster of 1-5 members runs on the underlay,
+//! each member in a namespace of its own; [`faults`] breaks it on demand and
+//! [`invariants`] checks what vxmesh does meanwhile. Hosts join and leave
+//! while the lab runs ([`Lab::add_node`], [`Lab::remove_node`]) and bridged
+//! containers can move between hosts ([`Lab::move_container`]).
 //!
-//! This module holds the lab's topology (hosts, underlay, containers);
-//! `spec` holds its model (spec, record), `agents` supervises the agent
-//! processes, `check` probes the pairs, `teardown` removes a lab, `demo`
-//! runs the newcomer's tour and `summary` describes a lab for people.
+//! This module holds the lab's topology (underlay, containers); `spec`
+//! holds its model (spec, record), `hosts` makes hosts on the underlay, `agents` supervises the
+//! agent processes, `check` probes the pairs, `teardown` removes a lab,
+//! `demo` runs the newcomer's tour and `summary` describes a lab for people.
 
 mod agents;
 mod check;
 mod cni;
 mod demo;
 mod etcd;
+pub mod faults;
+mod hosts;
+pub mod invariants;
 mod membership;
 mod spec;
 mod summary;
@@ -34,7 +39,10 @@ pub(crate) use cni::run_plugin;
 pub use demo::demo;
 pub use teardown::{LabGuard, down_by_name};
 
-pub use etcd::{ETCD_IP, ETCD_PORT, LAB_TTL, LabEtcd, LabStore};
+pub use etcd::{
+    ETCD_IP, ETCD_PORT, EtcdMember, LAB_CONTROL_IP, LAB_TTL, LabEtcd, LabStore, MAX_ETCD_MEMBERS,
+    member_ip,
+};
 pub use spec::{
     AttachMode, LabContainer, LabInfo, LabNode, LabSpec, cluster_file_for, network_names,
     validate_lab_name,
@@ -48,20 +56,21 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ipnet::Ipv4Net;
 
 use vxmesh::attach::{self, AttachRequest};
 use vxmesh::config::{ClusterFile, Mode};
-use vxmesh::dataplane::NeighSpec;
-use vxmesh::dataplane::diff::Change;
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns};
 use vxmesh::model::Mac;
 use vxmesh::state;
 
 pub const LAB_ROOT: &str = "/run/vxmesh-lab";
-/// The underlay bridge's MAC (etcd's address lives on it).
-const UNDERLAY_BRIDGE_MAC: Mac = Mac([0x02, 0x00, 198, 18, 0, 254]);
+/// The underlay bridge's MAC (fixed: see [`Lab::build`]); no host or etcd
+/// member has it (their MACs end in their address's last byte, never 0).
+const UNDERLAY_BRIDGE_MAC: Mac = Mac([0x02, 0x00, 198, 18, 0, 0]);
+/// Highest host number: 198.18.0.249 and above are the lab's own address
+/// and etcd's members.
+pub const MAX_HOST: usize = 248;
 
 /// The fixed MAC of a host's underlay link, from its underlay address.
 fn underlay_mac(ip: Ipv4Addr) -> Mac {
@@ -78,8 +87,8 @@ pub struct Lab {
     pub agent_args: Vec<String>,
     pub attach: AttachMode,
     children: BTreeMap<String, Child>,
-    /// The etcd server, when this process started it.
-    etcd_child: Option<Child>,
+    /// The etcd members this process started, by member name.
+    etcd_children: BTreeMap<String, Child>,
 }
 
 impl Lab {
@@ -88,6 +97,10 @@ impl Lab {
         validate_lab_name(&spec.name)?;
         if spec.nodes == 0 || spec.nodes > 200 {
             bail!("--nodes must be 1..=200 (got {})", spec.nodes);
+        }
+        if spec.store == LabStore::Static && (spec.etcd_members != 1 || spec.routed_cidr.is_some())
+        {
+            bail!("--etcd-members and a routed CIDR belong to the etcd store: add --store etcd");
         }
         if spec.mode == Mode::Bridged && (spec.networks == 0 || spec.networks > 16) {
             bail!("--networks must be 1..=16 (got {})", spec.networks);
@@ -119,7 +132,7 @@ impl Lab {
             agent_args: spec.agent_args.clone(),
             attach: spec.attach,
             children: BTreeMap::new(),
-            etcd_child: None,
+            etcd_children: BTreeMap::new(),
         };
         if let Err(e) = lab.build(spec).await {
             // Teardown waits for agents to exit: off the runtime's threads.
@@ -194,100 +207,6 @@ impl Lab {
                 .await?;
         }
         self.save()
-    }
-
-    /// Create host `hostI`: its namespace, its underlay link into the
-    /// underlay bridge and its address 198.18.0.I (no agent yet).
-    async fn create_host(
-        &mut self,
-        ul_nl: &Netlink,
-        i: usize,
-        subnets: BTreeMap<String, Ipv4Net>,
-    ) -> Result<String> {
-        if !(1..=253).contains(&i) {
-            bail!("host{i}: the underlay has room for host1..host253");
-        }
-        let node = format!("host{i}");
-        let ns_name = format!("vxm-{}-{node}", self.info.name);
-        let ns = netns::create(&ns_name)?;
-        let ul_port = format!("p-{node}");
-        ul_nl
-            .create_veth(&ul_port, "eth0", Some(&ns), 1500)
-            .await
-            .with_context(|| format!("underlay link of {node}"))?;
-        ul_nl
-            .set_link(
-                &ul_port,
-                LinkOptions {
-                    master: Some("br-ul".into()),
-                    up: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8);
-        let h = Netlink::connect_in(&ns).await?;
-        h.set_link(
-            "eth0",
-            LinkOptions {
-                up: Some(true),
-                mac: Some(underlay_mac(ip)),
-                ..Default::default()
-            },
-        )
-        .await?;
-        h.add_address("eth0", Ipv4Net::new(ip, 24)?).await?;
-        let node_dir = self.info.dir.join(&node);
-        self.info.nodes.push(LabNode {
-            name: node.clone(),
-            netns: ns_name,
-            underlay_ip: ip,
-            subnets,
-            state_dir: node_dir.join("state"),
-            agent_pid: None,
-            agent_log: node_dir.join("agent.log"),
-        });
-        Ok(node)
-    }
-
-    /// Pin the underlay's ARP entries as permanent neighbours: between the
-    /// `new` hosts and every host, and from the `new` hosts to etcd.
-    ///
-    /// The lab's hosts share one kernel, whose limit on learned neighbours
-    /// (`gc_thresh3`, 1 024 by default, settable only in the root namespace)
-    /// counts every namespace's entries: 50 hosts learning each other's
-    /// underlay addresses need 2 450, and beyond the limit the kernel drops
-    /// packets ("neighbor table overflow"). Permanent entries do not count.
-    /// Real hosts each have a kernel of their own and learn these by ARP.
-    pub(crate) async fn pin_underlay(&self, new: &[String]) -> Result<()> {
-        let is_new = |n: &LabNode| new.contains(&n.name);
-        let entry = |ip: Ipv4Addr, mac: Mac| Change::ReplaceNeighbour {
-            neigh: NeighSpec {
-                dev: "eth0".into(),
-                ip,
-                mac,
-            },
-        };
-        for h in &self.info.nodes {
-            let mut changes: Vec<Change> = self
-                .info
-                .nodes
-                .iter()
-                .filter(|o| o.name != h.name && (is_new(h) || is_new(o)))
-                .map(|o| entry(o.underlay_ip, underlay_mac(o.underlay_ip)))
-                .collect();
-            if is_new(h) && self.info.etcd.is_some() {
-                changes.push(entry(ETCD_IP, UNDERLAY_BRIDGE_MAC));
-            }
-            if changes.is_empty() {
-                continue;
-            }
-            let nl = Netlink::connect_in(&Netns::open(&h.netns)?).await?;
-            nl.apply(&changes)
-                .await
-                .with_context(|| format!("pin the underlay neighbours of {}", h.name))?;
-        }
-        Ok(())
     }
 
     /// Attach `k` containers per network of `nets` on `node`.
@@ -391,7 +310,7 @@ impl Lab {
             agent_args: Vec::new(),
             attach: AttachMode::Library,
             children: BTreeMap::new(),
-            etcd_child: None,
+            etcd_children: BTreeMap::new(),
         })
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use vxmesh::config::Mode;
-use vxmesh_lab::bench::{self, cni, converge, footprint, throughput};
+use vxmesh_lab::bench::{self, cni, converge, faults, footprint, throughput};
 
 use super::ModeArg;
 
@@ -68,6 +68,27 @@ pub enum BenchCmd {
         /// Lease TTL of the agents, seconds.
         #[arg(long, default_value_t = 3)]
         ttl: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// etcd lab under rounds of faults (agents joining at once, a host
+    /// partitioned from etcd, the leader killed, the leader paused, a
+    /// snapshot rollback) with the invariant checker running throughout:
+    /// the heavy variant of the etcd_faults tests.
+    Faults {
+        /// Hosts before the first round.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Agents joining at once, per round.
+        #[arg(long, default_value_t = 20)]
+        join: usize,
+        #[arg(long, default_value_t = 3)]
+        etcd_members: usize,
+        /// Lease TTL of the agents, seconds.
+        #[arg(long, default_value_t = 2)]
+        ttl: u64,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
         #[arg(long)]
         json: bool,
     },
@@ -147,6 +168,25 @@ pub async fn run(b: BenchCmd) -> Result<()> {
             })
             .await?;
             bench::print(json, &rows, &converge::table(&rows))
+        }
+        BenchCmd::Faults {
+            nodes,
+            join,
+            etcd_members,
+            ttl,
+            rounds,
+            json,
+        } => {
+            let rows = faults::run(&faults::FaultBenchOptions {
+                nodes,
+                join,
+                etcd_members,
+                ttl_secs: ttl,
+                rounds,
+                exe,
+            })
+            .await?;
+            bench::print(json, &rows, &faults::table(&rows))
         }
         BenchCmd::Cni { iterations, json } => {
             let r = cni::run(&cni::CniOptions { iterations, exe }).await?;

@@ -27,13 +27,17 @@ pub struct LabUpArgs {
     /// as a CNI plugin exactly as a container runtime does (cni).
     #[arg(long, value_enum, default_value = "library")]
     attach: AttachArg,
-    /// Where node records live: one cluster file (static), or an etcd server
-    /// inside the lab's underlay namespace (etcd: hosts can join and leave).
+    /// Where node records live: one cluster file (static), or an etcd cluster
+    /// on the lab's underlay (etcd: hosts can join and leave).
     #[arg(long, value_enum, default_value = "static")]
     store: StoreArg,
     /// etcd store: the agents' lease TTL in seconds.
     #[arg(long, default_value_t = lab::LAB_TTL.as_secs())]
     ttl: u64,
+    /// etcd store: members of the etcd cluster (1-5), each in a namespace
+    /// of its own on the underlay; agents get every member as an endpoint.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    etcd_members: usize,
     /// Each agent serves metrics on its underlay address at this port
     /// (scrape from inside the host: `vxmesh lab exec LAB hostN -- curl ...`).
     #[arg(long, value_name = "PORT")]
@@ -122,6 +126,7 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
         StoreArg::Etcd => lab::LabStore::Etcd,
     };
     s.ttl = Duration::from_secs(a.ttl);
+    s.etcd_members = a.etcd_members;
     s.metrics_port = a.metrics_port;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)

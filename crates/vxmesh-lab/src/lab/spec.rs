@@ -33,6 +33,11 @@ pub struct LabSpec {
     pub store: LabStore,
     /// etcd store: the agents' lease TTL (short: crashed hosts vanish fast).
     pub ttl: Duration,
+    /// etcd store: members of the etcd cluster (1..=5), each in its own namespace.
+    pub etcd_members: usize,
+    /// etcd store, routed mode: the network's CIDR instead of 172.18.0.0/16
+    /// (a small one, e.g. a /22 of four /24 subnets, fills up).
+    pub routed_cidr: Option<Ipv4Net>,
     /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
     pub metrics_port: Option<u16>,
 }
@@ -61,6 +66,8 @@ impl LabSpec {
             attach: AttachMode::Library,
             store: LabStore::Static,
             ttl: LAB_TTL,
+            etcd_members: 1,
+            routed_cidr: None,
             metrics_port: None,
         }
     }
@@ -145,7 +152,10 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
         Mode::Routed => vec![NetworkFile {
             name: "demo".into(),
             mode: Mode::Routed,
-            cidr: "172.18.0.0/16".into(),
+            cidr: spec
+                .routed_cidr
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "172.18.0.0/16".into()),
             subnet_len: 24,
             vni: 100,
             port: 4789,
@@ -173,7 +183,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
                 .to_string(),
             underlay_dev: Some("eth0".into()),
             // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
-            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25)
+            subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())
                 .then(|| format!("172.18.{}.0/24", i * 10)),
             subnets: BTreeMap::new(),
         })

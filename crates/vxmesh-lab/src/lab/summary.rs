@@ -12,10 +12,19 @@ impl LabInfo {
             self.name, self.mode, self.underlay_ns
         );
         if let Some(e) = &self.etcd {
-            let pid = e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let members: Vec<String> = e
+                .members
+                .iter()
+                .map(|m| {
+                    let pid = m.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    format!("{} in {} pid {pid}", m.name, m.netns)
+                })
+                .collect();
             out.push_str(&format!(
-                "  etcd     {} (in {}), pid {pid}, lease TTL {} s\n",
-                e.store, self.underlay_ns, e.ttl_secs
+                "  etcd     {} ({}), lease TTL {} s\n",
+                e.store,
+                members.join(", "),
+                e.ttl_secs
             ));
         }
         if let Some(port) = self.metrics_port {
@@ -54,7 +63,7 @@ impl LabInfo {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::super::{LabContainer, LabEtcd, LabNode};
+    use super::super::{EtcdMember, LabContainer, LabEtcd, LabNode};
     use super::*;
     use vxmesh::config::Mode;
 
@@ -100,11 +109,18 @@ mod tests {
     #[test]
     fn summary_names_etcd_and_metrics() {
         let mut i = info();
-        i.etcd = Some(LabEtcd {
-            store: "etcd://198.18.0.254:2379".into(),
-            pid: None,
+        let member = |i: u8, pid| EtcdMember {
+            name: format!("etcd{i}"),
+            netns: format!("vxm-t-etcd{i}"),
+            ip: [198, 18, 0, 255 - i].into(),
+            pid,
             data_dir: "/d".into(),
             log: "/l".into(),
+        };
+        i.etcd = Some(LabEtcd {
+            store: "etcd://198.18.0.254:2379,198.18.0.253:2379".into(),
+            members: vec![member(1, None), member(2, Some(7))],
+            token: "vxmesh-lab-t".into(),
             ttl_secs: 3,
             networks: vec!["default".into()],
         });
@@ -113,7 +129,7 @@ mod tests {
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(
             lines[1],
-            "  etcd     etcd://198.18.0.254:2379 (in vxm-t-ul), pid -, lease TTL 3 s"
+            "  etcd     etcd://198.18.0.254:2379,198.18.0.253:2379 (etcd1 in vxm-t-etcd1 pid -, etcd2 in vxm-t-etcd2 pid 7), lease TTL 3 s"
         );
         assert_eq!(
             lines[2],

@@ -9,6 +9,7 @@ pub mod attach;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
+pub mod docker;
 pub mod doctor;
 pub mod icmp;
 pub mod ipam;

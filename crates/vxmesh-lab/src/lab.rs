@@ -22,6 +22,7 @@ mod agents;
 mod check;
 mod cni;
 mod demo;
+mod docker;
 mod etcd;
 mod membership;
 mod summary;
@@ -31,6 +32,7 @@ pub use check::CheckReport;
 use cni::cni_add;
 pub(crate) use cni::run_plugin;
 pub use demo::demo;
+pub use docker::{IMAGE, LabDocker, PLUGIN_PORT, Runtime, plugin_name};
 pub use teardown::{LabGuard, down_by_name};
 
 pub use etcd::{ETCD_IP, ETCD_PORT, LAB_TTL, LabEtcd, LabStore};
@@ -86,6 +88,8 @@ pub struct LabSpec {
     pub ttl: Duration,
     /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
     pub metrics_port: Option<u16>,
+    /// What runs the containers (Docker: one dockerd per host).
+    pub runtime: Runtime,
 }
 
 /// How the lab attaches its containers.
@@ -113,6 +117,7 @@ impl LabSpec {
             store: LabStore::Static,
             ttl: LAB_TTL,
             metrics_port: None,
+            runtime: Runtime::Netns,
         }
     }
 }
@@ -126,6 +131,9 @@ pub struct LabNode {
     pub state_dir: PathBuf,
     pub agent_pid: Option<u32>,
     pub agent_log: PathBuf,
+    /// The host's dockerd and plugin (`--runtime docker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<LabDocker>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -156,6 +164,9 @@ pub struct LabInfo {
     /// Agents serve metrics on their underlay address at this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_port: Option<u16>,
+    /// What runs the containers.
+    #[serde(default)]
+    pub runtime: Runtime,
 }
 
 impl LabInfo {
@@ -274,6 +285,7 @@ impl Lab {
             containers_per_node: spec.containers,
             etcd: None,
             metrics_port: spec.metrics_port,
+            runtime: spec.runtime,
         };
         let mut lab = Lab {
             info,
@@ -351,6 +363,9 @@ impl Lab {
         }
         // Containers: K per node per network.
         let nets = network_names(spec.mode, spec.networks);
+        if spec.runtime == Runtime::Docker {
+            self.start_docker_everywhere(&nets).await?;
+        }
         for node in self.info.nodes.clone() {
             self.attach_containers(&node.name, &nets, spec.containers)
                 .await?;
@@ -408,6 +423,7 @@ impl Lab {
             state_dir: node_dir.join("state"),
             agent_pid: None,
             agent_log: node_dir.join("agent.log"),
+            docker: None,
         });
         Ok(node)
     }
@@ -487,6 +503,9 @@ impl Lab {
         cname: &str,
         ip: Option<Ipv4Addr>,
     ) -> Result<LabContainer> {
+        if self.info.runtime == Runtime::Docker {
+            return self.docker_add(node, network, cname, ip).await;
+        }
         let n = self.node(node)?.clone();
         let ns_name = format!("vxm-{}-{cname}", self.info.name);
         let cns = netns::create(&ns_name)?;

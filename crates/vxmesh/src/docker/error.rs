@@ -49,6 +49,10 @@ pub enum DockerError {
         ipam: String,
         pool: String,
     },
+    #[error(
+        "vxmesh network '{network}' is routed: give this node's subnet, --subnet {subnet} (Docker refuses a pool without --subnet that a route of the host covers, and the node's bridge route does)"
+    )]
+    RoutedNeedsSubnet { network: String, subnet: Ipv4Net },
     #[error("vxmesh networks are IPv4 only: create the Docker network without --ipv6")]
     Ipv6,
     #[error("--ip-range {sub_pool} is not supported: vxmesh allocates from the network's own range")]

@@ -42,6 +42,14 @@ impl Plugin {
             p => Some(parse_subnet(p, " (--subnet)")?),
         };
         let served = self.resolve(named, requested)?;
+        // Docker re-asks for a pool without --subnet as long as a route of
+        // its host covers it (forever: the node's bridge route always does).
+        if requested.is_none() && served.state.mode == Mode::Routed {
+            return Err(DockerError::RoutedNeedsSubnet {
+                network: served.state.network.clone(),
+                subnet: served.state.subnet,
+            });
+        }
         if let Some(r) = requested
             && r != served.state.subnet
         {

@@ -72,6 +72,9 @@ async fn pools_follow_the_served_networks() {
     assert!(err_of(&r, "Error").contains("no vxmesh network is served"), "{r:?}");
     serve(d.path(), "demo", Mode::Routed, "172.18.10.0/24", "172.18.10.0/24");
     let r = call(&p, "/IpamDriver.RequestPool", json!({"AddressSpace": "vxmesh"})).await;
+    let e = err_of(&r, "Error");
+    assert!(e.contains("--subnet 172.18.10.0/24"), "routed needs --subnet: {e}");
+    let r = call(&p, "/IpamDriver.RequestPool", json!({"Pool": "172.18.10.0/24"})).await;
     assert_eq!(r.body, json!({"PoolID": "vxmesh/demo", "Pool": "172.18.10.0/24", "Data": {}}));
     let r = call(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.9.0.0/16"})).await;
     let e = err_of(&r, "Error");

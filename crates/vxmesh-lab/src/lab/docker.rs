@@ -146,13 +146,27 @@ impl Lab {
         let plugin = plugin_name(&self.info.name);
         let state_dir = &self.node(node)?.state_dir;
         for net in nets {
-            let subnet = state::read_network(state_dir, net)?.state.subnet.to_string();
+            let subnet = state::read_network(state_dir, net)?
+                .state
+                .subnet
+                .to_string();
             let opt = format!("vxmesh.network={net}");
             self.docker(
                 node,
                 &[
-                    "network", "create", "-d", &plugin, "--ipam-driver", &plugin, "-o", &opt,
-                    "--ipam-opt", &opt, "--subnet", &subnet, net,
+                    "network",
+                    "create",
+                    "-d",
+                    &plugin,
+                    "--ipam-driver",
+                    &plugin,
+                    "-o",
+                    &opt,
+                    "--ipam-opt",
+                    &opt,
+                    "--subnet",
+                    &subnet,
+                    net,
                 ],
             )?;
         }
@@ -173,7 +187,11 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         let pid = self.spawn_in(&n.netns, cmd, &format!("{node}:plugin"))?;
-        self.node_mut(node)?.docker.as_mut().expect("docker").plugin_pid = Some(pid);
+        self.node_mut(node)?
+            .docker
+            .as_mut()
+            .expect("docker")
+            .plugin_pid = Some(pid);
         self.save()?;
         Ok(pid)
     }
@@ -214,7 +232,11 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         let pid = self.spawn_in(&n.netns, cmd, &format!("{node}:dockerd"))?;
-        self.node_mut(node)?.docker.as_mut().expect("docker").dockerd_pid = Some(pid);
+        self.node_mut(node)?
+            .docker
+            .as_mut()
+            .expect("docker")
+            .dockerd_pid = Some(pid);
         self.save()?;
         Ok(pid)
     }
@@ -239,7 +261,9 @@ impl Lab {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     let log = self.docker_of(node)?.dir.join("dockerd.log");
-                    return Err(e.context(format!("dockerd of {node} not up (see {})", log.display())));
+                    return Err(
+                        e.context(format!("dockerd of {node} not up (see {})", log.display()))
+                    );
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -249,8 +273,17 @@ impl Lab {
     /// Stop `node`'s plugin (`signal`, then wait for it).
     pub fn stop_plugin(&mut self, node: &str, signal: Signal) -> Result<()> {
         let pid = self.docker_of(node)?.plugin_pid;
-        self.stop_process(&format!("{node}:plugin"), pid, signal, Duration::from_secs(10))?;
-        self.node_mut(node)?.docker.as_mut().expect("docker").plugin_pid = None;
+        self.stop_process(
+            &format!("{node}:plugin"),
+            pid,
+            signal,
+            Duration::from_secs(10),
+        )?;
+        self.node_mut(node)?
+            .docker
+            .as_mut()
+            .expect("docker")
+            .plugin_pid = None;
         self.save()
     }
 
@@ -258,8 +291,17 @@ impl Lab {
     /// its containerd), then wait for it.
     pub fn stop_dockerd(&mut self, node: &str, signal: Signal) -> Result<()> {
         let pid = self.docker_of(node)?.dockerd_pid;
-        self.stop_process(&format!("{node}:dockerd"), pid, signal, Duration::from_secs(40))?;
-        self.node_mut(node)?.docker.as_mut().expect("docker").dockerd_pid = None;
+        self.stop_process(
+            &format!("{node}:dockerd"),
+            pid,
+            signal,
+            Duration::from_secs(40),
+        )?;
+        self.node_mut(node)?
+            .docker
+            .as_mut()
+            .expect("docker")
+            .dockerd_pid = None;
         self.save()
     }
 
@@ -303,8 +345,18 @@ impl Lab {
         ip: Option<Ipv4Addr>,
     ) -> Result<LabContainer> {
         let mut args = vec![
-            "run", "-d", "--name", cname, "--hostname", cname, "--network", network,
-            "--stop-timeout", "1", "--restart", "always",
+            "run",
+            "-d",
+            "--name",
+            cname,
+            "--hostname",
+            cname,
+            "--network",
+            network,
+            "--stop-timeout",
+            "1",
+            "--restart",
+            "always",
         ];
         let ip_text = ip.map(|i| i.to_string());
         if let Some(i) = &ip_text {
@@ -338,6 +390,14 @@ impl Lab {
         Ok(c)
     }
 
+    /// `docker rm -f` a lab container and forget its namespace.
+    pub(crate) fn docker_remove(&mut self, c: &LabContainer) -> Result<()> {
+        self.docker(&c.node, &["rm", "-f", &c.name])?;
+        netns::delete(&c.netns)?;
+        self.info.containers.retain(|x| x.name != c.name);
+        self.save()
+    }
+
     /// Bind-mount the running container's network namespace at
     /// `/run/netns/NS_NAME` (again after a restart gave it a new one).
     pub fn bind_container_netns(&self, node: &str, cname: &str, ns_name: &str) -> Result<()> {
@@ -355,7 +415,12 @@ impl Lab {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .with_context(|| format!("bind the namespace of {cname} (pid {pid}) to {}", target.display()))
+        .with_context(|| {
+            format!(
+                "bind the namespace of {cname} (pid {pid}) to {}",
+                target.display()
+            )
+        })
     }
 
     /// Take every host's Docker down: containers, dockerd (and its
@@ -410,7 +475,9 @@ fn build_image(lab_dir: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(root.join(d))?;
     }
     std::fs::copy(bb, root.join("bin/busybox"))?;
-    for app in ["sh", "ping", "nc", "sleep", "ip", "cat", "ls", "echo", "hostname"] {
+    for app in [
+        "sh", "ping", "nc", "sleep", "ip", "cat", "ls", "echo", "hostname",
+    ] {
         let link = root.join("bin").join(app);
         if !link.exists() {
             std::os::unix::fs::symlink("busybox", &link)?;
@@ -437,7 +504,9 @@ fn build_image(lab_dir: &Path) -> Result<PathBuf> {
 /// lab directory in their command line, killed by pid.
 pub(crate) fn kill_lab_docker_processes(lab_dir: &Path) {
     let needle = lab_dir.display().to_string();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -479,7 +548,9 @@ fn unmount_under(dir: &Path, problems: &mut Vec<String>) {
 
 /// Remove a host's cgroup parent in every hierarchy (children first).
 fn remove_cgroups(parent: &str, problems: &mut Vec<String>) {
-    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else { return };
+    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
     let mut dirs: Vec<PathBuf> = Vec::new();
     for h in rd.flatten() {
         let p = h.path().join(parent);
@@ -528,4 +599,3 @@ pub(crate) fn docker_down_by_name(lab: &str, dir: &Path) {
     unmount_under(dir, &mut problems);
     remove_spec(lab, &mut problems);
 }
-

@@ -22,7 +22,7 @@ pub enum DockerError {
     )]
     Ambiguous { served: String },
     #[error(transparent)]
-    NotServed(#[from] crate::state::StateError),
+    NotServed(Box<crate::state::StateError>),
     #[error(
         "--subnet {requested} contradicts vxmesh network '{network}', whose {what} is {subnet}: leave --subnet out or give {subnet}"
     )]
@@ -39,7 +39,10 @@ pub enum DockerError {
     #[error(
         "Docker network {docker_network} uses address space '{space}', not vxmesh's: create it with --ipam-driver set to this plugin, so vxmesh allocates its addresses"
     )]
-    ForeignAddressSpace { docker_network: String, space: String },
+    ForeignAddressSpace {
+        docker_network: String,
+        space: String,
+    },
     #[error(
         "Docker network {docker_network}: -o vxmesh.network={driver} but its pool is {pool} of vxmesh network '{ipam}': give the same network to -o and --ipam-opt vxmesh.network"
     )]
@@ -55,7 +58,9 @@ pub enum DockerError {
     RoutedNeedsSubnet { network: String, subnet: Ipv4Net },
     #[error("vxmesh networks are IPv4 only: create the Docker network without --ipv6")]
     Ipv6,
-    #[error("--ip-range {sub_pool} is not supported: vxmesh allocates from the network's own range")]
+    #[error(
+        "--ip-range {sub_pool} is not supported: vxmesh allocates from the network's own range"
+    )]
     SubPool { sub_pool: String },
     #[error("unknown option {key}: vxmesh understands vxmesh.network=NAME")]
     UnknownOption { key: String },
@@ -85,12 +90,17 @@ pub enum DockerError {
     #[error(
         "Docker network {docker_network} is unknown to this vxmesh plugin (no {path}): re-create it with `docker network create -d ...`"
     )]
-    UnknownNetwork { docker_network: String, path: String },
+    UnknownNetwork {
+        docker_network: String,
+        path: String,
+    },
     #[error(
         "endpoint {endpoint} of vxmesh network '{network}' holds no address: was it created through vxmesh's IPAM (--ipam-driver)?"
     )]
     NoAddress { endpoint: String, network: String },
-    #[error("endpoint {endpoint}: address {ip} of vxmesh network '{network}' is held by {holder}, not by a Docker endpoint")]
+    #[error(
+        "endpoint {endpoint}: address {ip} of vxmesh network '{network}' is held by {holder}, not by a Docker endpoint"
+    )]
     HeldByOther {
         endpoint: String,
         network: String,
@@ -104,9 +114,27 @@ pub enum DockerError {
         io: std::io::Error,
     },
     #[error(transparent)]
-    Store(#[from] crate::store::error::StoreError),
+    Store(Box<crate::store::error::StoreError>),
     #[error(transparent)]
-    Attach(#[from] crate::attach::AttachError),
+    Attach(Box<crate::attach::AttachError>),
+}
+
+impl From<crate::state::StateError> for DockerError {
+    fn from(e: crate::state::StateError) -> Self {
+        DockerError::NotServed(Box::new(e))
+    }
+}
+
+impl From<crate::store::error::StoreError> for DockerError {
+    fn from(e: crate::store::error::StoreError) -> Self {
+        DockerError::Store(Box::new(e))
+    }
+}
+
+impl From<crate::attach::AttachError> for DockerError {
+    fn from(e: crate::attach::AttachError) -> Self {
+        DockerError::Attach(Box::new(e))
+    }
 }
 
 impl DockerError {

@@ -8,8 +8,9 @@ use ipnet::Ipv4Net;
 
 use super::error::DockerError;
 use super::protocol::{
-    Empty, GATEWAY_REQUEST, NETWORK_OPTION, PoolRequest, REQUEST_ADDRESS_TYPE, ReleaseAddressRequest,
-    RequestAddressRequest, RequestAddressResponse, RequestPoolRequest, RequestPoolResponse,
+    Empty, GATEWAY_REQUEST, NETWORK_OPTION, PoolRequest, REQUEST_ADDRESS_TYPE,
+    ReleaseAddressRequest, RequestAddressRequest, RequestAddressResponse, RequestPoolRequest,
+    RequestPoolResponse,
 };
 use super::{Plugin, Result, is_docker_owner, network_of_pool, parse_ipv4, parse_subnet, pool_id};
 use crate::config::Mode;
@@ -20,7 +21,10 @@ use crate::store::{AddressAllocator, Allocator};
 impl Plugin {
     /// RequestPool: the vxmesh network named by `--ipam-opt vxmesh.network`,
     /// or whose subnet `--subnet` gives, or the only one served.
-    pub(super) async fn request_pool(&self, req: RequestPoolRequest) -> Result<RequestPoolResponse> {
+    pub(super) async fn request_pool(
+        &self,
+        req: RequestPoolRequest,
+    ) -> Result<RequestPoolResponse> {
         if req.v6 {
             return Err(DockerError::Ipv6);
         }
@@ -121,10 +125,7 @@ impl Plugin {
     /// ReleaseAddress: give back an address a Docker endpoint (or a pending
     /// request) holds; an address nobody holds, or a CNI container holds,
     /// is left as it is (the gateway, a repeated release).
-    pub(super) async fn release_address(
-        &self,
-        req: ReleaseAddressRequest,
-    ) -> Result<Empty> {
+    pub(super) async fn release_address(&self, req: ReleaseAddressRequest) -> Result<Empty> {
         let network = network_of_pool(&req.pool_id)?;
         let ip = parse_ipv4(&req.address, "")?;
         let ipam = Ipam::new(&self.state_dir, network);

@@ -179,7 +179,11 @@ impl Plugin {
         Fut: std::future::Future<Output = Result<Resp>>,
     {
         // Docker sends an empty body for requests without arguments.
-        let body = if body.is_empty() { b"{}".as_slice() } else { body };
+        let body = if body.is_empty() {
+            b"{}".as_slice()
+        } else {
+            body
+        };
         let req = serde_json::from_slice(body).map_err(|error| DockerError::Decode {
             endpoint: path.trim_start_matches('/').to_string(),
             error,

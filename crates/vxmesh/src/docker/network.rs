@@ -10,13 +10,11 @@ use serde_json::Value;
 use super::error::DockerError;
 use super::ipam::subnet_kind;
 use super::protocol::{
-    ADDRESS_SPACE, CreateEndpointRequest, CreateEndpointResponse, CreateNetworkRequest, ENABLE_IPV6,
-    Empty, EndpointInterface, EndpointRequest, GENERIC_OPTIONS, InterfaceName, JoinResponse,
-    NETWORK_OPTION, NetworkRequest, ROUTE_CONNECTED, StaticRoute,
+    ADDRESS_SPACE, CreateEndpointRequest, CreateEndpointResponse, CreateNetworkRequest,
+    ENABLE_IPV6, Empty, EndpointInterface, EndpointRequest, GENERIC_OPTIONS, InterfaceName,
+    JoinResponse, NETWORK_OPTION, NetworkRequest, ROUTE_CONNECTED, StaticRoute,
 };
-use super::{
-    DOCKER_IFNAME, Plugin, Result, endpoint_owner, is_pending, parse_ipv4, parse_subnet,
-};
+use super::{DOCKER_IFNAME, Plugin, Result, endpoint_owner, is_pending, parse_ipv4, parse_subnet};
 use crate::attach;
 use crate::config::Mode;
 use crate::ipam::Ipam;

@@ -75,7 +75,11 @@ pub struct NetworkRequest {
 pub struct EndpointInterface {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
-    #[serde(default, rename = "AddressIPv6", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "AddressIPv6",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub address_ipv6: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mac_address: String,

@@ -51,15 +51,30 @@ async fn activation_and_capabilities() {
     let d = tempfile::tempdir().unwrap();
     let p = Plugin::new(d.path());
     let r = p.handle("/Plugin.Activate", b"").await;
-    assert_eq!(r.body, json!({"Implements": ["NetworkDriver", "IpamDriver"]}));
+    assert_eq!(
+        r.body,
+        json!({"Implements": ["NetworkDriver", "IpamDriver"]})
+    );
     let r = p.handle("/NetworkDriver.GetCapabilities", b"").await;
     assert_eq!(r.body["Scope"], "local");
     let r = p.handle("/IpamDriver.GetDefaultAddressSpaces", b"").await;
     assert_eq!(r.body["LocalDefaultAddressSpace"], "vxmesh");
-    for path in ["/NetworkDriver.DiscoverNew", "/NetworkDriver.DiscoverDelete"] {
-        assert_eq!(p.handle(path, b"{}").await, Reply { status: 200, body: json!({}) });
+    for path in [
+        "/NetworkDriver.DiscoverNew",
+        "/NetworkDriver.DiscoverDelete",
+    ] {
+        assert_eq!(
+            p.handle(path, b"{}").await,
+            Reply {
+                status: 200,
+                body: json!({})
+            }
+        );
     }
-    assert_eq!(p.handle("/NetworkDriver.Frobnicate", b"{}").await.status, 404);
+    assert_eq!(
+        p.handle("/NetworkDriver.Frobnicate", b"{}").await.status,
+        404
+    );
     let r = p.handle("/NetworkDriver.CreateNetwork", b"{not json").await;
     assert!(err_of(&r, "Err").contains("cannot decode"), "{r:?}");
 }
@@ -68,24 +83,78 @@ async fn activation_and_capabilities() {
 async fn pools_follow_the_served_networks() {
     let d = tempfile::tempdir().unwrap();
     let p = Plugin::new(d.path());
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"AddressSpace": "vxmesh"})).await;
-    assert!(err_of(&r, "Error").contains("no vxmesh network is served"), "{r:?}");
-    serve(d.path(), "demo", Mode::Routed, "172.18.10.0/24", "172.18.10.0/24");
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"AddressSpace": "vxmesh"})).await;
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"AddressSpace": "vxmesh"}),
+    )
+    .await;
+    assert!(
+        err_of(&r, "Error").contains("no vxmesh network is served"),
+        "{r:?}"
+    );
+    serve(
+        d.path(),
+        "demo",
+        Mode::Routed,
+        "172.18.10.0/24",
+        "172.18.10.0/24",
+    );
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"AddressSpace": "vxmesh"}),
+    )
+    .await;
     let e = err_of(&r, "Error");
-    assert!(e.contains("--subnet 172.18.10.0/24"), "routed needs --subnet: {e}");
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"Pool": "172.18.10.0/24"})).await;
-    assert_eq!(r.body, json!({"PoolID": "vxmesh/demo", "Pool": "172.18.10.0/24", "Data": {}}));
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.9.0.0/16"})).await;
+    assert!(
+        e.contains("--subnet 172.18.10.0/24"),
+        "routed needs --subnet: {e}"
+    );
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"Pool": "172.18.10.0/24"}),
+    )
+    .await;
+    assert_eq!(
+        r.body,
+        json!({"PoolID": "vxmesh/demo", "Pool": "172.18.10.0/24", "Data": {}})
+    );
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"Pool": "10.9.0.0/16"}),
+    )
+    .await;
     let e = err_of(&r, "Error");
     assert!(e.contains("10.9.0.0/16") && e.contains("demo"), "{e}");
-    serve(d.path(), "seg", Mode::Bridged, "10.40.0.0/24", "10.40.0.0/25");
+    serve(
+        d.path(),
+        "seg",
+        Mode::Bridged,
+        "10.40.0.0/24",
+        "10.40.0.0/25",
+    );
     let r = call(&p, "/IpamDriver.RequestPool", json!({})).await;
     let e = err_of(&r, "Error");
-    assert!(e.contains("demo, seg") && e.contains("vxmesh.network"), "{e}");
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.0.0/24"})).await;
+    assert!(
+        e.contains("demo, seg") && e.contains("vxmesh.network"),
+        "{e}"
+    );
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"Pool": "10.40.0.0/24"}),
+    )
+    .await;
     assert_eq!(r.body["PoolID"], "vxmesh/seg");
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"Options": {"vxmesh.network": "seg"}})).await;
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"Options": {"vxmesh.network": "seg"}}),
+    )
+    .await;
     assert_eq!(r.body["Pool"], "10.40.0.0/24");
     let r = call(
         &p,
@@ -94,12 +163,28 @@ async fn pools_follow_the_served_networks() {
     )
     .await;
     let e = err_of(&r, "Error");
-    assert!(e.contains("172.18.10.0/24") && e.contains("'seg'") && e.contains("10.40.0.0/24"), "{e}");
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"Options": {"vxmesh.network": "nope"}})).await;
-    assert!(err_of(&r, "Error").contains("'nope' is not served"), "{r:?}");
+    assert!(
+        e.contains("172.18.10.0/24") && e.contains("'seg'") && e.contains("10.40.0.0/24"),
+        "{e}"
+    );
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"Options": {"vxmesh.network": "nope"}}),
+    )
+    .await;
+    assert!(
+        err_of(&r, "Error").contains("'nope' is not served"),
+        "{r:?}"
+    );
     let r = call(&p, "/IpamDriver.RequestPool", json!({"V6": true})).await;
     assert!(err_of(&r, "Error").contains("IPv4 only"));
-    let r = call(&p, "/IpamDriver.RequestPool", json!({"Options": {"color": "red"}})).await;
+    let r = call(
+        &p,
+        "/IpamDriver.RequestPool",
+        json!({"Options": {"color": "red"}}),
+    )
+    .await;
     assert!(err_of(&r, "Error").contains("unknown option color"));
 }
 
@@ -107,7 +192,13 @@ async fn pools_follow_the_served_networks() {
 async fn addresses_come_from_the_shared_allocator() {
     let d = tempfile::tempdir().unwrap();
     let p = Plugin::new(d.path());
-    serve(d.path(), "demo", Mode::Routed, "172.18.10.0/24", "172.18.10.0/24");
+    serve(
+        d.path(),
+        "demo",
+        Mode::Routed,
+        "172.18.10.0/24",
+        "172.18.10.0/24",
+    );
     // A CNI container holds .2 already.
     let ipam = Ipam::new(d.path(), "demo");
     let cni = Owner {
@@ -130,8 +221,16 @@ async fn addresses_come_from_the_shared_allocator() {
     )
     .await;
     assert!(err_of(&bad_gw, "Error").contains("172.18.10.1"));
-    let a = call(&p, "/IpamDriver.RequestAddress", json!({"PoolID": "vxmesh/demo"})).await;
-    assert_eq!(a.body["Address"], "172.18.10.3/24", "skips the CNI container's .2");
+    let a = call(
+        &p,
+        "/IpamDriver.RequestAddress",
+        json!({"PoolID": "vxmesh/demo"}),
+    )
+    .await;
+    assert_eq!(
+        a.body["Address"], "172.18.10.3/24",
+        "skips the CNI container's .2"
+    );
     let taken = call(
         &p,
         "/IpamDriver.RequestAddress",
@@ -145,14 +244,20 @@ async fn addresses_come_from_the_shared_allocator() {
         "Options": {"com.docker.network.generic": {"vxmesh.network": "demo"}},
         "IPv4Data": [{"AddressSpace": "vxmesh", "Pool": "172.18.10.0/24", "Gateway": "172.18.10.1/24"}],
     });
-    assert_eq!(call(&p, "/NetworkDriver.CreateNetwork", create).await.body, json!({}));
+    assert_eq!(
+        call(&p, "/NetworkDriver.CreateNetwork", create).await.body,
+        json!({})
+    );
     let ep = call(
         &p,
         "/NetworkDriver.CreateEndpoint",
         json!({"NetworkID": "n1", "EndpointID": "e1", "Interface": {"Address": "172.18.10.3/24"}}),
     )
     .await;
-    assert_eq!(ep.body, json!({"Interface": {"MacAddress": "02:42:ac:12:0a:03"}}));
+    assert_eq!(
+        ep.body,
+        json!({"Interface": {"MacAddress": "02:42:ac:12:0a:03"}})
+    );
     assert_eq!(
         ipam.holder("172.18.10.3".parse().unwrap()).unwrap(),
         Some(endpoint_owner("e1"))
@@ -175,8 +280,20 @@ async fn addresses_come_from_the_shared_allocator() {
 async fn bad_networks_and_endpoints_are_refused_and_change_nothing() {
     let d = tempfile::tempdir().unwrap();
     let p = Plugin::new(d.path());
-    serve(d.path(), "demo", Mode::Routed, "172.18.10.0/24", "172.18.10.0/24");
-    serve(d.path(), "seg", Mode::Bridged, "10.40.0.0/24", "10.40.0.0/25");
+    serve(
+        d.path(),
+        "demo",
+        Mode::Routed,
+        "172.18.10.0/24",
+        "172.18.10.0/24",
+    );
+    serve(
+        d.path(),
+        "seg",
+        Mode::Bridged,
+        "10.40.0.0/24",
+        "10.40.0.0/25",
+    );
     let net = |opts: Value, space: &str, pool: &str| {
         json!({
             "NetworkID": "n1",
@@ -185,11 +302,26 @@ async fn bad_networks_and_endpoints_are_refused_and_change_nothing() {
         })
     };
     let cases = [
-        (net(json!({}), "LocalDefault", "172.19.0.0/16"), "--ipam-driver"),
-        (net(json!({"vxmesh.network": "demo"}), "vxmesh", "10.40.0.0/24"), "vxmesh network 'seg'"),
-        (net(json!({"vxmesh.network": "demo"}), "vxmesh", "10.99.0.0/24"), "contradicts"),
-        (net(json!({"vxmesh.netwrok": "demo"}), "vxmesh", "10.40.0.0/24"), "unknown option"),
-        (net(json!({"vxmesh.network": "gone"}), "vxmesh", "10.40.0.0/24"), "'gone' is not served"),
+        (
+            net(json!({}), "LocalDefault", "172.19.0.0/16"),
+            "--ipam-driver",
+        ),
+        (
+            net(json!({"vxmesh.network": "demo"}), "vxmesh", "10.40.0.0/24"),
+            "vxmesh network 'seg'",
+        ),
+        (
+            net(json!({"vxmesh.network": "demo"}), "vxmesh", "10.99.0.0/24"),
+            "contradicts",
+        ),
+        (
+            net(json!({"vxmesh.netwrok": "demo"}), "vxmesh", "10.40.0.0/24"),
+            "unknown option",
+        ),
+        (
+            net(json!({"vxmesh.network": "gone"}), "vxmesh", "10.40.0.0/24"),
+            "'gone' is not served",
+        ),
     ];
     for (req, want) in cases {
         let r = call(&p, "/NetworkDriver.CreateNetwork", req.clone()).await;
@@ -198,8 +330,16 @@ async fn bad_networks_and_endpoints_are_refused_and_change_nothing() {
     }
     assert!(!d.path().join("docker/networks/n1.json").exists());
     let ok = net(json!({"vxmesh.network": "seg"}), "vxmesh", "10.40.0.0/24");
-    assert_eq!(call(&p, "/NetworkDriver.CreateNetwork", ok).await.body, json!({}));
-    let a = call(&p, "/IpamDriver.RequestAddress", json!({"PoolID": "vxmesh/seg"})).await;
+    assert_eq!(
+        call(&p, "/NetworkDriver.CreateNetwork", ok).await.body,
+        json!({})
+    );
+    let a = call(
+        &p,
+        "/IpamDriver.RequestAddress",
+        json!({"PoolID": "vxmesh/seg"}),
+    )
+    .await;
     let addr = a.body["Address"].as_str().unwrap().to_string();
     let ep = call(
         &p,
@@ -223,7 +363,12 @@ async fn bad_networks_and_endpoints_are_refused_and_change_nothing() {
     )
     .await;
     assert!(err_of(&no_addr, "Err").contains("holds no address"));
-    let del = call(&p, "/NetworkDriver.DeleteNetwork", json!({"NetworkID": "n1"})).await;
+    let del = call(
+        &p,
+        "/NetworkDriver.DeleteNetwork",
+        json!({"NetworkID": "n1"}),
+    )
+    .await;
     assert_eq!(del.body, json!({}));
     assert!(!d.path().join("docker/networks/n1.json").exists());
 }

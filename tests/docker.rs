@@ -366,7 +366,7 @@ async fn lab_down_leaves_nothing_behind() {
         let lab = up(&docker_spec("dkd", Mode::Routed, LabStore::Static, 1)).await;
         (lab.info.name.clone(), lab.info.dir.clone())
     };
-    let dir_text = dir.display().to_string();
+    let dir_text = format!("{}/", dir.display());
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");

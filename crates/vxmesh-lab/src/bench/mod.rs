@@ -10,6 +10,7 @@
 
 pub mod cni;
 pub mod converge;
+pub mod docker;
 pub mod footprint;
 pub mod scale;
 pub mod throughput;

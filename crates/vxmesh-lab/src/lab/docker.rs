@@ -503,7 +503,8 @@ fn build_image(lab_dir: &Path) -> Result<PathBuf> {
 /// dockerd (containerd, shims, after a dockerd was killed): found by the
 /// lab directory in their command line, killed by pid.
 pub(crate) fn kill_lab_docker_processes(lab_dir: &Path) {
-    let needle = lab_dir.display().to_string();
+    // With the slash: lab `dk` must not match lab `dk2`'s processes.
+    let needle = format!("{}/", lab_dir.display());
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -530,7 +531,7 @@ fn unmount_under(dir: &Path, problems: &mut Vec<String>) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let prefix = dir.display().to_string();
+    let prefix = format!("{}/", dir.display());
     let mut points: Vec<String> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use vxmesh::attach::{self, AttachRequest};
 use vxmesh::config::Mode;
 use vxmesh::dataplane::kernel::Netlink;
 use vxmesh::dataplane::netns::{self, Netns};
@@ -97,22 +96,13 @@ async fn routed_static_shares_the_allocator_and_survives_restarts() {
     let mut lab = up(&docker_spec("dkr", Mode::Routed, LabStore::Static, 1)).await;
     all_pairs_ok(&lab);
 
-    // A container attached by the library (the CNI plugin's path) on host1
-    // and a Docker container after it never share an address.
+    // A container attached by the CNI plugin (the vxmesh binary run as a
+    // runtime runs it, in host1's namespace) and a Docker container after
+    // it never share an address.
     let h1 = lab.node("host1").unwrap().clone();
-    let cns = netns::create(&format!("vxm-{}-cni", lab.info.name)).unwrap();
-    let a = attach::attach(&AttachRequest {
-        state_dir: &h1.state_dir,
-        network: "demo",
-        container_id: "podman-like",
-        ifname: "eth0",
-        host_ns: Some(&Netns::open(&h1.netns).unwrap()),
-        container_ns: &cns,
-        ip: None,
-        mtu: None,
-    })
-    .await
-    .unwrap();
+    let cni_ns = format!("vxm-{}-cni", lab.info.name);
+    let cns = netns::create(&cni_ns).unwrap();
+    let cni_ip = cni(&h1.netns, &h1.state_dir, "ADD", &cni_ns);
     let c2 = lab
         .add_container("host1", "demo", "host1-c2", None)
         .await
@@ -123,7 +113,7 @@ async fn routed_static_shares_the_allocator_and_survives_restarts() {
         .iter()
         .filter(|c| c.node == "host1")
         .map(|c| c.ip)
-        .chain([a.ip.addr()])
+        .chain([cni_ip])
         .collect();
     assert_eq!(ips.len(), 3, "{ips:?}");
     assert_eq!(allocations(&lab, "host1", "demo").len(), 3);
@@ -137,7 +127,7 @@ async fn routed_static_shares_the_allocator_and_survives_restarts() {
                 "--network",
                 "demo",
                 "--ip",
-                &a.ip.addr().to_string(),
+                &cni_ip.to_string(),
                 "vxm-busybox:latest",
                 "sleep",
                 "9",
@@ -145,7 +135,7 @@ async fn routed_static_shares_the_allocator_and_survives_restarts() {
         )
         .unwrap_err()
         .to_string();
-    assert!(e.contains(&a.ip.addr().to_string()), "{e}");
+    assert!(e.contains(&cni_ip.to_string()), "{e}");
     all_pairs_ok(&lab);
 
     // Bad options: clear errors, nothing changes.
@@ -271,16 +261,49 @@ async fn routed_static_shares_the_allocator_and_survives_restarts() {
         0
     );
     assert_eq!(docker_veths(&lab, "host2").await, 0);
-    attach::detach(
-        &h1.state_dir,
-        "demo",
-        "podman-like",
-        "eth0",
-        Some(&Netns::open(&h1.netns).unwrap()),
-    )
-    .await
-    .unwrap();
+    cni(&h1.netns, &h1.state_dir, "DEL", &cni_ns);
+    assert!(
+        allocations(&lab, "host1", "demo")
+            .iter()
+            .all(|a| a.ip != cni_ip)
+    );
     drop(cns);
+}
+
+/// Run the vxmesh binary as a CNI plugin (`command` for container
+/// `podman-like`) in the host namespace `host_ns`; ADD returns the address.
+fn cni(host_ns: &str, state_dir: &Path, command: &str, cns: &str) -> Ipv4Addr {
+    use std::io::Write;
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "vxmesh-net", "type": "vxmesh",
+        "network": "demo", "stateDir": state_dir,
+    });
+    let netns_path = format!("{}/{cns}", netns::NETNS_DIR);
+    let env = vxmesh::cni::Env::for_container(command, "podman-like", &netns_path, "eth0");
+    let mut cmd = std::process::Command::new(exe());
+    cmd.envs(env.to_vars())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    // The namespace stays open until the plugin has started in it.
+    let ns = Netns::open(host_ns).unwrap();
+    ns.enter_on_exec(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    drop(ns);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "CNI {command}: {text}");
+    if command != "ADD" {
+        return Ipv4Addr::UNSPECIFIED;
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let addr = v["ips"][0]["address"].as_str().unwrap();
+    addr.split('/').next().unwrap().parse().unwrap()
 }
 
 /// The address Docker reports for a lab container (after a restart).

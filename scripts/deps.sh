@@ -9,6 +9,7 @@ command -v cc >/dev/null 2>&1 || pkgs+=(gcc)
 command -v podman >/dev/null 2>&1 || pkgs+=(podman)    # tests/podman.rs: a real CNI runtime
 command -v runc >/dev/null 2>&1 || pkgs+=(runc)
 dpkg -s busybox-static >/dev/null 2>&1 || pkgs+=(busybox-static)  # the locally built test image
+[ -x /usr/sbin/dockerd ] || pkgs+=(docker.io)          # lab --runtime docker, tests/docker.rs: Debian's dockerd 20.10
 command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)   # the etcd store: lab --store etcd, tests
 [ -x /usr/bin/etcdctl ] || pkgs+=(etcd-client)            # fault harness: etcd snapshot save/restore
 command -v nft >/dev/null 2>&1 || pkgs+=(nftables)       # fault harness: partitions inside lab namespaces

@@ -209,6 +209,19 @@ fn cni_compares_both_plugins() {
 }
 
 #[test]
+fn docker_compares_vxmesh_with_the_bridge_driver() {
+    let v = bench(&["docker", "--iterations", "2"]);
+    assert_eq!(v["iterations"], 2);
+    for k in ["vxmesh_ms", "bridge_ms"] {
+        assert_eq!(v[k]["n"], 2, "{k} in {v}");
+        let p50 = f(&v, &[k, "p50"]);
+        assert!(p50 > 0.0 && p50 < 60_000.0, "{k} in {v}");
+    }
+    let want = f(&v, &["vxmesh_ms", "p50"]) / f(&v, &["bridge_ms", "p50"]);
+    assert!((f(&v, &["ratio_p50"]) - want).abs() < 1e-9, "{v}");
+}
+
+#[test]
 fn footprint_samples_an_idle_agent() {
     let v = bench(&["footprint", "--peers", "50", "--idle", "3"]);
     assert!(f(&v, &["idle_secs"]) >= 3.0, "{v}");

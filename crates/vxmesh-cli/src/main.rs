@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use vxmesh::dataplane::netns::Netns;
 
-use commands::{agent, attach, bench, cluster, docs, lab, leave, net, node};
+use commands::{agent, attach, bench, cluster, docker, docs, lab, leave, net, node};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +50,10 @@ enum Cmd {
     Attach(attach::AttachArgs),
     /// Detach a container (idempotent).
     Detach(attach::DetachArgs),
+    /// Serve Docker's remote network and IPAM plugin protocols for the
+    /// networks this node's agent serves (`docker network create -d vxmesh
+    /// --ipam-driver vxmesh ...`).
+    DockerPlugin(docker::DockerPluginArgs),
     /// Networks in the etcd store.
     #[command(subcommand)]
     Net(net::NetCmd),
@@ -132,6 +136,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Plan(a) => cluster::plan_node(a)?,
         Cmd::Attach(a) => attach::attach(a).await?,
         Cmd::Detach(a) => attach::detach(a).await?,
+        Cmd::DockerPlugin(a) => docker::run(a).await?,
         Cmd::Net(n) => net::run(n).await?,
         Cmd::Leave(a) => leave::run(a).await?,
         Cmd::Lab(l) => return lab::run(l).await,

@@ -24,6 +24,7 @@ mod agents;
 mod check;
 mod cni;
 mod demo;
+mod docker;
 mod etcd;
 pub mod faults;
 mod hosts;
@@ -37,6 +38,7 @@ pub use check::CheckReport;
 use cni::cni_add;
 pub(crate) use cni::run_plugin;
 pub use demo::demo;
+pub use docker::{IMAGE, LabDocker, PLUGIN_PORT, Runtime, plugin_name};
 pub use teardown::{LabGuard, down_by_name};
 
 pub use etcd::{
@@ -125,6 +127,7 @@ impl Lab {
             containers_per_node: spec.containers,
             etcd: None,
             metrics_port: spec.metrics_port,
+            runtime: spec.runtime,
         };
         let mut lab = Lab {
             info,
@@ -202,6 +205,9 @@ impl Lab {
         }
         // Containers: K per node per network.
         let nets = network_names(spec.mode, spec.networks);
+        if spec.runtime == Runtime::Docker {
+            self.start_docker_everywhere(&nets).await?;
+        }
         for node in self.info.nodes.clone() {
             self.attach_containers(&node.name, &nets, spec.containers)
                 .await?;
@@ -244,6 +250,9 @@ impl Lab {
         cname: &str,
         ip: Option<Ipv4Addr>,
     ) -> Result<LabContainer> {
+        if self.info.runtime == Runtime::Docker {
+            return self.docker_add(node, network, cname, ip).await;
+        }
         let n = self.node(node)?.clone();
         let ns_name = format!("vxm-{}-{cname}", self.info.name);
         let cns = netns::create(&ns_name)?;

@@ -241,6 +241,84 @@ async fn plumb(
     })
 }
 
+/// A veth pair born in the node's namespace for a runtime that moves the
+/// container end into the container itself and addresses it there (Docker):
+/// the host end `host_veth_name(..)` on the network's bridge with the
+/// attachment alias (so repair and GC treat it as any attachment), the
+/// container end `peer` with the container's MAC and the network's MTU.
+/// Rolls back on failure. Returns the host end's name.
+pub async fn plumb_host_pair(
+    net: &crate::dataplane::NetworkState,
+    container_id: &str,
+    ifname: &str,
+    peer: &str,
+    mac: Mac,
+    host_ns: Option<&Netns>,
+) -> Result<String> {
+    let host_veth = host_veth_name(&net.network, container_id, ifname);
+    let ctx = |source: NetlinkError| AttachError::Plumb {
+        container_id: container_id.to_string(),
+        network: net.network.clone(),
+        ifname: ifname.to_string(),
+        namespace: host_ns.map_or("the node".to_string(), |n| n.name().to_string()),
+        source,
+    };
+    let nl = host_netlink(host_ns).await.map_err(ctx)?;
+    // A pair left by an earlier attempt (a Join retried) is made anew.
+    let _ = nl.delete_link(&host_veth).await;
+    nl.create_veth(&host_veth, peer, None, net.mtu)
+        .await
+        .map_err(ctx)?;
+    let configured = async {
+        nl.set_link(
+            &host_veth,
+            LinkOptions {
+                master: Some(net.bridge.clone()),
+                alias: Some(veth_alias(&net.network, container_id, ifname)),
+                up: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+        nl.set_link(
+            peer,
+            LinkOptions {
+                mac: Some(mac),
+                mtu: Some(net.mtu),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+    .await;
+    if let Err(e) = configured {
+        let _ = nl.delete_link(&host_veth).await;
+        return Err(ctx(e));
+    }
+    Ok(host_veth)
+}
+
+/// Delete the host end of a container's veth (the container end goes with
+/// it); deleting one that is gone succeeds.
+pub async fn unplumb(
+    network: &str,
+    container_id: &str,
+    ifname: &str,
+    host_ns: Option<&Netns>,
+) -> Result<()> {
+    let host_veth = host_veth_name(network, container_id, ifname);
+    let nl = host_netlink(host_ns).await.map_err(AttachError::Netlink)?;
+    nl.delete_link(&host_veth)
+        .await
+        .map_err(|source| AttachError::DeleteVeth {
+            container_id: container_id.to_string(),
+            network: network.to_string(),
+            ifname: ifname.to_string(),
+            host_veth: host_veth.clone(),
+            source,
+        })
+}
+
 /// Detach a container: delete its veth (if any) and release its address.
 /// Repeating it, or detaching an unknown container, succeeds.
 pub async fn detach(

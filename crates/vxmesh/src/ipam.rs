@@ -195,6 +195,22 @@ impl Ipam {
         self.write_owner(ip, owner)
     }
 
+    /// Who holds `ip`, if anyone.
+    pub fn holder(&self, ip: Ipv4Addr) -> Result<Option<Owner>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|a| a.ip == ip)
+            .map(|a| a.owner))
+    }
+
+    /// Hand `ip` over to `to` (with the lock held): a runtime that learns
+    /// who an address is for only after allocating it (Docker's IPAM asks
+    /// for an address before the endpoint exists) records the real owner.
+    pub fn reassign(&self, _lock: &IpamLock, ip: Ipv4Addr, to: &Owner) -> Result<()> {
+        self.write_owner(ip, to)
+    }
+
     /// Write to a temp file and rename: readers and a crash of this process
     /// see the old file or the whole new one. No fsync: an allocation lives
     /// as long as the container's veth, which a reboot removes too (the

@@ -17,6 +17,7 @@ pub mod attach;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
+pub mod docker;
 pub mod doctor;
 pub mod error;
 pub mod icmp;

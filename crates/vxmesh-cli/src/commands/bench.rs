@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use vxmesh::config::Mode;
-use vxmesh_lab::bench::{self, cni, converge, faults, footprint, throughput};
+use vxmesh_lab::bench::{self, cni, converge, docker, faults, footprint, throughput};
 
 use super::ModeArg;
 
@@ -99,6 +99,16 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// `docker run --rm` on a vxmesh network vs on Docker's own bridge
+    /// network, interleaved on one lab host's dockerd (medians).
+    Docker {
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+        #[arg(long, value_enum, default_value = "routed")]
+        mode: ModeArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// RSS and CPU of an idle agent holding P peers (vs one holding none).
     Footprint {
         #[arg(long, default_value_t = 1000)]
@@ -187,6 +197,19 @@ pub async fn run(b: BenchCmd) -> Result<()> {
             })
             .await?;
             bench::print(json, &rows, &faults::table(&rows))
+        }
+        BenchCmd::Docker {
+            iterations,
+            mode,
+            json,
+        } => {
+            let r = docker::run(&docker::DockerOptions {
+                iterations,
+                mode: mode.into(),
+                exe,
+            })
+            .await?;
+            bench::print(json, &r, &docker::table(&r))
         }
         BenchCmd::Cni { iterations, json } => {
             let r = cni::run(&cni::CniOptions { iterations, exe }).await?;

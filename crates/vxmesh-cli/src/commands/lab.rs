@@ -27,6 +27,11 @@ pub struct LabUpArgs {
     /// as a CNI plugin exactly as a container runtime does (cni).
     #[arg(long, value_enum, default_value = "library")]
     attach: AttachArg,
+    /// What runs the containers: network namespaces (netns, attached as
+    /// --attach says), or Docker (docker: every host runs its own dockerd
+    /// and its own `vxmesh docker-plugin`).
+    #[arg(long, value_enum, default_value = "netns")]
+    runtime: RuntimeArg,
     /// Where node records live: one cluster file (static), or an etcd cluster
     /// on the lab's underlay (etcd: hosts can join and leave).
     #[arg(long, value_enum, default_value = "static")]
@@ -48,6 +53,12 @@ pub struct LabUpArgs {
 enum StoreArg {
     Static,
     Etcd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RuntimeArg {
+    Netns,
+    Docker,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -121,6 +132,10 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
     s.mode = a.mode.into();
     s.networks = a.networks;
     s.attach = a.attach.into();
+    s.runtime = match a.runtime {
+        RuntimeArg::Netns => lab::Runtime::Netns,
+        RuntimeArg::Docker => lab::Runtime::Docker,
+    };
     s.store = match a.store {
         StoreArg::Static => lab::LabStore::Static,
         StoreArg::Etcd => lab::LabStore::Etcd,

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod attach;
 pub mod bench;
 pub mod cluster;
+pub mod docker;
 pub mod docs;
 pub mod lab;
 pub mod leave;

@@ -11,6 +11,7 @@
 
 pub mod cni;
 pub mod converge;
+pub mod docker;
 pub mod faults;
 pub mod footprint;
 pub mod scale;

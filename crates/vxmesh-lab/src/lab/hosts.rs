@@ -66,6 +66,7 @@ impl Lab {
             state_dir: node_dir.join("state"),
             agent_pid: None,
             agent_log: node_dir.join("agent.log"),
+            docker: None,
         });
         Ok(node)
     }

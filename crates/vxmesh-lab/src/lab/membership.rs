@@ -117,6 +117,9 @@ impl Lab {
     /// Detach a container and delete its namespace.
     pub async fn remove_container(&mut self, cname: &str) -> Result<()> {
         let c = self.container(cname)?;
+        if self.info.runtime == super::Runtime::Docker {
+            return self.docker_remove(&c);
+        }
         let n = self.node(&c.node)?.clone();
         let host_ns = Netns::open(&n.netns)?;
         attach::detach(&n.state_dir, &c.network, cname, "eth0", Some(&host_ns)).await?;
@@ -128,8 +131,14 @@ impl Lab {
     /// Move a container to another host: detach it where it is, attach the
     /// same namespace on `to` asking for the same address (bridged networks
     /// keep it; the etcd store lets it move once released).
+    /// With Docker, the container is removed on its host and run anew on
+    /// `to` with the same name and `--ip`.
     pub async fn move_container(&mut self, cname: &str, to: &str) -> Result<LabContainer> {
         let c = self.container(cname)?;
+        if self.info.runtime == super::Runtime::Docker {
+            self.docker_remove(&c)?;
+            return self.docker_add(to, &c.network, cname, Some(c.ip)).await;
+        }
         let from = self.node(&c.node)?.clone();
         let dest = self.node(to)?.clone();
         attach::detach(
@@ -165,7 +174,7 @@ impl Lab {
         Ok(moved)
     }
 
-    fn container(&self, cname: &str) -> Result<LabContainer> {
+    pub(crate) fn container(&self, cname: &str) -> Result<LabContainer> {
         self.info
             .containers
             .iter()

@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
 
-use super::{LAB_ROOT, LAB_TTL, LabEtcd, LabStore, UNDERLAY_NET};
+use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, UNDERLAY_NET};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -40,6 +40,8 @@ pub struct LabSpec {
     pub routed_cidr: Option<Ipv4Net>,
     /// Run every agent with `--metrics UNDERLAY_IP:PORT` (see [`Lab::metrics_addr`]).
     pub metrics_port: Option<u16>,
+    /// What runs the containers (Docker: one dockerd per host).
+    pub runtime: Runtime,
 }
 
 /// How the lab attaches its containers.
@@ -69,6 +71,7 @@ impl LabSpec {
             etcd_members: 1,
             routed_cidr: None,
             metrics_port: None,
+            runtime: Runtime::Netns,
         }
     }
 }
@@ -82,6 +85,9 @@ pub struct LabNode {
     pub state_dir: PathBuf,
     pub agent_pid: Option<u32>,
     pub agent_log: PathBuf,
+    /// The host's dockerd and plugin (`--runtime docker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<LabDocker>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -112,6 +118,9 @@ pub struct LabInfo {
     /// Agents serve metrics on their underlay address at this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_port: Option<u16>,
+    /// What runs the containers.
+    #[serde(default)]
+    pub runtime: Runtime,
 }
 
 impl LabInfo {

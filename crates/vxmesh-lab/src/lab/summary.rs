@@ -44,6 +44,13 @@ impl LabInfo {
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into())
             ));
+            if let Some(d) = &n.docker {
+                out.push_str(&format!(
+                    "           dockerd  docker -H unix://{}  (plugin {})\n",
+                    d.socket.display(),
+                    super::plugin_name(&self.name)
+                ));
+            }
         }
         for c in &self.containers {
             out.push_str(&format!(
@@ -82,6 +89,7 @@ mod tests {
                 state_dir: "/s".into(),
                 agent_pid: Some(42),
                 agent_log: "/l".into(),
+                docker: None,
             }],
             containers: vec![LabContainer {
                 name: "host1-c1".into(),
@@ -93,6 +101,7 @@ mod tests {
             containers_per_node: 1,
             etcd: None,
             metrics_port: None,
+            runtime: Default::default(),
         }
     }
 

@@ -6,7 +6,7 @@ use anyhow::bail;
 use nix::sys::signal::Signal;
 
 use super::agents::kill_stray_agents;
-use super::{Lab, etcd, lab_dir, ns_prefix, validate_lab_name};
+use super::{Lab, docker, etcd, lab_dir, ns_prefix, validate_lab_name};
 use vxmesh::dataplane::netns;
 
 /// Tears the lab down when dropped (tests, `lab demo`).
@@ -36,7 +36,8 @@ impl Lab {
     /// Remove everything: agents, namespaces, files. Keeps going on errors and
     /// reports them all.
     pub fn down(&mut self) -> Result<()> {
-        let mut problems = Vec::new();
+        // Docker first: its containers leave through the plugin.
+        let mut problems = self.docker_down();
         for n in self.info.nodes.clone() {
             if let Err(e) = self.stop_agent(&n.name, Signal::SIGTERM) {
                 problems.push(format!("stop agent of {}: {e:#}", n.name));
@@ -72,6 +73,7 @@ pub fn down_by_name(name: &str) -> Result<()> {
     match Lab::load(name) {
         Ok(mut lab) => lab.down(),
         Err(_) => {
+            docker::docker_down_by_name(name, &lab_dir(name));
             kill_stray_agents(name);
             etcd::kill_lab_etcd(&lab_dir(name));
             for ns in netns::list(&ns_prefix(name)) {

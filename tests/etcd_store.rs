@@ -81,6 +81,7 @@ fn section(srv: &EtcdServer, store: &EtcdStore) -> EtcdSection {
         network: store.network().name,
         node: store.node().into(),
         lease: store.lease_id(),
+        hold_lease: store.hold_lease_id(),
         ca: None,
         cert: None,
         key: None,

@@ -207,6 +207,25 @@ impl StoreError {
     pub(crate) fn is_lease_not_found(&self) -> bool {
         self.to_string().contains("lease not found")
     }
+
+    /// A short, stable name of why a join failed (the label of
+    /// `vxmesh_join_failures_total`).
+    pub fn join_cause(&self) -> &'static str {
+        match self {
+            StoreError::Join { cause, .. } => cause.join_cause(),
+            StoreError::LeaseGone { .. } => "lease_lost",
+            e if e.is_lease_not_found() => "lease_lost",
+            StoreError::Connect { .. }
+            | StoreError::ConnectTimeout { .. }
+            | StoreError::EtcdTimeout { .. } => "unreachable",
+            StoreError::Conflict(_) => "conflict",
+            StoreError::SubnetsFull { .. } => "subnets_full",
+            StoreError::NoSuchNetwork { .. } => "no_network",
+            StoreError::KeyKeptChanging { .. } => "contention",
+            StoreError::Etcd { .. } | StoreError::EtcdRefused { .. } => "etcd_error",
+            _ => "other",
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -55,8 +55,10 @@
 //! is re-granted with everything re-published under it.
 
 mod allocator;
+mod claim;
 mod client;
 mod endpoints;
+mod lease;
 mod multi;
 mod network;
 mod records;
@@ -83,7 +85,7 @@ use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, NodeRecord};
 pub use allocator::EtcdAllocator;
-pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, txn_get};
+pub(crate) use client::{Backoff, Health, OP_TIMEOUT, lease_opts};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
 };
@@ -92,7 +94,8 @@ pub use multi::EtcdNetworks;
 pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;
 pub use remote::{
-    claim_address, leave_node, read_password, release_address, section_client_options,
+    claim_address, claim_address_except, leave_node, read_password, release_address,
+    section_client_options,
 };
 use view::View;
 
@@ -118,7 +121,7 @@ impl Me {
 /// What this node has published (re-published under a new lease if the old
 /// one is lost). Guarded by an async mutex so publications serialize.
 pub(crate) struct Owned {
-    pub lease: i64,
+    pub leases: claim::LeaseIds,
     pub subnet: Ipv4Net,
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
 }
@@ -131,13 +134,17 @@ pub(crate) struct Inner {
     pub ttl_secs: i64,
     describe: String,
     pub owned: tokio::sync::Mutex<Owned>,
-    /// Mirrors of `owned.lease` and `owned.subnet` for synchronous readers.
+    /// Mirrors of `owned.leases` and `owned.subnet` for synchronous readers.
     pub lease_id: AtomicI64,
+    pub hold_lease_id: AtomicI64,
     subnet: Mutex<Ipv4Net>,
     view: Mutex<View>,
     changes: watch::Sender<u64>,
     pub health: Health,
     pub relists: AtomicU64,
+    /// The etcd cluster id the watch last saw (0: not yet): a change means
+    /// another cluster (restored from a backup) and the view is re-listed.
+    pub cluster_id: AtomicU64,
     pub paused: watch::Sender<bool>,
     /// Set when a background task died (a bug): `changed()` then fails.
     failed: AtomicBool,
@@ -209,6 +216,11 @@ impl EtcdStore {
     /// start watching. Needs etcd reachable (fails after a few seconds if not).
     pub async fn join(opts: EtcdOptions) -> Result<EtcdStore> {
         opts.validate()?;
+        let join_err = |e: StoreError| StoreError::Join {
+            network: opts.network.clone(),
+            node: opts.node.clone(),
+            cause: Box::new(e),
+        };
         let client = client::connect(&opts.client_options()).await?;
         let keys = Keys::new(&opts.prefix, &opts.network);
         let net = network::read_network(&client, &keys, &opts.network)
@@ -225,34 +237,41 @@ impl EtcdStore {
             underlay_ip: opts.underlay_ip,
             underlay_dev: opts.underlay_dev.clone(),
         };
-        session::check_identity_free(&client, &keys, &me, &net).await?;
+        // Read first (the identity, the claims, the view), then grant: a
+        // slow read cannot eat into the lease.
+        let (kvs, rev) = watcher::list(&client, keys.root()).await.map_err(join_err)?;
+        let mut ident = claim::check_identity(&kvs, &keys, &me, &net).map_err(join_err)?;
         let ttl_secs = opts.ttl.as_secs_f64().ceil() as i64;
-        let (lease, granted) = session::grant(&client, ttl_secs).await?;
-        // Keep the lease alive while joining (a slow join must not lose it).
-        let early = AbortOnDrop(tokio::spawn(session::simple_keepalive(
-            client.clone(),
-            lease,
-            granted,
-        )));
-        let joined = async {
-            let subnet = session::claim(&client, &keys, &me, &net, lease, &[]).await?;
-            let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
-            let (kvs, rev) = watcher::list(&client, keys.root()).await?;
-            Ok::<_, StoreError>((subnet, endpoints, kvs, rev))
-        }
-        .await;
-        drop(early);
-        let (subnet, endpoints, kvs, rev) = match joined {
-            Ok(j) => j,
-            Err(e) => {
-                let _ = op("revoke lease", client.lease_client().revoke(lease)).await;
-                return Err(StoreError::Join {
-                    network: opts.network.clone(),
-                    node: opts.node.clone(),
-                    cause: Box::new(e),
-                });
+        // Both leases are kept alive from their grant on. A join that fails
+        // from here on revokes nothing: what it re-bound stays bound to a
+        // lease that expires on its own (a previous run's records are left
+        // as they were).
+        let mut kept = session::Kept::grant(&client, ttl_secs)
+            .await
+            .map_err(join_err)?;
+        let mut rounds = 0;
+        let (subnet, endpoints) = loop {
+            rounds += 1;
+            if rounds > 3 {
+                return Err(join_err(StoreError::LeaseGone {
+                    lease: kept.node.id,
+                }));
+            }
+            let subnet = session::claim_kept(
+                &client, &keys, &me, &net, ttl_secs, &mut kept, &kvs, &[], &mut ident,
+            )
+            .await
+            .map_err(join_err)?;
+            let endpoints =
+                endpoints::adopt_endpoints(&client, &keys, &me, &net, kept.ids(), &kvs)
+                    .await
+                    .map_err(join_err)?;
+            if !kept.any_lost() {
+                break (subnet, endpoints);
             }
         };
+        let leases = kept.ids();
+        let lease = leases.node;
         tracing::info!(
             network = %net.name, node = %me.node, %subnet, lease, adopted_endpoints = endpoints.len(),
             "joined network through etcd"
@@ -277,11 +296,12 @@ impl EtcdStore {
             ttl_secs,
             describe,
             owned: tokio::sync::Mutex::new(Owned {
-                lease,
+                leases,
                 subnet,
                 endpoints,
             }),
             lease_id: AtomicI64::new(lease),
+            hold_lease_id: AtomicI64::new(leases.hold),
             subnet: Mutex::new(subnet),
             view: Mutex::new(view),
             changes,
@@ -290,11 +310,12 @@ impl EtcdStore {
                 opts.metrics.clone(),
             ),
             relists: AtomicU64::new(0),
+            cluster_id: AtomicU64::new(0),
             paused: watch::channel(false).0,
             failed: AtomicBool::new(false),
         });
         let tasks = vec![
-            tokio::spawn(session::keepalive_loop(inner.clone(), granted)),
+            tokio::spawn(session::keepalive_loop(inner.clone(), kept)),
             tokio::spawn(watcher::watch_loop(inner.clone(), rev)),
         ];
         Ok(EtcdStore {
@@ -323,6 +344,12 @@ impl EtcdStore {
         self.inner.lease_id.load(Ordering::SeqCst)
     }
 
+    /// The lease the quarantine markers of its claims are bound to (it
+    /// outlives [`Self::lease_id`] by a grace period).
+    pub fn hold_lease_id(&self) -> i64 {
+        self.inner.hold_lease_id.load(Ordering::SeqCst)
+    }
+
     /// Whether etcd currently answers (lease kept alive and watch live).
     /// While false, [`Store::snapshot`] serves the last known view.
     pub fn connected(&self) -> bool {
@@ -334,12 +361,14 @@ impl EtcdStore {
     pub async fn leave(mut self) -> Result<()> {
         self.stop_tasks();
         let owned = self.inner.owned.lock().await;
-        op(
-            format!("revoke lease {}", owned.lease),
-            self.inner.client.lease_client().revoke(owned.lease),
-        )
-        .await
-        .map_err(|e| StoreError::LeaveFailed { cause: Box::new(e) })?;
+        for lease in [owned.leases.node, owned.leases.hold] {
+            op(
+                format!("revoke lease {lease}"),
+                self.inner.client.lease_client().revoke(lease),
+            )
+            .await
+            .map_err(|e| StoreError::LeaveFailed { cause: Box::new(e) })?;
+        }
         tracing::info!(node = %self.inner.me.node, network = %self.inner.keys.root(), "left the network");
         Ok(())
     }

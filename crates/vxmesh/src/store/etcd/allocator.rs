@@ -4,12 +4,13 @@
 //! node's file IPAM, all under the IPAM lock (the agent publishes the
 //! node's endpoints under it too).
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::remote::{claim_address, release_address};
+use super::remote::{claim_address_except, release_address};
 use crate::dataplane::netns::Netns;
 use crate::ipam::{Ipam, Owner};
 use crate::state::{self, EtcdSection, ServedNetwork};
@@ -110,11 +111,17 @@ impl AddressAllocator for EtcdAllocator<'_> {
             });
         }
         let start = self.start;
+        // Addresses this node's IPAM holds are never "free" here, even if
+        // their etcd record is gone: attach could not record them.
+        let local: BTreeSet<Ipv4Addr> = self.ipam.list()?.into_iter().map(|a| a.ip).collect();
         let mut renewals = 0;
         let ep = loop {
             let sec = self.section();
+            let local = local.clone();
             let claimed = self
-                .in_host_ns(move || async move { claim_address(&sec, want, start).await })
+                .in_host_ns(move || async move {
+                    claim_address_except(&sec, want, start, &local).await
+                })
                 .await;
             match claimed {
                 Ok(ep) => break ep,

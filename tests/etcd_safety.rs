@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common_etcd::EtcdServer;
+use etcd_client::Permission;
 use vxmesh::config::{Mode, Network};
 use vxmesh::model::Vni;
 use vxmesh::state::EtcdSection;
@@ -141,6 +142,62 @@ async fn joins_converge_when_leases_vanish_during_the_claim() {
         let kv = raw.get(key.clone(), None).await.unwrap();
         assert_eq!(kv.kvs().len(), 1, "{key} vanished");
         assert_eq!(kv.kvs()[0].lease(), s.lease_id(), "{key}");
+    }
+}
+
+/// Finding 2: a join that fails after finding this node's records (here:
+/// its etcd user may not read the endpoints) leaves them as they were,
+/// bound to the lease of the run that wrote them. (Before: the join
+/// re-bound them to its new lease, failed, and revoked that lease: the
+/// live node's claim and record vanished.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_join_leaves_the_live_nodes_records() {
+    init();
+    let srv = EtcdServer::start().await;
+    let mut raw = srv.client().await;
+    raw.user_add("root", "rootpw", None).await.unwrap();
+    raw.user_grant_role("root", "root").await.unwrap();
+    // "limited" may use every key of the network but its endpoints.
+    let root = format!("{PREFIX}/networks/seg/");
+    raw.role_add("limited").await.unwrap();
+    for (from, to) in [
+        (format!("{root}config"), format!("{root}endpoints/")),
+        (format!("{root}endpoints0"), format!("{PREFIX}/networks/seg0")),
+    ] {
+        raw.role_grant_permission("limited", Permission::read_write(from).with_range_end(to))
+            .await
+            .unwrap();
+    }
+    raw.user_add("limited", "limitedpw", None).await.unwrap();
+    raw.user_grant_role("limited", "limited").await.unwrap();
+    raw.auth_enable().await.unwrap();
+    let root_user = Some(("root".to_string(), "rootpw".to_string()));
+    let mut co = ClientOptions::new(srv.endpoints());
+    co.user = root_user.clone();
+    let net = network("seg", Mode::Bridged, "10.1.0.0/24", 28);
+    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    let mut o = opts(&srv, &net, "a", 1);
+    o.user = root_user.clone();
+    let a = EtcdStore::join(o.clone()).await.unwrap();
+
+    // The same node joins again (a restart while the old run's lease is
+    // alive) with a user that cannot read the endpoints: the join fails.
+    o.user = Some(("limited".into(), "limitedpw".into()));
+    let e = EtcdStore::join(o).await.err().expect("join with the limited user");
+    eprintln!("expected error: {e:#}");
+    let authed = etcd_client::Client::connect(
+        srv.endpoints(),
+        Some(etcd_client::ConnectOptions::new().with_user("root", "rootpw")),
+    )
+    .await
+    .unwrap();
+    for key in [
+        format!("{root}nodes/a"),
+        format!("{root}subnets/{}-28", a.subnet().network()),
+    ] {
+        let r = authed.kv_client().get(key.clone(), None).await.unwrap();
+        assert_eq!(r.kvs().len(), 1, "{key} was deleted by the failed join");
+        assert_eq!(r.kvs()[0].lease(), a.lease_id(), "{key} changed lease");
     }
 }
 

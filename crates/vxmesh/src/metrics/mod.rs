@@ -394,6 +394,23 @@ mod tests {
             .map(|v| v.parse().expect("a sample value"))
     }
 
+    #[test]
+    fn join_failures_are_counted_by_cause() {
+        let m = Metrics::new();
+        m.join_failed("lease_lost");
+        m.join_failed("lease_lost");
+        m.join_failed("unreachable");
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "vxmesh_join_failures_total{cause=\"lease_lost\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "vxmesh_join_failures_total{cause=\"unreachable\"}"),
+            Some(1.0)
+        );
+    }
+
     fn cluster_plan(nodes: usize, bridged_networks: usize) -> NodePlan {
         let mut t = String::new();
         if bridged_networks == 0 {

@@ -229,3 +229,29 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_causes_see_through_the_join_wrapper() {
+        let join = |cause| StoreError::Join {
+            network: "demo".into(),
+            node: "a".into(),
+            cause: Box::new(cause),
+        };
+        assert_eq!(join(StoreError::LeaseGone { lease: 7 }).join_cause(), "lease_lost");
+        let refused = StoreError::EtcdRefused {
+            op: "claim".into(),
+            message: "etcdserver: requested lease not found".into(),
+        };
+        assert_eq!(join(refused).join_cause(), "lease_lost");
+        assert_eq!(join(StoreError::Conflict("x".into())).join_cause(), "conflict");
+        let timeout = StoreError::ConnectTimeout {
+            endpoints: "http://127.0.0.1:2379".into(),
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(timeout.join_cause(), "unreachable");
+    }
+}

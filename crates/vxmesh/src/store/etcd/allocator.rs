@@ -127,10 +127,11 @@ impl AddressAllocator for EtcdAllocator<'_> {
                 Ok(ep) => break ep,
                 Err(StoreError::LeaseGone { lease }) if renewals < LEASE_RENEWALS => {
                     renewals += 1;
+                    let old = self.section();
                     let renewed = wait_for_new_lease(
                         &self.state_dir,
                         &self.network,
-                        lease,
+                        (old.lease, old.hold_lease),
                         LEASE_RENEWAL_WAIT,
                     )
                     .await
@@ -171,12 +172,13 @@ impl AddressAllocator for EtcdAllocator<'_> {
     }
 }
 
-/// The network's etcd section once the agent has written a lease other
-/// than `old` (it renews a lost lease within a few seconds), or None.
+/// The network's etcd section once the agent has written leases (node,
+/// hold) other than `old` (it renews a lost lease within a few seconds),
+/// or None.
 async fn wait_for_new_lease(
     state_dir: &Path,
     network: &str,
-    old: i64,
+    old: (i64, i64),
     timeout: Duration,
 ) -> Option<EtcdSection> {
     let deadline = Instant::now() + timeout;
@@ -184,7 +186,7 @@ async fn wait_for_new_lease(
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Ok(s) = state::read_network(state_dir, network)
             && let AllocatorSpec::Etcd(sec) = s.allocator
-            && sec.lease != old
+            && (sec.lease, sec.hold_lease) != old
         {
             return Some(*sec);
         }

@@ -308,8 +308,9 @@ async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
     }
     owned.leases = leases;
     owned.subnet = subnet;
-    inner.lease_id.store(leases.node, Ordering::SeqCst);
+    // Hold first: whoever sees the new node lease sees the new hold lease.
     inner.hold_lease_id.store(leases.hold, Ordering::SeqCst);
+    inner.lease_id.store(leases.node, Ordering::SeqCst);
     inner.set_own(subnet);
     // Wake the agent even if the snapshot is unchanged: what it publishes
     // for attach (the leases) changed.

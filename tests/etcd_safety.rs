@@ -123,7 +123,10 @@ async fn joins_converge_when_leases_vanish_during_the_claim() {
     stop.store(true, Ordering::SeqCst);
     reaper.await.unwrap();
     let n = revoked.load(Ordering::SeqCst);
-    eprintln!("12 joins with {n} leases revoked under them: {:?}", t0.elapsed());
+    eprintln!(
+        "12 joins with {n} leases revoked under them: {:?}",
+        t0.elapsed()
+    );
     assert!(n > 0, "the reaper revoked nothing: the test proves nothing");
     let failed: Vec<String> = results
         .iter()
@@ -162,7 +165,10 @@ async fn a_failed_join_leaves_the_live_nodes_records() {
     raw.role_add("limited").await.unwrap();
     for (from, to) in [
         (format!("{root}config"), format!("{root}endpoints/")),
-        (format!("{root}endpoints0"), format!("{PREFIX}/networks/seg0")),
+        (
+            format!("{root}endpoints0"),
+            format!("{PREFIX}/networks/seg0"),
+        ),
     ] {
         raw.role_grant_permission("limited", Permission::read_write(from).with_range_end(to))
             .await
@@ -183,7 +189,10 @@ async fn a_failed_join_leaves_the_live_nodes_records() {
     // The same node joins again (a restart while the old run's lease is
     // alive) with a user that cannot read the endpoints: the join fails.
     o.user = Some(("limited".into(), "limitedpw".into()));
-    let e = EtcdStore::join(o).await.err().expect("join with the limited user");
+    let e = EtcdStore::join(o)
+        .await
+        .err()
+        .expect("join with the limited user");
     eprintln!("expected error: {e:#}");
     let authed = etcd_client::Client::connect(
         srv.endpoints(),
@@ -218,7 +227,13 @@ async fn a_subnet_freed_by_lease_expiry_is_quarantined_for_its_holder() {
     let mut raw = srv.client().await;
     let record = format!("{PREFIX}/networks/tiny/nodes/a");
     let t0 = Instant::now();
-    while !raw.get(record.clone(), None).await.unwrap().kvs().is_empty() {
+    while !raw
+        .get(record.clone(), None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty()
+    {
         assert!(t0.elapsed() < TTL * 2, "a's record outlived its lease");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -231,7 +246,10 @@ async fn a_subnet_freed_by_lease_expiry_is_quarantined_for_its_holder() {
     // a restarts (same name, same host) and gets its own subnet back.
     let a2 = join(&srv, &net, "a", 1).await;
     assert_eq!(a2.subnet(), held);
-    eprintln!("a re-took {held} {:?} after its record vanished", t0.elapsed());
+    eprintln!(
+        "a re-took {held} {:?} after its record vanished",
+        t0.elapsed()
+    );
 }
 
 /// Finding 3, addresses: an address freed by an expired lease cannot be
@@ -263,7 +281,10 @@ async fn an_address_freed_by_lease_expiry_is_quarantined() {
         .expect_err("b took an address quarantined for a");
     assert!(format!("{e:#}").contains("attached on node a"), "{e:#}");
     let other = etcd::claim_address(&sec, None, ep.ip).await.unwrap();
-    assert_ne!(other.ip, ep.ip, "a free address search returned a quarantined one");
+    assert_ne!(
+        other.ip, ep.ip,
+        "a free address search returned a quarantined one"
+    );
     // After the grace period (the hold lease is 2 x TTL), it is free.
     let mut took = None;
     while t0.elapsed() < TTL * 3 {
@@ -275,7 +296,11 @@ async fn an_address_freed_by_lease_expiry_is_quarantined() {
     }
     let got = took.expect("the address stayed quarantined past the grace period");
     assert_eq!(got.node, "b");
-    eprintln!("quarantine of {} ended {:?} after the endpoint vanished", ep.ip, t0.elapsed());
+    eprintln!(
+        "quarantine of {} ended {:?} after the endpoint vanished",
+        ep.ip,
+        t0.elapsed()
+    );
 }
 
 /// Finding 6: two hosts with one node name (different underlay IPs) that
@@ -323,7 +348,9 @@ async fn claims_skip_addresses_held_by_the_local_allocator() {
         .await
         .unwrap()
         .ip;
-    etcd::release_address(&section(&srv, &a), first).await.unwrap();
+    etcd::release_address(&section(&srv, &a), first)
+        .await
+        .unwrap();
     // `first` is still in the node's IPAM (its etcd record was withdrawn).
     let local = BTreeSet::from([first]);
     let got = etcd::claim_address_except(&section(&srv, &a), None, start, &local)

@@ -241,13 +241,19 @@ mod tests {
             node: "a".into(),
             cause: Box::new(cause),
         };
-        assert_eq!(join(StoreError::LeaseGone { lease: 7 }).join_cause(), "lease_lost");
+        assert_eq!(
+            join(StoreError::LeaseGone { lease: 7 }).join_cause(),
+            "lease_lost"
+        );
         let refused = StoreError::EtcdRefused {
             op: "claim".into(),
             message: "etcdserver: requested lease not found".into(),
         };
         assert_eq!(join(refused).join_cause(), "lease_lost");
-        assert_eq!(join(StoreError::Conflict("x".into())).join_cause(), "conflict");
+        assert_eq!(
+            join(StoreError::Conflict("x".into())).join_cause(),
+            "conflict"
+        );
         let timeout = StoreError::ConnectTimeout {
             endpoints: "http://127.0.0.1:2379".into(),
             timeout: Duration::from_secs(5),

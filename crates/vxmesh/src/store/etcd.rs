@@ -239,7 +239,9 @@ impl EtcdStore {
         };
         // Read first (the identity, the claims, the view), then grant: a
         // slow read cannot eat into the lease.
-        let (kvs, rev) = watcher::list(&client, keys.root()).await.map_err(join_err)?;
+        let (kvs, rev) = watcher::list(&client, keys.root())
+            .await
+            .map_err(join_err)?;
         let mut ident = claim::check_identity(&kvs, &keys, &me, &net).map_err(join_err)?;
         let ttl_secs = opts.ttl.as_secs_f64().ceil() as i64;
         // Both leases are kept alive from their grant on. A join that fails
@@ -258,14 +260,21 @@ impl EtcdStore {
                 }));
             }
             let subnet = session::claim_kept(
-                &client, &keys, &me, &net, ttl_secs, &mut kept, &kvs, &[], &mut ident,
+                &client,
+                &keys,
+                &me,
+                &net,
+                ttl_secs,
+                &mut kept,
+                &kvs,
+                &[],
+                &mut ident,
             )
             .await
             .map_err(join_err)?;
-            let endpoints =
-                endpoints::adopt_endpoints(&client, &keys, &me, &net, kept.ids(), &kvs)
-                    .await
-                    .map_err(join_err)?;
+            let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, kept.ids(), &kvs)
+                .await
+                .map_err(join_err)?;
             if !kept.any_lost() {
                 break (subnet, endpoints);
             }

@@ -31,7 +31,7 @@ pub struct EtcdAllocator<'a> {
     start: Ipv4Addr,
     /// The agent's connection settings and lease (renewed when the agent
     /// re-grants its lease).
-    section: Mutex<EtcdSection>,
+    section: Mutex<Box<EtcdSection>>,
     host_ns: Option<&'a Netns>,
 }
 
@@ -48,17 +48,15 @@ impl<'a> EtcdAllocator<'a> {
             state_dir: state_dir.to_path_buf(),
             network: served.state.network.clone(),
             start: served.state.pool.network(),
-            section: Mutex::new(section),
+            section: Mutex::new(Box::new(section)),
             host_ns,
         }
     }
 
     /// The etcd section in use (the state file's, or a renewed one).
     pub fn section(&self) -> EtcdSection {
-        self.section
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let sec = self.section.lock().unwrap_or_else(|e| e.into_inner());
+        EtcdSection::clone(&sec)
     }
 
     /// Run an etcd job where etcd is reachable: in the node's namespace
@@ -119,9 +117,9 @@ impl AddressAllocator for EtcdAllocator<'_> {
             let sec = self.section();
             let local = local.clone();
             let claimed = self
-                .in_host_ns(move || async move {
-                    claim_address_except(&sec, want, start, &local).await
-                })
+                .in_host_ns(
+                    move || async move { claim_address_except(&sec, want, start, &local).await },
+                )
                 .await;
             match claimed {
                 Ok(ep) => break ep,
@@ -136,7 +134,7 @@ impl AddressAllocator for EtcdAllocator<'_> {
                     )
                     .await
                     .ok_or(StoreError::LeaseGone { lease })?;
-                    *self.section.lock().unwrap_or_else(|e| e.into_inner()) = renewed;
+                    **self.section.lock().unwrap_or_else(|e| e.into_inner()) = renewed;
                 }
                 Err(e) => {
                     return Err(StoreError::Claim {

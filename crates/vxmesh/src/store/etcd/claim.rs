@@ -148,6 +148,7 @@ pub(crate) enum Claimed {
 /// the caller last read (may be stale: the compare catches it and the
 /// fresh values are read back). A change of this node's record re-checks
 /// the identity.
+#[allow(clippy::too_many_arguments)] // one claim: who, where, under which leases, from what was read
 pub(crate) async fn claim_subnet(
     client: &Client,
     keys: &Keys,
@@ -237,9 +238,17 @@ pub(crate) async fn claim_endpoint(
         {
             return Ok(Claimed::Taken(holder));
         }
-        let mut puts = vec![TxnOp::put(key.clone(), value.clone(), lease_opts(leases.node))];
+        let mut puts = vec![TxnOp::put(
+            key.clone(),
+            value.clone(),
+            lease_opts(leases.node),
+        )];
         if leases.hold != 0 {
-            puts.push(TxnOp::put(held.clone(), ep.node.clone(), lease_opts(leases.hold)));
+            puts.push(TxnOp::put(
+                held.clone(),
+                ep.node.clone(),
+                lease_opts(leases.hold),
+            ));
         }
         let txn = Txn::new()
             .when([
@@ -247,7 +256,10 @@ pub(crate) async fn claim_endpoint(
                 Compare::mod_revision(held.clone(), CompareOp::Equal, h.mod_rev),
             ])
             .and_then(puts)
-            .or_else([TxnOp::get(key.clone(), None), TxnOp::get(held.clone(), None)]);
+            .or_else([
+                TxnOp::get(key.clone(), None),
+                TxnOp::get(held.clone(), None),
+            ]);
         let resp = op(format!("publish {key}"), client.kv_client().txn(txn)).await?;
         if resp.succeeded() {
             return Ok(Claimed::Yes);
@@ -269,7 +281,10 @@ pub(crate) async fn release(
     holder_of: fn(&[u8]) -> String,
 ) -> Result<()> {
     for _ in 0..CAS_ROUNDS {
-        let txn = Txn::new().and_then([TxnOp::get(key.clone(), None), TxnOp::get(held.clone(), None)]);
+        let txn = Txn::new().and_then([
+            TxnOp::get(key.clone(), None),
+            TxnOp::get(held.clone(), None),
+        ]);
         let now = gets(&op(format!("read {key}"), client.kv_client().txn(txn)).await?);
         let s = Seen::of(&now, &key);
         let h = Seen::of(&now, &held);
@@ -281,12 +296,20 @@ pub(crate) async fn release(
             }
             return Ok(());
         }
-        let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, s.mod_rev)];
+        let mut when = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            s.mod_rev,
+        )];
         let mut dels = Vec::new();
         if key_ours {
             dels.push(TxnOp::delete(key.clone(), None));
         }
-        when.push(Compare::mod_revision(held.clone(), CompareOp::Equal, h.mod_rev));
+        when.push(Compare::mod_revision(
+            held.clone(),
+            CompareOp::Equal,
+            h.mod_rev,
+        ));
         if held_ours {
             dels.push(TxnOp::delete(held.clone(), None));
         }
@@ -308,7 +331,14 @@ pub(crate) async fn release_endpoint(
     node: &str,
     ip: std::net::Ipv4Addr,
 ) -> Result<()> {
-    release(client, keys.endpoint(ip), keys.held_endpoint(ip), node, endpoint_holder).await
+    release(
+        client,
+        keys.endpoint(ip),
+        keys.held_endpoint(ip),
+        node,
+        endpoint_holder,
+    )
+    .await
 }
 
 /// [`release`] of a subnet claim.
@@ -318,7 +348,14 @@ pub(crate) async fn release_subnet(
     node: &str,
     subnet: Ipv4Net,
 ) -> Result<()> {
-    release(client, keys.subnet(subnet), keys.held_subnet(subnet), node, plain_holder).await
+    release(
+        client,
+        keys.subnet(subnet),
+        keys.held_subnet(subnet),
+        node,
+        plain_holder,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -337,7 +374,8 @@ mod tests {
         assert_eq!(holder_check(&mine, "b", plain_holder), Err("a".into()));
         let ep = Seen {
             mod_rev: 3,
-            value: br#"{"network":"n","ip":"10.0.0.2","mac":"02:0a:00:00:00:02","node":"x"}"#.to_vec(),
+            value: br#"{"network":"n","ip":"10.0.0.2","mac":"02:0a:00:00:00:02","node":"x"}"#
+                .to_vec(),
         };
         assert_eq!(holder_check(&ep, "x", endpoint_holder), Ok(()));
         assert_eq!(holder_check(&ep, "y", endpoint_holder), Err("x".into()));

@@ -37,6 +37,20 @@ pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> 
     Ok((resp.id(), resp.ttl().max(1)))
 }
 
+/// Whether etcd still has lease `id` (its remaining TTL is positive).
+pub(crate) async fn exists(client: &Client, id: i64) -> Result<bool> {
+    let r = op(
+        format!("read lease {id}"),
+        client.lease_client().time_to_live(id, None),
+    )
+    .await;
+    match r {
+        Ok(t) => Ok(t.ttl() > 0),
+        Err(e) if e.is_lease_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// How often a lease of `ttl_secs` is renewed: a third of the TTL, so two
 /// renewals in a row may be lost before it expires.
 pub(crate) fn period(ttl_secs: i64) -> Duration {
@@ -48,7 +62,9 @@ pub(crate) fn period(ttl_secs: i64) -> Duration {
 /// minus a period's margin, and at least 250 ms.
 pub(crate) fn reply_deadline(period: Duration, now: Instant, expires_at: Instant) -> Duration {
     let left = expires_at.saturating_duration_since(now);
-    period.min(left.saturating_sub(period / 2)).max(Duration::from_millis(250))
+    period
+        .min(left.saturating_sub(period / 2))
+        .max(Duration::from_millis(250))
 }
 
 /// A running keeper of one lease; dropping it stops the renewals (the
@@ -119,7 +135,11 @@ async fn keep(client: Client, id: i64, ttl_secs: i64, tx: watch::Sender<LeaseSta
             }
             StreamEnd::Broken(why) => {
                 failures = if opened { 1 } else { failures + 1 };
-                tracing::debug!(lease = id, failures, "lease keep-alive stream broken: {why}");
+                tracing::debug!(
+                    lease = id,
+                    failures,
+                    "lease keep-alive stream broken: {why}"
+                );
                 // Reopen at once the first time; then pace the attempts (a
                 // fraction of the period while the lease lives, so a new
                 // stream is up well before it expires; slower once it may
@@ -231,10 +251,7 @@ mod tests {
         let d = reply_deadline(p, now, now + Duration::from_secs(4));
         assert_eq!(d, Duration::from_millis(2500));
         // ...but never below 250 ms.
-        assert_eq!(
-            reply_deadline(p, now, now),
-            Duration::from_millis(250)
-        );
+        assert_eq!(reply_deadline(p, now, now), Duration::from_millis(250));
     }
 
     #[test]

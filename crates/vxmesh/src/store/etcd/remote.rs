@@ -116,7 +116,10 @@ pub async fn claim_address_except(
     let (held, _) = watcher::list(&client, &held_prefix).await?;
     taken.extend(held.iter().filter_map(|(k, kv)| {
         (kv.value != sec.node.as_bytes())
-            .then(|| k.strip_prefix(&held_prefix).and_then(|ip| ip.parse::<Ipv4Addr>().ok()))
+            .then(|| {
+                k.strip_prefix(&held_prefix)
+                    .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            })
             .flatten()
     }));
     taken.extend(local.iter().copied());
@@ -169,7 +172,11 @@ pub async fn leave_node(
     // purpose frees its subnet and addresses at once.
     if let Ok(rec) = serde_json::from_slice::<records::NodeJson>(kv.value()) {
         let held = keys.held_subnet(rec.subnet);
-        if let Ok(r) = op(format!("read {held}"), c.kv_client().get(held.clone(), None)).await
+        if let Ok(r) = op(
+            format!("read {held}"),
+            c.kv_client().get(held.clone(), None),
+        )
+        .await
             && let Some(h) = r.kvs().first()
             && h.value() == node.as_bytes()
             && h.lease() != 0

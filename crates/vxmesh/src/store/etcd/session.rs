@@ -61,11 +61,15 @@ impl Kept {
 
     /// Replace the leases etcd said are gone (all of them when `all`: a
     /// request found one gone before its keeper did).
+    /// When one lease is lost, the other is asked about too (both are
+    /// often lost together: an outage, `vxmesh leave`), so that one
+    /// re-grant renews both.
     async fn renew(&mut self, client: &Client, ttl_secs: i64, all: bool) -> Result<()> {
-        if all || self.node.is_lost() {
+        let either = self.any_lost();
+        if all || self.node.is_lost() || (either && !lease::exists(client, self.node.id).await?) {
             self.node = KeptLease::grant(client, ttl_secs).await?;
         }
-        if all || self.hold.is_lost() {
+        if all || self.hold.is_lost() || (either && !lease::exists(client, self.hold.id).await?) {
             self.hold = KeptLease::grant(client, hold_ttl(ttl_secs)).await?;
         }
         Ok(())
@@ -127,6 +131,7 @@ pub(crate) async fn claim_kept(
 /// before the lease was granted (stale values only cost a compare that
 /// fails and reads them back); `ident` the mod revision of this node's
 /// record at the identity check.
+#[allow(clippy::too_many_arguments)] // one claim: who, where, under which leases, from what was read
 pub(crate) async fn claim(
     client: &Client,
     keys: &Keys,

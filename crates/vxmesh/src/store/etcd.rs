@@ -11,15 +11,23 @@
 //! | `PREFIX/networks/NET/subnets/A.B.C.D-LEN` | the claiming node's name (plain text) | the node's lease |
 //! | `PREFIX/networks/NET/nodes/NODE` | JSON `{"name","underlay_ip","underlay_dev"?,"subnet"}` | the node's lease |
 //! | `PREFIX/networks/NET/endpoints/A.B.C.D` | JSON endpoint `{"network","ip","mac","node"}` | the hosting node's lease |
+//! | `PREFIX/networks/NET/held/subnets/A.B.C.D-LEN`, `.../held/endpoints/A.B.C.D` | the holder's name (quarantine marker) | the holder's hold lease (2 x TTL) |
 //!
 //! # How it works
 //!
-//! - [`EtcdStore::join`] grants a lease (TTL default 10 s) and keeps it alive
-//!   in a background task every TTL/3. It claims a subnet (routed) or address
-//!   slice (bridged) with a compare-and-swap transaction (`create_revision ==
-//!   0` on the subnet key), writing the claim and the node record in the same
-//!   transaction: two nodes can never hold one subnet, and a claim never
-//!   exists without its record. A node reuses its own claim (a rejoin after a
+//! - [`EtcdStore::join`] lists the network first (identity, claims, view),
+//!   then grants two leases, each kept alive from its grant by a supervised
+//!   keeper (`lease.rs`): the node lease (TTL default 10 s) and a hold lease
+//!   of twice that. It claims a subnet (routed) or address slice (bridged)
+//!   with one compare-and-swap transaction on mod revisions (`claim.rs`),
+//!   writing the claim and the node record (node lease), a quarantine
+//!   marker (hold lease) and comparing this node's record with the one its
+//!   identity check saw: two nodes can never hold one subnet, two hosts
+//!   never join under one name, a claim never exists without its record,
+//!   and a subnet or address freed by an expired node lease stays reserved
+//!   for its holder for one more TTL. A lease that vanishes during the join
+//!   is re-granted and the claim redone at once; nothing is ever revoked
+//!   after a claim (a failed join leaves what it found as it was). A node reuses its own claim (a rejoin after a
 //!   restart keeps its subnet); new claims try the subnets in an order that
 //!   is deterministic but starts at a hash of the node name, so concurrent
 //!   joins rarely collide and a node that left tends to get its old subnet
@@ -33,10 +41,14 @@
 //! - If etcd is unreachable, [`Store::snapshot`] keeps returning the last view
 //!   (the data plane keeps working) and the tasks retry with exponential
 //!   backoff (capped at 5 s), logging once when the connection is lost and
-//!   once when it is restored. If the lease expired meanwhile, a new lease is
-//!   granted and the claim, record and endpoints are re-published under it.
+//!   once when it is restored. If a lease expired meanwhile, a new one is
+//!   granted and the claim, record and endpoints are re-published under it
+//!   (its own subnet and addresses, unless another node took them after
+//!   the grace period: then it says so loudly and stops publishing them).
+//!   Every request and stream requires a leader; a watch created below the
+//!   listed revision or on another cluster id re-lists.
 //! - Lost nodes disappear when their lease expires: every peer's watch sees
-//!   the deletes. [`EtcdStore::leave`] revokes the lease: the record, claim and
+//!   the deletes. [`EtcdStore::leave`] revokes both leases: the record, claim and
 //!   endpoints vanish at once; [`leave_node`] does it for a stopped node.
 //! - The agent uses [`EtcdNetworks`]: one store (lease, claim) per network it
 //!   joins, one merged snapshot. For bridged networks it names the etcd

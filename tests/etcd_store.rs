@@ -81,6 +81,7 @@ fn section(srv: &EtcdServer, store: &EtcdStore) -> EtcdSection {
         network: store.network().name,
         node: store.node().into(),
         lease: store.lease_id(),
+        hold_lease: store.hold_lease_id(),
         ca: None,
         cert: None,
         key: None,
@@ -549,6 +550,8 @@ async fn invalid_records_are_skipped_and_valid_ones_keep_working() {
     let root = format!("{PREFIX}/networks/seg/");
     let mut raw = srv.client().await;
     let put = |k: String, v: &str| (k, v.to_string());
+    // b's join returns as soon as its claim is written; a sees it by watch.
+    sees(&mut a, Duration::from_secs(1), |s| has_node(s, "b")).await;
     let snap = a.snapshot().await.unwrap();
     let slice = |n: &str| snap.cluster.node(n).unwrap().subnets["seg"].to_string();
     let (slice_a, slice_b) = (slice("a"), slice("b"));

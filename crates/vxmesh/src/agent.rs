@@ -431,13 +431,18 @@ where
             }
             Err(e) if opts.once => return Err(e.into()),
             Err(e) => {
-                let msg = format!("{e:#}");
-                if last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!("cannot join yet, retrying with backoff: {msg}");
-                    last_error = Some(msg);
+                // One log line per distinct cause (the message of one cause
+                // varies with keys and leases), every failure counted.
+                let cause = e.join_cause();
+                opts.metrics.join_failed(cause);
+                if last_error.as_deref() != Some(cause) {
+                    tracing::warn!(cause, "cannot join yet, retrying with backoff: {e:#}");
+                    last_error = Some(cause.to_string());
                 }
+                // Jittered, so that agents started together (or failed by
+                // one etcd hiccup) do not retry in lockstep.
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(jittered(delay)) => {}
                     sig = signals.recv() => {
                         tracing::info!("{sig} before joining: exiting");
                         return Ok(None);
@@ -449,6 +454,16 @@ where
     };
     serve(&mut store, opts, &mut signals, &mut lock).await?;
     Ok(Some(store))
+}
+
+/// `d` plus up to 50 % jitter.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let spread = (d.as_nanos() as u64 / 2).max(1);
+    d + Duration::from_nanos(nanos % spread)
 }
 
 async fn serve<S: Store>(

@@ -94,7 +94,12 @@ pub struct EtcdSection {
     pub prefix: String,
     pub network: String,
     pub node: String,
+    /// The agent's node lease: endpoints are bound to it.
     pub lease: i64,
+    /// The agent's hold lease: the quarantine markers of its endpoints are
+    /// bound to it (0: none, a state file of an older agent).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hold_lease: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +110,10 @@ pub struct EtcdSection {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 fn networks_dir(state_dir: &Path) -> PathBuf {

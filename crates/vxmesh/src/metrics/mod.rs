@@ -15,6 +15,7 @@
 //! | `vxmesh_apply_duration_seconds` | histogram | one reconcile: dump, diff and apply (100 µs .. 10 s buckets) |
 //! | `vxmesh_store_connected` | gauge | 1 while the store is live (static file: always once open; etcd: joined, lease kept alive and watch running), else 0 |
 //! | `vxmesh_records_rejected_total{kind="node\|subnet\|endpoint\|network"}` | counter | invalid etcd records skipped, each key counted once per revision (as it is logged) |
+//! | `vxmesh_join_failures_total{cause}` | counter | failed attempts to join the store, by cause (`lease_lost`, `unreachable`, `conflict`, `subnets_full`, `no_network`, `contention`, `etcd_error`, `other`) |
 //! | `vxmesh_last_pass_timestamp_seconds` | gauge | Unix time the last pass ended (either result) |
 //! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
 
@@ -82,6 +83,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -106,6 +112,7 @@ struct Inner {
     store_connected: Gauge,
     store_links: Mutex<StoreLinks>,
     records_rejected: Family<KindLabel, Counter>,
+    join_failures: Family<CauseLabel, Counter>,
     last_pass: Gauge<f64, AtomicU64>,
     last_success: Gauge<f64, AtomicU64>,
 }
@@ -201,6 +208,12 @@ impl Metrics {
         ] {
             let _ = records_rejected.get_or_create(&KindLabel { kind: k.as_str() });
         }
+        let join_failures = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "join_failures",
+            "Failed attempts to join the store, by cause",
+            join_failures.clone(),
+        );
         let last_pass = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "last_pass_timestamp",
@@ -228,6 +241,7 @@ impl Metrics {
                 store_connected,
                 store_links: Mutex::new(StoreLinks::default()),
                 records_rejected,
+                join_failures,
                 last_pass,
                 last_success,
             }),
@@ -304,6 +318,14 @@ impl Metrics {
         *known = plan.networks.keys().cloned().collect();
     }
 
+    /// An attempt to join the store failed (`cause`: a short stable name).
+    pub fn join_failed(&self, cause: &'static str) {
+        self.inner
+            .join_failures
+            .get_or_create(&CauseLabel { cause })
+            .inc();
+    }
+
     /// One agent pass ended.
     pub fn pass_done(&self, ok: bool) {
         let m = &self.inner;
@@ -370,6 +392,23 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .map(|v| v.parse().expect("a sample value"))
+    }
+
+    #[test]
+    fn join_failures_are_counted_by_cause() {
+        let m = Metrics::new();
+        m.join_failed("lease_lost");
+        m.join_failed("lease_lost");
+        m.join_failed("unreachable");
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "vxmesh_join_failures_total{cause=\"lease_lost\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "vxmesh_join_failures_total{cause=\"unreachable\"}"),
+            Some(1.0)
+        );
     }
 
     fn cluster_plan(nodes: usize, bridged_networks: usize) -> NodePlan {

@@ -119,6 +119,7 @@ mod tests {
             network: "seg".into(),
             node: "a".into(),
             lease: 7,
+            hold_lease: 0,
             ca: None,
             cert: None,
             key: None,

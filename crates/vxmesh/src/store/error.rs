@@ -207,6 +207,57 @@ impl StoreError {
     pub(crate) fn is_lease_not_found(&self) -> bool {
         self.to_string().contains("lease not found")
     }
+
+    /// A short, stable name of why a join failed (the label of
+    /// `vxmesh_join_failures_total`).
+    pub fn join_cause(&self) -> &'static str {
+        match self {
+            StoreError::Join { cause, .. } => cause.join_cause(),
+            StoreError::LeaseGone { .. } => "lease_lost",
+            e if e.is_lease_not_found() => "lease_lost",
+            StoreError::Connect { .. }
+            | StoreError::ConnectTimeout { .. }
+            | StoreError::EtcdTimeout { .. } => "unreachable",
+            StoreError::Conflict(_) => "conflict",
+            StoreError::SubnetsFull { .. } => "subnets_full",
+            StoreError::NoSuchNetwork { .. } => "no_network",
+            StoreError::KeyKeptChanging { .. } => "contention",
+            StoreError::Etcd { .. } | StoreError::EtcdRefused { .. } => "etcd_error",
+            _ => "other",
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_causes_see_through_the_join_wrapper() {
+        let join = |cause| StoreError::Join {
+            network: "demo".into(),
+            node: "a".into(),
+            cause: Box::new(cause),
+        };
+        assert_eq!(
+            join(StoreError::LeaseGone { lease: 7 }).join_cause(),
+            "lease_lost"
+        );
+        let refused = StoreError::EtcdRefused {
+            op: "claim".into(),
+            message: "etcdserver: requested lease not found".into(),
+        };
+        assert_eq!(join(refused).join_cause(), "lease_lost");
+        assert_eq!(
+            join(StoreError::Conflict("x".into())).join_cause(),
+            "conflict"
+        );
+        let timeout = StoreError::ConnectTimeout {
+            endpoints: "http://127.0.0.1:2379".into(),
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(timeout.join_cause(), "unreachable");
+    }
+}

@@ -11,15 +11,23 @@
 //! | `PREFIX/networks/NET/subnets/A.B.C.D-LEN` | the claiming node's name (plain text) | the node's lease |
 //! | `PREFIX/networks/NET/nodes/NODE` | JSON `{"name","underlay_ip","underlay_dev"?,"subnet"}` | the node's lease |
 //! | `PREFIX/networks/NET/endpoints/A.B.C.D` | JSON endpoint `{"network","ip","mac","node"}` | the hosting node's lease |
+//! | `PREFIX/networks/NET/held/subnets/A.B.C.D-LEN`, `.../held/endpoints/A.B.C.D` | the holder's name (quarantine marker) | the holder's hold lease (2 x TTL) |
 //!
 //! # How it works
 //!
-//! - [`EtcdStore::join`] grants a lease (TTL default 10 s) and keeps it alive
-//!   in a background task every TTL/3. It claims a subnet (routed) or address
-//!   slice (bridged) with a compare-and-swap transaction (`create_revision ==
-//!   0` on the subnet key), writing the claim and the node record in the same
-//!   transaction: two nodes can never hold one subnet, and a claim never
-//!   exists without its record. A node reuses its own claim (a rejoin after a
+//! - [`EtcdStore::join`] lists the network first (identity, claims, view),
+//!   then grants two leases, each kept alive from its grant by a supervised
+//!   keeper (`lease.rs`): the node lease (TTL default 10 s) and a hold lease
+//!   of twice that. It claims a subnet (routed) or address slice (bridged)
+//!   with one compare-and-swap transaction on mod revisions (`claim.rs`),
+//!   writing the claim and the node record (node lease), a quarantine
+//!   marker (hold lease) and comparing this node's record with the one its
+//!   identity check saw: two nodes can never hold one subnet, two hosts
+//!   never join under one name, a claim never exists without its record,
+//!   and a subnet or address freed by an expired node lease stays reserved
+//!   for its holder for one more TTL. A lease that vanishes during the join
+//!   is re-granted and the claim redone at once; nothing is ever revoked
+//!   after a claim (a failed join leaves what it found as it was). A node reuses its own claim (a rejoin after a
 //!   restart keeps its subnet); new claims try the subnets in an order that
 //!   is deterministic but starts at a hash of the node name, so concurrent
 //!   joins rarely collide and a node that left tends to get its old subnet
@@ -33,10 +41,14 @@
 //! - If etcd is unreachable, [`Store::snapshot`] keeps returning the last view
 //!   (the data plane keeps working) and the tasks retry with exponential
 //!   backoff (capped at 5 s), logging once when the connection is lost and
-//!   once when it is restored. If the lease expired meanwhile, a new lease is
-//!   granted and the claim, record and endpoints are re-published under it.
+//!   once when it is restored. If a lease expired meanwhile, a new one is
+//!   granted and the claim, record and endpoints are re-published under it
+//!   (its own subnet and addresses, unless another node took them after
+//!   the grace period: then it says so loudly and stops publishing them).
+//!   Every request and stream requires a leader; a watch created below the
+//!   listed revision or on another cluster id re-lists.
 //! - Lost nodes disappear when their lease expires: every peer's watch sees
-//!   the deletes. [`EtcdStore::leave`] revokes the lease: the record, claim and
+//!   the deletes. [`EtcdStore::leave`] revokes both leases: the record, claim and
 //!   endpoints vanish at once; [`leave_node`] does it for a stopped node.
 //! - The agent uses [`EtcdNetworks`]: one store (lease, claim) per network it
 //!   joins, one merged snapshot. For bridged networks it names the etcd
@@ -55,8 +67,10 @@
 //! is re-granted with everything re-published under it.
 
 mod allocator;
+mod claim;
 mod client;
 mod endpoints;
+mod lease;
 mod multi;
 mod network;
 mod records;
@@ -83,7 +97,7 @@ use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, NodeRecord};
 pub use allocator::EtcdAllocator;
-pub(crate) use client::{AbortOnDrop, Backoff, Health, OP_TIMEOUT, lease_opts, txn_get};
+pub(crate) use client::{Backoff, Health, OP_TIMEOUT, lease_opts};
 pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
 };
@@ -94,7 +108,8 @@ use records::Keys;
 /// The rules of a key prefix, for the agent configuration file's checks.
 pub(crate) use records::check_prefix;
 pub use remote::{
-    claim_address, leave_node, read_password, release_address, section_client_options,
+    claim_address, claim_address_except, leave_node, read_password, release_address,
+    section_client_options,
 };
 use view::View;
 
@@ -120,7 +135,7 @@ impl Me {
 /// What this node has published (re-published under a new lease if the old
 /// one is lost). Guarded by an async mutex so publications serialize.
 pub(crate) struct Owned {
-    pub lease: i64,
+    pub leases: claim::LeaseIds,
     pub subnet: Ipv4Net,
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
 }
@@ -133,13 +148,17 @@ pub(crate) struct Inner {
     pub ttl_secs: i64,
     describe: String,
     pub owned: tokio::sync::Mutex<Owned>,
-    /// Mirrors of `owned.lease` and `owned.subnet` for synchronous readers.
+    /// Mirrors of `owned.leases` and `owned.subnet` for synchronous readers.
     pub lease_id: AtomicI64,
+    pub hold_lease_id: AtomicI64,
     subnet: Mutex<Ipv4Net>,
     view: Mutex<View>,
     changes: watch::Sender<u64>,
     pub health: Health,
     pub relists: AtomicU64,
+    /// The etcd cluster id the watch last saw (0: not yet): a change means
+    /// another cluster (restored from a backup) and the view is re-listed.
+    pub cluster_id: AtomicU64,
     pub paused: watch::Sender<bool>,
     /// Set when a background task died (a bug): `changed()` then fails.
     failed: AtomicBool,
@@ -211,6 +230,11 @@ impl EtcdStore {
     /// start watching. Needs etcd reachable (fails after a few seconds if not).
     pub async fn join(opts: EtcdOptions) -> Result<EtcdStore> {
         opts.validate()?;
+        let join_err = |e: StoreError| StoreError::Join {
+            network: opts.network.clone(),
+            node: opts.node.clone(),
+            cause: Box::new(e),
+        };
         let client = client::connect(&opts.client_options()).await?;
         let keys = Keys::new(&opts.prefix, &opts.network);
         let net = network::read_network(&client, &keys, &opts.network)
@@ -227,34 +251,50 @@ impl EtcdStore {
             underlay_ip: opts.underlay_ip,
             underlay_dev: opts.underlay_dev.clone(),
         };
-        session::check_identity_free(&client, &keys, &me, &net).await?;
+        // Read first (the identity, the claims, the view), then grant: a
+        // slow read cannot eat into the lease.
+        let (kvs, rev) = watcher::list(&client, keys.root())
+            .await
+            .map_err(join_err)?;
+        let mut ident = claim::check_identity(&kvs, &keys, &me, &net).map_err(join_err)?;
         let ttl_secs = opts.ttl.as_secs_f64().ceil() as i64;
-        let (lease, granted) = session::grant(&client, ttl_secs).await?;
-        // Keep the lease alive while joining (a slow join must not lose it).
-        let early = AbortOnDrop(tokio::spawn(session::simple_keepalive(
-            client.clone(),
-            lease,
-            granted,
-        )));
-        let joined = async {
-            let subnet = session::claim(&client, &keys, &me, &net, lease, &[]).await?;
-            let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, lease).await?;
-            let (kvs, rev) = watcher::list(&client, keys.root()).await?;
-            Ok::<_, StoreError>((subnet, endpoints, kvs, rev))
-        }
-        .await;
-        drop(early);
-        let (subnet, endpoints, kvs, rev) = match joined {
-            Ok(j) => j,
-            Err(e) => {
-                let _ = op("revoke lease", client.lease_client().revoke(lease)).await;
-                return Err(StoreError::Join {
-                    network: opts.network.clone(),
-                    node: opts.node.clone(),
-                    cause: Box::new(e),
-                });
+        // Both leases are kept alive from their grant on. A join that fails
+        // from here on revokes nothing: what it re-bound stays bound to a
+        // lease that expires on its own (a previous run's records are left
+        // as they were).
+        let mut kept = session::Kept::grant(&client, ttl_secs)
+            .await
+            .map_err(join_err)?;
+        let mut rounds = 0;
+        let (subnet, endpoints) = loop {
+            rounds += 1;
+            if rounds > 3 {
+                return Err(join_err(StoreError::LeaseGone {
+                    lease: kept.node.id,
+                }));
+            }
+            let subnet = session::claim_kept(
+                &client,
+                &keys,
+                &me,
+                &net,
+                ttl_secs,
+                &mut kept,
+                &kvs,
+                &[],
+                &mut ident,
+            )
+            .await
+            .map_err(join_err)?;
+            let endpoints = endpoints::adopt_endpoints(&client, &keys, &me, &net, kept.ids(), &kvs)
+                .await
+                .map_err(join_err)?;
+            if !kept.any_lost() {
+                break (subnet, endpoints);
             }
         };
+        let leases = kept.ids();
+        let lease = leases.node;
         tracing::info!(
             network = %net.name, node = %me.node, %subnet, lease, adopted_endpoints = endpoints.len(),
             "joined network through etcd"
@@ -279,11 +319,12 @@ impl EtcdStore {
             ttl_secs,
             describe,
             owned: tokio::sync::Mutex::new(Owned {
-                lease,
+                leases,
                 subnet,
                 endpoints,
             }),
             lease_id: AtomicI64::new(lease),
+            hold_lease_id: AtomicI64::new(leases.hold),
             subnet: Mutex::new(subnet),
             view: Mutex::new(view),
             changes,
@@ -292,11 +333,12 @@ impl EtcdStore {
                 opts.metrics.clone(),
             ),
             relists: AtomicU64::new(0),
+            cluster_id: AtomicU64::new(0),
             paused: watch::channel(false).0,
             failed: AtomicBool::new(false),
         });
         let tasks = vec![
-            tokio::spawn(session::keepalive_loop(inner.clone(), granted)),
+            tokio::spawn(session::keepalive_loop(inner.clone(), kept)),
             tokio::spawn(watcher::watch_loop(inner.clone(), rev)),
         ];
         Ok(EtcdStore {
@@ -325,6 +367,12 @@ impl EtcdStore {
         self.inner.lease_id.load(Ordering::SeqCst)
     }
 
+    /// The lease the quarantine markers of its claims are bound to (it
+    /// outlives [`Self::lease_id`] by a grace period).
+    pub fn hold_lease_id(&self) -> i64 {
+        self.inner.hold_lease_id.load(Ordering::SeqCst)
+    }
+
     /// Whether etcd currently answers (lease kept alive and watch live).
     /// While false, [`Store::snapshot`] serves the last known view.
     pub fn connected(&self) -> bool {
@@ -336,12 +384,14 @@ impl EtcdStore {
     pub async fn leave(mut self) -> Result<()> {
         self.stop_tasks();
         let owned = self.inner.owned.lock().await;
-        op(
-            format!("revoke lease {}", owned.lease),
-            self.inner.client.lease_client().revoke(owned.lease),
-        )
-        .await
-        .map_err(|e| StoreError::LeaveFailed { cause: Box::new(e) })?;
+        for lease in [owned.leases.node, owned.leases.hold] {
+            op(
+                format!("revoke lease {lease}"),
+                self.inner.client.lease_client().revoke(lease),
+            )
+            .await
+            .map_err(|e| StoreError::LeaveFailed { cause: Box::new(e) })?;
+        }
         tracing::info!(node = %self.inner.me.node, network = %self.inner.keys.root(), "left the network");
         Ok(())
     }

@@ -4,12 +4,13 @@
 //! node's file IPAM, all under the IPAM lock (the agent publishes the
 //! node's endpoints under it too).
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::remote::{claim_address, release_address};
+use super::remote::{claim_address_except, release_address};
 use crate::dataplane::netns::Netns;
 use crate::ipam::{Ipam, Owner};
 use crate::state::{self, EtcdSection, ServedNetwork};
@@ -30,7 +31,7 @@ pub struct EtcdAllocator<'a> {
     start: Ipv4Addr,
     /// The agent's connection settings and lease (renewed when the agent
     /// re-grants its lease).
-    section: Mutex<EtcdSection>,
+    section: Mutex<Box<EtcdSection>>,
     host_ns: Option<&'a Netns>,
 }
 
@@ -47,17 +48,15 @@ impl<'a> EtcdAllocator<'a> {
             state_dir: state_dir.to_path_buf(),
             network: served.state.network.clone(),
             start: served.state.pool.network(),
-            section: Mutex::new(section),
+            section: Mutex::new(Box::new(section)),
             host_ns,
         }
     }
 
     /// The etcd section in use (the state file's, or a renewed one).
     pub fn section(&self) -> EtcdSection {
-        self.section
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let sec = self.section.lock().unwrap_or_else(|e| e.into_inner());
+        EtcdSection::clone(&sec)
     }
 
     /// Run an etcd job where etcd is reachable: in the node's namespace
@@ -110,25 +109,32 @@ impl AddressAllocator for EtcdAllocator<'_> {
             });
         }
         let start = self.start;
+        // Addresses this node's IPAM holds are never "free" here, even if
+        // their etcd record is gone: attach could not record them.
+        let local: BTreeSet<Ipv4Addr> = self.ipam.list()?.into_iter().map(|a| a.ip).collect();
         let mut renewals = 0;
         let ep = loop {
             let sec = self.section();
+            let local = local.clone();
             let claimed = self
-                .in_host_ns(move || async move { claim_address(&sec, want, start).await })
+                .in_host_ns(
+                    move || async move { claim_address_except(&sec, want, start, &local).await },
+                )
                 .await;
             match claimed {
                 Ok(ep) => break ep,
                 Err(StoreError::LeaseGone { lease }) if renewals < LEASE_RENEWALS => {
                     renewals += 1;
+                    let old = self.section();
                     let renewed = wait_for_new_lease(
                         &self.state_dir,
                         &self.network,
-                        lease,
+                        (old.lease, old.hold_lease),
                         LEASE_RENEWAL_WAIT,
                     )
                     .await
                     .ok_or(StoreError::LeaseGone { lease })?;
-                    *self.section.lock().unwrap_or_else(|e| e.into_inner()) = renewed;
+                    **self.section.lock().unwrap_or_else(|e| e.into_inner()) = renewed;
                 }
                 Err(e) => {
                     return Err(StoreError::Claim {
@@ -164,12 +170,13 @@ impl AddressAllocator for EtcdAllocator<'_> {
     }
 }
 
-/// The network's etcd section once the agent has written a lease other
-/// than `old` (it renews a lost lease within a few seconds), or None.
+/// The network's etcd section once the agent has written leases (node,
+/// hold) other than `old` (it renews a lost lease within a few seconds),
+/// or None.
 async fn wait_for_new_lease(
     state_dir: &Path,
     network: &str,
-    old: i64,
+    old: (i64, i64),
     timeout: Duration,
 ) -> Option<EtcdSection> {
     let deadline = Instant::now() + timeout;
@@ -177,7 +184,7 @@ async fn wait_for_new_lease(
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Ok(s) = state::read_network(state_dir, network)
             && let AllocatorSpec::Etcd(sec) = s.allocator
-            && sec.lease != old
+            && (sec.lease, sec.hold_lease) != old
         {
             return Some(*sec);
         }

@@ -248,7 +248,11 @@ pub async fn connect(o: &ClientOptions) -> Result<Client> {
     let mut co = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // Every request, watch and lease keep-alive stream carries
+        // `hasleader`: a member cut off from the quorum refuses them
+        // instead of keeping a watch open that never delivers.
+        .with_require_leader(true);
     if let Some((user, password)) = &o.user {
         co = co.with_user(user.clone(), password.clone());
     }

@@ -6,88 +6,31 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::Client;
 
+use super::claim::{Claimed, LeaseIds, claim_endpoint, release_endpoint};
 use super::records::{self, Keys};
-use super::{Inner, Me, lease_opts, op, txn_get, watcher};
+use super::view::Kv;
+use super::{Inner, Me};
 use crate::config::{Mode, Network};
 use crate::model::Endpoint;
-use crate::store::error::{Result, StoreError};
+use crate::store::error::Result;
 
-/// Create `endpoints/IP` under `lease` if absent.
-pub(crate) async fn create_endpoint(
-    client: &Client,
-    keys: &Keys,
-    lease: i64,
-    ep: &Endpoint,
-) -> Result<bool> {
-    let key = keys.endpoint(ep.ip);
-    let value = serde_json::to_string(ep).expect("an endpoint serializes");
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.clone(), value, lease_opts(lease))]);
-    Ok(op(format!("allocate {key}"), client.kv_client().txn(txn))
-        .await?
-        .succeeded())
-}
-
-/// Publish `ep` under `lease` if its address is free or already `node`'s.
-/// `Ok(Err(holder))` names whoever holds it otherwise.
-pub(crate) async fn put_endpoint(
-    client: &Client,
-    keys: &Keys,
-    node: &str,
-    lease: i64,
-    ep: &Endpoint,
-) -> Result<std::result::Result<(), String>> {
-    let key = keys.endpoint(ep.ip);
-    let value = serde_json::to_string(ep).expect("an endpoint serializes");
-    for _ in 0..5 {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), value.clone(), lease_opts(lease))])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = op(format!("publish {key}"), client.kv_client().txn(txn)).await?;
-        if resp.succeeded() {
-            return Ok(Ok(()));
-        }
-        let Some(kv) = txn_get(&resp) else { continue };
-        match serde_json::from_slice::<Endpoint>(kv.value()) {
-            Ok(old) if old.node == node => {
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    )])
-                    .and_then([TxnOp::put(key.clone(), value.clone(), lease_opts(lease))]);
-                if op(format!("re-publish {key}"), client.kv_client().txn(txn))
-                    .await?
-                    .succeeded()
-                {
-                    return Ok(Ok(()));
-                }
-            }
-            Ok(old) => return Ok(Err(format!("node {}", old.node))),
-            Err(_) => return Ok(Err(format!("an unreadable record (delete key {key})"))),
-        }
-    }
-    Err(StoreError::KeyKeptChanging { op: "publish", key })
-}
-
-/// At join: re-bind this node's endpoints left by a previous run to the new lease.
+/// At join: re-bind this node's endpoints left by a previous run (as
+/// listed in `seen`, read before the grant) to the new leases.
 pub(crate) async fn adopt_endpoints(
     client: &Client,
     keys: &Keys,
     me: &Me,
     net: &Network,
-    lease: i64,
+    leases: LeaseIds,
+    seen: &BTreeMap<String, Kv>,
 ) -> Result<BTreeMap<Ipv4Addr, Endpoint>> {
-    let (kvs, _) = watcher::list(client, &keys.endpoints()).await?;
+    let prefix = keys.endpoints();
     let mut out = BTreeMap::new();
-    for (key, kv) in kvs {
-        let Some(ip) = key.strip_prefix(&keys.endpoints()) else {
-            continue;
+    for (key, kv) in seen.range(prefix.clone()..) {
+        let Some(ip) = key.strip_prefix(&prefix) else {
+            break;
         };
         let Ok(ep) = records::parse_endpoint(net, ip, &kv.value) else {
             continue;
@@ -95,64 +38,11 @@ pub(crate) async fn adopt_endpoints(
         if ep.node != me.node {
             continue;
         }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                kv.mod_rev,
-            )])
-            .and_then([TxnOp::put(key.clone(), kv.value.clone(), lease_opts(lease))]);
-        if op(format!("adopt {key}"), client.kv_client().txn(txn))
-            .await?
-            .succeeded()
-        {
+        if claim_endpoint(client, keys, leases, &ep, true).await? == Claimed::Yes {
             out.insert(ep.ip, ep);
         }
     }
     Ok(out)
-}
-
-/// Delete `endpoints/IP` if `node` holds it (absent, or held by another
-/// node after a migration, is fine and deletes nothing).
-pub(crate) async fn delete_endpoint_if_ours(
-    client: &Client,
-    keys: &Keys,
-    node: &str,
-    ip: Ipv4Addr,
-) -> Result<()> {
-    let key = keys.endpoint(ip);
-    for _ in 0..5 {
-        let resp = op(
-            format!("read {key}"),
-            client.kv_client().get(key.clone(), None),
-        )
-        .await?;
-        let Some(kv) = resp.kvs().first() else {
-            return Ok(());
-        };
-        match serde_json::from_slice::<Endpoint>(kv.value()) {
-            Ok(ep) if ep.node == node => {}
-            Ok(ep) => {
-                tracing::debug!(%ip, holder = %ep.node, "release: the address is now held by another node, leaving it");
-                return Ok(());
-            }
-            Err(_) => return Ok(()),
-        }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                kv.mod_revision(),
-            )])
-            .and_then([TxnOp::delete(key.clone(), None)]);
-        if op(format!("release {key}"), client.kv_client().txn(txn))
-            .await?
-            .succeeded()
-        {
-            return Ok(());
-        }
-    }
-    Err(StoreError::KeyKeptChanging { op: "release", key })
 }
 
 /// Make this node's published endpoints equal `allocated`: publish the
@@ -185,12 +75,11 @@ pub(crate) async fn sync_endpoints(
             refused.push((ip, e));
             continue;
         }
-        let lease = owned.lease;
-        match put_endpoint(&inner.client, &inner.keys, &inner.me.node, lease, &ep).await? {
-            Ok(()) => {
+        match claim_endpoint(&inner.client, &inner.keys, owned.leases, &ep, true).await? {
+            Claimed::Yes => {
                 owned.endpoints.insert(ip, ep);
             }
-            Err(holder) => refused.push((ip, format!("held by {holder}"))),
+            Claimed::Taken(holder) => refused.push((ip, format!("held by node {holder}"))),
         }
     }
     // Withdraw what this node holds but no longer has attached: its own
@@ -214,7 +103,7 @@ pub(crate) async fn sync_endpoints(
         .collect();
     stale.extend(seen);
     for ip in stale {
-        delete_endpoint_if_ours(&inner.client, &inner.keys, &inner.me.node, ip).await?;
+        release_endpoint(&inner.client, &inner.keys, &inner.me.node, ip).await?;
         owned.endpoints.remove(&ip);
     }
     Ok(refused)

@@ -164,6 +164,7 @@ impl Store for EtcdNetworks {
             network: network.to_string(),
             node: self.opts.node.clone(),
             lease: s.lease_id(),
+            hold_lease: s.hold_lease_id(),
             ca: tls.map(|t| t.ca.clone()),
             cert: tls.and_then(|t| t.cert.clone()),
             key: tls.and_then(|t| t.key.clone()),

@@ -59,6 +59,17 @@ impl Keys {
     pub fn endpoint(&self, ip: Ipv4Addr) -> String {
         format!("{}endpoints/{ip}", self.root)
     }
+    /// Quarantine marker of a subnet claim (`held/subnets/A.B.C.D-LEN`,
+    /// the holder's name, bound to its hold lease that outlives its node
+    /// lease by a grace period): while present, only that node may claim
+    /// the subnet.
+    pub fn held_subnet(&self, s: Ipv4Net) -> String {
+        format!("{}held/subnets/{}", self.root, subnet_key_part(s))
+    }
+    /// Quarantine marker of an endpoint (`held/endpoints/A.B.C.D`).
+    pub fn held_endpoint(&self, ip: Ipv4Addr) -> String {
+        format!("{}held/endpoints/{ip}", self.root)
+    }
 
     pub fn classify<'a>(&self, key: &'a str) -> KeyKind<'a> {
         let Some(rest) = key.strip_prefix(self.root.as_str()) else {

@@ -3,11 +3,11 @@
 //! agent's lease, read from the network's state file), and an operator
 //! removes a node at once (`vxmesh leave`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
+use super::claim::{Claimed, LeaseIds, claim_endpoint, release_endpoint};
 use super::client::{ClientOptions, TlsOptions, connect, op};
-use super::endpoints::{create_endpoint, delete_endpoint_if_ours, put_endpoint};
 use super::records::{self, Keys};
 use super::{network, require_bridged, watcher};
 use crate::model::{self, Endpoint};
@@ -44,10 +44,25 @@ pub fn read_password(path: &std::path::Path) -> Result<String> {
 /// agent's lease with a compare-and-swap: `want` if it is free or already
 /// this node's (re-attach, or migration after a detach elsewhere); else the
 /// first free address from `start` (the node's slice) on, wrapping around.
+/// An address quarantined for another node (its lease expired less than a
+/// grace period ago) is not free.
 pub async fn claim_address(
     sec: &EtcdSection,
     want: Option<Ipv4Addr>,
     start: Ipv4Addr,
+) -> Result<Endpoint> {
+    claim_address_except(sec, want, start, &BTreeSet::new()).await
+}
+
+/// [`claim_address`], skipping the addresses in `local` when looking for a
+/// free one: those this node's own allocator already holds (an etcd record
+/// withdrawn while the container is still attached here), which attach
+/// could never record.
+pub async fn claim_address_except(
+    sec: &EtcdSection,
+    want: Option<Ipv4Addr>,
+    start: Ipv4Addr,
+    local: &BTreeSet<Ipv4Addr>,
 ) -> Result<Endpoint> {
     let client = connect(&section_client_options(sec)?).await?;
     let keys = Keys::new(&sec.prefix, &sec.network);
@@ -71,32 +86,49 @@ pub async fn claim_address(
             e
         }
     };
+    let leases = LeaseIds {
+        node: sec.lease,
+        hold: sec.hold_lease,
+    };
     if let Some(ip) = want {
         records::check_endpoint_ip(&net, ip).map_err(|e| StoreError::invalid("", e))?;
         let ep = endpoint(ip);
-        return match put_endpoint(&client, &keys, &sec.node, sec.lease, &ep)
+        return match claim_endpoint(&client, &keys, leases, &ep, true)
             .await
             .map_err(lease_gone)?
         {
-            Ok(()) => Ok(ep),
-            Err(holder) => Err(StoreError::AttachedElsewhere {
+            Claimed::Yes => Ok(ep),
+            Claimed::Taken(holder) => Err(StoreError::AttachedElsewhere {
                 ip,
                 network: net.name.clone(),
-                holder,
+                holder: format!("node {holder}"),
             }),
         };
     }
+    // Taken: published endpoints, and quarantine markers of other nodes.
     let (kvs, _) = watcher::list(&client, &keys.endpoints()).await?;
     let prefix = keys.endpoints();
-    let taken: HashSet<Ipv4Addr> = kvs
+    let mut taken: HashSet<Ipv4Addr> = kvs
         .keys()
         .filter_map(|k| k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()))
         .collect();
+    let held_prefix = format!("{}held/endpoints/", keys.root());
+    let (held, _) = watcher::list(&client, &held_prefix).await?;
+    taken.extend(held.iter().filter_map(|(k, kv)| {
+        (kv.value != sec.node.as_bytes())
+            .then(|| {
+                k.strip_prefix(&held_prefix)
+                    .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            })
+            .flatten()
+    }));
+    taken.extend(local.iter().copied());
     for ip in records::address_candidates(&net, start).filter(|ip| !taken.contains(ip)) {
         let ep = endpoint(ip);
-        if create_endpoint(&client, &keys, sec.lease, &ep)
+        if claim_endpoint(&client, &keys, leases, &ep, false)
             .await
             .map_err(lease_gone)?
+            == Claimed::Yes
         {
             return Ok(ep);
         }
@@ -112,7 +144,7 @@ pub async fn claim_address(
 pub async fn release_address(sec: &EtcdSection, ip: Ipv4Addr) -> Result<()> {
     let client = connect(&section_client_options(sec)?).await?;
     let keys = Keys::new(&sec.prefix, &sec.network);
-    delete_endpoint_if_ours(&client, &keys, &sec.node, ip).await
+    release_endpoint(&client, &keys, &sec.node, ip).await
 }
 
 /// Remove node `node` from network `network` at once: revoke the lease its
@@ -136,6 +168,26 @@ pub async fn leave_node(
         return Ok(false);
     };
     let lease = kv.lease();
+    // The hold lease (quarantine markers) goes too: a node removed on
+    // purpose frees its subnet and addresses at once.
+    if let Ok(rec) = serde_json::from_slice::<records::NodeJson>(kv.value()) {
+        let held = keys.held_subnet(rec.subnet);
+        if let Ok(r) = op(
+            format!("read {held}"),
+            c.kv_client().get(held.clone(), None),
+        )
+        .await
+            && let Some(h) = r.kvs().first()
+            && h.value() == node.as_bytes()
+            && h.lease() != 0
+        {
+            let _ = op(
+                format!("revoke lease {}", h.lease()),
+                c.lease_client().revoke(h.lease()),
+            )
+            .await;
+        }
+    }
     if lease == 0 {
         // Not lease-bound (written by hand): delete the record itself.
         op(

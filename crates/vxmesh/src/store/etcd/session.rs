@@ -1,149 +1,155 @@
-//! This node's side: the lease and its keep-alive, the subnet claim, and the
-//! endpoints it publishes (all re-published if the lease is lost).
+//! This node's side: its two kept leases (node and hold), the subnet claim,
+//! and the supervisor that re-grants a lost lease and re-publishes the
+//! node's records under it (its own subnet and endpoints when still free).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::Client;
 use ipnet::Ipv4Net;
+use tokio::time::Instant;
 
-use super::endpoints::put_endpoint;
-use super::records::{self, Keys, NodeJson};
-use super::{AbortOnDrop, Backoff, Inner, Me, TaskGuard, lease_opts, op, txn_get, watcher};
+use super::claim::{Claimed, LeaseIds, claim_endpoint, claim_subnet, release_subnet};
+use super::lease::{self, KeptLease, LeaseState};
+use super::records::{self, Keys};
+use super::view::Kv;
+use super::{Backoff, Inner, Me, TaskGuard, watcher};
 use crate::config::Network;
 use crate::store::error::{Result, StoreError};
 
-pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<(i64, i64)> {
-    let resp = op(
-        format!("grant a {ttl_secs}s lease"),
-        client.lease_client().grant(ttl_secs, None),
-    )
-    .await?;
-    if !resp.error().is_empty() {
-        return Err(StoreError::EtcdRefused {
-            op: format!("grant a {ttl_secs}s lease"),
-            message: resp.error().to_string(),
-        });
+/// TTL of the hold lease for a node lease of `ttl_secs`: the grace period
+/// during which a subnet or address freed by the node lease's expiry stays
+/// quarantined (only its holder may take it back) is one more TTL.
+pub(crate) fn hold_ttl(ttl_secs: i64) -> i64 {
+    ttl_secs * 2
+}
+
+/// A node's two leases in one network, each kept alive from its grant on.
+pub(crate) struct Kept {
+    pub node: KeptLease,
+    pub hold: KeptLease,
+}
+
+impl Kept {
+    pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<Kept> {
+        Ok(Kept {
+            node: KeptLease::grant(client, ttl_secs).await?,
+            hold: KeptLease::grant(client, hold_ttl(ttl_secs)).await?,
+        })
     }
-    Ok((resp.id(), resp.ttl().max(1)))
+
+    pub(crate) fn ids(&self) -> LeaseIds {
+        LeaseIds {
+            node: self.node.id,
+            hold: self.hold.id,
+        }
+    }
+
+    pub(crate) fn any_lost(&self) -> bool {
+        self.node.is_lost() || self.hold.is_lost()
+    }
+
+    /// Resolves when etcd says either lease is gone.
+    pub(crate) async fn lost(&self) {
+        tokio::select! {
+            _ = self.node.lost() => {}
+            _ = self.hold.lost() => {}
+        }
+    }
+
+    /// Replace the leases etcd said are gone (all of them when `all`: a
+    /// request found one gone before its keeper did).
+    /// When one lease is lost, the other is asked about too (both are
+    /// often lost together: an outage, `vxmesh leave`), so that one
+    /// re-grant renews both.
+    async fn renew(&mut self, client: &Client, ttl_secs: i64, all: bool) -> Result<()> {
+        let either = self.any_lost();
+        if all || self.node.is_lost() || (either && !lease::exists(client, self.node.id).await?) {
+            self.node = KeptLease::grant(client, ttl_secs).await?;
+        }
+        if all || self.hold.is_lost() || (either && !lease::exists(client, self.hold.id).await?) {
+            self.hold = KeptLease::grant(client, hold_ttl(ttl_secs)).await?;
+        }
+        Ok(())
+    }
 }
 
-pub(crate) fn period(ttl_secs: i64) -> Duration {
-    Duration::from_millis((ttl_secs.max(1) as u64 * 1000) / 3)
-}
+/// How many times one claim is redone at once because a lease vanished.
+const LEASE_REGRANTS: u32 = 3;
 
-/// Refuse to join under a name, or with an underlay IP, that another live
-/// node is using (same IP = same VTEP MAC: peers could not tell them apart).
-pub(crate) async fn check_identity_free(
+/// [`claim`] under `kept`'s leases, run against their loss: a lease that
+/// vanishes before or during the claim is re-granted and the claim (only
+/// the claim) redone at once.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn claim_kept(
     client: &Client,
     keys: &Keys,
     me: &Me,
     net: &Network,
-) -> Result<()> {
-    let (kvs, _) = watcher::list(client, &keys.nodes()).await?;
-    for (key, kv) in kvs {
-        let Some(name) = key.strip_prefix(&keys.nodes()) else {
-            continue;
-        };
-        let Ok(n) = records::parse_node(net, name, &kv.value) else {
-            continue;
-        };
-        if n.name == me.node && n.underlay_ip != me.underlay_ip {
-            return Err(StoreError::Conflict(format!(
-                "node {} is already registered in network {} with underlay IP {} (its lease is still alive): \
-                 another host uses this name — give this one its own node name, or wait up to the lease TTL if that host is gone",
-                me.node, net.name, n.underlay_ip
-            )));
-        }
-        if n.name != me.node && n.underlay_ip == me.underlay_ip {
-            return Err(StoreError::Conflict(format!(
-                "underlay IP {} is already used by node {} in network {} (its lease is still alive): \
-                 check underlay_ip, or wait up to the lease TTL if that node was renamed",
-                me.underlay_ip, n.name, net.name
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Keep a lease alive with nothing else (used while joining / re-granting).
-pub(crate) async fn simple_keepalive(client: Client, lease: i64, ttl_secs: i64) {
-    let Ok((mut keeper, mut stream)) = client.lease_client().keep_alive(lease).await else {
-        return;
-    };
+    ttl_secs: i64,
+    kept: &mut Kept,
+    seen: &BTreeMap<String, Kv>,
+    hints: &[Ipv4Net],
+    ident: &mut i64,
+) -> Result<Ipv4Net> {
+    let mut regrants = 0;
     loop {
-        tokio::time::sleep(period(ttl_secs)).await;
-        if keeper.keep_alive().await.is_err() || !matches!(stream.message().await, Ok(Some(_))) {
-            return;
+        let mut all = false;
+        if !kept.any_lost() {
+            let r = tokio::select! {
+                r = claim(client, keys, me, net, kept.ids(), seen, hints, ident) => Some(r),
+                _ = kept.lost() => None,
+            };
+            match r {
+                Some(Ok(s)) if !kept.any_lost() => return Ok(s),
+                Some(Err(e)) if !e.is_lease_not_found() || regrants >= LEASE_REGRANTS => {
+                    return Err(e);
+                }
+                Some(Err(_)) => all = true,
+                _ => {}
+            }
         }
+        if regrants >= LEASE_REGRANTS {
+            return Err(StoreError::LeaseGone {
+                lease: kept.node.id,
+            });
+        }
+        regrants += 1;
+        tracing::info!(
+            node = %me.node, network = %net.name,
+            "a lease vanished during the claim (etcd slow or overloaded?): re-granting it and claiming again"
+        );
+        kept.renew(client, ttl_secs, all).await?;
     }
 }
 
-/// Write claim + node record in one transaction if the subnet is free or
-/// already this node's. Returns whether this node now holds it.
-async fn try_claim(
-    client: &Client,
-    keys: &Keys,
-    me: &Me,
-    lease: i64,
-    subnet: Ipv4Net,
-) -> Result<bool> {
-    let key = keys.subnet(subnet);
-    let record = NodeJson {
-        name: me.node.clone(),
-        underlay_ip: me.underlay_ip,
-        underlay_dev: me.underlay_dev.clone(),
-        subnet,
-    };
-    let record = serde_json::to_string(&record).expect("a node record serializes");
-    let puts = [
-        TxnOp::put(key.clone(), me.node.clone(), lease_opts(lease)),
-        TxnOp::put(keys.node(&me.node), record, lease_opts(lease)),
-    ];
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then(puts.clone())
-        .or_else([TxnOp::get(key.clone(), None)]);
-    let resp = op(format!("claim {key}"), client.kv_client().txn(txn)).await?;
-    if resp.succeeded() {
-        return Ok(true);
-    }
-    if txn_get(&resp).is_some_and(|kv| kv.value() == me.node.as_bytes()) {
-        // Ours (a previous run, or a previous lease): re-bind it to this lease.
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                me.node.clone(),
-            )])
-            .and_then(puts);
-        return Ok(op(format!("re-claim {key}"), client.kv_client().txn(txn))
-            .await?
-            .succeeded());
-    }
-    Ok(false)
-}
-
-/// Claim a subnet for this node: its existing claim if any, else `hints`
-/// (the subnet it had), else the first free candidate in this node's order.
+/// Claim a subnet for this node: its existing claim if any, else its node
+/// record's, else `hints` (the subnet it had), else the first free
+/// candidate in this node's order. `seen` is a listing of the network read
+/// before the lease was granted (stale values only cost a compare that
+/// fails and reads them back); `ident` the mod revision of this node's
+/// record at the identity check.
+#[allow(clippy::too_many_arguments)] // one claim: who, where, under which leases, from what was read
 pub(crate) async fn claim(
     client: &Client,
     keys: &Keys,
     me: &Me,
     net: &Network,
-    lease: i64,
+    leases: LeaseIds,
+    seen: &BTreeMap<String, Kv>,
     hints: &[Ipv4Net],
+    ident: &mut i64,
 ) -> Result<Ipv4Net> {
-    let (kvs, _) = watcher::list(client, &keys.subnets()).await?;
     let mut mine = Vec::new();
     let mut taken = HashSet::new();
-    for (key, kv) in &kvs {
-        let Some(s) = key
-            .strip_prefix(&keys.subnets())
-            .and_then(records::parse_subnet_key_part)
-        else {
+    let prefix = keys.subnets();
+    for (key, kv) in seen.range(prefix.clone()..) {
+        let Some(part) = key.strip_prefix(&prefix) else {
+            break;
+        };
+        let Some(s) = records::parse_subnet_key_part(part) else {
             continue;
         };
         if kv.value == me.node.as_bytes() {
@@ -154,24 +160,32 @@ pub(crate) async fn claim(
             taken.insert(s);
         }
     }
-    // Reuse the node record's subnet too (claim lost, record kept).
+    // Quarantined subnets: this node's come first, others' are skipped.
+    let held_prefix = format!("{}held/subnets/", keys.root());
+    let mut held_mine = Vec::new();
+    for (key, kv) in seen.range(held_prefix.clone()..) {
+        let Some(part) = key.strip_prefix(&held_prefix) else {
+            break;
+        };
+        let Some(s) = records::parse_subnet_key_part(part) else {
+            continue;
+        };
+        if kv.value == me.node.as_bytes() {
+            held_mine.push(s);
+        } else {
+            taken.insert(s);
+        }
+    }
     let mut first: Vec<Ipv4Net> = mine.clone();
-    let resp = op(
-        "read node record",
-        client.kv_client().get(keys.node(&me.node), None),
-    )
-    .await?;
-    if let Some(kv) = resp.kvs().first()
-        && let Ok(n) = records::parse_node(net, &me.node, kv.value())
+    // Reuse the node record's subnet too (claim lost, record kept).
+    if let Some(kv) = seen.get(&keys.node(&me.node))
+        && let Ok(n) = records::parse_node(net, &me.node, &kv.value)
     {
         first.push(n.subnet);
     }
-    first.extend(
-        hints
-            .iter()
-            .copied()
-            .filter(|s| records::check_subnet(net, *s).is_ok()),
-    );
+    first.extend(hints.iter().copied());
+    first.extend(held_mine);
+    first.retain(|s| records::check_subnet(net, *s).is_ok());
     let mut tried = HashSet::new();
     let candidates = first
         .into_iter()
@@ -180,14 +194,10 @@ pub(crate) async fn claim(
         if !tried.insert(s) {
             continue;
         }
-        if try_claim(client, keys, me, lease, s).await? {
+        if claim_subnet(client, keys, me, net, leases, s, seen, ident).await? == Claimed::Yes {
             // Drop stale duplicate claims of this node (only while still ours).
             for old in mine.iter().filter(|o| **o != s) {
-                let k = keys.subnet(*old);
-                let txn = Txn::new()
-                    .when([Compare::value(k.clone(), CompareOp::Equal, me.node.clone())])
-                    .and_then([TxnOp::delete(k.clone(), None)]);
-                let _ = op(format!("drop stale claim {k}"), client.kv_client().txn(txn)).await;
+                let _ = release_subnet(client, keys, &me.node, *old).await;
             }
             return Ok(s);
         }
@@ -200,129 +210,117 @@ pub(crate) async fn claim(
     })
 }
 
-enum KeepEnd {
-    /// etcd says the lease no longer exists.
-    Lost,
-    Failed(String),
-}
-
-/// Keep the lease alive every TTL/3; on loss, grant a new one and re-publish.
-pub(crate) async fn keepalive_loop(inner: Arc<Inner>, mut ttl: i64) {
+/// Watch this node's leases; when etcd says one is gone, grant a new one
+/// and re-publish the node's records under it (its own subnet and
+/// endpoints when still free: the hold lease keeps them quarantined for a
+/// grace period). Failed re-grants back off with jitter, never a hot loop.
+pub(crate) async fn keepalive_loop(inner: Arc<Inner>, mut kept: Kept) {
     let _guard = TaskGuard(inner.clone());
-    // Retry at least every TTL/3: once etcd is back (a restart extends
-    // leases by about one TTL), the lease must be renewed before it expires.
-    let mut backoff = Backoff::capped(period(ttl));
+    let period = lease::period(inner.ttl_secs);
+    let ttl = Duration::from_secs(inner.ttl_secs as u64);
+    let mut backoff = Backoff::capped(Duration::from_secs(5));
     loop {
-        let lease = inner.lease_id.load(Ordering::SeqCst);
-        match keep(&inner, lease, ttl, &mut backoff).await {
-            KeepEnd::Lost => {
-                tracing::warn!(
-                    lease,
-                    node = %inner.me.node,
-                    "etcd lease expired (etcd was unreachable for longer than the TTL, or the lease was revoked): \
-                     granting a new one and re-publishing this node's records"
-                );
-                loop {
-                    match regrant(&inner).await {
-                        Ok(t) => {
-                            ttl = t;
-                            break;
-                        }
-                        Err(e) => {
-                            inner.health.lease(false, Some(&format!("{e:#}")));
-                            tokio::time::sleep(backoff.next()).await;
-                        }
+        tokio::select! {
+            _ = kept.lost() => {}
+            _ = tokio::time::sleep(period / 2) => {
+                // Connected while renewals come in: the last one at most
+                // two periods ago.
+                let ok = match kept.node.state() {
+                    LeaseState::Alive { expires_at } => {
+                        expires_at + 2 * period + Duration::from_millis(250) >= Instant::now() + ttl
                     }
+                    LeaseState::Lost => false,
+                };
+                inner.health.lease(ok, (!ok).then_some("lease renewals are not answered"));
+                continue;
+            }
+        }
+        tracing::warn!(
+            lease = kept.node.id,
+            hold_lease = kept.hold.id,
+            node = %inner.me.node,
+            "etcd lease expired (etcd was unreachable for longer than the TTL, or the lease was revoked): \
+             granting a new one and re-publishing this node's records"
+        );
+        let mut last: Option<String> = None;
+        loop {
+            match regrant(&inner, &mut kept).await {
+                Ok(()) => {
+                    backoff.reset();
+                    break;
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if last.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(node = %inner.me.node, "re-granting the lease failed, retrying with backoff: {msg}");
+                        last = Some(msg.clone());
+                    }
+                    inner.health.lease(false, Some(&msg));
+                    tokio::time::sleep(backoff.next()).await;
                 }
             }
-            KeepEnd::Failed(e) => {
-                inner.health.lease(false, Some(&e));
-                tokio::time::sleep(backoff.next()).await;
-            }
         }
     }
 }
 
-async fn keep(inner: &Inner, lease: i64, ttl: i64, backoff: &mut Backoff) -> KeepEnd {
-    let period = period(ttl);
-    let wait = period.max(Duration::from_secs(1));
-    let mut lc = inner.client.lease_client();
-    let (mut keeper, mut stream) = match tokio::time::timeout(wait, lc.keep_alive(lease)).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
-            return KeepEnd::Lost;
-        }
-        Ok(Err(e)) => return KeepEnd::Failed(format!("lease keep-alive: {e}")),
-        Err(_) => return KeepEnd::Failed(format!("lease keep-alive: no answer within {wait:?}")),
-    };
-    inner.health.lease(true, None);
-    backoff.reset();
-    loop {
-        tokio::time::sleep(period).await;
-        let r = tokio::time::timeout(wait, async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        })
-        .await;
-        match r {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
-            Ok(Ok(Some(_))) => return KeepEnd::Lost,
-            Ok(Ok(None)) => return KeepEnd::Failed("lease keep-alive stream closed".into()),
-            Ok(Err(e)) => return KeepEnd::Failed(format!("lease keep-alive: {e}")),
-            Err(_) => {
-                return KeepEnd::Failed(format!("lease keep-alive: no answer within {wait:?}"));
-            }
-        }
+/// Grant new leases for the lost ones and re-publish claim, record and
+/// endpoints under them. Reads first (the identity and the claims), then
+/// grants. Never revokes: whatever it bound stays bound to a kept lease.
+async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
+    let (seen, _) = watcher::list(&inner.client, inner.keys.root()).await?;
+    let net = inner.network();
+    let mut ident = super::claim::check_identity(&seen, &inner.keys, &inner.me, &net)?;
+    kept.renew(&inner.client, inner.ttl_secs, false).await?;
+    let mut owned = inner.owned.lock().await;
+    let old = owned.subnet;
+    let subnet = claim_kept(
+        &inner.client,
+        &inner.keys,
+        &inner.me,
+        &net,
+        inner.ttl_secs,
+        kept,
+        &seen,
+        &[old],
+        &mut ident,
+    )
+    .await?;
+    if subnet != old {
+        tracing::error!(
+            node = %inner.me.node, network = %net.name, %old, new = %subnet,
+            "THIS NODE LOST ITS SUBNET: {old} was claimed by another node while this node's lease was expired \
+             (longer than the grace period): it now serves {subnet}; containers still using addresses of {old} \
+             must be re-attached"
+        );
     }
-}
-
-/// Grant a new lease and re-publish claim, record and endpoints under it.
-async fn regrant(inner: &Inner) -> Result<i64> {
-    let (lease, ttl) = grant(&inner.client, inner.ttl_secs).await?;
-    let early = AbortOnDrop(tokio::spawn(simple_keepalive(
-        inner.client.clone(),
-        lease,
-        ttl,
-    )));
-    let r = async {
-        let mut owned = inner.owned.lock().await;
-        let net = inner.network();
-        let old = owned.subnet;
-        let subnet = claim(&inner.client, &inner.keys, &inner.me, &net, lease, &[old]).await?;
-        if subnet != old {
-            tracing::warn!(
-                %old, new = %subnet,
-                "this node's subnet changed: the old one was claimed by another node while this node's lease was expired"
+    let leases = kept.ids();
+    let mut lost = Vec::new();
+    for ep in owned.endpoints.values() {
+        if let Claimed::Taken(holder) =
+            claim_endpoint(&inner.client, &inner.keys, leases, ep, true).await?
+        {
+            tracing::error!(
+                node = %inner.me.node, network = %net.name, ip = %ep.ip,
+                "THIS NODE LOST AN ADDRESS: {} is now held by {holder} (taken while this node's lease was expired): \
+                 no longer publishing it; detach the container using it on this node",
+                ep.ip
             );
+            lost.push(ep.ip);
         }
-        let mut lost = Vec::new();
-        for ep in owned.endpoints.values() {
-            if let Err(holder) = put_endpoint(&inner.client, &inner.keys, &inner.me.node, lease, ep).await? {
-                tracing::warn!(ip = %ep.ip, "endpoint was taken by {holder} while this node's lease was expired: dropping it");
-                lost.push(ep.ip);
-            }
-        }
-        for ip in lost {
-            owned.endpoints.remove(&ip);
-        }
-        owned.lease = lease;
-        owned.subnet = subnet;
-        inner.lease_id.store(lease, Ordering::SeqCst);
-        inner.set_own(subnet);
-        // Wake the agent even if the snapshot is unchanged: what it publishes
-        // for attach (the lease) changed.
-        inner.changes.send_modify(|n| *n += 1);
-        tracing::info!(lease, %subnet, endpoints = owned.endpoints.len(), "records re-published under a new lease");
-        Ok(ttl)
     }
-    .await;
-    drop(early);
-    if r.is_err() {
-        let _ = op(
-            "revoke unused lease",
-            inner.client.lease_client().revoke(lease),
-        )
-        .await;
+    for ip in lost {
+        owned.endpoints.remove(&ip);
     }
-    r
+    owned.leases = leases;
+    owned.subnet = subnet;
+    // Hold first: whoever sees the new node lease sees the new hold lease.
+    inner.hold_lease_id.store(leases.hold, Ordering::SeqCst);
+    inner.lease_id.store(leases.node, Ordering::SeqCst);
+    inner.set_own(subnet);
+    // Wake the agent even if the snapshot is unchanged: what it publishes
+    // for attach (the leases) changed.
+    inner.changes.send_modify(|n| *n += 1);
+    inner.health.lease(true, None);
+    tracing::info!(lease = leases.node, hold_lease = leases.hold, %subnet, endpoints = owned.endpoints.len(), "records re-published under a new lease");
+    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
@@ -68,6 +68,9 @@ pub(crate) async fn list(client: &Client, prefix: &str) -> Result<(BTreeMap<Stri
 enum WatchEnd {
     /// The start revision was compacted: re-list.
     Compacted(i64),
+    /// etcd's history is not the one listed (its revision went back, or
+    /// its cluster id changed: restored from a backup): re-list.
+    Rewound(String),
     /// Test hook: paused.
     Paused,
     Failed(String),
@@ -88,7 +91,7 @@ async fn paused(rx: &mut watch::Receiver<bool>) {
 /// Watch from `rev + 1` forever, re-listing when history was compacted.
 pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
     let _guard = TaskGuard(inner.clone());
-    let mut backoff = Backoff::capped(super::session::period(inner.ttl_secs));
+    let mut backoff = Backoff::capped(super::lease::period(inner.ttl_secs));
     let mut pause = inner.paused.subscribe();
     let mut relist = false;
     loop {
@@ -104,7 +107,7 @@ pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
                     relist = false;
                     inner.relists.fetch_add(1, Ordering::SeqCst);
                     inner.update_view(|v| v.reset(kvs));
-                    tracing::info!(revision = rev, "re-listed the network after compaction");
+                    tracing::info!(revision = rev, "re-listed the network");
                 }
                 Err(e) => {
                     inner.health.watch(false, Some(&format!("{e:#}")));
@@ -122,6 +125,10 @@ pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
                 );
                 relist = true;
             }
+            WatchEnd::Rewound(why) => {
+                tracing::warn!("etcd's history changed under this watch ({why}): re-listing");
+                relist = true;
+            }
             WatchEnd::Paused => {}
             WatchEnd::Failed(e) => {
                 inner.health.watch(false, Some(&e));
@@ -129,6 +136,19 @@ pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
             }
         }
     }
+}
+
+/// Why a watch created at `revision` of cluster `cluster` cannot resume a
+/// view listed up to `listed` (of the cluster in `known`, 0 = not yet
+/// known), or None. Records the cluster id the first time.
+fn rewound(known: &AtomicU64, cluster: u64, revision: i64, listed: i64) -> Option<String> {
+    let before = known.swap(cluster, Ordering::SeqCst);
+    if before != 0 && before != cluster {
+        return Some(format!("cluster id {before:x} became {cluster:x}"));
+    }
+    (revision < listed).then(|| {
+        format!("its revision {revision} is below the {listed} this node listed: restored from a snapshot?")
+    })
 }
 
 async fn watch_once(
@@ -169,6 +189,11 @@ async fn watch_once(
             return WatchEnd::Failed(format!("watch canceled by etcd: {}", resp.cancel_reason()));
         }
         if resp.created() {
+            if let Some(h) = resp.header() {
+                if let Some(why) = rewound(&inner.cluster_id, h.cluster_id(), h.revision(), *rev) {
+                    return WatchEnd::Rewound(why);
+                }
+            }
             inner.health.watch(true, None);
             backoff.reset();
         }
@@ -193,5 +218,20 @@ async fn watch_once(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewound_history_is_noticed() {
+        let known = AtomicU64::new(0);
+        assert_eq!(rewound(&known, 7, 100, 90), None);
+        assert_eq!(rewound(&known, 7, 100, 100), None);
+        assert!(rewound(&known, 7, 50, 90).unwrap().contains("below"));
+        assert!(rewound(&known, 8, 100, 90).unwrap().contains("cluster id"));
+        assert_eq!(rewound(&known, 8, 100, 90), None);
     }
 }

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo build --quiet --bins
-cargo test --all-targets -- --test-threads=2
+cargo test --all-targets --no-fail-fast -- --test-threads=2

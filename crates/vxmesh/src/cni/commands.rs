@@ -165,12 +165,6 @@ pub(super) async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
     let want = prev_expectations(prev, ifname)?;
     let dir = conf.state_dir();
     let fail = |m: String| CniError::new(Code::IoFailure, m, format!("container {id}"));
-    if !state::agent_running(&dir) {
-        return Err(fail(format!(
-            "the vxmesh agent is not running (no agent holds {})",
-            dir.join("agent.lock").display()
-        )));
-    }
     let ns = open_netns(netns_path)?;
     // The allocation is still ours.
     let owner = crate::ipam::Owner {
@@ -250,6 +244,13 @@ pub(super) async fn check(env: &Env, conf: &NetConf) -> CniResult<()> {
         {
             return Err(fail(format!("route {dst} is missing in the container")));
         }
+    }
+    // Last: the agent that keeps the network's data plane true.
+    if !state::agent_running(&dir) {
+        return Err(fail(format!(
+            "the vxmesh agent is not running (no agent holds {})",
+            dir.join("agent.lock").display()
+        )));
     }
     Ok(())
 }

@@ -98,8 +98,10 @@ fn string_list(v: Option<&Value>, what: &str) -> CniResult<Vec<String>> {
 /// The address a runtime asks for, from every place the conventions name:
 /// `runtimeConfig.ips` (the `ips` capability), `args.cni.ips` and `IP=`
 /// in CNI_ARGS (a comma-separated list). vxmesh gives an interface one
-/// IPv4 address, so two different IPv4 addresses, or any IPv6 one, are
-/// refused (error 7) rather than ignored.
+/// IPv4 address: that is the IPv4 entry of these lists; two different IPv4
+/// addresses are refused (error 7). IPv6 entries are for another plugin of
+/// a dual-stack chain (the runtime gives every plugin the same lists) and
+/// are passed over, with a note in the log.
 pub fn requested_ip(env: &Env, conf: &NetConf) -> CniResult<Option<std::net::Ipv4Addr>> {
     let mut asked: Vec<(&str, String)> = Vec::new();
     for ip in string_list(
@@ -135,11 +137,8 @@ pub fn requested_ip(env: &Env, conf: &NetConf) -> CniResult<Option<std::net::Ipv
             )
         })?;
         let std::net::IpAddr::V4(ip) = ip else {
-            return Err(CniError::new(
-                Code::InvalidConfig,
-                format!("{what} '{v}' is an IPv6 address"),
-                "vxmesh networks are IPv4: ask for one IPv4 address",
-            ));
+            tracing::info!("{what} '{v}' is IPv6: left to another plugin of the chain");
+            continue;
         };
         match chosen {
             Some(c) if c != ip => {
@@ -430,16 +429,17 @@ mod tests {
         };
         let ip = |s: &str| Some(s.parse::<std::net::Ipv4Addr>().unwrap());
         let plain = conf_with("");
-        // An IP= list: the IPv4 entry; two different IPv4 entries or an IPv6 one: 7.
+        // An IP= list: its IPv4 entry; two different IPv4 entries: 7.
         assert_eq!(
             requested_ip(&env("IP=10.10.0.5,10.10.0.5"), &plain).unwrap(),
             ip("10.10.0.5")
         );
-        for bad in [
-            "IP=10.10.0.5,10.10.0.6",
-            "IP=10.10.0.5,fd00::5",
-            "IP=fd00::5",
-        ] {
+        assert_eq!(
+            requested_ip(&env("IP=fd00::5,10.10.0.5"), &plain).unwrap(),
+            ip("10.10.0.5")
+        );
+        assert_eq!(requested_ip(&env("IP=fd00::5"), &plain).unwrap(), None);
+        for bad in ["IP=10.10.0.5,10.10.0.6", "IP=banana", "IP=10.10.0.5,x"] {
             assert_eq!(
                 requested_ip(&env(bad), &plain).unwrap_err().code,
                 Code::InvalidConfig,
@@ -449,8 +449,10 @@ mod tests {
         // args.cni.ips (CONVENTIONS.md).
         let c = conf_with(r#","args":{"cni":{"ips":["10.10.0.7"]}}"#);
         assert_eq!(requested_ip(&Env::default(), &c).unwrap(), ip("10.10.0.7"));
-        // Every runtimeConfig.ips entry counts, not only the first.
-        let c = conf_with(r#","runtimeConfig":{"ips":["10.10.0.9/22","fd00::9/64"]}"#);
+        // The IPv4 entry of runtimeConfig.ips, wherever it is in the list.
+        let c = conf_with(r#","runtimeConfig":{"ips":["fd00::9/64","10.10.0.9/22"]}"#);
+        assert_eq!(requested_ip(&Env::default(), &c).unwrap(), ip("10.10.0.9"));
+        let c = conf_with(r#","runtimeConfig":{"ips":["10.10.0.9/22","10.10.0.10/22"]}"#);
         assert_eq!(
             requested_ip(&Env::default(), &c).unwrap_err().code,
             Code::InvalidConfig

@@ -812,3 +812,48 @@ async fn gc_is_scoped_and_never_guesses() {
     );
     drop(guards);
 }
+
+/// In a bridged network peers reach a container at the MAC derived from
+/// its address: a requested MAC is taken when it is that one and refused
+/// with error 7 otherwise, never ignored (finding 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridged_networks_take_only_the_reachable_mac() {
+    let s = spec("kb", 1, 0, Mode::Bridged, 1);
+    let lab = up(&s).await;
+    let h1 = lab.node("host1").unwrap().clone();
+    let sd = h1.state_dir.to_str().unwrap().to_string();
+    let mut c = conf("1.1.0", "overlay", &sd);
+    c["network"] = json!("net1");
+    let cname = format!("vxm-{}-bm", lab.info.name);
+    let _g = NetnsGuard::create(&cname).unwrap();
+    let p = netns_path(&cname);
+    let env = container_env("bm", &p, "eth0");
+    // Learn a free address of this node's slice.
+    let add = cni(&h1.netns, "ADD", &env, &c.to_string());
+    assert_eq!(add.code, 0, "{}", add.json);
+    let addr = add.json["ips"][0]["address"].as_str().unwrap().to_string();
+    let ip: std::net::Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+    assert_eq!(cni(&h1.netns, "DEL", &env, &c.to_string()).code, 0);
+    let derived = vxmesh::model::container_mac(ip).to_string();
+    for (args, ok) in [
+        (format!("MAC=02:11:22:33:44:55;IP={ip}"), false),
+        ("MAC=02:11:22:33:44:55".to_string(), false),
+        (format!("MAC={derived};IP={ip}"), true),
+    ] {
+        let mut e = env.to_vec();
+        e.push(("CNI_ARGS", &args));
+        let o = cni(&h1.netns, "ADD", &e, &c.to_string());
+        if ok {
+            assert_eq!(o.code, 0, "{args}: {}", o.json);
+            assert_eq!(o.json["interfaces"][1]["mac"], json!(derived));
+            assert_eq!(cni(&h1.netns, "DEL", &env, &c.to_string()).code, 0);
+        } else {
+            assert_eq!(o.err_code(), json!(7), "{args}: {}", o.json);
+            assert!(!ip_link_has(&cname, "eth0"), "{args}: nothing attached");
+        }
+    }
+}
+
+fn ip_link_has(netns: &str, ifname: &str) -> bool {
+    ip(netns, &["-o", "link"]).contains(&format!(": {ifname}@"))
+}

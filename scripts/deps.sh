@@ -12,6 +12,7 @@ dpkg -s busybox-static >/dev/null 2>&1 || pkgs+=(busybox-static)  # the locally 
 command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)   # the etcd store: lab --store etcd, tests
 command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)  # etcd-client compiles protobufs
 command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)    # throwaway certificates of the etcd TLS tests
+command -v chattr >/dev/null 2>&1 || pkgs+=(e2fsprogs)     # tests/cni_conformance: a GC release that fails
 [ -x /usr/bin/iperf3 ] || pkgs+=(iperf3)                  # bench throughput (and its smoke test)
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] \
   || pkgs+=(containernetworking-plugins)                 # bench cni: the reference plugins

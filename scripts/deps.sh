@@ -15,6 +15,7 @@ command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)   # the etcd store: lab -
 command -v nft >/dev/null 2>&1 || pkgs+=(nftables)       # fault harness: partitions inside lab namespaces
 command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)  # etcd-client compiles protobufs
 command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)    # throwaway certificates of the etcd TLS tests
+command -v chattr >/dev/null 2>&1 || pkgs+=(e2fsprogs)     # tests/cni_conformance: a GC release that fails
 [ -x /usr/bin/iperf3 ] || pkgs+=(iperf3)                  # bench throughput (and its smoke test)
 command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)   # tests/packaging.rs: verify the unit
 command -v man >/dev/null 2>&1 || pkgs+=(man-db)         # tests/packaging.rs: the man pages render

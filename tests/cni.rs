@@ -230,7 +230,7 @@ async fn error_codes() {
         o.json
     );
     // Unsupported version: 1.
-    let o = cni(&h1.netns, "ADD", &full, &conf("0.3.1", "demo", &sd));
+    let o = cni(&h1.netns, "ADD", &full, &conf("0.2.0", "demo", &sd));
     assert_eq!(o.json["code"], json!(1), "{}", o.json);
     // Error output carries the request's version when it is supported.
     let o = cni(&h1.netns, "ADD", &full, &conf("1.0.0", "nosuch", &sd));

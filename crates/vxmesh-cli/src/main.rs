@@ -90,10 +90,23 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Logging of the CNI plugin: to stderr, where runtimes collect it, at
+/// `level` (a level or `tracing` filter; a bad one means `warn`).
+fn init_cni_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .init();
+}
+
 fn main() -> ExitCode {
     // Invoked by a container runtime as a CNI plugin.
     if std::env::var_os("CNI_COMMAND").is_some() {
-        return ExitCode::from(vxmesh::cni::main() as u8);
+        return ExitCode::from(vxmesh::cni::main(init_cni_logging) as u8);
     }
     let cli = Cli::parse();
     init_logging(cli.verbose);

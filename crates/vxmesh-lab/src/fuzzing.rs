@@ -217,8 +217,10 @@ pub fn cni_config(data: &[u8]) {
     }
     assert_eq!(cni::reply_version(data), conf.cni_version);
     let _ = cni::requested_ip(&cni::Env::default(), &conf);
+    let _ = cni::requested_mac(&cni::Env::default(), &conf);
+    let _ = conf.gc_attachments();
     if let Some(prev) = &conf.prev_result {
-        let _ = cni::prev_expectations(prev);
+        let _ = cni::prev_expectations(prev, "eth0");
         let mut result = sample_result();
         cni::merge_prev(&mut result, prev);
         let ours = 2;
@@ -270,13 +272,14 @@ pub fn cni_env(data: &[u8]) {
             // The address came from somewhere the caller wrote it.
             let from_args = env.args.as_deref().is_some_and(|a| {
                 a.split(';').any(|p| {
-                    p.strip_prefix("IP=")
-                        .and_then(|v| v.split('/').next())
-                        .and_then(|h| h.parse::<Ipv4Addr>().ok())
-                        == Some(ip)
+                    p.strip_prefix("IP=").is_some_and(|list| {
+                        list.split(',').any(|v| {
+                            v.split('/').next().and_then(|h| h.parse::<Ipv4Addr>().ok()) == Some(ip)
+                        })
+                    })
                 })
             });
-            let from_rc = conf.runtime_config.is_some();
+            let from_rc = conf.runtime_config.is_some() || conf.args.is_some();
             assert!(from_args || from_rc, "address {ip} from nowhere");
         }
         Ok(None) => {}

@@ -328,7 +328,7 @@ impl AllocationMemory {
                     let alias =
                         crate::attach::veth_alias(&net, &a.owner.container_id, &a.owner.ifname);
                     if aliases.contains(&alias) {
-                        ipam.record(&lock, &a.owner, a.ip)?;
+                        ipam.restore(&lock, a)?;
                         tracing::warn!(
                             "restored the allocation of {} to {}/{} in network {net}",
                             a.ip,

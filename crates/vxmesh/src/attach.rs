@@ -3,8 +3,10 @@
 //! `attach`: allocate an address (under the IPAM lock), create a veth pair
 //! whose container end is born inside the container namespace, put the host
 //! end on the network's bridge, address the container end and give it its
-//! default route. Any failure rolls back what was done. `detach` undoes it
-//! and is idempotent. The lab and the CNI plugin use exactly this code.
+//! default route. A failure rolls back what that call made and nothing
+//! else: attaching a container that already has the interface (a repeated
+//! CNI ADD) is an error that leaves the working attachment as it is.
+//! `detach` undoes an attachment and is idempotent. The lab and the CNI plugin use exactly this code.
 //!
 //! Where an address comes from is decided by the network's state file (see
 //! [`crate::store::Allocator`]): the node's file IPAM, or, for bridged
@@ -50,6 +52,16 @@ pub enum AttachError {
         network: String,
         ifname: String,
         namespace: String,
+    },
+    /// The container is already attached: its host veth exists.
+    #[error(
+        "attach container '{container_id}' to network '{network}': it is already attached as {ifname} (host veth {host_veth}); detach it first"
+    )]
+    AlreadyAttached {
+        container_id: String,
+        network: String,
+        ifname: String,
+        host_veth: String,
     },
     /// Creating or configuring the veth pair, address or route failed.
     #[error("attach container '{container_id}' to network '{network}' ({namespace})")]
@@ -126,6 +138,17 @@ pub struct AttachRequest<'a> {
     pub mtu: Option<u32>,
 }
 
+/// What the CNI plugin adds to an [`AttachRequest`].
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions<'a> {
+    /// The CNI network `name` the attachment is made under, recorded with
+    /// its allocation so that GC collects only its own attachments.
+    pub cni_network: Option<&'a str>,
+    /// A MAC for the container interface instead of the one derived from
+    /// its address.
+    pub mac: Option<Mac>,
+}
+
 async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink, NetlinkError> {
     match host_ns {
         Some(ns) => Netlink::connect_in(ns).await,
@@ -135,27 +158,79 @@ async fn host_netlink(host_ns: Option<&Netns>) -> Result<Netlink, NetlinkError> 
 
 /// Attach a container. Rolls back on failure.
 pub async fn attach(req: &AttachRequest<'_>) -> Result<Attachment> {
+    attach_with(req, &AttachOptions::default()).await
+}
+
+/// Attach a container with the CNI plugin's extras. A container that
+/// already has the interface or its host veth is refused before anything is
+/// touched; a failure later undoes only what this call made (the veth it
+/// created, the address it newly claimed).
+pub async fn attach_with(req: &AttachRequest<'_>, opts: &AttachOptions<'_>) -> Result<Attachment> {
     let served = state::read_network(req.state_dir, req.network).map_err(AttachError::State)?;
     let net = &served.state;
     let owner = Owner {
         container_id: req.container_id.to_string(),
         ifname: req.ifname.to_string(),
     };
+    let host_veth = host_veth_name(req.network, req.container_id, req.ifname);
+    refuse_existing(req, &host_veth).await?;
+    let ipam = Ipam::new(req.state_dir, req.network);
+    let held_before = ipam.find(&owner)?;
     let allocator = Allocator::for_network(req.state_dir, &served, req.host_ns);
     let ip = allocator.claim(&owner, req.ip).await?;
-    let host_veth = host_veth_name(req.network, req.container_id, req.ifname);
-    let result = plumb(req, net, ip, &host_veth).await;
+    let labelled = match opts.cni_network {
+        Some(name) => ipam.label(&owner, name).map_err(AttachError::from),
+        None => Ok(()),
+    };
+    let result = match labelled {
+        Ok(()) => plumb(req, net, ip, &host_veth, opts.mac).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(a) => Ok(a),
         Err(e) => {
-            // Roll back: the host end takes the container end with it.
+            // Roll back what this call made: the veth (checked absent
+            // above; the host end takes the container end with it) and the
+            // address, unless the owner held it before.
             if let Ok(nl) = host_netlink(req.host_ns).await {
                 let _ = nl.delete_link(&host_veth).await;
             }
-            let _ = allocator.release(&owner).await;
+            if held_before.is_none() {
+                let _ = allocator.release(&owner).await;
+            }
             Err(e)
         }
     }
+}
+
+/// Error if the container already has the interface or its host veth.
+async fn refuse_existing(req: &AttachRequest<'_>, host_veth: &str) -> Result<()> {
+    let ctx = |source: NetlinkError| AttachError::Plumb {
+        container_id: req.container_id.to_string(),
+        network: req.network.to_string(),
+        ifname: req.ifname.to_string(),
+        namespace: req.container_ns.name().to_string(),
+        source,
+    };
+    let host = host_netlink(req.host_ns).await.map_err(ctx)?;
+    if host.link_index(host_veth).await?.is_some() {
+        return Err(AttachError::AlreadyAttached {
+            container_id: req.container_id.to_string(),
+            network: req.network.to_string(),
+            ifname: req.ifname.to_string(),
+            host_veth: host_veth.to_string(),
+        });
+    }
+    let cont = Netlink::connect_in(req.container_ns).await.map_err(ctx)?;
+    if cont.link_index(req.ifname).await?.is_some() {
+        return Err(AttachError::InterfaceExists {
+            container_id: req.container_id.to_string(),
+            network: req.network.to_string(),
+            ifname: req.ifname.to_string(),
+            namespace: req.container_ns.name().to_string(),
+        });
+    }
+    Ok(())
 }
 
 async fn plumb(
@@ -163,6 +238,7 @@ async fn plumb(
     net: &crate::dataplane::NetworkState,
     ip: Ipv4Addr,
     host_veth: &str,
+    mac: Option<Mac>,
 ) -> Result<Attachment> {
     let ctx = |source: NetlinkError| AttachError::Plumb {
         container_id: req.container_id.to_string(),
@@ -173,25 +249,12 @@ async fn plumb(
     };
     let host = host_netlink(req.host_ns).await.map_err(ctx)?;
     let cont = Netlink::connect_in(req.container_ns).await.map_err(ctx)?;
-    if cont
-        .link_index(req.ifname)
-        .await
-        .map_err(AttachError::Netlink)?
-        .is_some()
-    {
-        return Err(AttachError::InterfaceExists {
-            container_id: req.container_id.to_string(),
-            network: req.network.to_string(),
-            ifname: req.ifname.to_string(),
-            namespace: req.container_ns.name().to_string(),
-        });
-    }
     let prefix = match net.mode {
         Mode::Routed => net.subnet.prefix_len(),
         Mode::Bridged => net.subnet.prefix_len(),
     };
     let addr = Ipv4Net::new(ip, prefix).expect("valid prefix");
-    let mac = model::container_mac(ip);
+    let mac = mac.unwrap_or_else(|| model::container_mac(ip));
     let mtu = req.mtu.unwrap_or(net.mtu);
     host.create_veth(host_veth, req.ifname, Some(req.container_ns), mtu)
         .await

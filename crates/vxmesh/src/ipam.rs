@@ -1,7 +1,10 @@
 //! Address allocation for containers, persisted in the node's state dir.
 //!
 //! One file per allocated address under `STATE/ipam/NETWORK/`, named by the
-//! address and holding the owner (`container_id` and interface name). Every
+//! address and holding the owner (`container_id` and interface name) and,
+//! for an attachment made by the CNI plugin, the CNI network `name` it was
+//! made under (`cni_network`; files written before it existed have none and
+//! read the same). Every
 //! change happens under an exclusive `flock` on `STATE/ipam/NETWORK/lock`, so
 //! concurrent attaches (CLI, CNI ADDs, the lab) never hand out one address
 //! twice. A crash between allocation and interface creation leaves a file
@@ -39,6 +42,18 @@ pub fn parse_owner(data: &[u8]) -> serde_json::Result<Owner> {
 pub struct Allocation {
     pub ip: Ipv4Addr,
     pub owner: Owner,
+    /// The CNI network `name` the attachment was made under (`None`: made
+    /// by `vxmesh attach`, the lab, or before vxmesh recorded it).
+    pub cni_network: Option<String>,
+}
+
+/// What an allocation file holds.
+#[derive(Serialize, Deserialize)]
+struct AllocationFile {
+    #[serde(flatten)]
+    owner: Owner,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cni_network: Option<String>,
 }
 
 /// The allocator of one network on one node.
@@ -113,8 +128,12 @@ impl Ipam {
                 continue;
             };
             let data = fs::read(e.path()).unwrap_or_default();
-            match parse_owner(&data) {
-                Ok(owner) => out.push(Allocation { ip, owner }),
+            match serde_json::from_slice::<AllocationFile>(&data) {
+                Ok(f) => out.push(Allocation {
+                    ip,
+                    owner: f.owner,
+                    cni_network: f.cni_network,
+                }),
                 Err(_) => {
                     tracing::warn!("ignoring unreadable allocation file {}", e.path().display())
                 }
@@ -211,14 +230,50 @@ impl Ipam {
         self.write_owner(ip, to)
     }
 
+    /// Put back an allocation whose file was lost (the agent, from memory),
+    /// with its CNI network. Needs the lock; fails if `ip` is taken here.
+    pub fn restore(&self, lock: &IpamLock, a: &Allocation) -> Result<()> {
+        self.record(lock, &a.owner, a.ip)?;
+        if let Some(name) = &a.cni_network {
+            self.write_file(a.ip, &a.owner, Some(name))?;
+        }
+        Ok(())
+    }
+
+    /// Record that `owner`'s attachment was made under the CNI network
+    /// `cni_network` (GC collects only its own network's attachments).
+    /// Nothing to do if `owner` holds no address.
+    pub fn label(&self, owner: &Owner, cni_network: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        match self.find(owner)? {
+            Some(ip) => self.write_file(ip, owner, Some(cni_network)),
+            None => Ok(()),
+        }
+    }
+
+    /// Write `ip`'s file for `owner`, keeping the CNI network it was
+    /// labelled with if the file already names the same owner.
+    fn write_owner(&self, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
+        let kept = fs::read(self.path_of(ip))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<AllocationFile>(&d).ok())
+            .filter(|f| &f.owner == owner)
+            .and_then(|f| f.cni_network);
+        self.write_file(ip, owner, kept.as_deref())
+    }
+
     /// Write to a temp file and rename: readers and a crash of this process
     /// see the old file or the whole new one. No fsync: an allocation lives
     /// as long as the container's veth, which a reboot removes too (the
     /// state dir is on /run); a file torn by power loss reads as free.
-    fn write_owner(&self, ip: Ipv4Addr, owner: &Owner) -> Result<()> {
+    fn write_file(&self, ip: Ipv4Addr, owner: &Owner, cni_network: Option<&str>) -> Result<()> {
         let path = self.path_of(ip);
         let tmp = self.dir.join(format!(".{ip}.tmp"));
-        let json = serde_json::to_string(owner).map_err(|error| StoreError::Encode {
+        let file = AllocationFile {
+            owner: owner.clone(),
+            cni_network: cni_network.map(str::to_string),
+        };
+        let json = serde_json::to_string(&file).map_err(|error| StoreError::Encode {
             path: path.clone(),
             error,
         })?;
@@ -379,5 +434,40 @@ mod tests {
         let gone = ipam.retain(|a| a.owner.container_id != "c2").unwrap();
         assert_eq!(gone.len(), 1);
         assert_eq!(ipam.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn cni_network_label_is_kept_and_old_files_read() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(d.path(), "demo");
+        let n = net("172.18.10.0/24");
+        let a = ipam.allocate(&n, &owner(1), None).unwrap();
+        // A file written before the label existed.
+        fs::write(
+            ipam.dir().join("172.18.10.9"),
+            r#"{"container_id":"old","ifname":"eth0"}"#,
+        )
+        .unwrap();
+        ipam.label(&owner(1), "podman").unwrap();
+        ipam.label(&owner(7), "podman").unwrap(); // holds nothing: no-op
+        // Re-recording the same owner (etcd re-claim) keeps the label.
+        let lock = ipam.lock().unwrap();
+        ipam.record(&lock, &owner(1), a).unwrap();
+        drop(lock);
+        let list = ipam.list().unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].cni_network.as_deref(), Some("podman"));
+        assert_eq!(list[1].owner.container_id, "old");
+        assert_eq!(list[1].cni_network, None);
+        // Older readers still read the owner.
+        let raw = fs::read(ipam.dir().join(a.to_string())).unwrap();
+        assert_eq!(parse_owner(&raw).unwrap(), owner(1));
+        // Restored from memory with its label.
+        let first = list[0].clone();
+        fs::remove_file(ipam.dir().join(a.to_string())).unwrap();
+        let lock = ipam.lock().unwrap();
+        ipam.restore(&lock, &first).unwrap();
+        drop(lock);
+        assert_eq!(ipam.list().unwrap()[0], first);
     }
 }

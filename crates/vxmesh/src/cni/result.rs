@@ -127,6 +127,58 @@ pub fn merge_prev(result: &mut Value, prev: &Value) {
     }
 }
 
+/// Put a result (ours, or merged with a previous plugin's) into the shape
+/// of CNI `version`, as libcni's converters would: before 0.4.0... 1.0.0
+/// every `ips[]` entry names its family (`"version": "4"|"6"`), from 1.0.0
+/// on it must not; the 1.1.0-only interface and route fields (`mtu`,
+/// `socketPath`, `pciID`, route `mtu`, `advmss`, `priority`, `table`,
+/// `scope`) are dropped before 1.1.0.
+pub fn convert_result(result: &mut Value, version: &str) {
+    result["cniVersion"] = json!(version);
+    let before_1_0 = matches!(version, "0.3.0" | "0.3.1" | "0.4.0");
+    let before_1_1 = before_1_0 || version == "1.0.0";
+    if let Some(ips) = result.get_mut("ips").and_then(Value::as_array_mut) {
+        for ip in ips.iter_mut().filter_map(Value::as_object_mut) {
+            if before_1_0 {
+                let family = ip
+                    .get("address")
+                    .and_then(Value::as_str)
+                    .and_then(|a| a.parse::<IpNet>().ok())
+                    .map(|n| if n.addr().is_ipv4() { "4" } else { "6" });
+                if let Some(f) = family {
+                    ip.insert("version".into(), json!(f));
+                }
+            } else {
+                ip.remove("version");
+            }
+        }
+    }
+    if before_1_1 {
+        for iface in result
+            .get_mut("interfaces")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+        {
+            for k in ["mtu", "socketPath", "pciID"] {
+                iface.remove(k);
+            }
+        }
+        for route in result
+            .get_mut("routes")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+        {
+            for k in ["mtu", "advmss", "priority", "table", "scope"] {
+                route.remove(k);
+            }
+        }
+    }
+}
+
 /// The reply to VERSION.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -246,6 +298,36 @@ mod tests {
         assert_eq!(v["interfaces"][0], json!({"name":"lo0","socketPath":"/x"}));
         assert_eq!(v["ips"][0]["interface"], json!(2));
         assert_eq!(v["dns"], json!({}));
+    }
+
+    #[test]
+    fn results_take_the_shape_of_each_version() {
+        let prev = json!({"interfaces":[{"name":"br0"},{"name":"eth0","sandbox":"/x","mtu":1400}],
+            "ips":[{"address":"fd00::2/64","interface":1}],"routes":[{"dst":"fd00::/8","mtu":1300}]});
+        let merged = routed().to_json(Some(&prev));
+        for v in ["0.3.0", "0.3.1", "0.4.0"] {
+            let mut r = merged.clone();
+            convert_result(&mut r, v);
+            assert_eq!(r["cniVersion"], json!(v));
+            assert_eq!(r["ips"][0]["version"], json!("6"));
+            assert_eq!(r["ips"][1]["version"], json!("4"));
+            assert!(
+                r["interfaces"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|i| i.get("mtu").is_none())
+            );
+            assert_eq!(r["routes"][0], json!({"dst":"fd00::/8"}));
+        }
+        let mut r = merged.clone();
+        r["ips"][0]["version"] = json!("6");
+        convert_result(&mut r, "1.0.0");
+        assert!(r["ips"][0].get("version").is_none());
+        assert!(r["interfaces"][3].get("mtu").is_none(), "mtu is 1.1.0-only");
+        let mut r = merged.clone();
+        convert_result(&mut r, "1.1.0");
+        assert_eq!(r, merged);
     }
 
     #[test]

@@ -283,6 +283,8 @@ fn the_package_lists_every_file() {
     for f in [
         "/usr/bin/vxmesh",
         "/usr/lib/systemd/system/vxmesh-agent.service",
+        "/usr/lib/systemd/system/vxmesh-docker-plugin.socket",
+        "/usr/lib/systemd/system/vxmesh-docker-plugin.service",
         "/usr/share/doc/vxmesh/examples/agent.toml",
         "/usr/share/doc/vxmesh/copyright",
         "/usr/share/bash-completion/completions/vxmesh",
@@ -417,22 +419,112 @@ fn the_unit_passes_systemd_analyze_verify() {
         .arg(format!("{system_units}/."))
         .arg(verify_root.path().join("usr/lib/systemd/system")));
     assert!(ok, "{out}");
-    let (ok, out) = run(Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(format!("--root={}", verify_root.path().display()))
-        .arg(
-            verify_root
-                .path()
-                .join("usr/lib/systemd/system/vxmesh-agent.service"),
+    for unit in [
+        "vxmesh-agent.service",
+        "vxmesh-docker-plugin.socket",
+        "vxmesh-docker-plugin.service",
+    ] {
+        let (ok, out) = run(Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", verify_root.path().display()))
+            .arg(verify_root.path().join("usr/lib/systemd/system").join(unit))
+            .env("MANPATH", verify_root.path().join("usr/share/man"))
+            .env("SYSTEMD_LOG_COLOR", "0"));
+        assert!(ok, "systemd-analyze verify {unit} failed:\n{out}");
+        // Warnings (an unknown key, say) do not fail verify: there must be none.
+        assert!(
+            out.trim().is_empty(),
+            "systemd-analyze verify {unit} warned:\n{out}"
+        );
+    }
+    // The plugin's units: socket activation at Docker's discovery path,
+    // before docker.service.
+    let socket = std::fs::read_to_string(unit_dir.join("vxmesh-docker-plugin.socket")).unwrap();
+    for line in [
+        "ListenStream=/run/docker/plugins/vxmesh.sock",
+        "SocketMode=0600",
+        "Before=docker.service",
+    ] {
+        assert!(
+            socket.lines().any(|l| l == line),
+            "{line} missing:\n{socket}"
+        );
+    }
+}
+
+/// Socket activation: the plugin serves the socket systemd passes it
+/// (LISTEN_FDS/LISTEN_PID, fd 3), here made by `systemd-socket-activate`,
+/// and leaves the socket file to its owner when it stops.
+#[test]
+fn the_docker_plugin_serves_a_socket_passed_by_systemd() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vxmesh-test.sock");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // Where the plugin would bind by itself: it must not, systemd's socket wins.
+    let own = dir.path().join("own/vxmesh.sock");
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg(exe())
+        .args([
+            "docker-plugin",
+            "--socket",
+            "/nonexistent/never-bound.sock",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ask = |path: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
         )
-        .env("MANPATH", verify_root.path().join("usr/share/man"))
-        .env("SYSTEMD_LOG_COLOR", "0"));
-    assert!(ok, "systemd-analyze verify failed:\n{out}");
-    // Warnings (an unknown key, say) do not fail verify: there must be none.
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let activate = ask("/Plugin.Activate");
+    assert!(activate.starts_with("HTTP/1.1 200"), "{activate}");
     assert!(
-        out.trim().is_empty(),
-        "systemd-analyze verify warned:\n{out}"
+        activate.contains("NetworkDriver") && activate.contains("IpamDriver"),
+        "{activate}"
     );
+    // The same process keeps serving (the listener is not re-created).
+    let caps = ask("/NetworkDriver.GetCapabilities");
+    assert!(caps.contains("\"Scope\":\"local\""), "{caps}");
+    assert!(!own.exists(), "the plugin bound its own socket too");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "plugin exit {status:?}: {err}");
+    assert!(err.contains(&format!("unix://{}", sock.display())), "{err}");
 }
 
 #[test]

@@ -17,7 +17,8 @@ pub struct DockerPluginArgs {
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Unix socket to listen on (mode 0600). Docker finds the plugin by
-    /// the socket's file name in /run/docker/plugins (NAME.sock).
+    /// the socket's file name in /run/docker/plugins (NAME.sock). A socket
+    /// passed by systemd (socket activation) is used instead when present.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, conflicts_with = "listen")]
     socket: PathBuf,
     /// Listen on TCP instead (IP:PORT), for a /etc/docker/plugins/NAME.spec
@@ -31,7 +32,12 @@ pub async fn run(a: DockerPluginArgs) -> Result<()> {
         Some(addr) => Listen::Tcp(addr),
         None => Listen::Unix(a.socket.clone()),
     };
-    let listener = Listener::bind(&listen).await?;
+    // Under systemd socket activation (vxmesh-docker-plugin.socket) the
+    // socket is passed in; --socket/--listen are then not used.
+    let listener = match Listener::from_systemd()? {
+        Some(passed) => passed,
+        None => Listener::bind(&listen).await?,
+    };
     let plugin = Arc::new(Plugin::new(&a.state_dir));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;

@@ -41,6 +41,22 @@ pub enum ServeError {
 pub enum Listener {
     Unix(tokio::net::UnixListener, PathBuf),
     Tcp(tokio::net::TcpListener),
+    /// A unix socket systemd made and passed (socket activation): served
+    /// like [`Listener::Unix`], but its file belongs to systemd and stays.
+    Passed(tokio::net::UnixListener, PathBuf),
+}
+
+/// The first file descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const SD_LISTEN_FDS_START: std::os::fd::RawFd = 3;
+
+/// Whether systemd passed this process sockets: `LISTEN_PID` names this
+/// process and `LISTEN_FDS` is at least 1 (sd_listen_fds(3)).
+fn systemd_passed_sockets(listen_pid: Option<&str>, listen_fds: Option<&str>, pid: u32) -> bool {
+    listen_pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(pid)
+        && listen_fds
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            >= 1
 }
 
 impl Listener {
@@ -79,10 +95,49 @@ impl Listener {
         }
     }
 
+    /// The socket systemd passed to this process (socket activation, as
+    /// `vxmesh-docker-plugin.socket` does), if it did: the first one. A unix
+    /// socket is served as is (mode and path as the unit set them); a TCP
+    /// one too. `None` when systemd passed nothing.
+    pub fn from_systemd() -> Result<Option<Listener>, ServeError> {
+        let pid = std::env::var("LISTEN_PID").ok();
+        let fds = std::env::var("LISTEN_FDS").ok();
+        if !systemd_passed_sockets(pid.as_deref(), fds.as_deref(), std::process::id()) {
+            return Ok(None);
+        }
+        let fail = |io| ServeError::Listen {
+            addr: format!("the socket systemd passed (fd {SD_LISTEN_FDS_START})"),
+            io,
+        };
+        // SAFETY: with LISTEN_PID naming this process, systemd guarantees
+        // that fd 3 is an open listening socket handed to it, owned by
+        // nobody else in this process; it is taken over exactly once here.
+        let owned = unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(SD_LISTEN_FDS_START)
+        };
+        let sock = socket2::Socket::from(owned);
+        sock.set_nonblocking(true).map_err(fail)?;
+        let local = sock.local_addr().map_err(fail)?;
+        let owned = std::os::fd::OwnedFd::from(sock);
+        if local.is_unix() {
+            let path = local
+                .as_pathname()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("(unnamed)"));
+            let std_l = std::os::unix::net::UnixListener::from(owned);
+            let l = tokio::net::UnixListener::from_std(std_l).map_err(fail)?;
+            Ok(Some(Listener::Passed(l, path)))
+        } else {
+            let std_l = std::net::TcpListener::from(owned);
+            let l = tokio::net::TcpListener::from_std(std_l).map_err(fail)?;
+            Ok(Some(Listener::Tcp(l)))
+        }
+    }
+
     /// What Docker is to be told (a socket path, or `tcp://IP:PORT`).
     pub fn url(&self) -> String {
         match self {
-            Listener::Unix(_, p) => format!("unix://{}", p.display()),
+            Listener::Unix(_, p) | Listener::Passed(_, p) => format!("unix://{}", p.display()),
             Listener::Tcp(l) => l
                 .local_addr()
                 .map(|a| format!("tcp://{a}"))
@@ -129,7 +184,9 @@ enum Conn {
 
 async fn accept(l: &Listener) -> std::io::Result<Conn> {
     match l {
-        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+        Listener::Unix(l, _) | Listener::Passed(l, _) => {
+            l.accept().await.map(|(s, _)| Conn::Unix(s))
+        }
         Listener::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
     }
 }
@@ -181,4 +238,21 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static(CONTENT_TYPE),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_sockets_only_for_this_process() {
+        assert!(systemd_passed_sockets(Some("42"), Some("1"), 42));
+        assert!(systemd_passed_sockets(Some("42"), Some("2"), 42));
+        // Meant for another process (inherited environment).
+        assert!(!systemd_passed_sockets(Some("41"), Some("1"), 42));
+        assert!(!systemd_passed_sockets(Some("42"), Some("0"), 42));
+        assert!(!systemd_passed_sockets(None, Some("1"), 42));
+        assert!(!systemd_passed_sockets(Some("42"), None, 42));
+        assert!(!systemd_passed_sockets(Some("x"), Some("1"), 42));
+    }
 }

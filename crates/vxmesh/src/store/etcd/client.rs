@@ -276,7 +276,8 @@ pub async fn connect(o: &ClientOptions) -> Result<Client> {
         co = co.with_tls(tls);
     }
     let eps = o.endpoints.join(",");
-    match tokio::time::timeout(OP_TIMEOUT, Client::connect(&o.endpoints, Some(co))).await {
+    let live = live_endpoints(&o.endpoints, &co).await;
+    match tokio::time::timeout(OP_TIMEOUT, Client::connect(&live, Some(co))).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(StoreError::Connect {
             endpoints: eps,
@@ -287,6 +288,60 @@ pub async fn connect(o: &ClientOptions) -> Result<Client> {
             endpoints: eps,
             timeout: OP_TIMEOUT,
         }),
+    }
+}
+
+/// How long a member may take to answer the status probe of [`connect`].
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Of several endpoints, those that answer a status request now (probed
+/// concurrently, each within [`PROBE_TIMEOUT`]), in the given order; all of
+/// them when none answers, so that connecting reports the failure.
+///
+/// A client balanced over a dead member keeps handing it requests that
+/// fail ("connection refused"), so a node joining while one member of three
+/// is down would spend its retries on that member; reconnecting (every join
+/// attempt does) leaves the dead one out.
+async fn live_endpoints(endpoints: &[String], co: &ConnectOptions) -> Vec<String> {
+    if endpoints.len() < 2 {
+        return endpoints.to_vec();
+    }
+    let probes = endpoints.iter().map(|ep| {
+        let co = co.clone();
+        async move {
+            let answered = tokio::time::timeout(PROBE_TIMEOUT, async {
+                let mut c = Client::connect([ep.as_str()], Some(co)).await?;
+                c.status().await
+            })
+            .await;
+            matches!(answered, Ok(Ok(_)))
+        }
+    });
+    let answered = futures::future::join_all(probes).await;
+    let live = pick_live(endpoints, &answered);
+    if live.len() < endpoints.len() {
+        tracing::debug!(
+            "etcd: {} of {} members answer; connecting to {}",
+            live.len(),
+            endpoints.len(),
+            live.join(",")
+        );
+    }
+    live
+}
+
+/// The endpoints whose probe answered, in order; all of them if none did.
+fn pick_live(endpoints: &[String], answered: &[bool]) -> Vec<String> {
+    let live: Vec<String> = endpoints
+        .iter()
+        .zip(answered)
+        .filter(|(_, ok)| **ok)
+        .map(|(ep, _)| ep.clone())
+        .collect();
+    if live.is_empty() {
+        endpoints.to_vec()
+    } else {
+        live
     }
 }
 
@@ -445,6 +500,19 @@ impl Drop for AbortOnDrop {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn connect_skips_members_that_do_not_answer() {
+        let eps: Vec<String> = ["a:2379", "b:2379", "c:2379"].map(String::from).to_vec();
+        assert_eq!(pick_live(&eps, &[false, true, true]), eps[1..].to_vec());
+        assert_eq!(
+            pick_live(&eps, &[true, false, true]),
+            vec![eps[0].clone(), eps[2].clone()]
+        );
+        // None answers: all of them, so the connect error names every member.
+        assert_eq!(pick_live(&eps, &[false, false, false]), eps);
+    }
+
     use super::*;
 
     #[test]

@@ -285,9 +285,9 @@ async fn an_address_freed_by_lease_expiry_is_quarantined() {
         other.ip, ep.ip,
         "a free address search returned a quarantined one"
     );
-    // After the grace period (the hold lease is 2 x TTL), it is free.
+    // After the grace period (the hold lease is 3 x TTL), it is free.
     let mut took = None;
-    while t0.elapsed() < TTL * 3 {
+    while t0.elapsed() < TTL * 4 {
         if let Ok(got) = etcd::claim_address(&sec, Some(ep.ip), ep.ip).await {
             took = Some(got);
             break;

@@ -212,7 +212,14 @@ impl Lab {
             self.attach_containers(&node.name, &nets, spec.containers)
                 .await?;
         }
-        self.save()
+        self.save()?;
+        if self.info.etcd.is_some() && !self.wait_converged(Duration::from_secs(10)).await {
+            tracing::warn!(
+                "lab {}: not every agent knows every peer yet",
+                self.info.name
+            );
+        }
+        Ok(())
     }
 
     /// Attach `k` containers per network of `nets` on `node`.

@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::{Lab, network_names};
+use super::{Lab, LabNode, network_names};
+use vxmesh::config::Mode;
 use vxmesh::state;
 
 impl Lab {
@@ -98,6 +99,47 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Wait (at most `timeout`) until every agent's applied plan covers
+    /// the whole lab: all hosts known, and a neighbour entry per remote
+    /// node (routed) or per remote container (bridged). With etcd the
+    /// agents learn each other through the watch just after they are
+    /// ready, so a check right after `lab up` could race them. Returns
+    /// whether they converged; not converging is left to `lab check` to
+    /// report (it names the pairs).
+    pub async fn wait_converged(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.info.nodes.iter().all(|n| self.node_converged(n)) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn node_converged(&self, n: &LabNode) -> bool {
+        let Ok(saved) = vxmesh::status::read_plan(&n.state_dir) else {
+            return false;
+        };
+        let all_known = self
+            .info
+            .nodes
+            .iter()
+            .all(|o| saved.nodes.contains_key(&o.underlay_ip));
+        let remote = match self.info.mode {
+            Mode::Routed => self.info.nodes.len() - 1,
+            Mode::Bridged => self
+                .info
+                .containers
+                .iter()
+                .filter(|c| c.node != n.name)
+                .count(),
+        };
+        all_known && saved.plan.neighbours.len() >= remote
     }
 
     /// Send `sig` to the agent of `node` and wait (up to 5 s, then SIGKILL)

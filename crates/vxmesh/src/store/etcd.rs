@@ -235,7 +235,8 @@ impl EtcdStore {
             node: opts.node.clone(),
             cause: Box::new(e),
         };
-        let client = client::connect(&opts.client_options()).await?;
+        let client_opts = Arc::new(opts.client_options());
+        let client = client::connect(&client_opts).await?;
         let keys = Keys::new(&opts.prefix, &opts.network);
         let net = network::read_network(&client, &keys, &opts.network)
             .await?
@@ -262,7 +263,7 @@ impl EtcdStore {
         // from here on revokes nothing: what it re-bound stays bound to a
         // lease that expires on its own (a previous run's records are left
         // as they were).
-        let mut kept = session::Kept::grant(&client, ttl_secs)
+        let mut kept = session::Kept::grant(&client, ttl_secs, Some(client_opts.clone()))
             .await
             .map_err(join_err)?;
         let mut rounds = 0;

@@ -7,11 +7,13 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use etcd_client::Client;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::client::{AbortOnDrop, op};
+use super::client::{AbortOnDrop, ClientOptions, connect, op};
 use crate::store::error::{Result, StoreError};
 
 /// What the keeper knows about its lease.
@@ -77,12 +79,20 @@ pub(crate) struct KeptLease {
 
 impl KeptLease {
     /// Keep lease `id` (just granted with `ttl_secs`) alive until dropped.
-    pub(crate) fn spawn(client: Client, id: i64, ttl_secs: i64) -> KeptLease {
+    /// With `reconnect`, a stream that goes unanswered is reopened on a new
+    /// connection to the members that answer (a paused or cut-off member
+    /// keeps its TCP connections open but never replies).
+    pub(crate) fn spawn(
+        client: Client,
+        id: i64,
+        ttl_secs: i64,
+        reconnect: Option<Arc<ClientOptions>>,
+    ) -> KeptLease {
         let granted_at = Instant::now();
         let (tx, rx) = watch::channel(LeaseState::Alive {
             expires_at: granted_at + Duration::from_secs(ttl_secs as u64),
         });
-        let task = tokio::spawn(keep(client, id, ttl_secs, tx));
+        let task = tokio::spawn(keep(client, id, ttl_secs, tx, reconnect));
         KeptLease {
             id,
             state: rx,
@@ -91,9 +101,13 @@ impl KeptLease {
     }
 
     /// Grant a lease and keep it.
-    pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<KeptLease> {
+    pub(crate) async fn grant(
+        client: &Client,
+        ttl_secs: i64,
+        reconnect: Option<Arc<ClientOptions>>,
+    ) -> Result<KeptLease> {
         let (id, ttl) = grant(client, ttl_secs).await?;
-        Ok(KeptLease::spawn(client.clone(), id, ttl))
+        Ok(KeptLease::spawn(client.clone(), id, ttl, reconnect))
     }
 
     pub(crate) fn state(&self) -> LeaseState {
@@ -122,7 +136,13 @@ enum StreamEnd {
 
 /// The keeper task: one stream at a time, reopened at once when it breaks;
 /// ends when etcd says the lease is gone.
-async fn keep(client: Client, id: i64, ttl_secs: i64, tx: watch::Sender<LeaseState>) {
+async fn keep(
+    mut client: Client,
+    id: i64,
+    ttl_secs: i64,
+    tx: watch::Sender<LeaseState>,
+    reconnect: Option<Arc<ClientOptions>>,
+) {
     let period = period(ttl_secs);
     let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
     let mut failures = 0u32;
@@ -140,6 +160,16 @@ async fn keep(client: Client, id: i64, ttl_secs: i64, tx: watch::Sender<LeaseSta
                     failures,
                     "lease keep-alive stream broken: {why}"
                 );
+                // Unanswered (not refused): the member behind this
+                // connection may be paused or cut off from the others.
+                // Reconnect to the members that answer now.
+                if (why.contains("no reply") || why.contains("no answer"))
+                    && let Some(o) = &reconnect
+                    && let Ok(Ok(c)) = tokio::time::timeout(period, connect(o)).await
+                {
+                    tracing::debug!(lease = id, "lease keeper reconnected to etcd");
+                    client = c;
+                }
                 // Reopen at once the first time; then pace the attempts (a
                 // fraction of the period while the lease lives, so a new
                 // stream is up well before it expires; slower once it may

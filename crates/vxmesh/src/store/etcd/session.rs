@@ -12,6 +12,7 @@ use ipnet::Ipv4Net;
 use tokio::time::Instant;
 
 use super::claim::{Claimed, LeaseIds, claim_endpoint, claim_subnet, release_subnet};
+use super::client::ClientOptions;
 use super::lease::{self, KeptLease, LeaseState};
 use super::records::{self, Keys};
 use super::view::Kv;
@@ -21,22 +22,37 @@ use crate::store::error::{Result, StoreError};
 
 /// TTL of the hold lease for a node lease of `ttl_secs`: the grace period
 /// during which a subnet or address freed by the node lease's expiry stays
-/// quarantined (only its holder may take it back) is one more TTL.
+/// quarantined (only its holder may take it back) is two more TTLs, so a
+/// node cut off for somewhat longer than its TTL still finds its subnet
+/// waiting when it comes back (renewals of the two leases are not in step:
+/// one TTL of grace could be nearly gone by the time the node lease ends).
 pub(crate) fn hold_ttl(ttl_secs: i64) -> i64 {
-    ttl_secs * 2
+    ttl_secs * 3
 }
+
+/// Longest pause between re-grant attempts while a lease is lost: short,
+/// so a node whose partition heals is back within a second, well inside
+/// the grace period.
+const REGRANT_BACKOFF_CAP: Duration = Duration::from_secs(1);
 
 /// A node's two leases in one network, each kept alive from its grant on.
 pub(crate) struct Kept {
     pub node: KeptLease,
     pub hold: KeptLease,
+    /// How the keepers reconnect when their member stops answering.
+    reconnect: Option<Arc<ClientOptions>>,
 }
 
 impl Kept {
-    pub(crate) async fn grant(client: &Client, ttl_secs: i64) -> Result<Kept> {
+    pub(crate) async fn grant(
+        client: &Client,
+        ttl_secs: i64,
+        reconnect: Option<Arc<ClientOptions>>,
+    ) -> Result<Kept> {
         Ok(Kept {
-            node: KeptLease::grant(client, ttl_secs).await?,
-            hold: KeptLease::grant(client, hold_ttl(ttl_secs)).await?,
+            node: KeptLease::grant(client, ttl_secs, reconnect.clone()).await?,
+            hold: KeptLease::grant(client, hold_ttl(ttl_secs), reconnect.clone()).await?,
+            reconnect,
         })
     }
 
@@ -67,10 +83,11 @@ impl Kept {
     async fn renew(&mut self, client: &Client, ttl_secs: i64, all: bool) -> Result<()> {
         let either = self.any_lost();
         if all || self.node.is_lost() || (either && !lease::exists(client, self.node.id).await?) {
-            self.node = KeptLease::grant(client, ttl_secs).await?;
+            self.node = KeptLease::grant(client, ttl_secs, self.reconnect.clone()).await?;
         }
         if all || self.hold.is_lost() || (either && !lease::exists(client, self.hold.id).await?) {
-            self.hold = KeptLease::grant(client, hold_ttl(ttl_secs)).await?;
+            self.hold =
+                KeptLease::grant(client, hold_ttl(ttl_secs), self.reconnect.clone()).await?;
         }
         Ok(())
     }
@@ -218,7 +235,7 @@ pub(crate) async fn keepalive_loop(inner: Arc<Inner>, mut kept: Kept) {
     let _guard = TaskGuard(inner.clone());
     let period = lease::period(inner.ttl_secs);
     let ttl = Duration::from_secs(inner.ttl_secs as u64);
-    let mut backoff = Backoff::capped(Duration::from_secs(5));
+    let mut backoff = Backoff::capped(REGRANT_BACKOFF_CAP);
     loop {
         tokio::select! {
             _ = kept.lost() => {}

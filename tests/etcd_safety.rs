@@ -9,20 +9,16 @@
 mod common_etcd;
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common_etcd::EtcdServer;
 use etcd_client::Permission;
-use vxmesh::config::{Mode, Network};
-use vxmesh::model::Vni;
-use vxmesh::state::EtcdSection;
-use vxmesh::store::etcd::{self, ClientOptions, EtcdOptions, EtcdStore};
+use vxmesh::config::Mode;
+use vxmesh::store::etcd::{self, ClientOptions, EtcdStore};
 
-const TTL: Duration = Duration::from_secs(2);
-const PREFIX: &str = "/vxmesh";
+use common_etcd::store::{PREFIX, TTL, join, network, opts, section, setup};
 
 fn init() {
     let _ = tracing_subscriber::fmt()
@@ -31,57 +27,6 @@ fn init() {
         )
         .with_test_writer()
         .try_init();
-}
-
-fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
-    Network {
-        name: name.into(),
-        mode,
-        cidr: cidr.parse().unwrap(),
-        subnet_len,
-        vni: Vni::new(100).unwrap(),
-        port: 4789,
-        mtu: None,
-    }
-}
-
-fn underlay(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + i)
-}
-
-fn opts(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdOptions {
-    let mut o = EtcdOptions::new(srv.endpoints(), &net.name, node, underlay(i));
-    o.ttl = TTL;
-    o
-}
-
-async fn setup(srv: &EtcdServer, net: &Network) {
-    etcd::create_network(&ClientOptions::new(srv.endpoints()), PREFIX, net)
-        .await
-        .expect("create network");
-}
-
-async fn join(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdStore {
-    EtcdStore::join(opts(srv, net, node, i))
-        .await
-        .unwrap_or_else(|e| panic!("join {node}: {e:#}"))
-}
-
-/// What the agent writes into a bridged network's state file for attach.
-fn section(srv: &EtcdServer, store: &EtcdStore) -> EtcdSection {
-    EtcdSection {
-        endpoints: srv.endpoints(),
-        prefix: PREFIX.into(),
-        network: store.network().name,
-        node: store.node().into(),
-        lease: store.lease_id(),
-        hold_lease: store.hold_lease_id(),
-        ca: None,
-        cert: None,
-        key: None,
-        user: None,
-        password_file: None,
-    }
 }
 
 /// Finding 1 (and issue 17 item 2): leases that vanish during joins (as

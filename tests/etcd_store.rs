@@ -12,13 +12,11 @@ use etcd_client::{Client, CompactionOptions, PutOptions};
 use etcd_client::{ConnectOptions, GetOptions};
 use ipnet::Ipv4Net;
 use vxmesh::config::{Mode, Network};
-use vxmesh::model::{Endpoint, Vni, container_mac};
-use vxmesh::state::EtcdSection;
-use vxmesh::store::etcd::{self, ClientOptions, EtcdOptions, EtcdStore};
+use vxmesh::model::{Endpoint, container_mac};
+use vxmesh::store::etcd::{self, ClientOptions, EtcdStore};
 use vxmesh::store::{Snapshot, Store};
 
-const TTL: Duration = Duration::from_secs(2);
-const PREFIX: &str = "/vxmesh";
+use common_etcd::store::{PREFIX, TTL, join, network, opts, section, setup, underlay};
 
 fn init() {
     let _ = tracing_subscriber::fmt()
@@ -29,65 +27,12 @@ fn init() {
         .try_init();
 }
 
-fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
-    Network {
-        name: name.into(),
-        mode,
-        cidr: cidr.parse().unwrap(),
-        subnet_len,
-        vni: Vni::new(100).unwrap(),
-        port: 4789,
-        mtu: None,
-    }
-}
-
 fn routed() -> Network {
     network("demo", Mode::Routed, "172.18.0.0/16", 24)
 }
 
 fn bridged(cidr: &str, len: u8) -> Network {
     network("seg", Mode::Bridged, cidr, len)
-}
-
-fn underlay(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + i)
-}
-
-fn opts(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdOptions {
-    let mut o = EtcdOptions::new(srv.endpoints(), &net.name, node, underlay(i));
-    o.ttl = TTL;
-    o
-}
-
-async fn setup(srv: &EtcdServer, net: &Network) {
-    etcd::create_network(&ClientOptions::new(srv.endpoints()), PREFIX, net)
-        .await
-        .expect("create network");
-}
-
-async fn join(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdStore {
-    EtcdStore::join(opts(srv, net, node, i))
-        .await
-        .unwrap_or_else(|e| panic!("join {node}: {e:#}"))
-}
-
-/// What the agent writes into a bridged network's state file for attach on
-/// `store`'s node (plain http, no user): the input of the production claim
-/// path, [`etcd::claim_address`] / [`etcd::release_address`].
-fn section(srv: &EtcdServer, store: &EtcdStore) -> EtcdSection {
-    EtcdSection {
-        endpoints: srv.endpoints(),
-        prefix: PREFIX.into(),
-        network: store.network().name,
-        node: store.node().into(),
-        lease: store.lease_id(),
-        hold_lease: store.hold_lease_id(),
-        ca: None,
-        cert: None,
-        key: None,
-        user: None,
-        password_file: None,
-    }
 }
 
 /// Claim an address for a container on `store`'s node the way attach does:

@@ -18,6 +18,7 @@ const ETCD: &str = "/usr/bin/etcd";
 
 #[path = "../common/naming.rs"]
 mod naming;
+pub mod store;
 
 pub use naming::unique_ns;
 

@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -12,50 +11,12 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use vxmesh::cni::AddResult;
 use vxmesh::config::Mode;
-use vxmesh::dataplane::netns::{self, Netns, NetnsGuard};
+use vxmesh::dataplane::netns::{self, NetnsGuard};
 use vxmesh_lab::probe;
-
-struct Out {
-    code: i32,
-    json: Value,
-    stderr: String,
-}
 
 /// Run the plugin in `host_ns` with CNI_* variables and `conf` on stdin.
 fn cni(host_ns: &str, command: &str, env: &[(&str, &str)], conf: &str) -> Out {
-    let ns = Netns::open(host_ns).unwrap();
-    let mut cmd = Command::new(exe());
-    cmd.env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_PATH", "/opt/cni/bin");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    ns.enter_on_exec(&mut cmd);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        json: if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&stdout)
-                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
-        },
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
+    run_cni(&exe(), host_ns, command, env, conf)
 }
 
 fn conf(version: &str, network: &str, state_dir: &str) -> String {

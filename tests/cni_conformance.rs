@@ -13,16 +13,15 @@ mod gc;
 #[path = "cni_conformance/requests.rs"]
 mod requests;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use vxmesh::config::Mode;
-use vxmesh::dataplane::netns::{Netns, NetnsGuard};
+use vxmesh::dataplane::netns::NetnsGuard;
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -30,12 +29,6 @@ fn plugin() -> PathBuf {
     std::env::var_os("VXMESH_CNI_PLUGIN")
         .map(PathBuf::from)
         .unwrap_or_else(exe)
-}
-
-struct Out {
-    code: i32,
-    json: Value,
-    stderr: String,
 }
 
 impl Out {
@@ -47,39 +40,7 @@ impl Out {
 /// Run the plugin in `host_ns` as libcni does: a clean environment with
 /// CNI_COMMAND, CNI_PATH and `env`, the configuration on stdin.
 fn cni(host_ns: &str, command: &str, env: &[(&str, &str)], stdin: &str) -> Out {
-    let ns = Netns::open(host_ns).unwrap();
-    let mut cmd = Command::new(plugin());
-    cmd.env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_PATH", "/opt/cni/bin");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    ns.enter_on_exec(&mut cmd);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        json: if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&stdout)
-                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
-        },
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
+    run_cni(&plugin(), host_ns, command, env, stdin)
 }
 
 fn conf(version: &str, name: &str, state_dir: &str) -> Value {

@@ -8,9 +8,12 @@ use vxmesh::config::Mode;
 use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
 mod naming;
+mod plugin;
 
 #[allow(unused_imports)] // not every test file names namespaces
 pub use naming::{unique, unique_ns};
+#[allow(unused_imports)] // only the CNI tests run the plugin
+pub use plugin::{Out, run_cni};
 
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vxmesh"))

@@ -224,44 +224,40 @@ fn etcd_store(settings: &AgentSettings, url: &str, p: &mut Problems) -> Option<E
     {
         bad(p, "prefix", text(prefix), e);
     }
+    // (key, given, the key it needs is given, the fix)
     let pairs = [
         (
             "etcd_cert",
             v.etcd_cert.is_some(),
-            "etcd_key",
             v.etcd_key.is_some(),
             "needs etcd_key (--etcd-key): the key of the client certificate",
         ),
         (
             "etcd_key",
             v.etcd_key.is_some(),
-            "etcd_cert",
             v.etcd_cert.is_some(),
             "needs etcd_cert (--etcd-cert): the client certificate of this key",
         ),
         (
             "etcd_cert",
             v.etcd_cert.is_some(),
-            "etcd_ca",
             v.etcd_ca.is_some(),
             "needs etcd_ca (--etcd-ca): the CA that signed the etcd server certificate",
         ),
         (
             "etcd_user",
             v.etcd_user.is_some(),
-            "etcd_password_file",
             v.etcd_password_file.is_some(),
             "needs etcd_password_file (--etcd-password-file): the file holding the user's password",
         ),
         (
             "etcd_password_file",
             v.etcd_password_file.is_some(),
-            "etcd_user",
             v.etcd_user.is_some(),
             "needs etcd_user (--etcd-user): whose password the file holds",
         ),
     ];
-    for (key, given, _needs, has, msg) in pairs {
+    for (key, given, has, msg) in pairs {
         if given && !has {
             bad(p, key, None, msg.to_string());
         }

@@ -107,6 +107,33 @@ pub struct NodePlan {
     pub ip_forward: bool,
     /// Per network served: what attach/CNI need (written to the state dir).
     pub networks: BTreeMap<String, NetworkState>,
+    /// Ports published on this node's addresses (Docker `-p`, `vxmesh
+    /// attach --publish`): rendered as DNAT rules in vxmesh's nftables table.
+    #[serde(default)]
+    pub ports: BTreeSet<PortSpec>,
+}
+
+/// The transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProto {
+    Tcp,
+    Udp,
+}
+
+/// A published port: traffic to one of this node's addresses on
+/// `host_port` (from anywhere, also from containers on this node) goes to
+/// `container_ip:container_port` on `network`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub proto: PortProto,
+    pub host_port: u16,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+    pub network: String,
+    /// Who published it (`docker:ENDPOINT_ID`, a container id), for errors
+    /// and `status`.
+    pub owner: String,
 }
 
 /// What a node knows about one network it serves, for attaching containers.

@@ -18,7 +18,6 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::NetworkState;
@@ -68,7 +67,7 @@ pub struct IpamLock {
 
 impl Drop for IpamLock {
     fn drop(&mut self) {
-        let _ = FileExt::unlock(&self.file);
+        let _ = self.file.unlock();
     }
 }
 
@@ -93,7 +92,7 @@ impl Ipam {
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
-        file.lock_exclusive()
+        file.lock()
             .map_err(|e| StoreError::io("lock", &path, e))?;
         Ok(IpamLock { file })
     }

@@ -13,7 +13,6 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{NetworkState, NodePlan};
@@ -310,15 +309,21 @@ pub fn lock_agent(state_dir: &Path) -> Result<AgentLock, StateError> {
         .write(true)
         .open(&path)
         .map_err(io_step(format!("open {}", path.display())))?;
-    if file.try_lock_exclusive().is_err() {
-        let holder = fs::read(&path)
-            .ok()
-            .and_then(|d| lock_holder(&d))
-            .map_or("unknown".to_string(), |pid| pid.to_string());
-        return Err(StateError::Locked {
-            holder,
-            state_dir: state_dir.display().to_string(),
-        });
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read(&path)
+                .ok()
+                .and_then(|d| lock_holder(&d))
+                .map_or("unknown".to_string(), |pid| pid.to_string());
+            return Err(StateError::Locked {
+                holder,
+                state_dir: state_dir.display().to_string(),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(io_step(format!("lock {}", path.display()))(e));
+        }
     }
     file.set_len(0)
         .and_then(|()| write!(file, "{}", std::process::id()))
@@ -345,11 +350,12 @@ pub fn agent_running(state_dir: &Path) -> bool {
     else {
         return false;
     };
-    match file.try_lock_exclusive() {
+    match file.try_lock() {
         Ok(()) => {
-            let _ = FileExt::unlock(&file);
+            let _ = file.unlock();
             false
         }
+        // Held by another process (or the lock cannot be tested: as held).
         Err(_) => true,
     }
 }

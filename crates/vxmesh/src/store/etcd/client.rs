@@ -239,8 +239,9 @@ pub(crate) fn check_client(o: &ClientOptions) -> std::result::Result<(), String>
     Ok(())
 }
 
-/// Connect (lazily: the first request tells whether etcd is reachable).
-pub async fn connect(o: &ClientOptions) -> Result<Client> {
+/// The connection settings of `o`: timeouts, keep-alive pings, `hasleader`
+/// on every request and stream, user, TLS material (read from its files).
+async fn connect_options(o: &ClientOptions) -> Result<ConnectOptions> {
     check_client(o).map_err(|problems| StoreError::InvalidOptions {
         what: "client",
         problems,
@@ -275,6 +276,12 @@ pub async fn connect(o: &ClientOptions) -> Result<Client> {
         }
         co = co.with_tls(tls);
     }
+    Ok(co)
+}
+
+/// Connect (lazily: the first request tells whether etcd is reachable).
+pub async fn connect(o: &ClientOptions) -> Result<Client> {
+    let co = connect_options(o).await?;
     let eps = o.endpoints.join(",");
     let live = live_endpoints(&o.endpoints, &co).await;
     match tokio::time::timeout(OP_TIMEOUT, Client::connect(&live, Some(co))).await {
@@ -343,6 +350,44 @@ fn pick_live(endpoints: &[String], answered: &[bool]) -> Vec<String> {
     } else {
         live
     }
+}
+
+/// A client of the first member of `o` to answer a status request within
+/// `timeout` (all probed at once; the slowest is not waited for), or
+/// `None` if none did. A lease keeper whose member stopped answering (paused,
+/// or cut off from the quorum) moves to it: pinned to one member that
+/// answers now, instead of a balanced channel that may pick the silent one
+/// again.
+pub(crate) async fn connect_answering(
+    o: &ClientOptions,
+    timeout: Duration,
+) -> Option<(Client, String)> {
+    let co = connect_options(o).await.ok()?;
+    let mut probes: futures::stream::FuturesUnordered<_> = o
+        .endpoints
+        .iter()
+        .map(|ep| {
+            let co = co.clone();
+            async move {
+                let answered = tokio::time::timeout(timeout, async {
+                    let mut c = Client::connect([ep.as_str()], Some(co)).await?;
+                    c.status().await?;
+                    Ok::<_, etcd_client::Error>(c)
+                })
+                .await;
+                match answered {
+                    Ok(Ok(c)) => Some((c, ep.clone())),
+                    _ => None,
+                }
+            }
+        })
+        .collect();
+    while let Some(r) = futures::StreamExt::next(&mut probes).await {
+        if r.is_some() {
+            return r;
+        }
+    }
+    None
 }
 
 /// What to do about a few common etcd errors.

@@ -13,7 +13,7 @@ use etcd_client::Client;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::client::{AbortOnDrop, ClientOptions, connect, op};
+use super::client::{AbortOnDrop, ClientOptions, connect_answering, op};
 use crate::store::error::{Result, StoreError};
 
 /// What the keeper knows about its lease.
@@ -69,6 +69,13 @@ pub(crate) fn reply_deadline(period: Duration, now: Instant, expires_at: Instant
         .max(Duration::from_millis(250))
 }
 
+/// How long a keeper waits for the members to answer when it looks for
+/// another one: half a period (the stream already waited up to one), at
+/// least 200 ms.
+fn probe_timeout(period: Duration) -> Duration {
+    (period / 2).max(Duration::from_millis(200))
+}
+
 /// A running keeper of one lease; dropping it stops the renewals (the
 /// lease then expires on its own: nothing is revoked).
 pub(crate) struct KeptLease {
@@ -79,9 +86,10 @@ pub(crate) struct KeptLease {
 
 impl KeptLease {
     /// Keep lease `id` (just granted with `ttl_secs`) alive until dropped.
-    /// With `reconnect`, a stream that goes unanswered is reopened on a new
-    /// connection to the members that answer (a paused or cut-off member
-    /// keeps its TCP connections open but never replies).
+    /// With `reconnect`, a broken stream is reopened on a client of the
+    /// first member that answers (a paused member keeps its TCP connections
+    /// open but never replies; one cut off from the quorum refuses; a
+    /// balanced client may pick either again).
     pub(crate) fn spawn(
         client: Client,
         id: i64,
@@ -160,14 +168,14 @@ async fn keep(
                     failures,
                     "lease keep-alive stream broken: {why}"
                 );
-                // Unanswered (not refused): the member behind this
-                // connection may be paused or cut off from the others.
-                // Reconnect to the members that answer now.
-                if (why.contains("no reply") || why.contains("no answer"))
-                    && let Some(o) = &reconnect
-                    && let Ok(Ok(c)) = tokio::time::timeout(period, connect(o)).await
+                // The member behind this stream may be paused, dead or cut
+                // off from the quorum (a balanced client could pick it
+                // again): move to the first member that answers now, found
+                // well within the lease's margin.
+                if let Some(o) = &reconnect
+                    && let Some((c, ep)) = connect_answering(o, probe_timeout(period)).await
                 {
-                    tracing::debug!(lease = id, "lease keeper reconnected to etcd");
+                    tracing::debug!(lease = id, endpoint = %ep, "lease keeper moved to the etcd member that answered first");
                     client = c;
                 }
                 // Reopen at once the first time; then pace the attempts (a

@@ -194,7 +194,7 @@ pub async fn pass<S: Store>(
     let changes = report.changes + reattached;
     publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
     plans.save(&opts.state_dir, &opts.node, &snap, &p)?;
-    sync_endpoints(store, &opts.state_dir, &p).await?;
+    sync_endpoints(store, opts, &p).await?;
     Ok(PassOutcome {
         changes,
         plan: p,
@@ -203,35 +203,83 @@ pub async fn pass<S: Store>(
 }
 
 /// Bridged networks whose addresses the store allocates (etcd): publish
-/// exactly the addresses attached on this node. Runs under the IPAM lock,
-/// so it never races an attach or detach in progress.
-async fn sync_endpoints<S: Store>(
-    store: &mut S,
-    state_dir: &std::path::Path,
-    p: &NodePlan,
-) -> Result<()> {
-    for (name, st) in &p.networks {
-        if st.mode != Mode::Bridged || store.allocator(name).is_local() {
-            continue;
-        }
-        let (dir, net) = (state_dir.to_path_buf(), name.clone());
-        let (lock, allocated) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+/// exactly the addresses attached on this node. Every network with
+/// allocations here (also one no longer served): detach the containers
+/// whose address another node owns now ([`detach_lost`]). Runs under the
+/// IPAM lock, so it never races an attach or detach in progress.
+async fn sync_endpoints<S: Store>(store: &mut S, opts: &AgentOptions, p: &NodePlan) -> Result<()> {
+    let mut names: BTreeSet<String> = p
+        .networks
+        .iter()
+        .filter(|(name, st)| st.mode == Mode::Bridged && !store.allocator(name).is_local())
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.extend(Ipam::networks(&opts.state_dir));
+    for name in &names {
+        let (dir, net) = (opts.state_dir.clone(), name.clone());
+        let (lock, allocations) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let ipam = Ipam::new(&dir, &net);
             let lock = ipam.lock()?;
-            let allocated: BTreeSet<Ipv4Addr> = ipam.list()?.into_iter().map(|a| a.ip).collect();
-            Ok((lock, allocated))
+            let allocations = ipam.list()?;
+            Ok((lock, allocations))
         })
         .await
         .map_err(|error| AgentError::IpamTask {
             network: name.clone(),
             error,
         })??;
-        let r = store.sync_endpoints(name, &allocated).await;
+        let allocated: BTreeSet<Ipv4Addr> = allocations.iter().map(|a| a.ip).collect();
+        let lost = store
+            .sync_endpoints(name, &allocated)
+            .await
+            .map_err(|error| AgentError::PublishEndpoints {
+                network: name.clone(),
+                error,
+            });
+        let r = match lost {
+            Ok(lost) => detach_lost(opts, name, &lock, &allocations, &lost).await,
+            Err(e) => Err(e),
+        };
         drop(lock);
-        r.map_err(|error| AgentError::PublishEndpoints {
-            network: name.clone(),
-            error,
-        })?;
+        r?;
+    }
+    Ok(())
+}
+
+/// Detach the containers of `network` whose address another node owns now
+/// (`lost`, from the store), with the IPAM lock held: one error line per
+/// container, counted in `vxmesh_containers_detached_total`. A container
+/// whose address is still this node's is never in `lost`.
+async fn detach_lost(
+    opts: &AgentOptions,
+    network: &str,
+    lock: &crate::ipam::IpamLock,
+    allocations: &[Allocation],
+    lost: &[crate::store::LostAddress],
+) -> Result<()> {
+    let ipam = Ipam::new(&opts.state_dir, network);
+    for l in lost {
+        let Some(a) = allocations.iter().find(|a| a.ip == l.ip) else {
+            continue;
+        };
+        let detached = crate::attach::detach_lost(&ipam, lock, network, &a.owner, a.ip, None)
+            .await
+            .map_err(|error| AgentError::DetachLost {
+                network: network.to_string(),
+                container_id: a.owner.container_id.clone(),
+                ip: a.ip,
+                error: Box::new(error),
+            })?;
+        if detached {
+            opts.metrics.container_detached(network, "address_lost");
+            tracing::error!(
+                network, container = %a.owner.container_id, ifname = %a.owner.ifname, ip = %a.ip, owner = %l.owner,
+                "THIS NODE LOST AN ADDRESS: detached container {} ({}) from network {network}: its address {} is \
+                 now owned by node {} (claimed while this node's etcd lease was expired for longer than the grace \
+                 period)",
+                a.owner.container_id, a.owner.ifname, a.ip, l.owner
+            );
+        }
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Mode;
 use crate::dataplane::kernel::{LinkOptions, Netlink, NetlinkError};
 use crate::dataplane::netns::Netns;
-use crate::ipam::{Ipam, Owner};
+use crate::ipam::{Ipam, IpamLock, Owner};
 use crate::model::{self, Mac};
 use crate::state;
 use crate::store::{AddressAllocator, Allocator};
@@ -413,6 +413,27 @@ pub async fn detach(
             .await?),
         Err(_) => Ok(Ipam::new(state_dir, network).release(&owner)?),
     }
+}
+
+/// Detach a container whose address `ip` another node owns now (this node
+/// lost it while its etcd lease was expired): delete its veth and release
+/// its allocation in the file IPAM, under the IPAM lock `lock` the caller
+/// holds (no attach or detach of this network is half-way meanwhile), and
+/// only if `owner` still holds `ip`. The address is not released in etcd:
+/// it is the other node's. Returns whether anything was detached.
+pub async fn detach_lost(
+    ipam: &Ipam,
+    lock: &IpamLock,
+    network: &str,
+    owner: &Owner,
+    ip: Ipv4Addr,
+    host_ns: Option<&Netns>,
+) -> Result<bool> {
+    if ipam.holder(ip)?.as_ref() != Some(owner) {
+        return Ok(false);
+    }
+    unplumb(network, &owner.container_id, &owner.ifname, host_ns).await?;
+    Ok(ipam.release_locked(lock, owner)?.is_some())
 }
 
 #[cfg(test)]

@@ -82,6 +82,21 @@ impl Ipam {
         &self.dir
     }
 
+    /// The networks that have an allocator directory in `state_dir` (an
+    /// attach happened there once), also those no longer served.
+    pub fn networks(state_dir: &Path) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(state_dir.join("ipam")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Take the allocator lock (blocking).
     pub fn lock(&self) -> Result<IpamLock> {
         fs::create_dir_all(&self.dir).map_err(|e| StoreError::io("create", &self.dir, e))?;
@@ -92,8 +107,7 @@ impl Ipam {
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
-        file.lock()
-            .map_err(|e| StoreError::io("lock", &path, e))?;
+        file.lock().map_err(|e| StoreError::io("lock", &path, e))?;
         Ok(IpamLock { file })
     }
 

@@ -72,6 +72,18 @@ pub enum AgentError {
         #[source]
         error: Box<NetlinkError>,
     },
+    /// A container whose address another node owns now could not be
+    /// detached.
+    #[error(
+        "detach container '{container_id}' from network {network} ({ip} is another node's now)"
+    )]
+    DetachLost {
+        network: String,
+        container_id: String,
+        ip: Ipv4Addr,
+        #[source]
+        error: Box<crate::attach::AttachError>,
+    },
     /// The blocking task that takes a network's IPAM lock failed.
     #[error("IPAM lock task")]
     IpamTask {

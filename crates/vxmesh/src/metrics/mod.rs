@@ -16,6 +16,7 @@
 //! | `vxmesh_store_connected` | gauge | 1 while the store is live (static file: always once open; etcd: joined, lease kept alive and watch running), else 0 |
 //! | `vxmesh_records_rejected_total{kind="node\|subnet\|endpoint\|network"}` | counter | invalid etcd records skipped, each key counted once per revision (as it is logged) |
 //! | `vxmesh_join_failures_total{cause}` | counter | failed attempts to join the store, by cause (`lease_lost`, `unreachable`, `conflict`, `subnets_full`, `no_network`, `contention`, `etcd_error`, `other`) |
+//! | `vxmesh_containers_detached_total{network,reason}` | counter | containers the agent detached itself; `reason="address_lost"`: another node owns the container's address now (claimed after this node's lease had expired for longer than the grace period) |
 //! | `vxmesh_last_pass_timestamp_seconds` | gauge | Unix time the last pass ended (either result) |
 //! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
 
@@ -88,6 +89,12 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DetachLabel {
+    network: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -113,6 +120,7 @@ struct Inner {
     store_links: Mutex<StoreLinks>,
     records_rejected: Family<KindLabel, Counter>,
     join_failures: Family<CauseLabel, Counter>,
+    detached: Family<DetachLabel, Counter>,
     last_pass: Gauge<f64, AtomicU64>,
     last_success: Gauge<f64, AtomicU64>,
 }
@@ -214,6 +222,12 @@ impl Metrics {
             "Failed attempts to join the store, by cause",
             join_failures.clone(),
         );
+        let detached = Family::<DetachLabel, Counter>::default();
+        registry.register(
+            "containers_detached",
+            "Containers the agent detached itself, by network and reason",
+            detached.clone(),
+        );
         let last_pass = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "last_pass_timestamp",
@@ -242,6 +256,7 @@ impl Metrics {
                 store_links: Mutex::new(StoreLinks::default()),
                 records_rejected,
                 join_failures,
+                detached,
                 last_pass,
                 last_success,
             }),
@@ -326,6 +341,18 @@ impl Metrics {
             .inc();
     }
 
+    /// The agent detached a container of `network` itself (`reason`: a
+    /// short stable name, e.g. `address_lost`).
+    pub fn container_detached(&self, network: &str, reason: &'static str) {
+        self.inner
+            .detached
+            .get_or_create(&DetachLabel {
+                network: network.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
     /// One agent pass ended.
     pub fn pass_done(&self, ok: bool) {
         let m = &self.inner;
@@ -407,6 +434,20 @@ mod tests {
         );
         assert_eq!(
             sample(&text, "vxmesh_join_failures_total{cause=\"unreachable\"}"),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn detached_containers_are_counted_by_network_and_reason() {
+        let m = Metrics::new();
+        m.container_detached("seg", "address_lost");
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                "vxmesh_containers_detached_total{network=\"seg\",reason=\"address_lost\"}"
+            ),
             Some(1.0)
         );
     }

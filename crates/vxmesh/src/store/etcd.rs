@@ -102,6 +102,7 @@ pub use client::{
     ClientOptions, DEFAULT_PREFIX, DEFAULT_TTL, EtcdOptions, MIN_TTL, TlsOptions, parse_store_url,
 };
 pub use client::{connect, op};
+pub use endpoints::Refused;
 pub use multi::EtcdNetworks;
 pub use network::{create_network, delete_network, get_network, validate_network};
 use records::Keys;
@@ -407,12 +408,14 @@ impl EtcdStore {
     /// on this node, from its local IPAM): publish what attach published
     /// (so that a re-granted lease re-publishes it too), withdraw what was
     /// detached or whose container is gone (e.g. adopted at join). Returns
-    /// the addresses that could not be published and why (another node
-    /// holds them). Routed networks: nothing to do.
+    /// the addresses that could not be published and why; those another
+    /// node owns now name it ([`Refused::lost`]: their containers must be
+    /// detached). Routed networks: nothing is published; the addresses in
+    /// another node's subnet are returned as lost.
     pub async fn sync_endpoints(
         &self,
         allocated: &std::collections::BTreeSet<Ipv4Addr>,
-    ) -> Result<Vec<(Ipv4Addr, String)>> {
+    ) -> Result<Vec<Refused>> {
         endpoints::sync_endpoints(&self.inner, allocated).await
     }
 }

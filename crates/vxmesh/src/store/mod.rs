@@ -31,6 +31,16 @@ pub struct Snapshot {
     pub endpoints: Option<Vec<Endpoint>>,
 }
 
+/// An address allocated on this node that another node owns now: it claimed
+/// the address (bridged) or the subnet holding it (routed) after this
+/// node's lease had expired for longer than the grace period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostAddress {
+    pub ip: Ipv4Addr,
+    /// The node that owns it now.
+    pub owner: String,
+}
+
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Human-readable origin, for logs ("cluster file /etc/vxmesh/cluster.toml").
@@ -51,13 +61,16 @@ pub trait Store {
     /// Make the endpoints this node publishes in `network` equal the
     /// addresses allocated on this node (`allocated`, from the local IPAM):
     /// adopt what attach published, withdraw what is no longer attached.
-    /// Stores that publish no endpoints do nothing.
+    /// Returns the allocated addresses another node owns now (this node's
+    /// lease expired for longer than the grace period and the other node
+    /// claimed them): the agent detaches the containers using them. Stores
+    /// without dynamic membership (a static file) do nothing.
     async fn sync_endpoints(
         &mut self,
         _network: &str,
         _allocated: &BTreeSet<Ipv4Addr>,
-    ) -> Result<()> {
-        Ok(())
+    ) -> Result<Vec<LostAddress>> {
+        Ok(Vec::new())
     }
 
     /// Graceful leave: withdraw this node's records at once (peers drop it

@@ -65,10 +65,13 @@ fn plain_holder(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
+/// The holder named for an endpoint record that does not parse.
+pub(crate) const UNREADABLE_HOLDER: &str = "an unreadable record";
+
 fn endpoint_holder(v: &[u8]) -> String {
     serde_json::from_slice::<Endpoint>(v)
         .map(|e| e.node)
-        .unwrap_or_else(|_| "an unreadable record".into())
+        .unwrap_or_else(|_| UNREADABLE_HOLDER.into())
 }
 
 /// The identity this node is about to take: refuse a name another live

@@ -11,7 +11,7 @@ use crate::config::Mode;
 use crate::model::NodeRecord;
 use crate::state::EtcdSection;
 use crate::store::error::{Result, StoreError};
-use crate::store::{AllocatorSpec, Snapshot, Store};
+use crate::store::{AllocatorSpec, LostAddress, Snapshot, Store};
 
 pub struct EtcdNetworks {
     stores: Vec<EtcdStore>,
@@ -177,24 +177,32 @@ impl Store for EtcdNetworks {
         &mut self,
         network: &str,
         allocated: &BTreeSet<Ipv4Addr>,
-    ) -> Result<()> {
+    ) -> Result<Vec<LostAddress>> {
         let Some(s) = self.store(network) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        let refused: BTreeMap<Ipv4Addr, String> =
-            s.sync_endpoints(allocated).await?.into_iter().collect();
+        let mut lost = Vec::new();
+        let mut refused = BTreeMap::new();
+        for r in s.sync_endpoints(allocated).await? {
+            match r.lost() {
+                Some(l) => lost.push(l),
+                None => {
+                    refused.insert(r.ip, r.why);
+                }
+            }
+        }
         let warned = self.refused.entry(network.to_string()).or_default();
         for (ip, why) in &refused {
             if warned.get(ip) != Some(why) {
                 tracing::warn!(
                     network,
                     %ip,
-                    "address allocated on this node cannot be published ({why}): detach the container here or there"
+                    "address allocated on this node cannot be published ({why}): detach the container here"
                 );
             }
         }
         *warned = refused;
-        Ok(())
+        Ok(lost)
     }
 
     async fn leave(self) -> Result<()> {

@@ -306,8 +306,8 @@ async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
         tracing::error!(
             node = %inner.me.node, network = %net.name, %old, new = %subnet,
             "THIS NODE LOST ITS SUBNET: {old} was claimed by another node while this node's lease was expired \
-             (longer than the grace period): it now serves {subnet}; containers still using addresses of {old} \
-             must be re-attached"
+             (longer than the grace period): it now serves {subnet}; containers with addresses of {old} are \
+             detached by the agent"
         );
     }
     let leases = kept.ids();
@@ -316,10 +316,10 @@ async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
         if let Claimed::Taken(holder) =
             claim_endpoint(&inner.client, &inner.keys, leases, ep, true).await?
         {
-            tracing::error!(
-                node = %inner.me.node, network = %net.name, ip = %ep.ip,
-                "THIS NODE LOST AN ADDRESS: {} is now held by {holder} (taken while this node's lease was expired): \
-                 no longer publishing it; detach the container using it on this node",
+            tracing::warn!(
+                node = %inner.me.node, network = %net.name, ip = %ep.ip, owner = %holder,
+                "address {} is now held by node {holder} (taken while this node's lease was expired): no longer \
+                 published; the agent detaches the container using it",
                 ep.ip
             );
             lost.push(ep.ip);

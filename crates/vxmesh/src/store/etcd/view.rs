@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use super::records::{self, KeyKind, Keys};
-use crate::config::{Cluster, Network};
+use crate::config::{Cluster, Mode, Network};
 use crate::metrics::RecordKind;
 use crate::model::{Endpoint, NodeRecord};
 use crate::store::Snapshot;
@@ -41,6 +41,9 @@ pub(crate) struct View {
     /// This node's own record, shown even while etcd lacks it (between a lost
     /// lease and its re-publication) so the local data plane never flaps.
     own: Option<NodeRecord>,
+    /// Routed: the subnet of `own` that another node claimed while etcd
+    /// lacked this node's record (logged once), and that node.
+    lost: Option<(Ipv4Net, String)>,
     snapshot: Snapshot,
 }
 
@@ -60,6 +63,7 @@ impl View {
             warned: HashMap::new(),
             config_missing_warned: false,
             own: None,
+            lost: None,
             snapshot,
         }
     }
@@ -74,6 +78,18 @@ impl View {
 
     pub fn set_own(&mut self, own: NodeRecord) {
         self.own = Some(own);
+    }
+
+    /// The subnet (routed) or slice (bridged) this node serves: its own
+    /// record's, unless that subnet was lost to another node (routed; the
+    /// network is then left out of the snapshot until a new one is claimed).
+    pub fn serving(&self) -> Option<Ipv4Net> {
+        if self.lost.is_some() {
+            return None;
+        }
+        self.own
+            .as_ref()
+            .and_then(|o| o.subnets.get(&self.network.name).copied())
     }
 
     /// Replace everything (after a list).
@@ -206,12 +222,34 @@ impl View {
             }
         }
         // Overlay this node's own record only while etcd has none (a record
-        // that is there but invalid or conflicting stays skipped).
+        // that is there but invalid or conflicting stays skipped). A routed
+        // subnet another node claimed meanwhile (this node's lease expired
+        // for longer than the grace period) is not served: the record stays
+        // (the node is known) but the network is left out of the snapshot,
+        // so no bridge address or route of that subnet is planned here.
+        let mut lost = None;
         if let Some(own) = &self.own
             && !self.kvs.contains_key(&self.keys.node(&own.name))
         {
+            if net.mode == Mode::Routed
+                && let Some(s) = own.subnets.get(&net.name)
+            {
+                lost = lost_to(s, &own.name, &claims, &subnets);
+            }
             accepted.push(own.clone());
         }
+        if lost.is_some() && lost != self.lost {
+            let (s, holder) = lost.as_ref().expect("checked");
+            tracing::error!(
+                network = %net.name, subnet = %s, owner = %holder,
+                "THIS NODE LOST ITS SUBNET: {s} is now claimed by node {holder} (this node's lease expired for \
+                 longer than the grace period): network {} is not served here until a free subnet is claimed; \
+                 containers with addresses of {s} are detached",
+                net.name
+            );
+        }
+        let serving = lost.is_none();
+        self.lost = lost;
         accepted.sort_by(|a, b| a.name.cmp(&b.name));
         endpoints.sort_by_key(|e| e.ip);
 
@@ -229,7 +267,7 @@ impl View {
 
         let snapshot = Snapshot {
             cluster: Cluster {
-                networks: vec![net],
+                networks: if serving { vec![net] } else { Vec::new() },
                 nodes: accepted,
             },
             endpoints: Some(endpoints),
@@ -238,6 +276,23 @@ impl View {
         self.snapshot = snapshot;
         (changed, fresh)
     }
+}
+
+/// Who holds subnet `s` of `me` now, if another node: its claim, or an
+/// accepted record whose subnet overlaps it.
+fn lost_to(
+    s: &Ipv4Net,
+    me: &str,
+    claims: &HashMap<Ipv4Net, &str>,
+    subnets: &[(Ipv4Net, String)],
+) -> Option<(Ipv4Net, String)> {
+    if let Some(owner) = claims.get(s).filter(|o| **o != me) {
+        return Some((*s, owner.to_string()));
+    }
+    subnets
+        .iter()
+        .find(|(t, n)| n != me && (t.contains(s) || s.contains(t)))
+        .map(|(_, n)| (*s, n.clone()))
 }
 
 #[cfg(test)]
@@ -417,5 +472,81 @@ mod tests {
         });
         v.rebuild();
         assert_eq!(v.snapshot().cluster.nodes.len(), 1);
+    }
+
+    #[test]
+    fn a_routed_subnet_claimed_by_another_node_is_not_served() {
+        let mut n = net();
+        n.mode = Mode::Routed;
+        n.cidr = "10.9.0.0/23".parse().unwrap();
+        n.subnet_len = 24;
+        let k = Keys::new("/vxmesh", "demo");
+        let mut v = View::new(k.clone(), n.clone());
+        v.put(k.config(), kv(&records::network_json(&n), 1));
+        let own: Ipv4Net = "10.9.0.0/24".parse().unwrap();
+        v.set_own(NodeRecord {
+            name: "me".into(),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+            underlay_dev: None,
+            subnets: BTreeMap::from([("demo".to_string(), own)]),
+        });
+        v.put(k.node("b"), kv(&node("b", "198.18.0.2", "10.9.1.0/24"), 2));
+        v.put(k.subnet("10.9.1.0/24".parse().unwrap()), kv("b", 2));
+        v.rebuild();
+        assert_eq!(v.serving(), Some(own), "nobody else claims it");
+        assert_eq!(v.snapshot().cluster.networks.len(), 1);
+        // This node's record expired; c claims its subnet.
+        v.put(k.subnet(own), kv("c", 3));
+        v.put(k.node("c"), kv(&node("c", "198.18.0.3", "10.9.0.0/24"), 3));
+        let (changed, _) = v.rebuild();
+        assert!(changed);
+        assert_eq!(v.serving(), None);
+        let s = v.snapshot();
+        assert!(
+            s.cluster.networks.is_empty(),
+            "the lost subnet is still planned"
+        );
+        assert!(
+            s.cluster.node("me").is_some(),
+            "the node itself stays known"
+        );
+        assert!(s.cluster.node("c").is_some());
+        // Its record published again (a new subnet claimed): served again.
+        let new: Ipv4Net = "10.9.1.0/24".parse().unwrap();
+        v.delete(&k.subnet(new));
+        v.delete(&k.node("b"));
+        v.put(k.subnet(new), kv("me", 4));
+        v.put(
+            k.node("me"),
+            kv(&node("me", "198.18.0.1", "10.9.1.0/24"), 4),
+        );
+        v.set_own(NodeRecord {
+            name: "me".into(),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+            underlay_dev: None,
+            subnets: BTreeMap::from([("demo".to_string(), new)]),
+        });
+        v.rebuild();
+        assert_eq!(v.serving(), Some(new));
+        assert_eq!(v.snapshot().cluster.networks.len(), 1);
+    }
+
+    #[test]
+    fn a_bridged_slice_claimed_by_another_node_stays_served() {
+        let (mut v, k) = view();
+        let own: Ipv4Net = "10.1.0.16/28".parse().unwrap();
+        v.set_own(NodeRecord {
+            name: "me".into(),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+            underlay_dev: None,
+            subnets: BTreeMap::from([("demo".to_string(), own)]),
+        });
+        v.put(k.subnet(own), kv("c", 3));
+        v.put(k.node("c"), kv(&node("c", "198.18.0.3", "10.1.0.16/28"), 3));
+        v.rebuild();
+        // Its addresses are claimed one by one: the slice is only where
+        // attach looks first.
+        assert_eq!(v.serving(), Some(own));
+        assert_eq!(v.snapshot().cluster.networks.len(), 1);
     }
 }

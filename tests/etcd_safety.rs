@@ -4,8 +4,11 @@
 //! live node's records are never removed. One test per finding of issue
 //! 19 that an integration test can reach (the others are unit tests next to
 //! the code: lease renewal deadlines, re-list on a rewound history).
-//! A throwaway one-member etcd on 127.0.0.1 per test; no root needed.
+//! A throwaway one-member etcd on 127.0.0.1 per test (no root needed),
+//! except the detach-on-loss test: a lab (agents, kernel, containers in
+//! namespaces; root) with the invariant checker.
 
+mod common;
 mod common_etcd;
 
 use std::collections::{BTreeSet, HashSet};
@@ -19,6 +22,8 @@ use vxmesh::config::Mode;
 use vxmesh::store::etcd::{self, ClientOptions, EtcdStore};
 
 use common_etcd::store::{PREFIX, TTL, join, network, opts, section, setup};
+use vxmesh_lab::lab::LabStore;
+use vxmesh_lab::lab::invariants::{CheckerOptions, InvariantChecker};
 
 fn init() {
     let _ = tracing_subscriber::fmt()
@@ -302,4 +307,106 @@ async fn claims_skip_addresses_held_by_the_local_allocator() {
         .await
         .unwrap();
     assert_ne!(got.ip, first);
+}
+
+/// Detach on loss (issue 19): host1 is cut off from etcd past its lease
+/// TTL and the grace period, host2 then takes the address of host1's
+/// container (a container attached there asking for it, as soon as the
+/// quarantine lets it). When host1 comes back, its agent must stop serving
+/// the address another node owns: the container is detached through the
+/// production path (veth deleted, allocation released), said at error
+/// level; host2's container works, and no address is used by two nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_its_address_was_taken_detaches_that_container() {
+    let mut s = common::spec("xa", 3, 1, Mode::Bridged, 1);
+    s.store = LabStore::Etcd;
+    s.ttl = TTL;
+    let name = s.name.clone();
+    {
+        let mut lab = common::up(&s).await;
+        let c1 = lab.container_on("host1").unwrap().clone();
+        let host1 = lab.node("host1").unwrap().clone();
+        let veth = vxmesh::attach::host_veth_name(&c1.network, &c1.name, "eth0");
+        let has_veth = |ns: &str| !common::ip(ns, &["-o", "link", "show", "dev", &veth]).is_empty();
+        assert!(has_veth(&host1.netns), "{veth} missing before the fault");
+        lab.partition("host1", true, &[]).unwrap();
+        let t0 = Instant::now();
+        // The address is quarantined for host1 while its hold lease lives
+        // (3 x TTL): host2 gets it only after that.
+        let thief = loop {
+            match lab
+                .add_container("host2", &c1.network, "thief", Some(c1.ip))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(
+                        t0.elapsed() < TTL * 6,
+                        "host2 never got {} in {:?}: {e:#}",
+                        c1.ip,
+                        t0.elapsed()
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
+        let taken_after = t0.elapsed();
+        assert!(
+            taken_after > TTL * 2,
+            "host2 took {} {taken_after:?} into the partition: no quarantine",
+            c1.ip
+        );
+        lab.heal_partition("host1").unwrap();
+        let t1 = Instant::now();
+        let detached = common::wait_until(TTL * 5, || !has_veth(&host1.netns)).await;
+        let log = std::fs::read_to_string(&host1.agent_log).unwrap();
+        assert!(
+            detached.is_some(),
+            "host1 still serves {} ({veth} there) {:?} after the heal, host2 owning it:\n{log}",
+            c1.ip,
+            t1.elapsed()
+        );
+        let ipam = vxmesh::ipam::Ipam::new(&host1.state_dir, &c1.network);
+        assert_eq!(ipam.holder(c1.ip).unwrap(), None, "allocation kept");
+        let line = log
+            .lines()
+            .find(|l| l.contains("THIS NODE LOST AN ADDRESS") && l.contains(&c1.name))
+            .unwrap_or_else(|| panic!("no error line for {}:\n{log}", c1.name));
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(
+            line.contains("host2") && line.contains(&c1.ip.to_string()),
+            "{line}"
+        );
+        println!(
+            "detach on loss: host2 took {} {} ms into the partition; host1 detached {} {} ms after the heal",
+            c1.ip,
+            taken_after.as_millis(),
+            c1.name,
+            detached.unwrap().as_millis()
+        );
+        // The detached container's namespace goes (detach again: a no-op);
+        // then the lab is checked as it stands.
+        lab.remove_container(&c1.name).await.unwrap();
+        let checker = InvariantChecker::start(&lab, CheckerOptions::new(TTL, &["host2", "host3"]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let report = checker.stop().await.unwrap();
+        println!("{}", report.line("detach_on_loss"));
+        assert!(report.samples >= 5, "too few samples:\n{report}");
+        assert!(
+            report.violations.is_empty(),
+            "{} violations:\n{report}",
+            report.violations.len()
+        );
+        let check = lab.check(Duration::from_secs(5)).unwrap();
+        assert!(
+            check.failures().is_empty(),
+            "{} (host2's {}) unreachable:\n{}",
+            thief.name,
+            thief.ip,
+            check.matrix()
+        );
+    }
+    common::assert_all_gone(&name);
 }

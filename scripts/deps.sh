@@ -29,7 +29,7 @@ if [ ${#pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq "${pkgs[@]}"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "vxmesh needs a Rust toolchain (1.85 or newer, e.g. from rustup)" >&2
+  echo "vxmesh needs a Rust toolchain (1.89 or newer, e.g. from rustup)" >&2
   exit 1
 fi
 # scripts/package.sh builds the Debian package with cargo-deb (and installs

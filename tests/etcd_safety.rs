@@ -8,7 +8,10 @@
 //! except the detach-on-loss test: a lab (agents, kernel, containers in
 //! namespaces; root) with the invariant checker.
 
+// Both load tests/common/naming.rs (the lab helpers and the etcd ones).
+#[allow(clippy::duplicate_mod)]
 mod common;
+#[allow(clippy::duplicate_mod)]
 mod common_etcd;
 
 use std::collections::{BTreeSet, HashSet};

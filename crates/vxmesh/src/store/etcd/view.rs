@@ -238,8 +238,9 @@ impl View {
             }
             accepted.push(own.clone());
         }
-        if lost.is_some() && lost != self.lost {
-            let (s, holder) = lost.as_ref().expect("checked");
+        if let Some((s, holder)) = &lost
+            && lost != self.lost
+        {
             tracing::error!(
                 network = %net.name, subnet = %s, owner = %holder,
                 "THIS NODE LOST ITS SUBNET: {s} is now claimed by node {holder} (this node's lease expired for \

@@ -189,10 +189,10 @@ async fn watch_once(
             return WatchEnd::Failed(format!("watch canceled by etcd: {}", resp.cancel_reason()));
         }
         if resp.created() {
-            if let Some(h) = resp.header() {
-                if let Some(why) = rewound(&inner.cluster_id, h.cluster_id(), h.revision(), *rev) {
-                    return WatchEnd::Rewound(why);
-                }
+            if let Some(h) = resp.header()
+                && let Some(why) = rewound(&inner.cluster_id, h.cluster_id(), h.revision(), *rev)
+            {
+                return WatchEnd::Rewound(why);
             }
             inner.health.watch(true, None);
             backoff.reset();

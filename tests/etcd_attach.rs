@@ -49,6 +49,7 @@ fn bridged(name: &str, vni: u32) -> Network {
         vni: Vni::new(vni).unwrap(),
         port: 4789,
         mtu: None,
+        gateway: None,
     }
 }
 

@@ -303,6 +303,7 @@ pub fn store_record(data: &[u8]) {
         vni: Vni::new(100).expect("valid"),
         port: 4789,
         mtu: None,
+        gateway: None,
     };
     let records = NetworkRecords::new("/vxmesh", start.clone());
     let listing: Vec<(&str, &[u8])> = text

@@ -30,6 +30,10 @@ pub enum NetCmd {
         /// Overlay MTU (default: underlay MTU - 50).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Bridged networks: a distributed gateway on every node's bridge,
+        /// `true` (the cidr's first host address) or its address.
+        #[arg(long, value_name = "true|A.B.C.D")]
+        gateway: Option<String>,
     },
     /// Print a network's config (JSON).
     Show {
@@ -56,6 +60,7 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             subnet_len,
             port,
             mtu,
+            gateway,
         } => {
             let mode: Mode = mode.into();
             let file = config::NetworkFile {
@@ -66,12 +71,21 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                 vni,
                 port,
                 mtu,
+                gateway: gateway.map(|g| match g.as_str() {
+                    "true" => config::GatewayFile::Enabled(true),
+                    "false" => config::GatewayFile::Enabled(false),
+                    _ => config::GatewayFile::Address(g),
+                }),
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();
             etcd::create_network(&login.client()?, &login.prefix(), &net).await?;
+            let gw = net
+                .gateway
+                .map(|g| format!(", gateway {g}"))
+                .unwrap_or_default();
             println!(
-                "network {} ({}, cidr {}, /{} per node, VNI {}) is in etcd",
+                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}) is in etcd",
                 net.name, net.mode, net.cidr, net.subnet_len, net.vni
             );
         }

@@ -84,6 +84,7 @@ fn cluster(peers: usize) -> ClusterFile {
             vni: 100,
             port: 4789,
             mtu: None,
+            gateway: None,
         }],
         nodes,
     }

@@ -76,6 +76,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
         vni: Vni::new(100).expect("valid"),
         port: 4789,
         mtu: None,
+        gateway: None,
     };
     let nodes = (0..=peers)
         .map(|i| NodeRecord {

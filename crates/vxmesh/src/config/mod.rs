@@ -9,6 +9,8 @@
 //! vni = 100
 //! port = 4789                # optional, default 4789
 //! mtu = 1450                 # optional, default underlay MTU - 50
+//! gateway = true             # bridged only, optional: a distributed gateway
+//!                            # (first host address, or gateway = "A.B.C.D")
 //!
 //! [[node]]
 //! name = "host1"
@@ -28,11 +30,13 @@ use serde::{Deserialize, Serialize};
 use crate::model::{NodeRecord, Vni};
 
 mod error;
+mod gateway;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use error::{ConfigError, Problem};
+pub use gateway::{GatewayFile, first_host};
 pub use validate::{CidrError, parse_net, validate};
 
 pub const DEFAULT_PORT: u16 = 4789;
@@ -72,6 +76,9 @@ pub struct NetworkFile {
     pub port: u32,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Bridged networks: the distributed gateway (`true`, or its address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayFile>,
 }
 
 fn default_mode() -> Mode {
@@ -115,6 +122,10 @@ pub struct Network {
     pub vni: Vni,
     pub port: u16,
     pub mtu: Option<u32>,
+    /// Bridged networks with a distributed gateway: its address, on every
+    /// node's bridge (with [`crate::model::gateway_mac`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 impl From<&Network> for NetworkFile {
@@ -128,6 +139,7 @@ impl From<&Network> for NetworkFile {
             vni: n.vni.get(),
             port: n.port.into(),
             mtu: n.mtu,
+            gateway: n.gateway.map(|g| GatewayFile::Address(g.to_string())),
         }
     }
 }

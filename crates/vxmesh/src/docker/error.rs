@@ -71,7 +71,7 @@ pub enum DockerError {
     #[error("'{text}' is not an IPv4 address{context}")]
     BadAddress { text: String, context: String },
     #[error(
-        "--gateway {requested} contradicts vxmesh network '{network}' (routed), whose gateway on this node is {gateway}: leave --gateway out"
+        "--gateway {requested} contradicts vxmesh network '{network}', whose gateway on this node is {gateway}: leave --gateway out"
     )]
     GatewayMismatch {
         requested: Ipv4Addr,

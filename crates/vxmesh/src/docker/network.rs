@@ -217,7 +217,8 @@ impl Plugin {
         )
         .await?;
         let (gateway, static_routes) = match net.gateway {
-            Some(gw) if net.mode == Mode::Routed => (gw.to_string(), Vec::new()),
+            // Routed, or bridged with a distributed gateway: via the bridge.
+            Some(gw) => (gw.to_string(), Vec::new()),
             _ => (
                 String::new(),
                 vec![StaticRoute {

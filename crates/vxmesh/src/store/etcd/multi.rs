@@ -231,6 +231,7 @@ mod tests {
             vni: Vni::new(vni).unwrap(),
             port: 4789,
             mtu: None,
+            gateway: None,
         }
     }
 

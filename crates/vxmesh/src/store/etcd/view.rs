@@ -255,6 +255,7 @@ mod tests {
             vni: Vni::new(100).unwrap(),
             port: 4789,
             mtu: None,
+            gateway: None,
         }
     }
 

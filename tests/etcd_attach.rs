@@ -62,6 +62,7 @@ fn routed(name: &str, vni: u32) -> Network {
         vni: Vni::new(vni).unwrap(),
         port: 4789,
         mtu: None,
+        gateway: None,
     }
 }
 

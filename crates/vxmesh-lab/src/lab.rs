@@ -38,7 +38,7 @@ mod teardown;
 pub use check::CheckReport;
 pub use external::{
     ExternalProbe, ExternalReport, LabPublished, OUTSIDE_IP, OUTSIDE_NET, OUTSIDE_PORT, ROUTER_IP,
-    outside_ns,
+    outside_ns, parse_publish,
 };
 use cni::cni_add;
 pub(crate) use cni::run_plugin;

@@ -41,6 +41,20 @@ pub struct LabPublished {
     pub container_port: u16,
 }
 
+/// Parse `--publish HOST:CONTAINER` (TCP ports, 1-65535 each).
+pub fn parse_publish(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str, what: &str| match p.parse::<u16>() {
+        Ok(n) if n != 0 => Ok(n),
+        _ => Err(format!(
+            "'{s}': {what} port '{p}' is not a port 1-65535 (write HOST:CONTAINER, e.g. 8080:80)"
+        )),
+    };
+    let (h, c) = s
+        .split_once(':')
+        .ok_or_else(|| format!("'{s}' is not HOST:CONTAINER (e.g. 8080:80)"))?;
+    Ok((port(h, "host")?, port(c, "container")?))
+}
+
 /// The name of a lab's outside namespace.
 pub fn outside_ns(lab: &str) -> String {
     format!("vxm-{lab}-out")
@@ -158,12 +172,39 @@ impl Lab {
         Ok(ExternalReport { probes })
     }
 
-    fn container(&self, name: &str) -> Result<&super::LabContainer> {
-        self.info
-            .containers
-            .iter()
-            .find(|c| c.name == name)
-            .with_context(|| format!("lab '{}' has no container '{name}'", self.info.name))
+    /// `--publish HOST:CONTAINER`: publish CONTAINER (TCP) of every
+    /// container through the product's port records, the k-th container of
+    /// a node on host port HOST + k.
+    pub(super) async fn publish_all(&mut self, host: u16, container: u16) -> Result<()> {
+        for n in self.info.nodes.clone() {
+            let cs: Vec<_> = self
+                .info
+                .containers
+                .iter()
+                .filter(|c| c.node == n.name)
+                .cloned()
+                .collect();
+            for (c, port) in cs.iter().zip(host_ports(host, cs.len())?) {
+                let owner = vxmesh::ipam::Owner {
+                    container_id: c.name.clone(),
+                    ifname: "eth0".into(),
+                };
+                let req = vxmesh::ports::PortRequest::single(
+                    vxmesh::dataplane::PortProto::Tcp,
+                    port,
+                    container,
+                );
+                vxmesh::ports::publish(&n.state_dir, &c.network, &owner, c.ip, &[req])
+                    .with_context(|| format!("publish {port}:{container} of {}", c.name))?;
+                self.info.published.push(LabPublished {
+                    container: c.name.clone(),
+                    node: n.name.clone(),
+                    host_port: port,
+                    container_port: container,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +277,14 @@ mod tests {
         assert_eq!(host_ports(8080, 3).unwrap(), vec![8080, 8081, 8082]);
         let e = host_ports(65535, 2).unwrap_err().to_string();
         assert!(e.contains("65535"), "{e}");
+    }
+
+    #[test]
+    fn publish_parses_host_and_container() {
+        assert_eq!(parse_publish("8080:80"), Ok((8080, 80)));
+        for bad in ["8080", "0:80", "8080:x", "70000:80"] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

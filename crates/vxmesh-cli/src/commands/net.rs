@@ -34,6 +34,10 @@ pub enum NetCmd {
         /// `true` (the cidr's first host address) or its address.
         #[arg(long, value_name = "true|A.B.C.D")]
         gateway: Option<String>,
+        /// Masquerade the containers' traffic to destinations outside every
+        /// vxmesh network to the node's address (false: keep their source).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        outbound_nat: bool,
     },
     /// Print a network's config (JSON).
     Show {
@@ -61,6 +65,7 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             port,
             mtu,
             gateway,
+            outbound_nat,
         } => {
             let mode: Mode = mode.into();
             let file = config::NetworkFile {
@@ -76,6 +81,7 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                     "false" => config::GatewayFile::Enabled(false),
                     _ => config::GatewayFile::Address(g),
                 }),
+                outbound_nat,
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();
@@ -85,8 +91,13 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                 .map(|g| format!(", gateway {g}"))
                 .unwrap_or_default();
             println!(
-                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}) is in etcd",
-                net.name, net.mode, net.cidr, net.subnet_len, net.vni
+                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}, outbound NAT {}) is in etcd",
+                net.name,
+                net.mode,
+                net.cidr,
+                net.subnet_len,
+                net.vni,
+                if net.outbound_nat { "on" } else { "off" }
             );
         }
         NetCmd::Show { name, etcd: e } => {

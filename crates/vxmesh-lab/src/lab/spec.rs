@@ -173,6 +173,7 @@ pub fn network_names(spec_mode: Mode, networks: usize) -> Vec<String> {
 pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let networks: Vec<NetworkFile> = match spec.mode {
         Mode::Routed => vec![NetworkFile {
+            outbound_nat: true,
             name: "demo".into(),
             mode: Mode::Routed,
             cidr: spec
@@ -190,6 +191,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             .into_iter()
             .enumerate()
             .map(|(m, name)| NetworkFile {
+                outbound_nat: true,
                 name,
                 mode: Mode::Bridged,
                 // A gateway puts the subnet on every host's bridge: then

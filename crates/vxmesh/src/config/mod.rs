@@ -11,6 +11,7 @@
 //! mtu = 1450                 # optional, default underlay MTU - 50
 //! gateway = true             # bridged only, optional: a distributed gateway
 //!                            # (first host address, or gateway = "A.B.C.D")
+//! outbound_nat = true        # optional, default true: masquerade traffic leaving the overlay
 //!
 //! [[node]]
 //! name = "host1"
@@ -79,6 +80,14 @@ pub struct NetworkFile {
     /// Bridged networks: the distributed gateway (`true`, or its address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayFile>,
+    /// Masquerade the containers' traffic to destinations outside every
+    /// vxmesh network (default true).
+    #[serde(default = "default_true")]
+    pub outbound_nat: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mode() -> Mode {
@@ -126,6 +135,9 @@ pub struct Network {
     /// node's bridge (with [`crate::model::gateway_mac`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// Masquerade traffic from the network to outside every vxmesh network.
+    #[serde(default = "default_true")]
+    pub outbound_nat: bool,
 }
 
 impl From<&Network> for NetworkFile {
@@ -140,6 +152,7 @@ impl From<&Network> for NetworkFile {
             port: n.port.into(),
             mtu: n.mtu,
             gateway: n.gateway.map(|g| GatewayFile::Address(g.to_string())),
+            outbound_nat: n.outbound_nat,
         }
     }
 }

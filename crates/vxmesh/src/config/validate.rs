@@ -183,6 +183,7 @@ fn network(
         port: port?,
         mtu: n.mtu,
         gateway,
+        outbound_nat: n.outbound_nat,
     })
 }
 

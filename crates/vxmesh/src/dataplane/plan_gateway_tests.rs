@@ -30,6 +30,7 @@ fn plan_of(c: &Cluster, node: &str, eps: Option<&[Endpoint]>) -> NodePlan {
         node,
         endpoints: eps,
         underlay_mtu: 1500,
+        vxlan_filter: true,
     })
     .unwrap()
 }

@@ -42,6 +42,7 @@ where
 
 fn bridged(name: &str, vni: u32) -> Network {
     Network {
+        outbound_nat: true,
         name: name.into(),
         mode: Mode::Bridged,
         cidr: "10.30.0.0/24".parse().unwrap(),
@@ -54,6 +55,7 @@ fn bridged(name: &str, vni: u32) -> Network {
 
 fn routed(name: &str, vni: u32) -> Network {
     Network {
+        outbound_nat: true,
         name: name.into(),
         mode: Mode::Routed,
         cidr: "172.18.0.0/16".parse().unwrap(),

@@ -18,6 +18,7 @@ pub const PREFIX: &str = "/vxmesh";
 
 pub fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
     Network {
+        outbound_nat: true,
         name: name.into(),
         mode,
         cidr: cidr.parse().unwrap(),

@@ -58,6 +58,8 @@ pub struct AgentOptions {
     pub once: bool,
     /// Where passes and reconciles are recorded (served with `--metrics`).
     pub metrics: Metrics,
+    /// Drop VXLAN packets from anything but the node's peers.
+    pub vxlan_filter: bool,
 }
 
 /// The underlay device that carries `ip` and its MTU.
@@ -110,6 +112,7 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
         node,
         endpoints: snap.endpoints.as_deref(),
         underlay_mtu,
+        vxlan_filter: true,
     })?)
 }
 
@@ -173,6 +176,7 @@ pub async fn pass<S: Store>(
             error,
         })?;
     let mut p = plan_node(nl, &snap, &opts.node).await?;
+    p.firewall.vxlan_filter = opts.vxlan_filter;
     p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
     // Published ports changed: the incremental diff knows only peer entries.
     let base = base.filter(|b| b.ports == p.ports);
@@ -195,7 +199,9 @@ pub async fn pass<S: Store>(
         repair_attachments(nl, &p).await?
     };
     opts.metrics.reattached(reattached);
-    let changes = report.changes + reattached;
+    let fw = firewall_pass(base.filter(|_| incremental), &p).await?;
+    opts.metrics.firewall(&fw);
+    let changes = report.changes + reattached + fw.changes.len();
     publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
     plans.save(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, &opts.state_dir, &p).await?;
@@ -204,6 +210,27 @@ pub async fn pass<S: Store>(
         plan: p,
         incremental,
     })
+}
+
+/// The firewall part of a pass, in the same pass as the routes and FDB
+/// entries: from the previous plan when the netlink part was incremental
+/// (a peer joined or left: set elements only), else dump, diff, repair.
+async fn firewall_pass(
+    base: Option<&NodePlan>,
+    p: &NodePlan,
+) -> Result<crate::firewall::FirewallReport> {
+    let (old, new) = (base.cloned(), p.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        if let Some(old) = &old
+            && let Some(r) = crate::firewall::reconcile_from(old, &new)?
+        {
+            return Ok(r);
+        }
+        crate::firewall::reconcile(&new)
+    })
+    .await
+    .map_err(AgentError::FirewallTask)?;
+    Ok(r?)
 }
 
 /// Bridged networks whose addresses the store allocates (etcd): publish

@@ -20,6 +20,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod doctor;
 pub mod error;
+pub mod firewall;
 pub mod icmp;
 pub mod ipam;
 pub mod leave;

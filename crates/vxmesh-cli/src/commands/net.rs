@@ -30,6 +30,10 @@ pub enum NetCmd {
         /// Overlay MTU (default: underlay MTU - 50).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Masquerade the containers' traffic to destinations outside every
+        /// vxmesh network to the node's address (false: keep their source).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        outbound_nat: bool,
     },
     /// Print a network's config (JSON).
     Show {
@@ -56,6 +60,7 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             subnet_len,
             port,
             mtu,
+            outbound_nat,
         } => {
             let mode: Mode = mode.into();
             let file = config::NetworkFile {
@@ -66,13 +71,19 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                 vni,
                 port,
                 mtu,
+                outbound_nat,
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();
             etcd::create_network(&login.client()?, &login.prefix(), &net).await?;
             println!(
-                "network {} ({}, cidr {}, /{} per node, VNI {}) is in etcd",
-                net.name, net.mode, net.cidr, net.subnet_len, net.vni
+                "network {} ({}, cidr {}, /{} per node, VNI {}, outbound NAT {}) is in etcd",
+                net.name,
+                net.mode,
+                net.cidr,
+                net.subnet_len,
+                net.vni,
+                if net.outbound_nat { "on" } else { "off" }
             );
         }
         NetCmd::Show { name, etcd: e } => {

@@ -77,6 +77,7 @@ fn cluster(peers: usize) -> ClusterFile {
         .collect();
     ClusterFile {
         networks: vec![NetworkFile {
+            outbound_nat: true,
             name: "bench".into(),
             mode: Mode::Routed,
             cidr: "10.0.0.0/8".into(),

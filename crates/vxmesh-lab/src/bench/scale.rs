@@ -69,6 +69,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
         Mode::Bridged => 28,
     };
     let net = Network {
+        outbound_nat: true,
         name: "bench".into(),
         mode,
         cidr,
@@ -118,6 +119,7 @@ fn endpoints(c: &Cluster) -> Vec<Endpoint> {
 fn plan_for(mode: Mode, c: &Cluster) -> Result<NodePlan> {
     let eps = endpoints(c);
     Ok(plan(&PlanInput {
+        vxlan_filter: true,
         cluster: c,
         node: "n0",
         endpoints: (mode == Mode::Bridged).then_some(eps.as_slice()),

@@ -159,6 +159,7 @@ pub fn network_names(spec_mode: Mode, networks: usize) -> Vec<String> {
 pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let networks: Vec<NetworkFile> = match spec.mode {
         Mode::Routed => vec![NetworkFile {
+            outbound_nat: true,
             name: "demo".into(),
             mode: Mode::Routed,
             cidr: spec
@@ -175,6 +176,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             .into_iter()
             .enumerate()
             .map(|(m, name)| NetworkFile {
+                outbound_nat: true,
                 name,
                 mode: Mode::Bridged,
                 cidr: "10.10.0.0/22".into(),

@@ -39,6 +39,12 @@ pub enum AgentError {
     /// large).
     #[error(transparent)]
     Reconcile(Box<ReconcileError>),
+    /// vxmesh's nftables table could not be read or repaired.
+    #[error("firewall (nftables table inet vxmesh): {0}")]
+    Firewall(#[from] crate::firewall::NftError),
+    /// The firewall pass's thread failed.
+    #[error("firewall pass: {0}")]
+    FirewallTask(tokio::task::JoinError),
     /// The kernel event subscription could not be set up.
     #[error(transparent)]
     Events(#[from] SubscribeError),

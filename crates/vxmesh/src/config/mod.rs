@@ -9,6 +9,7 @@
 //! vni = 100
 //! port = 4789                # optional, default 4789
 //! mtu = 1450                 # optional, default underlay MTU - 50
+//! outbound_nat = true        # optional, default true: masquerade traffic leaving the overlay
 //!
 //! [[node]]
 //! name = "host1"
@@ -72,6 +73,14 @@ pub struct NetworkFile {
     pub port: u32,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Masquerade the containers' traffic to destinations outside every
+    /// vxmesh network (default true).
+    #[serde(default = "default_true")]
+    pub outbound_nat: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mode() -> Mode {
@@ -115,6 +124,9 @@ pub struct Network {
     pub vni: Vni,
     pub port: u16,
     pub mtu: Option<u32>,
+    /// Masquerade traffic from the network to outside every vxmesh network.
+    #[serde(default = "default_true")]
+    pub outbound_nat: bool,
 }
 
 impl From<&Network> for NetworkFile {
@@ -128,6 +140,7 @@ impl From<&Network> for NetworkFile {
             vni: n.vni.get(),
             port: n.port.into(),
             mtu: n.mtu,
+            outbound_nat: n.outbound_nat,
         }
     }
 }

@@ -152,6 +152,7 @@ fn network(
         vni: vni?,
         port: port?,
         mtu: n.mtu,
+        outbound_nat: n.outbound_nat,
     })
 }
 

@@ -88,6 +88,8 @@ pub struct PlanInput<'a> {
     pub endpoints: Option<&'a [Endpoint]>,
     /// MTU of the underlay device, for networks without an explicit MTU.
     pub underlay_mtu: u32,
+    /// Drop VXLAN from anything but the node's peers (agent `vxlan_filter`).
+    pub vxlan_filter: bool,
 }
 
 /// Compute the desired state of `input.node`.
@@ -116,6 +118,11 @@ pub fn plan(input: &PlanInput) -> Result<NodePlan, PlanError> {
             }
         }
     }
+    let served = cluster
+        .networks
+        .iter()
+        .filter_map(|n| p.networks.get(&n.name).map(|st| (n, st.subnet)));
+    p.firewall = crate::firewall::plan_firewall(cluster, me, served, input.vxlan_filter);
     Ok(p)
 }
 
@@ -297,6 +304,7 @@ mod tests {
 
     fn input<'a>(c: &'a Cluster, node: &'a str) -> PlanInput<'a> {
         PlanInput {
+            vxlan_filter: true,
             cluster: c,
             node,
             endpoints: None,
@@ -478,6 +486,7 @@ underlay_ip = "198.18.0.3"
             node: "h1",
             endpoints: Some(&eps),
             underlay_mtu: 1500,
+            vxlan_filter: true,
         })
         .unwrap();
         assert_eq!(p.neighbours.len(), 1);
@@ -494,7 +503,7 @@ underlay_ip = "198.18.0.3"
         fn routed_plans_are_mutually_consistent(n in 1usize..24, vni in 1u32..16_777_215, mtu in 1200u32..9000) {
             let mut c = routed(n);
             c.networks[0].vni = Vni::new(vni).unwrap();
-            let plans: Vec<NodePlan> = c.nodes.iter().map(|node| plan(&PlanInput { cluster: &c, node: &node.name, endpoints: None, underlay_mtu: mtu }).unwrap()).collect();
+            let plans: Vec<NodePlan> = c.nodes.iter().map(|node| plan(&PlanInput { cluster: &c, node: &node.name, endpoints: None, underlay_mtu: mtu, vxlan_filter: true }).unwrap()).collect();
             for (i, pa) in plans.iter().enumerate() {
                 prop_assert_eq!(pa.routes.len(), n - 1);
                 prop_assert_eq!(pa.neighbours.len(), n - 1);

@@ -224,6 +224,7 @@ mod tests {
 
     fn net(name: &str, vni: u32) -> Network {
         Network {
+            outbound_nat: true,
             name: name.into(),
             mode: Mode::Bridged,
             cidr: "10.1.0.0/24".parse().unwrap(),

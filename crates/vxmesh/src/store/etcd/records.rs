@@ -396,6 +396,7 @@ mod tests {
 
     fn net(mode: Mode, cidr: &str, len: u8) -> Network {
         Network {
+            outbound_nat: true,
             name: "demo".into(),
             mode,
             cidr: cidr.parse().unwrap(),

@@ -248,6 +248,7 @@ mod tests {
 
     fn net() -> Network {
         Network {
+            outbound_nat: true,
             name: "demo".into(),
             mode: Mode::Bridged,
             cidr: "10.1.0.0/24".parse().unwrap(),

@@ -42,6 +42,7 @@ use crate::state::{self, PlanStore, ServedNetwork};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
 mod error;
+mod published;
 
 pub use error::AgentError;
 
@@ -176,6 +177,9 @@ pub async fn pass<S: Store>(
         })?;
     let mut p = plan_node(nl, &snap, &opts.node).await?;
     p.firewall.vxlan_filter = opts.vxlan_filter;
+    p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
+    // Published ports changed: the incremental diff knows only peer entries.
+    let base = base.filter(|b| b.ports == p.ports);
     let mut incremental = false;
     let report = opts
         .metrics
@@ -520,6 +524,8 @@ async fn serve<S: Store>(
     let mut resync_due = false;
     let mut allocations = AllocationMemory::default();
     let mut plans = PlanStore::new();
+    // Publishers (Docker -p, attach --publish) poke it: a pass right away.
+    let mut waker = crate::wake::Waker::bind(&opts.state_dir)?;
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         // The state dir may have been deleted under us: take the lock again
@@ -530,6 +536,9 @@ async fn serve<S: Store>(
                 "state dir {} was removed: lock taken again, its files are being recreated",
                 opts.state_dir.display()
             );
+        }
+        if let Err(e) = waker.keep() {
+            tracing::error!("{}", chain(&e));
         }
         // Before the pass: it publishes the network files (attach must not
         // allocate from an emptied IPAM) and, bridged on etcd, exactly the
@@ -587,6 +596,9 @@ async fn serve<S: Store>(
                     return Err(AgentError::Watch { store: store.describe(), error });
                 }
                 tracing::debug!("store changed");
+            }
+            () = waker.woken() => {
+                tracing::debug!("woken: published ports changed");
             }
             _ = kernel.notify.notified() => {
                 tracing::debug!("kernel changed an owned object");

@@ -341,9 +341,14 @@ impl Ports {
     }
 
     /// Drop every record whose host veth is not in `veths` (the container
-    /// is gone); returns the records dropped.
-    pub fn retain_attached(&self, veths: &BTreeSet<String>) -> Result<Vec<Publication>> {
-        let _lock = self.lock()?;
+    /// is gone); returns the records dropped. `veths` must be listed with
+    /// the lock held, so that a record published meanwhile is never
+    /// judged by a list older than its veth.
+    pub fn retain_attached(
+        &self,
+        _lock: &PortsLock,
+        veths: &BTreeSet<String>,
+    ) -> Result<Vec<Publication>> {
         let mut dropped = Vec::new();
         for p in self.list()? {
             let veth = p.host_veth();

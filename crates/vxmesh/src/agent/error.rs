@@ -23,6 +23,15 @@ pub enum AgentError {
     /// A kernel request or dump.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// The published-port records (STATE/ports/).
+    #[error(transparent)]
+    Ports(#[from] crate::ports::PortError),
+    /// The task reading the published-port records failed.
+    #[error("read the published ports: {0}")]
+    PortsTask(tokio::task::JoinError),
+    /// The wake-up socket of the state dir.
+    #[error(transparent)]
+    Wake(#[from] crate::wake::WakeError),
     /// The cluster cannot be planned for this node.
     #[error(transparent)]
     Plan(#[from] PlanError),

@@ -150,7 +150,9 @@ fn records_of_gone_veths_are_dropped_and_planned_by_network() {
     assert_eq!(planned.len(), 1);
     assert_eq!(planned.iter().next().unwrap().owner, "a");
     let kept: BTreeSet<String> = [host_veth_name("demo", "a", "eth0")].into();
-    let dropped = ports.retain_attached(&kept).unwrap();
+    let lock = ports.lock().unwrap();
+    let dropped = ports.retain_attached(&lock, &kept).unwrap();
+    drop(lock);
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].owner.container_id, "b");
     assert_eq!(ports.list().unwrap().len(), 1);

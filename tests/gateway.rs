@@ -83,7 +83,10 @@ async fn the_gateway_is_answered_by_the_local_host_only() {
         let (c1, c2) = (container(&cs, "host1-n1c1"), container(&cs, "host2-n1c1"));
         let routes = ip(&c1.netns, &["route", "show", "default"]);
         assert!(routes.contains("via 10.10.0.1"), "{routes}");
-        let (ns1, ns2) = (lab.node("host1").unwrap().netns.clone(), lab.node("host2").unwrap().netns.clone());
+        let (ns1, ns2) = (
+            lab.node("host1").unwrap().netns.clone(),
+            lab.node("host2").unwrap().netns.clone(),
+        );
 
         // ARP and echo to the gateway from both sides: answered with the
         // gateway MAC, and not one packet on either VTEP.
@@ -91,30 +94,53 @@ async fn the_gateway_is_answered_by_the_local_host_only() {
         for c in [c1, c2] {
             flush_neighbours(c);
             assert!(reaches(c, GW), "{} cannot reach its gateway", c.name);
-            assert_eq!(gateway_neighbour(c).as_deref(), Some(mac.as_str()), "{}", c.name);
+            assert_eq!(
+                gateway_neighbour(c).as_deref(),
+                Some(mac.as_str()),
+                "{}",
+                c.name
+            );
         }
-        assert_eq!((vtep_packets(&ns1), vtep_packets(&ns2)), before, "gateway traffic crossed a VTEP");
+        assert_eq!(
+            (vtep_packets(&ns1), vtep_packets(&ns2)),
+            before,
+            "gateway traffic crossed a VTEP"
+        );
         // The containers still reach each other across the VTEP.
         assert!(reaches(c1, c2.ip));
 
         // Host1 loses its gateway address (agent stopped, so it stays lost):
         // host2 still has it, but never answers host1's container.
-        lab.stop_agent_async("host1", Signal::SIGTERM).await.unwrap();
+        lab.stop_agent_async("host1", Signal::SIGTERM)
+            .await
+            .unwrap();
         ip(&ns1, &["addr", "del", "10.10.0.1/22", "dev", BRIDGE]);
         flush_neighbours(c1);
         let before2 = vtep_packets(&ns2);
-        assert!(!reaches(c1, GW), "a remote host answered host1's container for the gateway");
-        assert_eq!(vtep_packets(&ns2).1, before2.1, "host2 received gateway traffic");
+        assert!(
+            !reaches(c1, GW),
+            "a remote host answered host1's container for the gateway"
+        );
+        assert_eq!(
+            vtep_packets(&ns2).1,
+            before2.1,
+            "host2 received gateway traffic"
+        );
         assert!(reaches(c2, GW), "host2's own container lost its gateway");
 
         // The restarted agent puts the address back (plan, diff, apply).
         lab.start_agent("host1").unwrap();
-        lab.wait_agent_ready("host1", Duration::from_secs(20)).await.unwrap();
+        lab.wait_agent_ready("host1", Duration::from_secs(20))
+            .await
+            .unwrap();
         let back = wait_until(Duration::from_secs(10), || {
             ip(&ns1, &["-4", "addr", "show", BRIDGE]).contains("10.10.0.1/22")
         })
         .await;
-        assert!(back.is_some(), "the agent did not restore the gateway address");
+        assert!(
+            back.is_some(),
+            "the agent did not restore the gateway address"
+        );
         assert!(reaches(c1, GW));
     }
     assert_all_gone(&name);
@@ -138,15 +164,23 @@ async fn a_moved_container_keeps_its_address_and_routes_through_its_new_host() {
         // Host1's gateway is gone for good: the moved container's first hop
         // must be host2.
         let ns1 = lab.node("host1").unwrap().netns.clone();
-        lab.stop_agent_async("host1", Signal::SIGTERM).await.unwrap();
+        lab.stop_agent_async("host1", Signal::SIGTERM)
+            .await
+            .unwrap();
         ip(&ns1, &["addr", "del", "10.10.0.1/22", "dev", BRIDGE]);
         flush_neighbours(&moved);
-        assert!(reaches(&moved, GW), "the moved container has no gateway on host2");
+        assert!(
+            reaches(&moved, GW),
+            "the moved container has no gateway on host2"
+        );
         // Another subnet: host3's underlay address. Host2 routes it out,
         // host3 answers through its own bridge and the VTEP to host2.
         let host3 = lab.node("host3").unwrap().underlay_ip;
         let ok = wait_until(Duration::from_secs(10), || reach(&moved, host3)).await;
-        assert!(ok.is_some(), "the moved container cannot reach {host3} through host2");
+        assert!(
+            ok.is_some(),
+            "the moved container cannot reach {host3} through host2"
+        );
     }
     assert_all_gone(&name);
 }

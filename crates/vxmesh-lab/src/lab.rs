@@ -36,14 +36,14 @@ mod summary;
 mod teardown;
 
 pub use check::CheckReport;
-pub use external::{
-    ExternalProbe, ExternalReport, LabPublished, OUTSIDE_IP, OUTSIDE_NET, OUTSIDE_PORT, ROUTER_IP,
-    outside_ns, parse_publish,
-};
 use cni::cni_add;
 pub(crate) use cni::run_plugin;
 pub use demo::demo;
 pub use docker::{IMAGE, LabDocker, PLUGIN_PORT, Runtime, plugin_name};
+pub use external::{
+    ExternalProbe, ExternalReport, LabPublished, OUTSIDE_IP, OUTSIDE_NET, OUTSIDE_PORT, ROUTER_IP,
+    outside_ns, parse_publish,
+};
 pub use teardown::{LabGuard, down_by_name};
 
 pub use etcd::{

@@ -48,7 +48,12 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
             super::OUTSIDE_IP
         );
         print!("{}", outside.render());
-        fails.extend(outside.failures().iter().map(|p| format!("MISS {}", p.what)));
+        fails.extend(
+            outside
+                .failures()
+                .iter()
+                .map(|p| format!("MISS {}", p.what)),
+        );
     }
     for f in &fails {
         eprintln!("FAILED: {f}");

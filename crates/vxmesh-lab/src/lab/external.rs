@@ -99,9 +99,15 @@ impl Lab {
         o.set_link("eth0", up()).await?;
         o.add_address("eth0", Ipv4Net::new(OUTSIDE_IP, 24)?).await?;
         // Only the underlay is reachable from outside: never a container subnet.
-        o.add_route(UNDERLAY_CIDR.parse()?, Some(ROUTER_OUTSIDE_IP), "eth0", false, None)
-            .await
-            .context("the outside host's route to the underlay")?;
+        o.add_route(
+            UNDERLAY_CIDR.parse()?,
+            Some(ROUTER_OUTSIDE_IP),
+            "eth0",
+            false,
+            None,
+        )
+        .await
+        .context("the outside host's route to the underlay")?;
         self.info.external = true;
         for n in self.info.nodes.clone() {
             route_to_outside(&n).await?;
@@ -120,7 +126,8 @@ impl Lab {
             );
         }
         let out = Netns::open(&outside_ns(&self.info.name))?;
-        let _outside = Responder::start(&out, SocketAddrV4::new(OUTSIDE_IP, OUTSIDE_PORT), "outside")?;
+        let _outside =
+            Responder::start(&out, SocketAddrV4::new(OUTSIDE_IP, OUTSIDE_PORT), "outside")?;
         let mut responders = Vec::new();
         for p in &self.info.published {
             let c = self.container(&p.container)?;

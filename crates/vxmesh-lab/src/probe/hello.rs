@@ -77,7 +77,8 @@ impl Drop for Responder {
 pub fn tcp_hello(ns: &Netns, dst: SocketAddrV4, timeout: Duration) -> Result<String> {
     let mut s = ns
         .run(move || {
-            TcpStream::connect_timeout(&dst.into(), timeout).with_context(|| format!("connect to {dst}"))
+            TcpStream::connect_timeout(&dst.into(), timeout)
+                .with_context(|| format!("connect to {dst}"))
         })
         .with_context(|| format!("from network namespace '{}'", ns.name()))?;
     s.set_read_timeout(Some(timeout))?;

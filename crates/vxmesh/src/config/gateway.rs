@@ -42,7 +42,10 @@ pub(super) fn resolve(
     let ip = match want {
         GatewayFile::Enabled(_) => first_host(cidr),
         GatewayFile::Address(s) => s.parse::<Ipv4Addr>().map_err(|_| {
-            format!("'{s}' is not an IPv4 address: write `gateway = true` or an address like {}", first_host(cidr))
+            format!(
+                "'{s}' is not an IPv4 address: write `gateway = true` or an address like {}",
+                first_host(cidr)
+            )
         })?,
     };
     if !cidr.contains(&ip) || ip == cidr.network() || ip == cidr.broadcast() {

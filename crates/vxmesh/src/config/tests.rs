@@ -269,7 +269,9 @@ fn gateway_true_is_the_first_host_and_round_trips() {
 #[test]
 fn gateway_errors_name_the_key() {
     has(
-        &GATEWAY.replace("mode = \"bridged\"", "mode = \"routed\"").replace("subnet_len = 28", "subnet_len = 26"),
+        &GATEWAY
+            .replace("mode = \"bridged\"", "mode = \"routed\"")
+            .replace("subnet_len = 28", "subnet_len = 26"),
         "network[0].gateway",
     );
     has(

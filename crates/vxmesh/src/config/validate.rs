@@ -167,13 +167,15 @@ fn network(
         network_subnet_len(n, c, problems, &f);
     }
     network_mode(n, seen, problems, &f);
-    let gateway = cidr.and_then(|c| match super::gateway::resolve(n.gateway.as_ref(), n.mode, c) {
-        Ok(g) => g,
-        Err(e) => {
-            problems.add(f("gateway"), e);
-            None
-        }
-    });
+    let gateway = cidr.and_then(
+        |c| match super::gateway::resolve(n.gateway.as_ref(), n.mode, c) {
+            Ok(g) => g,
+            Err(e) => {
+                problems.add(f("gateway"), e);
+                None
+            }
+        },
+    );
     Some(Network {
         name: n.name.clone(),
         mode: n.mode,

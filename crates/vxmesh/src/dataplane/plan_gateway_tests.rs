@@ -96,3 +96,47 @@ fn without_gateway_the_bridge_keeps_its_own_mac_and_no_address() {
     assert!(p.addresses.is_empty() && !p.ip_forward);
     assert_eq!(p.networks["a"].gateway, None);
 }
+
+#[test]
+fn a_gateway_network_is_isolated_from_the_other_networks_in_the_firewall() {
+    let t = r#"
+[[network]]
+name = "a"
+mode = "bridged"
+cidr = "10.1.0.0/24"
+subnet_len = 29
+vni = 200
+gateway = true
+[[network]]
+name = "b"
+mode = "bridged"
+cidr = "10.2.0.0/24"
+subnet_len = 29
+vni = 201
+[[node]]
+name = "h1"
+underlay_ip = "198.18.0.1"
+"#;
+    let c = config::parse(t, "t").unwrap();
+    let p = plan_of(&c, "h1", None);
+    let isolated: Vec<String> = p.firewall.isolated.iter().map(|n| n.to_string()).collect();
+    assert_eq!(isolated, ["10.1.0.0/24"]);
+    let d = crate::firewall::ruleset::desired(&p).unwrap();
+    let rules: Vec<&str> = d.rules[crate::firewall::ruleset::ISOLATE_CHAIN]
+        .iter()
+        .map(|r| r.comment.as_str())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "published ports cross networks",
+            "isolate 10.1.0.0/24 out",
+            "isolate 10.1.0.0/24 in"
+        ]
+    );
+    // Without a gateway nothing routes between networks: no rule at all.
+    let mut c = c;
+    c.networks[0].gateway = None;
+    let d = crate::firewall::ruleset::desired(&plan_of(&c, "h1", None)).unwrap();
+    assert!(d.rules[crate::firewall::ruleset::ISOLATE_CHAIN].is_empty());
+}

@@ -30,6 +30,11 @@ pub struct FirewallPlan {
     /// port on the same segment (hairpin): the node subnet (routed) or the
     /// segment (bridged), by network name.
     pub hairpin: std::collections::BTreeMap<String, Ipv4Net>,
+    /// Ranges of the served bridged networks with a distributed gateway:
+    /// the node routes for them, so forwarding between them and any other
+    /// vxmesh network is dropped (networks stay isolated).
+    #[serde(default)]
+    pub isolated: BTreeSet<Ipv4Net>,
 }
 
 impl Default for FirewallPlan {
@@ -41,6 +46,7 @@ impl Default for FirewallPlan {
             overlay: BTreeSet::new(),
             nat_sources: BTreeSet::new(),
             hairpin: Default::default(),
+            isolated: BTreeSet::new(),
         }
     }
 }
@@ -74,6 +80,9 @@ pub fn plan_firewall<'a>(
         p.vxlan_ports.insert(net.port);
         if net.outbound_nat {
             p.nat_sources.insert(net.cidr);
+        }
+        if net.gateway.is_some() {
+            p.isolated.insert(net.cidr);
         }
         p.hairpin.insert(net.name.clone(), hairpin);
         for n in &cluster.nodes {

@@ -36,6 +36,8 @@ pub const PUBLISH_CHAIN: &str = "publish";
 pub const MASQUERADE_RULE: &str = "outbound-nat";
 /// The comment of the VTEP filter rule.
 pub const FILTER_RULE: &str = "vxlan-filter";
+/// The chain keeping networks with a distributed gateway isolated.
+pub const ISOLATE_CHAIN: &str = "isolate";
 
 /// An element of one of vxmesh's sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,7 +143,7 @@ pub const SETS: [SetDef; 4] = [
 /// The chains vxmesh keeps: the VTEP filter before the usual filter
 /// priority, DNAT at dstnat (and output, for the node's own connections),
 /// masquerade at srcnat.
-pub const CHAINS: [ChainDef; 5] = [
+pub const CHAINS: [ChainDef; 6] = [
     ChainDef {
         name: PUBLISH_CHAIN,
         hook: None,
@@ -161,6 +163,10 @@ pub const CHAINS: [ChainDef; 5] = [
     ChainDef {
         name: "nat_post",
         hook: Some((NfChainType::NAT, NfHook::Postrouting, 100)),
+    },
+    ChainDef {
+        name: ISOLATE_CHAIN,
+        hook: Some((NfChainType::Filter, NfHook::Forward, 0)),
     },
 ];
 
@@ -300,6 +306,42 @@ fn masquerade_rule() -> RuleDef {
     }
 }
 
+/// The rules of [`ISOLATE_CHAIN`]: published ports (DNATed flows) may
+/// cross; otherwise nothing is forwarded between a network with a gateway
+/// and another vxmesh network, either way.
+fn isolate_rules(isolated: &BTreeSet<Ipv4Net>) -> Vec<RuleDef> {
+    if isolated.is_empty() {
+        return Vec::new();
+    }
+    let ct_dnat = matches(
+        Operator::IN,
+        Expression::Named(NamedExpression::CT(CT {
+            key: "status".into(),
+            family: None,
+            dir: None,
+        })),
+        Expression::String("dnat".into()),
+    );
+    let mut rules = vec![RuleDef {
+        comment: "published ports cross networks".into(),
+        expr: vec![ct_dnat, json(Statement::Accept(None))],
+    }];
+    for g in isolated {
+        for (dir, own, other) in [("out", "saddr", "daddr"), ("in", "daddr", "saddr")] {
+            rules.push(RuleDef {
+                comment: format!("isolate {g} {dir}"),
+                expr: vec![
+                    matches(Operator::EQ, payload("ip", own), prefix(*g)),
+                    matches(Operator::EQ, payload("ip", other), set_ref(OVERLAY_SET)),
+                    matches(Operator::NEQ, payload("ip", other), prefix(*g)),
+                    json(Statement::Drop(None)),
+                ],
+            });
+        }
+    }
+    rules
+}
+
 fn jump_publish(loopback_excluded: bool) -> RuleDef {
     let mut expr = Vec::new();
     if loopback_excluded {
@@ -361,6 +403,7 @@ pub fn desired(plan: &NodePlan) -> Option<Desired> {
         }
     }
     rules.insert(PUBLISH_CHAIN, publish);
+    rules.insert(ISOLATE_CHAIN, isolate_rules(&fw.isolated));
     rules.insert("nat_post", post);
     Some(Desired {
         sets,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::common::exe;
+use crate::common::{exe, ip};
 use serde_json::{Value, json};
 use vxmesh_lab::lab::LabNode;
 

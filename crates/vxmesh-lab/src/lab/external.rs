@@ -211,7 +211,43 @@ impl Lab {
                 });
             }
         }
+        for n in &self.info.nodes {
+            let want: Vec<u16> = self
+                .info
+                .published
+                .iter()
+                .filter(|p| p.node == n.name)
+                .map(|p| p.host_port)
+                .collect();
+            wait_ports_applied(n, &want, Duration::from_secs(10)).await?;
+        }
         Ok(())
+    }
+}
+
+/// Wait until the agent of `n` has applied a plan publishing every host
+/// port of `want` (its saved plan, `STATE/plan.json`, is written after the
+/// pass that applied it).
+async fn wait_ports_applied(n: &LabNode, want: &[u16], timeout: Duration) -> Result<()> {
+    let path = n.state_dir.join(vxmesh::status::PLAN_FILE);
+    let t0 = std::time::Instant::now();
+    loop {
+        let applied: Vec<u16> = std::fs::read(&path)
+            .ok()
+            .and_then(|d| serde_json::from_slice::<vxmesh::status::SavedPlan>(&d).ok())
+            .map(|s| s.plan.ports.iter().map(|p| p.host_port).collect())
+            .unwrap_or_default();
+        if want.iter().all(|p| applied.contains(p)) {
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "{}: the agent has not applied the published ports {want:?} after {timeout:?} (applied: {applied:?}); see {}",
+                n.name,
+                n.agent_log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

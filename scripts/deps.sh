@@ -20,8 +20,10 @@ command -v chattr >/dev/null 2>&1 || pkgs+=(e2fsprogs)     # tests/cni_conforman
 command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)   # tests/packaging.rs: verify the unit
 command -v man >/dev/null 2>&1 || pkgs+=(man-db)         # tests/packaging.rs: the man pages render
 command -v dpkg-deb >/dev/null 2>&1 || pkgs+=(dpkg)       # scripts/package.sh, tests/packaging.rs
-[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] \
-  || pkgs+=(containernetworking-plugins)                 # bench cni: the reference plugins
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/portmap ] \
+  && [ -x /usr/lib/cni/tuning ] && [ -x /usr/lib/cni/firewall ] \
+  || pkgs+=(containernetworking-plugins)                 # bench cni, tests/podman_ports: the reference plugins
+command -v iptables >/dev/null 2>&1 || pkgs+=(iptables)  # tests/podman_ports: portmap and firewall use it
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

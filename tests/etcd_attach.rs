@@ -42,6 +42,7 @@ where
 
 fn bridged(name: &str, vni: u32) -> Network {
     Network {
+        outbound_nat: true,
         name: name.into(),
         mode: Mode::Bridged,
         cidr: "10.30.0.0/24".parse().unwrap(),
@@ -49,11 +50,13 @@ fn bridged(name: &str, vni: u32) -> Network {
         vni: Vni::new(vni).unwrap(),
         port: 4789,
         mtu: None,
+        gateway: None,
     }
 }
 
 fn routed(name: &str, vni: u32) -> Network {
     Network {
+        outbound_nat: true,
         name: name.into(),
         mode: Mode::Routed,
         cidr: "172.18.0.0/16".parse().unwrap(),
@@ -61,6 +64,7 @@ fn routed(name: &str, vni: u32) -> Network {
         vni: Vni::new(vni).unwrap(),
         port: 4789,
         mtu: None,
+        gateway: None,
     }
 }
 

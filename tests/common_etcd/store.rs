@@ -18,6 +18,7 @@ pub const PREFIX: &str = "/vxmesh";
 
 pub fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
     Network {
+        outbound_nat: true,
         name: name.into(),
         mode,
         cidr: cidr.parse().unwrap(),
@@ -25,6 +26,7 @@ pub fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
         vni: Vni::new(100).unwrap(),
         port: 4789,
         mtu: None,
+        gateway: None,
     }
 }
 

@@ -161,6 +161,7 @@ fn plan_nodes(c: &Cluster, endpoints: Option<&[Endpoint]>) {
     }
     for node in c.nodes.iter().take(4) {
         let input = PlanInput {
+            vxlan_filter: true,
             cluster: c,
             node: &node.name,
             endpoints,
@@ -296,6 +297,7 @@ pub fn store_record(data: &[u8]) {
         return;
     };
     let start = config::Network {
+        outbound_nat: true,
         name: "demo".into(),
         mode: Mode::Bridged,
         cidr: "10.1.0.0/24".parse().expect("valid"),
@@ -303,6 +305,7 @@ pub fn store_record(data: &[u8]) {
         vni: Vni::new(100).expect("valid"),
         port: 4789,
         mtu: None,
+        gateway: None,
     };
     let records = NetworkRecords::new("/vxmesh", start.clone());
     let listing: Vec<(&str, &[u8])> = text

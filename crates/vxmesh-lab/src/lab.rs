@@ -26,6 +26,7 @@ mod cni;
 mod demo;
 mod docker;
 mod etcd;
+mod external;
 pub mod faults;
 mod hosts;
 pub mod invariants;
@@ -39,6 +40,10 @@ use cni::cni_add;
 pub(crate) use cni::run_plugin;
 pub use demo::demo;
 pub use docker::{IMAGE, LabDocker, PLUGIN_PORT, Runtime, plugin_name};
+pub use external::{
+    ExternalProbe, ExternalReport, LabPublished, OUTSIDE_IP, OUTSIDE_NET, OUTSIDE_PORT, ROUTER_IP,
+    outside_ns, parse_publish,
+};
 pub use teardown::{LabGuard, down_by_name};
 
 pub use etcd::{
@@ -128,6 +133,8 @@ impl Lab {
             etcd: None,
             metrics_port: spec.metrics_port,
             runtime: spec.runtime,
+            external: false,
+            published: Vec::new(),
         };
         let mut lab = Lab {
             info,
@@ -194,6 +201,9 @@ impl Lab {
         }
         let all: Vec<String> = self.info.nodes.iter().map(|n| n.name.clone()).collect();
         self.pin_underlay(&all).await?;
+        if spec.external {
+            self.build_external(&ul_nl).await?;
+        }
         self.save()?;
         for i in 0..self.info.nodes.len() {
             let n = self.info.nodes[i].name.clone();
@@ -211,6 +221,9 @@ impl Lab {
         for node in self.info.nodes.clone() {
             self.attach_containers(&node.name, &nets, spec.containers)
                 .await?;
+        }
+        if let Some((host, container)) = spec.publish {
+            self.publish_all(host, container).await?;
         }
         self.save()?;
         if self.info.etcd.is_some() && !self.wait_converged(Duration::from_secs(10)).await {

@@ -42,6 +42,7 @@ use crate::state::{self, PlanStore, ServedNetwork};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
 mod error;
+mod published;
 
 pub use error::AgentError;
 
@@ -57,6 +58,8 @@ pub struct AgentOptions {
     pub once: bool,
     /// Where passes and reconciles are recorded (served with `--metrics`).
     pub metrics: Metrics,
+    /// Drop VXLAN packets from anything but the node's peers.
+    pub vxlan_filter: bool,
 }
 
 /// The underlay device that carries `ip` and its MTU.
@@ -109,6 +112,7 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
         node,
         endpoints: snap.endpoints.as_deref(),
         underlay_mtu,
+        vxlan_filter: true,
     })?)
 }
 
@@ -171,7 +175,11 @@ pub async fn pass<S: Store>(
             store: store.describe(),
             error,
         })?;
-    let p = plan_node(nl, &snap, &opts.node).await?;
+    let mut p = plan_node(nl, &snap, &opts.node).await?;
+    p.firewall.vxlan_filter = opts.vxlan_filter;
+    p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
+    // Published ports changed: the incremental diff knows only peer entries.
+    let base = base.filter(|b| b.ports == p.ports);
     let mut incremental = false;
     let report = opts
         .metrics
@@ -191,7 +199,9 @@ pub async fn pass<S: Store>(
         repair_attachments(nl, &p).await?
     };
     opts.metrics.reattached(reattached);
-    let changes = report.changes + reattached;
+    let fw = firewall_pass(base.filter(|_| incremental), &p).await?;
+    opts.metrics.firewall(&fw);
+    let changes = report.changes + reattached + fw.changes.len();
     publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
     plans.save(&opts.state_dir, &opts.node, &snap, &p)?;
     sync_endpoints(store, opts, &p).await?;
@@ -200,6 +210,27 @@ pub async fn pass<S: Store>(
         plan: p,
         incremental,
     })
+}
+
+/// The firewall part of a pass, in the same pass as the routes and FDB
+/// entries: from the previous plan when the netlink part was incremental
+/// (a peer joined or left: set elements only), else dump, diff, repair.
+async fn firewall_pass(
+    base: Option<&NodePlan>,
+    p: &NodePlan,
+) -> Result<crate::firewall::FirewallReport> {
+    let (old, new) = (base.cloned(), p.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        if let Some(old) = &old
+            && let Some(r) = crate::firewall::reconcile_from(old, &new)?
+        {
+            return Ok(r);
+        }
+        crate::firewall::reconcile(&new)
+    })
+    .await
+    .map_err(AgentError::FirewallTask)?;
+    Ok(r?)
 }
 
 /// Bridged networks whose addresses the store allocates (etcd): publish
@@ -541,6 +572,8 @@ async fn serve<S: Store>(
     let mut resync_due = false;
     let mut allocations = AllocationMemory::default();
     let mut plans = PlanStore::new();
+    // Publishers (Docker -p, attach --publish) poke it: a pass right away.
+    let mut waker = crate::wake::Waker::bind(&opts.state_dir)?;
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         // The state dir may have been deleted under us: take the lock again
@@ -551,6 +584,9 @@ async fn serve<S: Store>(
                 "state dir {} was removed: lock taken again, its files are being recreated",
                 opts.state_dir.display()
             );
+        }
+        if let Err(e) = waker.keep() {
+            tracing::error!("{}", chain(&e));
         }
         // Before the pass: it publishes the network files (attach must not
         // allocate from an emptied IPAM) and, bridged on etcd, exactly the
@@ -608,6 +644,9 @@ async fn serve<S: Store>(
                     return Err(AgentError::Watch { store: store.describe(), error });
                 }
                 tracing::debug!("store changed");
+            }
+            () = waker.woken() => {
+                tracing::debug!("woken: published ports changed");
             }
             _ = kernel.notify.notified() => {
                 tracing::debug!("kernel changed an owned object");

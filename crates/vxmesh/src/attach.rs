@@ -40,6 +40,9 @@ pub enum AttachError {
     /// which address, network, key or lease.
     #[error(transparent)]
     Store(#[from] crate::store::error::StoreError),
+    /// The container's published ports could not be removed.
+    #[error(transparent)]
+    Ports(#[from] crate::ports::PortError),
     /// A netlink connection or query failed with no more to say.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
@@ -382,7 +385,8 @@ pub async fn unplumb(
         })
 }
 
-/// Detach a container: delete its veth (if any) and release its address.
+/// Detach a container: delete its veth (if any), unpublish its ports and
+/// release its address.
 /// Repeating it, or detaching an unknown container, succeeds.
 pub async fn detach(
     state_dir: &Path,
@@ -406,6 +410,7 @@ pub async fn detach(
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
     };
+    crate::ports::unpublish(state_dir, network, &owner)?;
     // The network may be gone from this node: then only the file IPAM is left.
     match state::read_network(state_dir, network) {
         Ok(served) => Ok(Allocator::for_network(state_dir, &served, host_ns)

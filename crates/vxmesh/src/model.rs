@@ -153,6 +153,15 @@ pub fn vtep_mac(vni: Vni, underlay: Ipv4Addr) -> Mac {
     Mac([0x0a, fold, ip[0], ip[1], ip[2], ip[3]])
 }
 
+/// The MAC of a bridged network's distributed gateway: the same on every
+/// node (it is each bridge's own MAC), derived from the VNI alone.
+/// Layout `06:67:77:v0:v1:v2` (locally administered unicast), distinct from
+/// VTEP (`0a:`), bridge (`0e:`) and container (`02:42:`) MACs.
+pub fn gateway_mac(vni: Vni) -> Mac {
+    let v = vni.get().to_be_bytes();
+    Mac([0x06, 0x67, 0x77, v[1], v[2], v[3]])
+}
+
 /// The MAC of a container in bridged mode, derived from its IPv4 address
 /// (`02:42:` + the four address bytes, as Docker's overlay does).
 pub fn container_mac(ip: Ipv4Addr) -> Mac {
@@ -232,6 +241,14 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(a.is_unicast() && a.is_local() && a.is_valid_peer());
+    }
+
+    #[test]
+    fn gateway_mac_is_per_vni_local_unicast() {
+        let a = gateway_mac(Vni::new(100).unwrap());
+        assert_eq!(a.to_string(), "06:67:77:00:00:64");
+        assert_ne!(a, gateway_mac(Vni::new(101).unwrap()));
+        assert!(a.is_valid_peer() && a.is_local());
     }
 
     #[test]

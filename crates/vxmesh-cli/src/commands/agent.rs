@@ -57,6 +57,10 @@ pub struct AgentArgs {
     /// peers drop this node at once) instead of keeping the records for a restart.
     #[arg(long)]
     leave: bool,
+    /// Accept VXLAN packets only from this node's peers (nftables table inet
+    /// vxmesh; dropped ones count in vxmesh_vxlan_dropped_total) [default: true].
+    #[arg(long, value_name = "BOOL")]
+    vxlan_filter: Option<bool>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 10.0.0.1:9472).
     #[arg(long, value_name = "IP:PORT")]
     metrics: Option<String>,
@@ -85,6 +89,7 @@ impl AgentArgs {
             state_dir: self.state_dir.clone(),
             resync: self.resync,
             once: self.once.then_some(true),
+            vxlan_filter: self.vxlan_filter,
         }
     }
 
@@ -153,6 +158,7 @@ pub async fn run(a: AgentArgs) -> Result<()> {
         resync: c.resync,
         once: c.once,
         metrics: metrics.clone(),
+        vxlan_filter: c.vxlan_filter,
     };
     match c.store_choice().open(&c.node)? {
         ChosenStore::Static(mut store) => Ok(vxmesh::agent::run(&mut store, &opts).await?),

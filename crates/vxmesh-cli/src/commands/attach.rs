@@ -8,6 +8,8 @@ use anyhow::Result;
 use clap::Args;
 use vxmesh::attach::{self, AttachRequest};
 use vxmesh::dataplane::netns::Netns;
+use vxmesh::ipam::Owner;
+use vxmesh::ports::{self, PortRequest};
 use vxmesh::state::DEFAULT_STATE_DIR;
 
 #[derive(Args, Debug)]
@@ -25,6 +27,10 @@ pub struct AttachArgs {
     /// Ask for this address.
     #[arg(long)]
     ip: Option<Ipv4Addr>,
+    /// Publish a port on the node's addresses: HOST:CONTAINER[/tcp|/udp]
+    /// (tcp by default; repeatable). Removed by `vxmesh detach`.
+    #[arg(long = "publish", value_name = "HOST:CONTAINER[/PROTO]")]
+    publish: Vec<PortRequest>,
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 }
@@ -65,6 +71,18 @@ pub async fn attach(a: AttachArgs) -> Result<()> {
         mtu: None,
     })
     .await?;
+    if !a.publish.is_empty() {
+        let owner = Owner {
+            container_id: id.clone(),
+            ifname: a.ifname.clone(),
+        };
+        let ip = attached.ip.addr();
+        if let Err(e) = ports::publish(&a.state_dir, &a.network, &owner, ip, &a.publish) {
+            // Nothing half-applied: the attachment goes again.
+            attach::detach(&a.state_dir, &a.network, &id, &a.ifname, None).await?;
+            return Err(e.into());
+        }
+    }
     println!("{}", serde_json::to_string_pretty(&attached)?);
     Ok(())
 }

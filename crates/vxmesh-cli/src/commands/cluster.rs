@@ -63,6 +63,7 @@ pub fn plan_node(a: PlanArgs) -> Result<()> {
         node: &a.node,
         endpoints: None,
         underlay_mtu: a.underlay_mtu,
+        vxlan_filter: true,
     })?;
     println!("{}", serde_json::to_string_pretty(&p)?);
     Ok(())

@@ -47,6 +47,16 @@ pub struct LabUpArgs {
     /// (scrape from inside the host: `vxmesh lab exec LAB hostN -- curl ...`).
     #[arg(long, value_name = "PORT")]
     metrics_port: Option<u16>,
+    /// Build an outside world: a host 203.0.113.1 behind a router on the
+    /// underlay, with no route to any container subnet (bridged networks
+    /// get a distributed gateway and a cidr each). `lab demo --external`
+    /// also publishes 8080:80 and runs `lab check --external`.
+    #[arg(long)]
+    external: bool,
+    /// Publish port CONTAINER (TCP) of every container on its host: the
+    /// k-th container of a host (from 0) on host port HOST + k.
+    #[arg(long, value_name = "HOST:CONTAINER", value_parser = lab::parse_publish)]
+    publish: Option<(u16, u16)>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -90,6 +100,11 @@ pub enum LabCmd {
         name: String,
         #[arg(long)]
         json: bool,
+        /// Instead: probe the outside world (lab up --external): ICMP and
+        /// TCP from every container to 203.0.113.1, and every published
+        /// port from there; non-zero exit on any miss.
+        #[arg(long)]
+        external: bool,
     },
     /// Run a command in a lab node's (or container's) namespace.
     Exec {
@@ -143,6 +158,8 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
     s.ttl = Duration::from_secs(a.ttl);
     s.etcd_members = a.etcd_members;
     s.metrics_port = a.metrics_port;
+    s.external = a.external;
+    s.publish = a.publish;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)
 }
@@ -156,7 +173,30 @@ pub async fn run(cmd: LabCmd) -> Result<ExitCode> {
             print!("{}", lab.info.summary());
             println!("\nnext: vxmesh lab check {name}   |   vxmesh lab down {name}");
         }
-        LabCmd::Check { name, json } => {
+        LabCmd::Check {
+            name,
+            json,
+            external: true,
+        } => {
+            let lab = Lab::load(&name)?;
+            let report = lab.check_external(Duration::from_secs(2))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            let misses = report.failures();
+            if !misses.is_empty() {
+                eprintln!(
+                    "FAILED: {} of {} outside-world probes missed (MISS lines above)",
+                    misses.len(),
+                    report.probes.len()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            println!("all {} outside-world probes answered", report.probes.len());
+        }
+        LabCmd::Check { name, json, .. } => {
             let lab = Lab::load(&name)?;
             let report = lab.check(Duration::from_secs(2))?;
             if json {

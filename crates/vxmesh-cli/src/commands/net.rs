@@ -30,6 +30,14 @@ pub enum NetCmd {
         /// Overlay MTU (default: underlay MTU - 50).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Bridged networks: a distributed gateway on every node's bridge,
+        /// `true` (the cidr's first host address) or its address.
+        #[arg(long, value_name = "true|A.B.C.D")]
+        gateway: Option<String>,
+        /// Masquerade the containers' traffic to destinations outside every
+        /// vxmesh network to the node's address (false: keep their source).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        outbound_nat: bool,
     },
     /// Print a network's config (JSON).
     Show {
@@ -56,6 +64,8 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             subnet_len,
             port,
             mtu,
+            gateway,
+            outbound_nat,
         } => {
             let mode: Mode = mode.into();
             let file = config::NetworkFile {
@@ -66,13 +76,28 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                 vni,
                 port,
                 mtu,
+                gateway: gateway.map(|g| match g.as_str() {
+                    "true" => config::GatewayFile::Enabled(true),
+                    "false" => config::GatewayFile::Enabled(false),
+                    _ => config::GatewayFile::Address(g),
+                }),
+                outbound_nat,
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();
             etcd::create_network(&login.client()?, &login.prefix(), &net).await?;
+            let gw = net
+                .gateway
+                .map(|g| format!(", gateway {g}"))
+                .unwrap_or_default();
             println!(
-                "network {} ({}, cidr {}, /{} per node, VNI {}) is in etcd",
-                net.name, net.mode, net.cidr, net.subnet_len, net.vni
+                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}, outbound NAT {}) is in etcd",
+                net.name,
+                net.mode,
+                net.cidr,
+                net.subnet_len,
+                net.vni,
+                if net.outbound_nat { "on" } else { "off" }
             );
         }
         NetCmd::Show { name, etcd: e } => {

@@ -77,6 +77,7 @@ fn cluster(peers: usize) -> ClusterFile {
         .collect();
     ClusterFile {
         networks: vec![NetworkFile {
+            outbound_nat: true,
             name: "bench".into(),
             mode: Mode::Routed,
             cidr: "10.0.0.0/8".into(),
@@ -84,6 +85,7 @@ fn cluster(peers: usize) -> ClusterFile {
             vni: 100,
             port: 4789,
             mtu: None,
+            gateway: None,
         }],
         nodes,
     }

@@ -69,6 +69,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
         Mode::Bridged => 28,
     };
     let net = Network {
+        outbound_nat: true,
         name: "bench".into(),
         mode,
         cidr,
@@ -76,6 +77,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
         vni: Vni::new(100).expect("valid"),
         port: 4789,
         mtu: None,
+        gateway: None,
     };
     let nodes = (0..=peers)
         .map(|i| NodeRecord {
@@ -118,6 +120,7 @@ fn endpoints(c: &Cluster) -> Vec<Endpoint> {
 fn plan_for(mode: Mode, c: &Cluster) -> Result<NodePlan> {
     let eps = endpoints(c);
     Ok(plan(&PlanInput {
+        vxlan_filter: true,
         cluster: c,
         node: "n0",
         endpoints: (mode == Mode::Bridged).then_some(eps.as_slice()),

@@ -13,15 +13,22 @@ use super::{Lab, LabGuard, LabSpec, LabStore};
 /// way.
 pub async fn demo(spec: &LabSpec) -> Result<bool> {
     println!("{}", banner(spec));
+    let mut spec = spec.clone();
+    if spec.external && spec.publish.is_none() {
+        spec.publish = Some(DEMO_PUBLISH);
+    }
+    let spec = &spec;
     let t0 = Instant::now();
     let lab = LabGuard(Lab::up(spec).await?);
     println!("-- built in {:.1?}:", t0.elapsed());
     print!("{}", lab.info.summary());
     let t1 = Instant::now();
     // Probing waits on sockets, and teardown on agents: off the runtime's threads.
-    let (lab, report) = tokio::task::spawn_blocking(move || {
+    let external = spec.external;
+    let (lab, report, outside) = tokio::task::spawn_blocking(move || {
         let report = lab.check(Duration::from_secs(2));
-        (lab, report)
+        let outside = external.then(|| lab.check_external(Duration::from_secs(2)));
+        (lab, report, outside)
     })
     .await?;
     let report = report?;
@@ -31,7 +38,23 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
         t1.elapsed()
     );
     print!("{}", report.matrix());
-    let fails = report.failures();
+    let mut fails: Vec<String> = report.failures().iter().map(|f| f.to_string()).collect();
+    if let Some(outside) = outside {
+        let outside = outside?;
+        println!(
+            "\n-- the outside world ({} probes: containers to {}, {} to published ports):",
+            outside.probes.len(),
+            super::OUTSIDE_IP,
+            super::OUTSIDE_IP
+        );
+        print!("{}", outside.render());
+        fails.extend(
+            outside
+                .failures()
+                .iter()
+                .map(|p| format!("MISS {}", p.what)),
+        );
+    }
     for f in &fails {
         eprintln!("FAILED: {f}");
     }
@@ -40,6 +63,9 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
     println!("{}", verdict(fails.len()));
     Ok(fails.is_empty())
 }
+
+/// What `lab demo --external` publishes when `--publish` is not given.
+const DEMO_PUBLISH: (u16, u16) = (8080, 80);
 
 /// The demo's first line: what is about to be built.
 pub fn banner(spec: &LabSpec) -> String {
@@ -57,8 +83,12 @@ pub fn banner(spec: &LabSpec) -> String {
             "etcd"
         } else {
             "static"
-        }
-    )
+        },
+    ) + if spec.external {
+        ", with an outside world"
+    } else {
+        ""
+    }
 }
 
 /// The demo's last line.
@@ -66,7 +96,7 @@ fn verdict(failed_pairs: usize) -> String {
     if failed_pairs == 0 {
         "PASS: every pair behaved as expected".to_string()
     } else {
-        format!("FAIL: {failed_pairs} pair(s) misbehaved")
+        format!("FAIL: {failed_pairs} probe(s) misbehaved")
     }
 }
 
@@ -94,6 +124,6 @@ mod tests {
     #[test]
     fn verdict_counts_failed_pairs() {
         assert_eq!(verdict(0), "PASS: every pair behaved as expected");
-        assert_eq!(verdict(3), "FAIL: 3 pair(s) misbehaved");
+        assert_eq!(verdict(3), "FAIL: 3 probe(s) misbehaved");
     }
 }

@@ -68,6 +68,10 @@ impl Lab {
             agent_log: node_dir.join("agent.log"),
             docker: None,
         });
+        if self.info.external {
+            let n = self.node(&node)?.clone();
+            super::external::route_to_outside(&n).await?;
+        }
         Ok(node)
     }
 

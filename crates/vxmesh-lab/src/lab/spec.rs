@@ -42,6 +42,12 @@ pub struct LabSpec {
     pub metrics_port: Option<u16>,
     /// What runs the containers (Docker: one dockerd per host).
     pub runtime: Runtime,
+    /// Build the outside world (`--external`, see `external`); bridged
+    /// networks then get a distributed gateway (and cidrs of their own).
+    pub external: bool,
+    /// `--publish HOST:CONTAINER`: publish CONTAINER of every container, the
+    /// k-th of a node on host port HOST + k.
+    pub publish: Option<(u16, u16)>,
 }
 
 /// How the lab attaches its containers.
@@ -72,6 +78,8 @@ impl LabSpec {
             routed_cidr: None,
             metrics_port: None,
             runtime: Runtime::Netns,
+            external: false,
+            publish: None,
         }
     }
 }
@@ -121,6 +129,12 @@ pub struct LabInfo {
     /// What runs the containers.
     #[serde(default)]
     pub runtime: Runtime,
+    /// The lab has an outside world (`--external`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external: bool,
+    /// The ports `--publish` published, per container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<super::LabPublished>,
 }
 
 impl LabInfo {
@@ -159,6 +173,7 @@ pub fn network_names(spec_mode: Mode, networks: usize) -> Vec<String> {
 pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let networks: Vec<NetworkFile> = match spec.mode {
         Mode::Routed => vec![NetworkFile {
+            outbound_nat: true,
             name: "demo".into(),
             mode: Mode::Routed,
             cidr: spec
@@ -169,19 +184,30 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             vni: 100,
             port: 4789,
             mtu: None,
+            gateway: None,
         }],
         // Every bridged network uses the same subnet on purpose: VNIs isolate them.
         Mode::Bridged => network_names(Mode::Bridged, spec.networks)
             .into_iter()
             .enumerate()
             .map(|(m, name)| NetworkFile {
+                outbound_nat: true,
                 name,
                 mode: Mode::Bridged,
-                cidr: "10.10.0.0/22".into(),
+                // A gateway puts the subnet on every host's bridge: then
+                // each network needs a cidr of its own.
+                cidr: if spec.external {
+                    format!("10.10.{}.0/22", 4 * m)
+                } else {
+                    "10.10.0.0/22".into()
+                },
                 subnet_len: 28,
                 vni: 200 + m as u32,
                 port: 4789,
                 mtu: None,
+                gateway: spec
+                    .external
+                    .then_some(vxmesh::config::GatewayFile::Enabled(true)),
             })
             .collect(),
     };

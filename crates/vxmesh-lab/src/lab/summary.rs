@@ -91,6 +91,8 @@ mod tests {
                 agent_log: "/l".into(),
                 docker: None,
             }],
+            external: false,
+            published: Vec::new(),
             containers: vec![LabContainer {
                 name: "host1-c1".into(),
                 node: "host1".into(),

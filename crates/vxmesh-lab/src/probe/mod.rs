@@ -7,10 +7,12 @@
 //! (see [`Netns::run`]). A socket stays in the namespace it was created in, so it
 //! is then used from any thread. No external tool (ping, iperf) is run.
 
+mod hello;
 mod pairs;
 mod stream;
 mod transfer;
 
+pub use hello::{Responder, hello_line, tcp_hello};
 pub use pairs::{PairJob, PairResult, probe_pairs};
 pub use stream::{ContinuousProbe, ProbeStream, StreamStats, continuous};
 pub use transfer::{SendReport, TransferReport, tcp_send, tcp_transfer};

@@ -23,6 +23,15 @@ pub enum AgentError {
     /// A kernel request or dump.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// The published-port records (STATE/ports/).
+    #[error(transparent)]
+    Ports(#[from] crate::ports::PortError),
+    /// The task reading the published-port records failed.
+    #[error("read the published ports: {0}")]
+    PortsTask(tokio::task::JoinError),
+    /// The wake-up socket of the state dir.
+    #[error(transparent)]
+    Wake(#[from] crate::wake::WakeError),
     /// The cluster cannot be planned for this node.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -30,6 +39,12 @@ pub enum AgentError {
     /// large).
     #[error(transparent)]
     Reconcile(Box<ReconcileError>),
+    /// vxmesh's nftables table could not be read or repaired.
+    #[error("firewall (nftables table inet vxmesh): {0}")]
+    Firewall(#[from] crate::firewall::NftError),
+    /// The firewall pass's thread failed.
+    #[error("firewall pass: {0}")]
+    FirewallTask(tokio::task::JoinError),
     /// The kernel event subscription could not be set up.
     #[error(transparent)]
     Events(#[from] SubscribeError),

@@ -87,6 +87,7 @@ pub const KEYS: &[Key] = &[
     ),
     key("resync", "--resync", "a number of seconds, like resync = 5"),
     key("once", "--once", "true or false"),
+    key("vxlan_filter", "--vxlan-filter", "true or false"),
 ];
 
 /// The flag of key `name` (`--network` for `networks`).

@@ -87,6 +87,9 @@ pub struct AgentFile {
     pub resync: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub once: Option<bool>,
+    /// Accept VXLAN only from the node's peers (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vxlan_filter: Option<bool>,
 }
 
 impl AgentFile {
@@ -188,6 +191,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub resync: Duration,
     pub once: bool,
+    /// Drop VXLAN packets from anything but the node's peers.
+    pub vxlan_filter: bool,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
 }

@@ -159,6 +159,7 @@ pub fn validate(settings: &AgentSettings) -> Result<AgentConfig, AgentConfigErro
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             resync: Duration::from_secs_f64(resync),
             once: v.once.unwrap_or(false),
+            vxlan_filter: v.vxlan_filter.unwrap_or(true),
             metrics,
         }),
         _ => Err(AgentConfigError {

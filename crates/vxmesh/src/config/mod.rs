@@ -9,6 +9,9 @@
 //! vni = 100
 //! port = 4789                # optional, default 4789
 //! mtu = 1450                 # optional, default underlay MTU - 50
+//! gateway = true             # bridged only, optional: a distributed gateway
+//!                            # (first host address, or gateway = "A.B.C.D")
+//! outbound_nat = true        # optional, default true: masquerade traffic leaving the overlay
 //!
 //! [[node]]
 //! name = "host1"
@@ -28,11 +31,13 @@ use serde::{Deserialize, Serialize};
 use crate::model::{NodeRecord, Vni};
 
 mod error;
+mod gateway;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use error::{ConfigError, Problem};
+pub use gateway::{GatewayFile, first_host};
 pub use validate::{CidrError, parse_net, validate};
 
 pub const DEFAULT_PORT: u16 = 4789;
@@ -72,6 +77,17 @@ pub struct NetworkFile {
     pub port: u32,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Bridged networks: the distributed gateway (`true`, or its address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayFile>,
+    /// Masquerade the containers' traffic to destinations outside every
+    /// vxmesh network (default true).
+    #[serde(default = "default_true")]
+    pub outbound_nat: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mode() -> Mode {
@@ -115,6 +131,13 @@ pub struct Network {
     pub vni: Vni,
     pub port: u16,
     pub mtu: Option<u32>,
+    /// Bridged networks with a distributed gateway: its address, on every
+    /// node's bridge (with [`crate::model::gateway_mac`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Masquerade traffic from the network to outside every vxmesh network.
+    #[serde(default = "default_true")]
+    pub outbound_nat: bool,
 }
 
 impl From<&Network> for NetworkFile {
@@ -128,6 +151,8 @@ impl From<&Network> for NetworkFile {
             vni: n.vni.get(),
             port: n.port.into(),
             mtu: n.mtu,
+            gateway: n.gateway.map(|g| GatewayFile::Address(g.to_string())),
+            outbound_nat: n.outbound_nat,
         }
     }
 }

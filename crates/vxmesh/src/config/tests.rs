@@ -236,3 +236,51 @@ fn names_follow_the_shared_rules() {
     .unwrap();
     assert_eq!(c.nodes[1].underlay_dev.as_deref(), Some("enp0s31f6"));
 }
+
+const GATEWAY: &str = r#"
+[[network]]
+name = "seg"
+mode = "bridged"
+cidr = "10.1.0.0/24"
+subnet_len = 28
+vni = 200
+gateway = true
+
+[[node]]
+name = "host1"
+underlay_ip = "198.18.0.1"
+"#;
+
+#[test]
+fn gateway_true_is_the_first_host_and_round_trips() {
+    let c = parse(GATEWAY, "t").unwrap();
+    assert_eq!(c.networks[0].gateway, Some("10.1.0.1".parse().unwrap()));
+    let back = NetworkFile::from(&c.networks[0]);
+    assert_eq!(back.gateway, Some(GatewayFile::Address("10.1.0.1".into())));
+    // The JSON etcd stores parses back as a network file.
+    let json = serde_json::to_string(&c.networks[0]).unwrap();
+    let f: NetworkFile = serde_json::from_str(&json).unwrap();
+    assert_eq!(f, back);
+    let at = GATEWAY.replace("gateway = true", "gateway = \"10.1.0.254\"");
+    let c = parse(&at, "t").unwrap();
+    assert_eq!(c.networks[0].gateway, Some("10.1.0.254".parse().unwrap()));
+}
+
+#[test]
+fn gateway_errors_name_the_key() {
+    has(
+        &GATEWAY
+            .replace("mode = \"bridged\"", "mode = \"routed\"")
+            .replace("subnet_len = 28", "subnet_len = 26"),
+        "network[0].gateway",
+    );
+    has(
+        &GATEWAY.replace("gateway = true", "gateway = \"10.2.0.1\""),
+        "not a host address of cidr 10.1.0.0/24",
+    );
+    let two = GATEWAY.replace(
+        "[[node]]",
+        "[[network]]\nname = \"other\"\nmode = \"bridged\"\ncidr = \"10.1.0.0/25\"\nsubnet_len = 28\nvni = 201\n\n[[node]]",
+    );
+    has(&two, "overlaps network 'other'");
+}

@@ -102,11 +102,34 @@ fn networks(files: &[NetworkFile], problems: &mut Problems) -> Vec<Network> {
         );
     }
     let mut seen = SeenNetworks::default();
-    files
+    let nets: Vec<Network> = files
         .iter()
         .enumerate()
         .filter_map(|(i, n)| network(i, n, &mut seen, problems))
-        .collect()
+        .collect();
+    gateway_overlaps(&nets, problems);
+    nets
+}
+
+/// A gateway puts the network's subnet on every node's bridge: it must
+/// overlap no other network's range, or the node could not route to both.
+fn gateway_overlaps(nets: &[Network], problems: &mut Problems) {
+    for (i, n) in nets.iter().enumerate() {
+        if n.gateway.is_none() {
+            continue;
+        }
+        for o in nets.iter().filter(|o| o.name != n.name) {
+            if n.cidr.contains(&o.cidr.network()) || o.cidr.contains(&n.cidr.network()) {
+                problems.add(
+                    format!("network[{i}].gateway"),
+                    format!(
+                        "network '{}' has a gateway but its cidr {} overlaps network '{}' ({}): give it a cidr of its own, or remove `gateway`",
+                        n.name, n.cidr, o.name, o.cidr
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn network(
@@ -144,6 +167,15 @@ fn network(
         network_subnet_len(n, c, problems, &f);
     }
     network_mode(n, seen, problems, &f);
+    let gateway = cidr.and_then(
+        |c| match super::gateway::resolve(n.gateway.as_ref(), n.mode, c) {
+            Ok(g) => g,
+            Err(e) => {
+                problems.add(f("gateway"), e);
+                None
+            }
+        },
+    );
     Some(Network {
         name: n.name.clone(),
         mode: n.mode,
@@ -152,6 +184,8 @@ fn network(
         vni: vni?,
         port: port?,
         mtu: n.mtu,
+        gateway,
+        outbound_nat: n.outbound_nat,
     })
 }
 

@@ -65,7 +65,7 @@ pub fn derived_endpoints(cluster: &Cluster, network: &Network) -> Vec<Endpoint> 
     let mut out = Vec::new();
     for n in &cluster.nodes {
         if let Some(slice) = n.subnets.get(&network.name) {
-            for ip in usable_addresses(*slice, network.cidr, None) {
+            for ip in usable_addresses(*slice, network.cidr, network.gateway) {
                 out.push(Endpoint {
                     network: network.name.clone(),
                     ip,
@@ -88,6 +88,8 @@ pub struct PlanInput<'a> {
     pub endpoints: Option<&'a [Endpoint]>,
     /// MTU of the underlay device, for networks without an explicit MTU.
     pub underlay_mtu: u32,
+    /// Drop VXLAN from anything but the node's peers (agent `vxlan_filter`).
+    pub vxlan_filter: bool,
 }
 
 /// Compute the desired state of `input.node`.
@@ -116,6 +118,11 @@ pub fn plan(input: &PlanInput) -> Result<NodePlan, PlanError> {
             }
         }
     }
+    let served = cluster
+        .networks
+        .iter()
+        .filter_map(|n| p.networks.get(&n.name).map(|st| (n, st.subnet)));
+    p.firewall = crate::firewall::plan_firewall(cluster, me, served, input.vxlan_filter);
     Ok(p)
 }
 
@@ -148,11 +155,16 @@ fn vtep_spec(me: &NodeRecord, net: &Network, mtu: u32, bridged: bool, bridge: &s
 }
 
 fn bridge_spec(name: &str, me: &NodeRecord, net: &Network, mtu: u32) -> LinkSpec {
+    // A distributed gateway is the bridge itself: the same MAC everywhere.
+    let mac = match (net.mode, net.gateway) {
+        (Mode::Bridged, Some(_)) => model::gateway_mac(net.vni),
+        _ => bridge_mac(net.vni, me.underlay_ip),
+    };
     LinkSpec {
         name: name.to_string(),
         kind: LinkKind::Bridge,
         mtu,
-        mac: bridge_mac(net.vni, me.underlay_ip),
+        mac,
         master: None,
         port_learning: false,
         alias: owner_alias(&net.name),
@@ -234,6 +246,17 @@ fn plan_bridged(
     let vtep = model::vtep_name(net.vni);
     p.links.push(bridge_spec(&bridge, me, net, mtu));
     p.links.push(vtep_spec(me, net, mtu, true, &bridge));
+    if let Some(gw) = net.gateway {
+        // Every node answers for the gateway on its own bridge; the VTEP
+        // gets no neighbour or FDB entry for it (its ARP is answered from
+        // the VTEP's table only, and unknown MACs are not flooded), so the
+        // gateway's ARP and frames never cross the overlay.
+        p.addresses.insert(AddrSpec {
+            dev: bridge.clone(),
+            addr: Ipv4Net::new(gw, net.cidr.prefix_len()).expect("valid prefix"),
+        });
+        p.ip_forward = true;
+    }
     let mut seen_ips = BTreeSet::new();
     for ep in endpoints
         .iter()
@@ -243,7 +266,8 @@ fn plan_bridged(
             continue;
         };
         // One IP is one endpoint: if two records claim it, the first wins.
-        if !net.cidr.contains(&ep.ip) || !seen_ips.insert(ep.ip) {
+        // The gateway is never a remote endpoint: each node is its own.
+        if !net.cidr.contains(&ep.ip) || net.gateway == Some(ep.ip) || !seen_ips.insert(ep.ip) {
             continue;
         }
         p.neighbours.insert(NeighSpec {
@@ -268,11 +292,15 @@ fn plan_bridged(
             mtu,
             subnet: net.cidr,
             pool: slice,
-            gateway: None,
+            gateway: net.gateway,
         },
     );
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "plan_gateway_tests.rs"]
+mod gateway_tests;
 
 #[cfg(test)]
 mod tests {
@@ -297,6 +325,7 @@ mod tests {
 
     fn input<'a>(c: &'a Cluster, node: &'a str) -> PlanInput<'a> {
         PlanInput {
+            vxlan_filter: true,
             cluster: c,
             node,
             endpoints: None,
@@ -478,6 +507,7 @@ underlay_ip = "198.18.0.3"
             node: "h1",
             endpoints: Some(&eps),
             underlay_mtu: 1500,
+            vxlan_filter: true,
         })
         .unwrap();
         assert_eq!(p.neighbours.len(), 1);
@@ -494,7 +524,7 @@ underlay_ip = "198.18.0.3"
         fn routed_plans_are_mutually_consistent(n in 1usize..24, vni in 1u32..16_777_215, mtu in 1200u32..9000) {
             let mut c = routed(n);
             c.networks[0].vni = Vni::new(vni).unwrap();
-            let plans: Vec<NodePlan> = c.nodes.iter().map(|node| plan(&PlanInput { cluster: &c, node: &node.name, endpoints: None, underlay_mtu: mtu }).unwrap()).collect();
+            let plans: Vec<NodePlan> = c.nodes.iter().map(|node| plan(&PlanInput { cluster: &c, node: &node.name, endpoints: None, underlay_mtu: mtu, vxlan_filter: true }).unwrap()).collect();
             for (i, pa) in plans.iter().enumerate() {
                 prop_assert_eq!(pa.routes.len(), n - 1);
                 prop_assert_eq!(pa.neighbours.len(), n - 1);

@@ -111,6 +111,9 @@ pub struct NodePlan {
     /// attach --publish`): rendered as DNAT rules in vxmesh's nftables table.
     #[serde(default)]
     pub ports: BTreeSet<PortSpec>,
+    /// The VTEP peer filter and outbound NAT (vxmesh's nftables table).
+    #[serde(default)]
+    pub firewall: crate::firewall::FirewallPlan,
 }
 
 /// The transport protocol of a published port.

@@ -71,7 +71,7 @@ pub enum DockerError {
     #[error("'{text}' is not an IPv4 address{context}")]
     BadAddress { text: String, context: String },
     #[error(
-        "--gateway {requested} contradicts vxmesh network '{network}' (routed), whose gateway on this node is {gateway}: leave --gateway out"
+        "--gateway {requested} contradicts vxmesh network '{network}', whose gateway on this node is {gateway}: leave --gateway out"
     )]
     GatewayMismatch {
         requested: Ipv4Addr,
@@ -107,6 +107,42 @@ pub enum DockerError {
         ip: Ipv4Addr,
         holder: String,
     },
+    #[error("cannot decode {key} {value}: {error}", key = super::protocol::PORT_MAP)]
+    BadPortMap {
+        value: String,
+        error: serde_json::Error,
+    },
+    #[error("-p ...:{port}/{proto}: vxmesh publishes tcp and udp ports only")]
+    PortProtocol { port: u16, proto: String },
+    #[error(
+        "-p {port}/{proto} (or -P): vxmesh does not choose host ports, as Docker cannot show the port a network plugin chose: give the host port, -p HOST:{port}/{proto}"
+    )]
+    PortChosenByDriver {
+        port: u16,
+        proto: crate::dataplane::PortProto,
+    },
+    #[error(
+        "-p {ip}:{host_port}:{port}: {ip} is not an address of this node: leave the address out (-p {host_port}:{port}) to publish on every address of the node"
+    )]
+    PortAddressNotLocal {
+        ip: std::net::IpAddr,
+        port: u16,
+        host_port: u16,
+    },
+    #[error(
+        "-p {ip}:{host_port}:{port}: vxmesh publishes a port on every address of the node, not on one: leave the address out (-p {host_port}:{port})"
+    )]
+    PortOnOneAddress {
+        ip: std::net::IpAddr,
+        port: u16,
+        host_port: u16,
+    },
+    #[error(
+        "-p on vxmesh network '{network}': Docker publishes ports only through the network that gives the container its default gateway, and this bridged network has none: give the network a gateway (`gateway = true`), or connect the container to a routed vxmesh network"
+    )]
+    PortsNeedGateway { network: String },
+    #[error(transparent)]
+    Ports(Box<crate::ports::PortError>),
     #[error("{step} {path}: {io}")]
     Io {
         step: &'static str,
@@ -128,6 +164,12 @@ impl From<crate::state::StateError> for DockerError {
 impl From<crate::store::error::StoreError> for DockerError {
     fn from(e: crate::store::error::StoreError) -> Self {
         DockerError::Store(Box::new(e))
+    }
+}
+
+impl From<crate::ports::PortError> for DockerError {
+    fn from(e: crate::ports::PortError) -> Self {
+        DockerError::Ports(Box::new(e))
     }
 }
 

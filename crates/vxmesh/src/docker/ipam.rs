@@ -99,15 +99,15 @@ impl Plugin {
             .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
             .is_some_and(|t| t == GATEWAY_REQUEST);
         let ip = if gateway_request {
-            match (net.mode, net.gateway, want) {
-                (Mode::Routed, Some(gw), Some(w)) if w != gw => {
+            match (net.gateway, want) {
+                (Some(gw), Some(w)) if w != gw => {
                     return Err(DockerError::GatewayMismatch {
                         requested: w,
                         network: net.network.clone(),
                         gateway: gw,
                     });
                 }
-                (Mode::Routed, Some(gw), _) => gw,
+                (Some(gw), _) => gw,
                 _ => net.subnet.network(),
             }
         } else {

@@ -12,8 +12,9 @@
 //! network map), so it can be restarted at any time.
 //!
 //! The module by idea: [`protocol`] (the JSON), [`error`], `network` (the
-//! NetworkDriver handlers), `ipam` (the IpamDriver handlers) and
-//! [`server`] (HTTP over a unix socket or TCP).
+//! NetworkDriver handlers), [`ports`] (Docker `-p`: published ports),
+//! `ipam` (the IpamDriver handlers) and [`server`] (HTTP over a unix
+//! socket or TCP).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use serde_json::{Value, json};
 pub mod error;
 mod ipam;
 pub mod network;
+pub mod ports;
 pub mod protocol;
 pub mod server;
 
@@ -143,10 +145,15 @@ impl Plugin {
             "/NetworkDriver.Join" => self.run(path, body, Self::join).await,
             "/NetworkDriver.Leave" => self.run(path, body, Self::leave).await,
             "/NetworkDriver.EndpointOperInfo" => Ok(json!({ "Value": {} })),
-            "/NetworkDriver.DiscoverNew"
-            | "/NetworkDriver.DiscoverDelete"
-            | "/NetworkDriver.ProgramExternalConnectivity"
-            | "/NetworkDriver.RevokeExternalConnectivity" => Ok(json!({})),
+            "/NetworkDriver.ProgramExternalConnectivity" => {
+                self.run(path, body, Self::program_external_connectivity)
+                    .await
+            }
+            "/NetworkDriver.RevokeExternalConnectivity" => {
+                self.run(path, body, Self::revoke_external_connectivity)
+                    .await
+            }
+            "/NetworkDriver.DiscoverNew" | "/NetworkDriver.DiscoverDelete" => Ok(json!({})),
             "/IpamDriver.GetCapabilities" => Ok(json!({
                 "RequiresMACAddress": false,
                 "RequiresRequestReplay": false,

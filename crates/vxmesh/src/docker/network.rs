@@ -38,7 +38,7 @@ impl Plugin {
     }
 
     /// The vxmesh network of a Docker network, as CreateNetwork recorded it.
-    fn docker_network(&self, docker_id: &str) -> Result<ServedNetwork> {
+    pub(super) fn docker_network(&self, docker_id: &str) -> Result<ServedNetwork> {
         let path = self.network_file(docker_id);
         let unknown = || DockerError::UnknownNetwork {
             docker_network: docker_id.to_string(),
@@ -216,8 +216,12 @@ impl Plugin {
             None,
         )
         .await?;
+        // Docker programs ports only through an endpoint with a gateway:
+        // refuse rather than start a container whose -p does nothing.
+        let has_bindings = !super::ports::port_bindings(req.options.as_ref())?.is_empty();
         let (gateway, static_routes) = match net.gateway {
-            Some(gw) if net.mode == Mode::Routed => (gw.to_string(), Vec::new()),
+            // Routed, or bridged with a distributed gateway: via the bridge.
+            Some(gw) => (gw.to_string(), Vec::new()),
             _ => (
                 String::new(),
                 vec![StaticRoute {
@@ -227,6 +231,12 @@ impl Plugin {
                 }],
             ),
         };
+        if has_bindings && gateway.is_empty() {
+            let _ = attach::unplumb(&net.network, &owner.container_id, DOCKER_IFNAME, None).await;
+            return Err(DockerError::PortsNeedGateway {
+                network: net.network.clone(),
+            });
+        }
         Ok(JoinResponse {
             interface_name: InterfaceName {
                 src_name: peer,
@@ -238,8 +248,10 @@ impl Plugin {
         })
     }
 
-    /// Leave: delete the host veth (the container end goes with it).
+    /// Leave: unpublish the endpoint's ports, delete the host veth (the
+    /// container end goes with it).
     pub(super) async fn leave(&self, req: EndpointRequest) -> Result<Empty> {
+        self.unpublish_endpoint(&req.network_id, &req.endpoint_id)?;
         let network = match self.docker_network(&req.network_id) {
             Ok(s) => s.state.network,
             // A network this node no longer serves has no bridge either; its

@@ -115,6 +115,9 @@ pub struct EndpointRequest {
     pub endpoint_id: String,
     #[serde(default)]
     pub sandbox_key: String,
+    /// Join: the sandbox's options (port bindings among them).
+    #[serde(default)]
+    pub options: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,3 +223,49 @@ pub struct ReleaseAddressRequest {
 /// The empty answer `{}` of requests with nothing to report.
 #[derive(Debug, Serialize)]
 pub struct Empty {}
+
+/// Options key of Join and ProgramExternalConnectivity with the container's
+/// port bindings (`docker run -p`): a list of [`PortBinding`].
+pub const PORT_MAP: &str = "com.docker.network.portmap";
+/// Options key with the container's exposed ports (`EXPOSE`, `--expose`):
+/// a list of `{Proto, Port}`; informational, nothing is published for them.
+pub const EXPOSED_PORTS: &str = "com.docker.network.endpoint.exposedports";
+
+/// IANA protocol numbers Docker uses in `Proto`.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// One port binding as Docker sends it: container port `Port` published on
+/// `HostIP` (empty: every address), host port `HostPort`, or any port of
+/// `HostPort..=HostPortEnd` (a range, `-p 8080-8090:80`); `HostPort` 0
+/// asks the driver to choose (`-p 80`, `-P`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PortBinding {
+    #[serde(default)]
+    pub proto: u8,
+    #[serde(default, rename = "IP")]
+    pub ip: Option<String>,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default, rename = "HostIP")]
+    pub host_ip: Option<String>,
+    #[serde(default)]
+    pub host_port: u16,
+    #[serde(default)]
+    pub host_port_end: u16,
+}
+
+/// ProgramExternalConnectivity (with the sandbox's options) and
+/// RevokeExternalConnectivity (without).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExternalConnectivityRequest {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    #[serde(default)]
+    pub options: Option<BTreeMap<String, Value>>,
+}

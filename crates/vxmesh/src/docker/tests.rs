@@ -378,3 +378,108 @@ fn container_end_names_fit_and_avoid_the_reconcilers_prefix() {
     let n = network::container_end_name("demo", &"ab".repeat(32));
     assert!(n.len() <= 15 && n.starts_with("vxd"), "{n}");
 }
+
+/// ProgramExternalConnectivity publishes the sandbox's `-p` for the
+/// endpoint's address; a second endpoint asking for the same host port
+/// gets the error naming the port and its owner; Revoke removes them.
+#[tokio::test]
+async fn external_connectivity_publishes_and_revokes_ports() {
+    let d = tempfile::tempdir().unwrap();
+    let p = Plugin::new(d.path());
+    serve(
+        d.path(),
+        "demo",
+        Mode::Routed,
+        "172.18.10.0/24",
+        "172.18.10.0/24",
+    );
+    let create = json!({
+        "NetworkID": "n1",
+        "Options": {"com.docker.network.generic": {"vxmesh.network": "demo"}},
+        "IPv4Data": [{"AddressSpace": "vxmesh", "Pool": "172.18.10.0/24"}],
+    });
+    assert_eq!(
+        call(&p, "/NetworkDriver.CreateNetwork", create).await.body,
+        json!({})
+    );
+    for (ep, addr) in [("e1", "172.18.10.5"), ("e2", "172.18.10.6")] {
+        let a = call(
+            &p,
+            "/IpamDriver.RequestAddress",
+            json!({"PoolID": "vxmesh/demo", "Address": addr}),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        let r = call(
+            &p,
+            "/NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": "n1", "EndpointID": ep, "Interface": {"Address": format!("{addr}/24")}}),
+        )
+        .await;
+        assert!(r.body.get("Err").is_none(), "{r:?}");
+    }
+    let program = |ep: &str| {
+        json!({"NetworkID": "n1", "EndpointID": ep, "Options": {
+            "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}],
+            "com.docker.network.portmap": [
+                {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}
+            ],
+        }})
+    };
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e1"),
+    )
+    .await;
+    assert_eq!(r.body, json!({}));
+    let records = crate::ports::list(d.path()).unwrap();
+    assert_eq!(records.len(), 1);
+    let spec = records[0].specs().next().unwrap();
+    assert_eq!(
+        (
+            spec.host_port,
+            spec.container_ip,
+            spec.container_port,
+            spec.owner.as_str()
+        ),
+        (8080, "172.18.10.5".parse().unwrap(), 80, "docker:e1")
+    );
+    // Again (Docker retries): the same record, no conflict with itself.
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e1"),
+    )
+    .await;
+    assert_eq!(r.body, json!({}));
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e2"),
+    )
+    .await;
+    let e = err_of(&r, "Err");
+    assert!(
+        e.contains("host port 8080/tcp") && e.contains("docker:e1"),
+        "{e}"
+    );
+    assert_eq!(crate::ports::list(d.path()).unwrap().len(), 1);
+    let r = call(
+        &p,
+        "/NetworkDriver.RevokeExternalConnectivity",
+        json!({"NetworkID": "n1", "EndpointID": "e1"}),
+    )
+    .await;
+    assert_eq!(r.body, json!({}));
+    assert!(crate::ports::list(d.path()).unwrap().is_empty());
+    // Now e2 gets it; DeleteEndpoint of e2 would remove it (Leave does).
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e2"),
+    )
+    .await;
+    assert_eq!(r.body, json!({}));
+    assert_eq!(crate::ports::list(d.path()).unwrap().len(), 1);
+}

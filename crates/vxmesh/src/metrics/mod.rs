@@ -19,6 +19,9 @@
 //! | `vxmesh_containers_detached_total{network,reason}` | counter | containers the agent detached itself; `reason="address_lost"`: another node owns the container's address now (claimed after this node's lease had expired for longer than the grace period) |
 //! | `vxmesh_last_pass_timestamp_seconds` | gauge | Unix time the last pass ended (either result) |
 //! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
+//! | `vxmesh_vxlan_dropped_total` | counter | VXLAN packets from non-peers the VTEP filter dropped |
+//! | `vxmesh_firewall_changes_total` | counter | changes applied to the nftables table `inet vxmesh` |
+//! | `vxmesh_vtep_peers` | gauge | underlay addresses the VTEP filter accepts |
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -123,6 +126,12 @@ struct Inner {
     detached: Family<DetachLabel, Counter>,
     last_pass: Gauge<f64, AtomicU64>,
     last_success: Gauge<f64, AtomicU64>,
+    vxlan_dropped: Counter,
+    /// The kernel counter's value behind `vxlan_dropped` (it restarts at 0
+    /// when the table is rebuilt).
+    vxlan_dropped_seen: Mutex<u64>,
+    firewall_changes: Counter,
+    vtep_peers: Gauge,
 }
 
 /// The agent's metrics; clones share them.
@@ -242,6 +251,24 @@ impl Metrics {
             Unit::Seconds,
             last_success.clone(),
         );
+        let vxlan_dropped = Counter::default();
+        registry.register(
+            "vxlan_dropped",
+            "VXLAN packets from an address that is not a peer, dropped by the VTEP filter (nftables counter vxlan_dropped, read each full pass)",
+            vxlan_dropped.clone(),
+        );
+        let firewall_changes = Counter::default();
+        registry.register(
+            "firewall_changes",
+            "Changes applied to vxmesh's nftables table (set elements, rewritten chains, table created or rebuilt)",
+            firewall_changes.clone(),
+        );
+        let vtep_peers = Gauge::default();
+        registry.register(
+            "vtep_peers",
+            "Underlay addresses the VTEP filter accepts VXLAN from, in the last applied plan",
+            vtep_peers.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -259,6 +286,10 @@ impl Metrics {
                 detached,
                 last_pass,
                 last_success,
+                vxlan_dropped,
+                vxlan_dropped_seen: Mutex::new(0),
+                firewall_changes,
+                vtep_peers,
             }),
         }
     }
@@ -304,6 +335,30 @@ impl Metrics {
             }
         }
         r
+    }
+
+    /// A firewall pass: its repairs, the allowed peers, and the VXLAN
+    /// packets the VTEP filter dropped (read from its named counter).
+    pub fn firewall(&self, r: &crate::firewall::FirewallReport) {
+        let m = &self.inner;
+        m.firewall_changes.inc_by(r.changes.len() as u64);
+        if let Some(n) = r.peers {
+            m.vtep_peers.set(n as i64);
+        }
+        if let Some((packets, _)) = r.dropped {
+            let mut seen = m
+                .vxlan_dropped_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // A smaller value: the table was recreated and counts from 0.
+            let delta = if packets >= *seen {
+                packets - *seen
+            } else {
+                packets
+            };
+            m.vxlan_dropped.inc_by(delta);
+            *seen = packets;
+        }
     }
 
     /// Container veths put back on their bridge (one netlink request each).
@@ -472,6 +527,7 @@ mod tests {
         }
         let c = crate::config::parse(&t, "test").unwrap();
         plan(&PlanInput {
+            vxlan_filter: true,
             cluster: &c,
             node: "h1",
             endpoints: None,

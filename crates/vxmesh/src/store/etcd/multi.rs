@@ -232,6 +232,7 @@ mod tests {
 
     fn net(name: &str, vni: u32) -> Network {
         Network {
+            outbound_nat: true,
             name: name.into(),
             mode: Mode::Bridged,
             cidr: "10.1.0.0/24".parse().unwrap(),
@@ -239,6 +240,7 @@ mod tests {
             vni: Vni::new(vni).unwrap(),
             port: 4789,
             mtu: None,
+            gateway: None,
         }
     }
 

@@ -230,6 +230,12 @@ pub(crate) fn check_endpoint_ip(net: &Network, ip: Ipv4Addr) -> Result<(), Strin
             net.cidr
         ));
     }
+    if net.gateway == Some(ip) {
+        return Err(format!(
+            "address {ip} is the distributed gateway of network '{}': choose another address",
+            net.name
+        ));
+    }
     Ok(())
 }
 
@@ -336,6 +342,8 @@ pub(crate) fn network_diff(stored: &Network, wanted: &Network) -> String {
     field("port", stored.port.to_string(), wanted.port.to_string());
     let mtu = |m: Option<u32>| m.map_or("default".to_string(), |m| m.to_string());
     field("mtu", mtu(stored.mtu), mtu(wanted.mtu));
+    let gw = |g: Option<Ipv4Addr>| g.map_or("none".to_string(), |g| g.to_string());
+    field("gateway", gw(stored.gateway), gw(wanted.gateway));
     d.join(", ")
 }
 
@@ -382,10 +390,12 @@ pub(crate) fn address_candidates(
         0
     };
     let cidr = net.cidr;
+    let gateway = net.gateway;
     (0..count)
         .map(move |i| Ipv4Addr::from((lo + (first + i) % count) as u32))
         .filter(move |ip| {
-            cidr.prefix_len() >= 31 || (*ip != cidr.network() && *ip != cidr.broadcast())
+            Some(*ip) != gateway
+                && (cidr.prefix_len() >= 31 || (*ip != cidr.network() && *ip != cidr.broadcast()))
         })
 }
 
@@ -396,6 +406,7 @@ mod tests {
 
     fn net(mode: Mode, cidr: &str, len: u8) -> Network {
         Network {
+            outbound_nat: true,
             name: "demo".into(),
             mode,
             cidr: cidr.parse().unwrap(),
@@ -403,6 +414,7 @@ mod tests {
             vni: Vni::new(100).unwrap(),
             port: 4789,
             mtu: None,
+            gateway: None,
         }
     }
 

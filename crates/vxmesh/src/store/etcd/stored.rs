@@ -142,6 +142,7 @@ mod tests {
         NetworkRecords::new(
             "/vxmesh",
             Network {
+                outbound_nat: true,
                 name: "demo".into(),
                 mode: Mode::Bridged,
                 cidr: "10.1.0.0/24".parse().unwrap(),
@@ -149,6 +150,7 @@ mod tests {
                 vni: Vni::new(100).unwrap(),
                 port: 4789,
                 mtu: None,
+                gateway: None,
             },
         )
     }

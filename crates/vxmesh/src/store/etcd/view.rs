@@ -304,6 +304,7 @@ mod tests {
 
     fn net() -> Network {
         Network {
+            outbound_nat: true,
             name: "demo".into(),
             mode: Mode::Bridged,
             cidr: "10.1.0.0/24".parse().unwrap(),
@@ -311,6 +312,7 @@ mod tests {
             vni: Vni::new(100).unwrap(),
             port: 4789,
             mtu: None,
+            gateway: None,
         }
     }
 

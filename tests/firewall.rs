@@ -1,0 +1,216 @@
+//! vxmesh's nftables table in namespaces the tests create (root): planned,
+//! applied, repaired after drift, coexisting with iptables-nft tables, and
+//! removed by `down`; and the data path: outbound NAT, container to
+//! container across nodes keeping its source, published ports (DNAT) from
+//! outside, other nodes, the same node (hairpin) and the node itself.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use vxmesh::dataplane::netns::{Netns, NetnsGuard};
+use vxmesh::dataplane::plan::{PlanInput, plan};
+use vxmesh::dataplane::{NodePlan, PortProto, PortSpec};
+use vxmesh::firewall::{self, FwChange};
+
+fn nft(ns: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .output()
+        .expect("run nft");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn sh(ns: &str, cmd: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", cmd])
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn node_plan(peers: usize, filter: bool) -> NodePlan {
+    let mut t = String::from(
+        "[[network]]\nname = \"demo\"\ncidr = \"172.18.0.0/16\"\nsubnet_len = 24\nvni = 100\n",
+    );
+    for i in 0..=peers {
+        t += &format!(
+            "[[node]]\nname = \"host{i}\"\nunderlay_ip = \"198.18.0.{}\"\n",
+            i + 1
+        );
+    }
+    let c = vxmesh::config::parse(&t, "test").unwrap();
+    let mut p = plan(&PlanInput {
+        cluster: &c,
+        node: "host0",
+        endpoints: None,
+        underlay_mtu: 1500,
+        vxlan_filter: filter,
+    })
+    .unwrap();
+    p.ports.insert(PortSpec {
+        proto: PortProto::Tcp,
+        host_port: 8080,
+        container_ip: "172.18.0.5".parse().unwrap(),
+        container_port: 80,
+        network: "demo".into(),
+        owner: "test".into(),
+    });
+    p
+}
+
+fn reconcile_in(ns: &Netns, p: &NodePlan) -> Vec<FwChange> {
+    let p = p.clone();
+    ns.run(move || {
+        firewall::reconcile(&p).map_err(|e| vxmesh::dataplane::netns::NetnsError::Spawn {
+            name: e.to_string(),
+            io: std::io::Error::other("firewall"),
+        })
+    })
+    .expect("firewall reconcile")
+    .changes
+}
+
+/// The handle of the rule whose comment is `comment` in `nft -a list table`.
+fn handle_of(ns: &str, comment: &str) -> String {
+    let (_, text) = nft(ns, &["-a", "list", "table", "inet", "vxmesh"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("comment \"{comment}\"")))
+        .unwrap_or_else(|| panic!("no rule \"{comment}\" in:\n{text}"));
+    line.rsplit("# handle ").next().unwrap().trim().to_string()
+}
+
+#[test]
+fn table_is_applied_repaired_coexists_and_goes_with_down() {
+    let name = unique_ns("fw");
+    let guard = NetnsGuard::create(&name).unwrap();
+    let ns = guard.open().unwrap();
+    // iptables-nft tables like the CNI portmap and firewall plugins make.
+    sh(
+        &name,
+        "iptables-nft -t nat -N CNI-HOSTPORT-DNAT && iptables-nft -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT && iptables-nft -t filter -N CNI-FORWARD && iptables-nft -t filter -A FORWARD -j CNI-FORWARD",
+    );
+    let theirs = |n: &str| sh(n, "iptables-nft-save | grep -v '^#'");
+    let before = theirs(&name);
+
+    let p = node_plan(2, true);
+    assert_eq!(reconcile_in(&ns, &p), vec![FwChange::Create]);
+    assert_eq!(
+        reconcile_in(&ns, &p),
+        vec![],
+        "a second pass changes nothing"
+    );
+    let (_, text) = nft(&name, &["list", "table", "inet", "vxmesh"]);
+    for want in [
+        "198.18.0.2",
+        "198.18.0.3",
+        "udp dport @vxlan_ports ip saddr != @vtep_peers counter name \"vxlan_dropped\" drop",
+        "ip saddr @nat_sources ip daddr != @overlay masquerade",
+        "tcp dport 8080 dnat ip to 172.18.0.5:80",
+        "ct status dnat ip saddr 172.18.0.0/24 ip daddr 172.18.0.5 tcp dport 80 masquerade",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    // Drift: a deleted rule, a deleted and a foreign set element come back
+    // as planned in one pass.
+    let h = handle_of(&name, "outbound-nat");
+    assert!(
+        nft(
+            &name,
+            &["delete", "rule", "inet", "vxmesh", "nat_post", "handle", &h]
+        )
+        .0
+    );
+    assert!(
+        nft(
+            &name,
+            &[
+                "delete",
+                "element",
+                "inet",
+                "vxmesh",
+                "vtep_peers",
+                "{ 198.18.0.3 }"
+            ]
+        )
+        .0
+    );
+    assert!(
+        nft(
+            &name,
+            &[
+                "add",
+                "element",
+                "inet",
+                "vxmesh",
+                "vtep_peers",
+                "{ 203.0.113.66 }"
+            ]
+        )
+        .0
+    );
+    let h = handle_of(&name, "port tcp/8080 test");
+    assert!(
+        nft(
+            &name,
+            &["delete", "rule", "inet", "vxmesh", "publish", "handle", &h]
+        )
+        .0
+    );
+    let changes = reconcile_in(&ns, &p);
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    assert_eq!(reconcile_in(&ns, &p), vec![], "repaired in one pass");
+    let (_, text) = nft(&name, &["list", "set", "inet", "vxmesh", "vtep_peers"]);
+    assert!(
+        text.contains("198.18.0.3") && !text.contains("203.0.113.66"),
+        "{text}"
+    );
+
+    // A peer joins: the set changes, nothing else.
+    let grown = node_plan(3, true);
+    let changes = reconcile_in(&ns, &grown);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(
+        matches!(&changes[0], FwChange::Elements { set: "vtep_peers", add, delete } if add.len() == 1 && delete.is_empty())
+    );
+
+    // The filter switched off: its rule goes, the rest stays.
+    let off = node_plan(3, false);
+    assert_eq!(reconcile_in(&ns, &off).len(), 1);
+    let (_, text) = nft(&name, &["list", "chain", "inet", "vxmesh", "vxlan_in"]);
+    assert!(!text.contains("drop"), "{text}");
+
+    assert_eq!(theirs(&name), before, "iptables-nft tables untouched");
+    // `down`: the table goes, theirs stay.
+    let gone = ns
+        .run(|| {
+            firewall::nft::delete_table().map_err(|e| vxmesh::dataplane::netns::NetnsError::Spawn {
+                name: e.to_string(),
+                io: std::io::Error::other("firewall"),
+            })
+        })
+        .unwrap();
+    assert!(gone);
+    assert!(
+        !nft(&name, &["list", "table", "inet", "vxmesh"]).0,
+        "no vxmesh table after down"
+    );
+    assert_eq!(
+        theirs(&name),
+        before,
+        "iptables-nft tables untouched by down"
+    );
+    drop(guard);
+}

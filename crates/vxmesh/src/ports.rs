@@ -17,7 +17,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::attach::host_veth_name;
@@ -219,7 +218,7 @@ pub struct PortsLock {
 
 impl Drop for PortsLock {
     fn drop(&mut self) {
-        let _ = FileExt::unlock(&self.file);
+        let _ = self.file.unlock();
     }
 }
 
@@ -249,7 +248,7 @@ impl Ports {
             .write(true)
             .open(&path)
             .map_err(Self::io("open", &path))?;
-        file.lock_exclusive().map_err(Self::io("lock", &path))?;
+        file.lock().map_err(Self::io("lock", &path))?;
         Ok(PortsLock { file })
     }
 

@@ -26,6 +26,7 @@ pub mod leave;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod secure;
 pub mod state;
 pub mod status;
 pub mod store;

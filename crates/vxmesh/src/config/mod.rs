@@ -16,6 +16,7 @@
 //! underlay_dev = "eth0"      # optional
 //! subnet = "172.18.10.0/24"  # optional (single-network files), derived when absent
 //! # subnets = { demo = "172.18.10.0/24" }   # per network, for several networks
+//! # public_key = "base64..."                # optional, `vxmesh keygen`
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -93,6 +94,9 @@ pub struct NodeFile {
     pub subnet: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub subnets: BTreeMap<String, String>,
+    /// The node's WireGuard public key (`vxmesh keygen`), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// The cluster file as written.

@@ -60,6 +60,9 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     let mut problems = Problems::default();
     let networks = networks(&file.networks, &mut problems);
     let node_ips = nodes(file, &mut problems);
+    let node_keys: Vec<_> = (file.nodes.iter().enumerate())
+        .map(|(i, n)| public_key(i, n, &mut problems))
+        .collect();
     let mut node_subnets = vec![BTreeMap::new(); file.nodes.len()];
     for net in &networks {
         subnets(file, net, &mut node_subnets, &mut problems);
@@ -75,11 +78,13 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
         .iter()
         .zip(node_ips)
         .zip(node_subnets)
-        .map(|((n, ip), subnets)| NodeRecord {
+        .zip(node_keys)
+        .map(|(((n, ip), subnets), public_key)| NodeRecord {
             name: n.name.clone(),
             underlay_ip: ip.expect("checked"),
             underlay_dev: n.underlay_dev.clone(),
             subnets,
+            public_key,
         })
         .collect();
     Ok(Cluster { networks, nodes })
@@ -267,6 +272,14 @@ fn network_mode(
 }
 
 /// The `[[node]]` tables: each node's underlay IP (`None` where invalid).
+/// A node's `public_key`, if given and valid (secure underlay).
+fn public_key(i: usize, n: &NodeFile, problems: &mut Problems) -> Option<crate::secure::PublicKey> {
+    let text = n.public_key.as_deref()?;
+    crate::secure::PublicKey::parse(text, &format!("node '{}' public_key", n.name))
+        .map_err(|e| problems.add(format!("node[{i}].public_key"), e.to_string()))
+        .ok()
+}
+
 fn nodes(file: &ClusterFile, problems: &mut Problems) -> Vec<Option<Ipv4Addr>> {
     let mut names = HashMap::new();
     let mut ips = HashMap::new();

@@ -240,6 +240,7 @@ mod tests {
             underlay_ip: ip.into(),
             underlay_dev: None,
             subnets: BTreeMap::from([(net.to_string(), subnet.parse().unwrap())]),
+            public_key: None,
         }
     }
 

@@ -149,6 +149,8 @@ impl View {
                             underlay_ip: n.underlay_ip,
                             underlay_dev: n.underlay_dev,
                             subnets: BTreeMap::from([(net.name.clone(), n.subnet)]),
+                            // Not yet in the etcd node record (issue 16).
+                            public_key: None,
                         },
                     )),
                     Err(e) => skip(key, RecordKind::Node, kv, e),
@@ -414,6 +416,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), "10.1.0.16/28".parse().unwrap())]),
+            public_key: None,
         });
         v.rebuild();
         assert_eq!(v.snapshot().cluster.nodes.len(), 1);

@@ -1,0 +1,330 @@
+//! The secure underlay's data path (issue 16): two hosts in namespaces, a
+//! userspace WireGuard tunnel between them (boringtun behind `vxm-wg0`), a
+//! VXLAN network whose VTEPs use the transport addresses; pings cross the
+//! overlay while a capture on the underlay sees only WireGuard UDP.
+
+mod common;
+mod kernel_common;
+
+use std::net::{SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kernel_common::*;
+use vxmesh::secure::transport::{self, DEFAULT_PORT, DEFAULT_TRANSPORT_CIDR, TUN_ALIAS, TUN_NAME};
+use vxmesh::secure::{DataPath, PeerSpec, PeerTable, PrivateKey, PublicKey, Tun};
+use vxmesh_lab::probe::{PairJob, probe_pairs};
+
+const VNI: u32 = 4242;
+
+/// One host: its namespace, underlay address and (once started) data path.
+struct Host {
+    t: TestNs,
+    underlay: Ipv4Addr,
+    key: PrivateKey,
+    subnet: Ipv4Net,
+}
+
+impl Host {
+    fn transport(&self) -> Ipv4Addr {
+        transport::derive(DEFAULT_TRANSPORT_CIDR, self.underlay)
+    }
+    fn vtep_ip(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+}
+
+async fn up(nl: &Netlink, dev: &str, mtu: Option<u32>, alias: Option<&str>) {
+    nl.set_link(
+        dev,
+        LinkOptions {
+            up: Some(true),
+            mtu,
+            alias: alias.map(String::from),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Two hosts joined by a veth underlay `u0` (198.18.0.1 and .2).
+async fn hosts() -> (Host, Host) {
+    let a = Host {
+        t: TestNs::new("wga"),
+        underlay: Ipv4Addr::new(198, 18, 0, 1),
+        key: PrivateKey::generate().unwrap(),
+        subnet: "172.18.1.0/24".parse().unwrap(),
+    };
+    let b = Host {
+        t: TestNs::new("wgb"),
+        underlay: Ipv4Addr::new(198, 18, 0, 2),
+        key: PrivateKey::generate().unwrap(),
+        subnet: "172.18.2.0/24".parse().unwrap(),
+    };
+    a.t.nl()
+        .await
+        .create_veth("u0", "u0", Some(&b.t.ns), 1500)
+        .await
+        .unwrap();
+    for h in [&a, &b] {
+        let nl = h.t.nl().await;
+        up(&nl, "lo", None, None).await;
+        up(&nl, "u0", None, None).await;
+        nl.add_address("u0", Ipv4Net::new(h.underlay, 24).unwrap())
+            .await
+            .unwrap();
+    }
+    (a, b)
+}
+
+/// Start `me`'s data path with `peer` as its only peer, known by `peer_key`.
+async fn start(me: &Host, peer: &Host, peer_key: PublicKey) -> DataPath {
+    let (tun, socket) = me
+        .t
+        .ns
+        .run(|| -> std::io::Result<(Tun, UdpSocket)> {
+            let tun = Tun::open(TUN_NAME, false).map_err(std::io::Error::other)?;
+            let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DEFAULT_PORT))?;
+            Ok((tun, socket))
+        })
+        .unwrap();
+    let nl = me.t.nl().await;
+    up(
+        &nl,
+        TUN_NAME,
+        Some(transport::tun_mtu(1500)),
+        Some(TUN_ALIAS),
+    )
+    .await;
+    nl.add_address(
+        TUN_NAME,
+        Ipv4Net::new(me.transport(), DEFAULT_TRANSPORT_CIDR.prefix_len()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut table = PeerTable::new(me.key.clone());
+    table.set_peers(&[PeerSpec {
+        node: "peer".into(),
+        public_key: peer_key,
+        endpoint: SocketAddrV4::new(peer.underlay, DEFAULT_PORT),
+        transport: peer.transport(),
+    }]);
+    DataPath::start(tun, socket, table).unwrap()
+}
+
+/// The encrypted network's kernel objects on `me`, routed like vxmesh
+/// plans them, but with the transport addresses as VTEP endpoints.
+async fn overlay(me: &Host, peer: &Host) {
+    let vni = Vni::new(VNI).unwrap();
+    let vtep = format!("vxm-vx{VNI}");
+    let peer_mac = vtep_mac(vni, peer.transport());
+    let plan = NodePlan {
+        links: vec![LinkSpec {
+            name: vtep.clone(),
+            kind: LinkKind::Vxlan(VxlanSpec {
+                vni,
+                local: me.transport(),
+                underlay_dev: None,
+                port: 4789,
+                proxy: false,
+            }),
+            mtu: transport::tun_mtu(1500) - 50,
+            mac: vtep_mac(vni, me.transport()),
+            master: None,
+            port_learning: false,
+            alias: "vxmesh:net:enc".into(),
+        }],
+        addresses: [AddrSpec {
+            dev: vtep.clone(),
+            addr: Ipv4Net::new(me.vtep_ip(), 32).unwrap(),
+        }]
+        .into(),
+        routes: [RouteSpec {
+            dst: peer.subnet,
+            via: peer.vtep_ip(),
+            dev: vtep.clone(),
+        }]
+        .into(),
+        neighbours: [NeighSpec {
+            dev: vtep.clone(),
+            ip: peer.vtep_ip(),
+            mac: peer_mac,
+        }]
+        .into(),
+        fdb: [FdbSpec {
+            dev: vtep.clone(),
+            mac: peer_mac,
+            dst: peer.transport(),
+        }]
+        .into(),
+        ..Default::default()
+    };
+    converge(&me.t.nl().await, &plan).await;
+}
+
+/// What a capture on an underlay device saw.
+#[derive(Debug, Default)]
+struct Seen {
+    wireguard: usize,
+    vxlan: usize,
+    icmp: usize,
+    other_ip: usize,
+}
+
+/// An AF_PACKET capture of every frame on `dev` in `ns`, until stopped.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Seen>,
+}
+
+impl Capture {
+    fn start(ns: &vxmesh::dataplane::netns::Netns, dev: &'static str) -> Capture {
+        let fd = ns
+            .run(|| -> std::io::Result<OwnedFd> {
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                // SAFETY: plain socket(2); the descriptor is owned below.
+                let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: fd is a new descriptor nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                let name = std::ffi::CString::new(dev).unwrap();
+                // SAFETY: a NUL-terminated name.
+                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                assert!(index > 0, "no device {dev}");
+                // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = index as i32;
+                // SAFETY: binds fd to a valid sockaddr_ll of the right size.
+                let rc = unsafe {
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                // SAFETY: SO_RCVTIMEO takes a timeval.
+                unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as u32,
+                    )
+                };
+                Ok(fd)
+            })
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: reads into buf, within its length.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    classify(&buf[..n as usize], &mut seen);
+                }
+            }
+            seen
+        });
+        Capture { stop, thread }
+    }
+
+    fn stop(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Count an Ethernet frame: IPv4 UDP to or from the WireGuard port, to
+/// the VXLAN port, ICMP, or other IPv4.
+fn classify(frame: &[u8], seen: &mut Seen) {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    match ip[9] {
+        1 => seen.icmp += 1,
+        17 if ip.len() >= ihl + 4 => {
+            let sport = u16::from_be_bytes([ip[ihl], ip[ihl + 1]]);
+            let dport = u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]);
+            if dport == 4789 || sport == 4789 {
+                seen.vxlan += 1;
+            } else if dport == DEFAULT_PORT && sport == DEFAULT_PORT {
+                seen.wireguard += 1;
+            } else {
+                seen.other_ip += 1;
+            }
+        }
+        _ => seen.other_ip += 1,
+    }
+}
+
+fn ping(from: &Host, to: Ipv4Addr) -> bool {
+    let r = probe_pairs(&[PairJob::new(from.t.name(), to)], Duration::from_secs(2));
+    r[0].reached
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_over_wireguard_reaches_the_peer_and_the_underlay_sees_only_wireguard() {
+    let (a, b) = hosts().await;
+    let _da = start(&a, &b, b.key.public()).await;
+    let _db = start(&b, &a, a.key.public()).await;
+    overlay(&a, &b).await;
+    overlay(&b, &a).await;
+
+    // The capture sees clear text when there is some: a ping on the underlay.
+    let cap = Capture::start(&b.t.ns, "u0");
+    assert!(ping(&a, b.underlay), "underlay ping");
+    let plain = cap.stop();
+    assert!(
+        plain.icmp >= 2,
+        "the capture must see a clear ping: {plain:?}"
+    );
+
+    let cap = Capture::start(&b.t.ns, "u0");
+    assert!(ping(&a, b.vtep_ip()), "a -> b over the encrypted overlay");
+    assert!(ping(&b, a.vtep_ip()), "b -> a over the encrypted overlay");
+    let seen = cap.stop();
+    assert!(seen.wireguard >= 4, "WireGuard packets expected: {seen:?}");
+    assert_eq!(seen.vxlan, 0, "no VXLAN in clear on the underlay: {seen:?}");
+    assert_eq!(seen.icmp, 0, "no ICMP in clear on the underlay: {seen:?}");
+    assert_eq!(seen.other_ip, 0, "only WireGuard on the underlay: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_wrong_key_gets_no_tunnel() {
+    let (a, b) = hosts().await;
+    let wrong = PrivateKey::generate().unwrap().public();
+    let _da = start(&a, &b, b.key.public()).await;
+    // b expects some other key from a: a's handshakes fail at b.
+    let db = start(&b, &a, wrong).await;
+    overlay(&a, &b).await;
+    overlay(&b, &a).await;
+    assert!(ping(&a, b.underlay), "the underlay itself works");
+    assert!(
+        !ping(&a, b.vtep_ip()),
+        "no overlay traffic without the right key"
+    );
+    let stats = db.table().read().unwrap().stats();
+    assert_eq!(stats[0].since_handshake, None, "{stats:?}");
+    assert!(stats[0].decrypt_failures >= 1, "{stats:?}");
+}

@@ -85,8 +85,8 @@ async fn start(me: &Host, peer: &Host, peer_key: PublicKey) -> DataPath {
     let (tun, socket) = me
         .t
         .ns
-        .run(|| -> std::io::Result<(Tun, UdpSocket)> {
-            let tun = Tun::open(TUN_NAME, false).map_err(std::io::Error::other)?;
+        .run(|| -> anyhow::Result<(Tun, UdpSocket)> {
+            let tun = Tun::open(TUN_NAME, false)?;
             let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DEFAULT_PORT))?;
             Ok((tun, socket))
         })
@@ -183,12 +183,12 @@ struct Capture {
 impl Capture {
     fn start(ns: &vxmesh::dataplane::netns::Netns, dev: &'static str) -> Capture {
         let fd = ns
-            .run(|| -> std::io::Result<OwnedFd> {
+            .run(move || -> anyhow::Result<OwnedFd> {
                 let proto = (libc::ETH_P_ALL as u16).to_be();
                 // SAFETY: plain socket(2); the descriptor is owned below.
                 let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
                 if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    return Err(std::io::Error::last_os_error().into());
                 }
                 // SAFETY: fd is a new descriptor nobody else owns.
                 let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -210,7 +210,7 @@ impl Capture {
                     )
                 };
                 if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    return Err(std::io::Error::last_os_error().into());
                 }
                 let tv = libc::timeval {
                     tv_sec: 0,

@@ -68,6 +68,7 @@ pub fn cluster_toml(data: &[u8]) {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.to_string()))
                     .collect(),
+                public_key: n.public_key.map(|k| k.to_string()),
             })
             .collect(),
     };

@@ -73,6 +73,7 @@ fn cluster(peers: usize) -> ClusterFile {
             underlay_dev: Some("eth0".into()),
             subnet: None,
             subnets: Default::default(),
+            public_key: None,
         })
         .collect();
     ClusterFile {

@@ -90,6 +90,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
                 )
                 .expect("valid"),
             )]),
+            public_key: None,
         })
         .collect();
     Cluster {

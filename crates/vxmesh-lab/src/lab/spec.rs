@@ -195,6 +195,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())
                 .then(|| format!("172.18.{}.0/24", i * 10)),
             subnets: BTreeMap::new(),
+            public_key: None,
         })
         .collect();
     ClusterFile { networks, nodes }

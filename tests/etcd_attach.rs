@@ -49,6 +49,7 @@ fn bridged(name: &str, vni: u32) -> Network {
         vni: Vni::new(vni).unwrap(),
         port: 4789,
         mtu: None,
+        encrypt: false,
     }
 }
 
@@ -61,6 +62,7 @@ fn routed(name: &str, vni: u32) -> Network {
         vni: Vni::new(vni).unwrap(),
         port: 4789,
         mtu: None,
+        encrypt: false,
     }
 }
 

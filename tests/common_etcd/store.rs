@@ -25,6 +25,7 @@ pub fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
         vni: Vni::new(100).unwrap(),
         port: 4789,
         mtu: None,
+        encrypt: false,
     }
 }
 

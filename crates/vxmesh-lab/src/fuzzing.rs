@@ -71,6 +71,7 @@ pub fn cluster_toml(data: &[u8]) {
                 public_key: n.public_key.map(|k| k.to_string()),
             })
             .collect(),
+        encryption: Some((&cluster.encryption).into()),
     };
     let again = toml::to_string(&file).expect("a cluster file serialises");
     match config::parse(&again, "again.toml") {
@@ -304,6 +305,7 @@ pub fn store_record(data: &[u8]) {
         vni: Vni::new(100).expect("valid"),
         port: 4789,
         mtu: None,
+        encrypt: false,
     };
     let records = NetworkRecords::new("/vxmesh", start.clone());
     let listing: Vec<(&str, &[u8])> = text
@@ -390,6 +392,7 @@ fn record_alone(records: &NetworkRecords, key: &str, value: &[u8]) {
             let file = ClusterFile {
                 networks: vec![NetworkFile::from(&n)],
                 nodes: vec![],
+                encryption: None,
             };
             let valid = config::validate(&file, "etcd").map(|mut c| c.networks.remove(0));
             assert_eq!(valid, Ok(n));

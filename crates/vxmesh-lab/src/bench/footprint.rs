@@ -85,8 +85,10 @@ fn cluster(peers: usize) -> ClusterFile {
             vni: 100,
             port: 4789,
             mtu: None,
+            encrypt: false,
         }],
         nodes,
+        encryption: None,
     }
 }
 

@@ -76,6 +76,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
         vni: Vni::new(100).expect("valid"),
         port: 4789,
         mtu: None,
+        encrypt: false,
     };
     let nodes = (0..=peers)
         .map(|i| NodeRecord {
@@ -96,6 +97,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
     Cluster {
         networks: vec![net],
         nodes,
+        encryption: Default::default(),
     }
 }
 

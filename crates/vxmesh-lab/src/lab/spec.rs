@@ -169,6 +169,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             vni: 100,
             port: 4789,
             mtu: None,
+            encrypt: false,
         }],
         // Every bridged network uses the same subnet on purpose: VNIs isolate them.
         Mode::Bridged => network_names(Mode::Bridged, spec.networks)
@@ -182,6 +183,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
                 vni: 200 + m as u32,
                 port: 4789,
                 mtu: None,
+                encrypt: false,
             })
             .collect(),
     };
@@ -198,5 +200,9 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             public_key: None,
         })
         .collect();
-    ClusterFile { networks, nodes }
+    ClusterFile {
+        networks,
+        nodes,
+        encryption: None,
+    }
 }

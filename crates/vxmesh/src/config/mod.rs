@@ -9,6 +9,7 @@
 //! vni = 100
 //! port = 4789                # optional, default 4789
 //! mtu = 1450                 # optional, default underlay MTU - 50
+//! encrypt = false            # optional: over the secure underlay (docs/encryption.md)
 //!
 //! [[node]]
 //! name = "host1"
@@ -73,6 +74,9 @@ pub struct NetworkFile {
     pub port: u32,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Carry this network over the secure underlay (docs/encryption.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt: bool,
 }
 
 fn default_mode() -> Mode {
@@ -107,6 +111,9 @@ pub struct ClusterFile {
     pub networks: Vec<NetworkFile>,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeFile>,
+    /// The secure underlay's settings (`[encryption]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::secure::config::EncryptionFile>,
 }
 
 /// A validated network.
@@ -119,6 +126,9 @@ pub struct Network {
     pub vni: Vni,
     pub port: u16,
     pub mtu: Option<u32>,
+    /// Carried over the secure underlay (docs/encryption.md).
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 impl From<&Network> for NetworkFile {
@@ -132,6 +142,7 @@ impl From<&Network> for NetworkFile {
             vni: n.vni.get(),
             port: n.port.into(),
             mtu: n.mtu,
+            encrypt: n.encrypt,
         }
     }
 }
@@ -149,6 +160,9 @@ impl Network {
 pub struct Cluster {
     pub networks: Vec<Network>,
     pub nodes: Vec<NodeRecord>,
+    /// The secure underlay's settings (defaults without `[encryption]`).
+    #[serde(default)]
+    pub encryption: crate::secure::config::Encryption,
 }
 
 impl Cluster {

@@ -67,6 +67,12 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     for net in &networks {
         subnets(file, net, &mut node_subnets, &mut problems);
     }
+    let ports: Vec<u16> = networks.iter().map(|n| n.port).collect();
+    let encryption = crate::secure::config::validate(file.encryption.as_ref(), &ports)
+        .unwrap_or_else(|list| {
+            list.into_iter().for_each(|(f, m)| problems.add(f, m));
+            Default::default()
+        });
     if !problems.0.is_empty() {
         return Err(ConfigError {
             source_name: source.to_string(),
@@ -87,7 +93,21 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
             public_key,
         })
         .collect();
-    Ok(Cluster { networks, nodes })
+    let cluster = Cluster {
+        networks,
+        nodes,
+        encryption,
+    };
+    if cluster.networks.iter().any(|n| n.encrypt)
+        && let Err(e) = cluster.encryption.assign(&cluster.nodes)
+    {
+        return Err(ConfigError::one(
+            source,
+            "encryption.transport_cidr",
+            e.to_string(),
+        ));
+    }
+    Ok(cluster)
 }
 
 /// What earlier networks of the file hold, for the uniqueness rules.
@@ -157,6 +177,7 @@ fn network(
         vni: vni?,
         port: port?,
         mtu: n.mtu,
+        encrypt: n.encrypt,
     })
 }
 

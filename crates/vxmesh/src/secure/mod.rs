@@ -2,6 +2,7 @@
 //! with `encrypt = true` carried over per-peer WireGuard tunnels (boringtun
 //! in userspace) behind the TUN device `vxm-wg0`.
 
+pub mod config;
 pub mod datapath;
 pub mod keys;
 pub mod peers;

@@ -275,6 +275,7 @@ pub(crate) fn validate_network(n: &NetworkFile) -> Result<Network, String> {
     let file = ClusterFile {
         networks: vec![n.clone()],
         nodes: vec![],
+        encryption: Default::default(),
     };
     match config::validate(&file, "etcd") {
         Ok(mut c) => Ok(c.networks.remove(0)),
@@ -403,6 +404,7 @@ mod tests {
             vni: Vni::new(100).unwrap(),
             port: 4789,
             mtu: None,
+            encrypt: false,
         }
     }
 

@@ -149,6 +149,7 @@ mod tests {
                 vni: Vni::new(100).unwrap(),
                 port: 4789,
                 mtu: None,
+                encrypt: false,
             },
         )
     }

@@ -50,6 +50,7 @@ impl View {
             cluster: Cluster {
                 networks: vec![network.clone()],
                 nodes: vec![],
+                encryption: Default::default(),
             },
             endpoints: Some(vec![]),
         };
@@ -233,6 +234,7 @@ impl View {
             cluster: Cluster {
                 networks: vec![net],
                 nodes: accepted,
+                encryption: Default::default(),
             },
             endpoints: Some(endpoints),
         };
@@ -257,6 +259,7 @@ mod tests {
             vni: Vni::new(100).unwrap(),
             port: 4789,
             mtu: None,
+            encrypt: false,
         }
     }
 

@@ -111,6 +111,10 @@ pub struct NodePlan {
     /// attach --publish`): rendered as DNAT rules in vxmesh's nftables table.
     #[serde(default)]
     pub ports: BTreeSet<PortSpec>,
+    /// The secure underlay (TUN device, transport address, peers) when
+    /// the node serves an encrypted network (docs/encryption.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<crate::secure::plan::SecurePlan>,
 }
 
 /// The transport protocol of a published port.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod keys;
 pub mod peers;
+pub mod plan;
 pub mod transport;
 pub mod tun;
 

@@ -328,3 +328,93 @@ async fn a_peer_with_a_wrong_key_gets_no_tunnel() {
     assert_eq!(stats[0].since_handshake, None, "{stats:?}");
     assert!(stats[0].decrypt_failures >= 1, "{stats:?}");
 }
+
+/// The product path: a cluster file with `encrypt = true` and each node's
+/// `public_key`, planned by the planner, applied by the reconciler and
+/// `SecureUnderlay` (key files in each node's state dir).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_encrypted_network_comes_up_and_a_plain_one_stays_plain() {
+    let (a, b) = hosts().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = [&a, &b];
+    let underlays: Vec<_> = hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let state = dir.path().join(format!("state{i}"));
+            let u = vxmesh::secure::SecureUnderlay::new(None, state);
+            let key = u.public_key().unwrap();
+            (h, u, key)
+        })
+        .collect();
+    let text = format!(
+        r#"
+[[network]]
+name = "secret"
+cidr = "172.18.0.0/16"
+subnet_len = 24
+vni = 100
+encrypt = true
+
+[[network]]
+name = "open"
+mode = "bridged"
+cidr = "10.9.0.0/24"
+subnet_len = 28
+vni = 101
+port = 4790
+
+[[node]]
+name = "a"
+underlay_ip = "{}"
+subnets = {{ secret = "172.18.1.0/24" }}
+public_key = "{}"
+
+[[node]]
+name = "b"
+underlay_ip = "{}"
+subnets = {{ secret = "172.18.2.0/24" }}
+public_key = "{}"
+"#,
+        a.underlay, underlays[0].2, b.underlay, underlays[1].2
+    );
+    let cluster = vxmesh::config::parse(&text, "t.toml").unwrap();
+    let mut running = Vec::new();
+    for ((h, mut u, _), name) in underlays.into_iter().zip(["a", "b"]) {
+        let plan = vxmesh::dataplane::plan::plan(&vxmesh::dataplane::plan::PlanInput {
+            cluster: &cluster,
+            node: name,
+            endpoints: None,
+            underlay_mtu: 1500,
+        })
+        .unwrap();
+        let nl = h.t.nl().await;
+        let changes = u.apply(&nl, plan.secure.as_ref()).await.unwrap();
+        assert_eq!(changes.added.len(), 1, "{changes:?}");
+        converge(&nl, &plan).await;
+        // A second pass changes nothing.
+        let again = u.apply(&nl, plan.secure.as_ref()).await.unwrap();
+        assert_eq!(again, Default::default());
+        running.push((u, nl, plan));
+    }
+    let gw_b = Ipv4Addr::new(172, 18, 2, 1);
+    let cap = Capture::start(&b.t.ns, "u0");
+    assert!(ping(&a, gw_b), "a -> b's gateway over the encrypted network");
+    let seen = cap.stop();
+    assert!(seen.wireguard >= 4, "{seen:?}");
+    assert_eq!((seen.vxlan, seen.icmp, seen.other_ip), (0, 0, 0), "{seen:?}");
+    let stats = running[0].0.stats();
+    assert!(stats[0].since_handshake.is_some(), "{stats:?}");
+    assert!(stats[0].tx_bytes > 0 && stats[0].rx_bytes > 0, "{stats:?}");
+
+    // The plain network's VTEP stays on the underlay, its own port.
+    let vx = a.t.ip(&["-d", "link", "show", "vxm-vx101"]);
+    assert!(vx.contains("local 198.18.0.1") && vx.contains("dstport 4790"), "{vx}");
+    let enc = a.t.ip(&["-d", "link", "show", "vxm-vx100"]);
+    assert!(enc.contains("local 10.255.0.1"), "{enc}");
+
+    // No encrypted network left: the data path stops and the device goes.
+    let (mut u, nl, _) = running.remove(0);
+    u.apply(&nl, None).await.unwrap();
+    assert!(nl.get_link(TUN_NAME).await.unwrap().is_none());
+}

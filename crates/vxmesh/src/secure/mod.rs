@@ -9,9 +9,11 @@ pub mod peers;
 pub mod plan;
 pub mod transport;
 pub mod tun;
+pub mod underlay;
 
 pub use datapath::DataPath;
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use peers::{PeerChanges, PeerSpec, PeerStats, PeerTable};
 pub use transport::TransportError;
 pub use tun::{Tun, TunError};
+pub use underlay::{SecureError, SecureUnderlay};

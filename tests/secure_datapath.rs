@@ -389,6 +389,15 @@ public_key = "{}"
         })
         .unwrap();
         let nl = h.t.nl().await;
+        // Another key than the one the cluster file lists: refused, nothing made.
+        let mut stranger = vxmesh::secure::SecureUnderlay::new(None, dir.path().join("other"));
+        let e = stranger.apply(&nl, plan.secure.as_ref()).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is not the public_key the store lists"),
+            "{e}"
+        );
+        assert!(nl.get_link(TUN_NAME).await.unwrap().is_none());
         let changes = u.apply(&nl, plan.secure.as_ref()).await.unwrap();
         assert_eq!(changes.added.len(), 1, "{changes:?}");
         converge(&nl, &plan).await;
@@ -399,17 +408,27 @@ public_key = "{}"
     }
     let gw_b = Ipv4Addr::new(172, 18, 2, 1);
     let cap = Capture::start(&b.t.ns, "u0");
-    assert!(ping(&a, gw_b), "a -> b's gateway over the encrypted network");
+    assert!(
+        ping(&a, gw_b),
+        "a -> b's gateway over the encrypted network"
+    );
     let seen = cap.stop();
     assert!(seen.wireguard >= 4, "{seen:?}");
-    assert_eq!((seen.vxlan, seen.icmp, seen.other_ip), (0, 0, 0), "{seen:?}");
+    assert_eq!(
+        (seen.vxlan, seen.icmp, seen.other_ip),
+        (0, 0, 0),
+        "{seen:?}"
+    );
     let stats = running[0].0.stats();
     assert!(stats[0].since_handshake.is_some(), "{stats:?}");
     assert!(stats[0].tx_bytes > 0 && stats[0].rx_bytes > 0, "{stats:?}");
 
     // The plain network's VTEP stays on the underlay, its own port.
     let vx = a.t.ip(&["-d", "link", "show", "vxm-vx101"]);
-    assert!(vx.contains("local 198.18.0.1") && vx.contains("dstport 4790"), "{vx}");
+    assert!(
+        vx.contains("local 198.18.0.1") && vx.contains("dstport 4790"),
+        "{vx}"
+    );
     let enc = a.t.ip(&["-d", "link", "show", "vxm-vx100"]);
     assert!(enc.contains("local 10.255.0.1"), "{enc}");
 

@@ -24,6 +24,9 @@ pub struct SecurePlan {
     pub mtu: u32,
     /// The WireGuard UDP port (every node's).
     pub port: u16,
+    /// This node's public key as the store lists it (checked against the
+    /// node's own key: peers would fail every handshake otherwise).
+    pub own_key: Option<PublicKey>,
     /// Every node this one reaches over an encrypted network, by name.
     pub peers: BTreeMap<String, PlannedPeer>,
 }
@@ -56,7 +59,11 @@ impl SecurePlan {
 
 /// The addresses a network's VTEP uses: underlay addresses for a plain
 /// network, transport addresses for an encrypted one.
-pub fn vtep_addr(cluster: &Cluster, net: &Network, node: &NodeRecord) -> Result<Ipv4Addr, TransportError> {
+pub fn vtep_addr(
+    cluster: &Cluster,
+    net: &Network,
+    node: &NodeRecord,
+) -> Result<Ipv4Addr, TransportError> {
     if net.encrypt {
         cluster.encryption.transport_addr(node)
     } else {
@@ -111,6 +118,7 @@ pub fn plan(
         addr,
         mtu: tun_mtu(underlay_mtu),
         port: enc.port,
+        own_key: me.public_key,
         peers,
     }))
 }

@@ -33,6 +33,10 @@ pub enum SecureError {
         "device {dev} exists with alias {alias:?}: it is not vxmesh's secure underlay; rename or remove it"
     )]
     Foreign { dev: String, alias: Option<String> },
+    #[error(
+        "this node's key (public {own}) is not the public_key the store lists for it ({listed}): list {own}, or use the key file that matches {listed}"
+    )]
+    KeyMismatch { own: PublicKey, listed: PublicKey },
     #[error(transparent)]
     Kernel(#[from] NetlinkError),
     #[error("namespace: {0}")]
@@ -128,17 +132,26 @@ impl SecureUnderlay {
             });
         }
         let key = keys::load_or_create(self.key_file.as_deref(), &self.state_dir)?;
+        if let Some(listed) = plan.own_key
+            && listed != key.public()
+        {
+            return Err(SecureError::KeyMismatch {
+                own: key.public(),
+                listed,
+            });
+        }
         let (dev, port) = (plan.dev.clone(), plan.port);
         let namespace = nl.namespace().to_string();
         // Both are created in the namespace the netlink socket serves.
         let (tun, socket) = nl.netns().run(move || -> Result<_, SecureError> {
             let tun = Tun::open(&dev, true)?;
-            let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-                .map_err(|source| SecureError::Socket {
+            let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).map_err(
+                |source| SecureError::Socket {
                     port,
                     namespace,
                     source,
-                })?;
+                },
+            )?;
             Ok((tun, socket))
         })?;
         let datapath =

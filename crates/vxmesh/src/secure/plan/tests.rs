@@ -4,7 +4,9 @@ use crate::dataplane::{FdbSpec, LinkKind};
 use crate::secure::PrivateKey;
 
 fn cluster(encrypt_secret: bool, key_b: Option<&PublicKey>) -> Cluster {
-    let key_line = key_b.map(|k| format!("public_key = \"{k}\"")).unwrap_or_default();
+    let key_line = key_b
+        .map(|k| format!("public_key = \"{k}\""))
+        .unwrap_or_default();
     let text = format!(
         r#"
 [[network]]
@@ -55,13 +57,20 @@ fn vxlan(p: &crate::dataplane::NodePlan, vni: u32) -> (Ipv4Addr, Option<String>,
         .iter()
         .find(|l| matches!(&l.kind, LinkKind::Vxlan(v) if v.vni.get() == vni))
         .unwrap();
-    let LinkKind::Vxlan(v) = &l.kind else { unreachable!() };
+    let LinkKind::Vxlan(v) = &l.kind else {
+        unreachable!()
+    };
     (v.local, v.underlay_dev.clone(), l.mtu)
 }
 
 fn fdb_dsts(p: &crate::dataplane::NodePlan, vni: u32) -> Vec<Ipv4Addr> {
     let dev = format!("vxm-vx{vni}");
-    let mut d: Vec<_> = p.fdb.iter().filter(|f: &&FdbSpec| f.dev == dev).map(|f| f.dst).collect();
+    let mut d: Vec<_> = p
+        .fdb
+        .iter()
+        .filter(|f: &&FdbSpec| f.dev == dev)
+        .map(|f| f.dst)
+        .collect();
     d.sort();
     d.dedup();
     d

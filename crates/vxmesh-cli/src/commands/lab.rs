@@ -47,6 +47,10 @@ pub struct LabUpArgs {
     /// (scrape from inside the host: `vxmesh lab exec LAB hostN -- curl ...`).
     #[arg(long, value_name = "PORT")]
     metrics_port: Option<u16>,
+    /// Carry the first network over the secure underlay (VXLAN over
+    /// userspace WireGuard; static store only; docs/encryption.md).
+    #[arg(long)]
+    encrypt: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -143,6 +147,10 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
     s.ttl = Duration::from_secs(a.ttl);
     s.etcd_members = a.etcd_members;
     s.metrics_port = a.metrics_port;
+    if a.encrypt && matches!(a.store, StoreArg::Etcd) {
+        anyhow::bail!("--encrypt needs the static store: etcd does not distribute keys yet");
+    }
+    s.encrypt = a.encrypt;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)
 }

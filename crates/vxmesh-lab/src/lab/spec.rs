@@ -42,6 +42,10 @@ pub struct LabSpec {
     pub metrics_port: Option<u16>,
     /// What runs the containers (Docker: one dockerd per host).
     pub runtime: Runtime,
+    /// Encrypt the lab's first network over the secure underlay (static
+    /// store): each host's key is made in its state dir and listed as its
+    /// `public_key`. Bridged labs with several networks stay mixed.
+    pub encrypt: bool,
 }
 
 /// How the lab attaches its containers.
@@ -72,6 +76,7 @@ impl LabSpec {
             routed_cidr: None,
             metrics_port: None,
             runtime: Runtime::Netns,
+            encrypt: false,
         }
     }
 }

@@ -322,4 +322,24 @@ public_key = "{}"
     let (mut u, nl, _) = running.remove(0);
     u.apply(&nl, None).await.unwrap();
     assert!(nl.get_link(TUN_NAME).await.unwrap().is_none());
+
+    // `down` removes the secure underlay's device too (b's is still up).
+    let (_u, nl_b, _) = running.remove(0);
+    assert!(nl_b.get_link(TUN_NAME).await.unwrap().is_some());
+    let out = Command::new(common::exe())
+        .args(["--netns", b.t.name(), "down", "--state-dir"])
+        .arg(dir.path().join("down-state"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(TUN_NAME),
+        "down names what it removed: {text}"
+    );
+    assert!(nl_b.get_link(TUN_NAME).await.unwrap().is_none());
 }

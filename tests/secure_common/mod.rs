@@ -85,12 +85,18 @@ impl Capture {
         let thread = std::thread::spawn(move || {
             let mut seen = Seen::default();
             let mut buf = vec![0u8; 65536];
-            while !flag.load(Ordering::Relaxed) {
+            // Frames queue on the socket from its bind on; after the stop,
+            // read on until the queue is empty (a recv times out), so a
+            // late-starting thread still counts everything.
+            loop {
+                let stopping = flag.load(Ordering::Relaxed);
                 // SAFETY: reads into buf, within its length.
                 let n =
                     unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n > 0 {
                     classify(&buf[..n as usize], &mut seen);
+                } else if stopping {
+                    break;
                 }
             }
             seen

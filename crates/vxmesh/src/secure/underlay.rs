@@ -193,3 +193,21 @@ pub async fn remove_device(nl: &Netlink, dev: &str) -> Result<(), SecureError> {
         _ => Ok(()),
     }
 }
+
+/// `down`'s part: delete the secure underlay's device if it is vxmesh's,
+/// moving it from the report's skipped devices (the generic teardown does
+/// not know its alias) to the deleted ones.
+pub async fn teardown(nl: &Netlink, report: &mut crate::dataplane::kernel::TeardownReport) {
+    let dev = super::transport::TUN_NAME;
+    match nl.get_link(dev).await {
+        Ok(Some(l)) if l.alias.as_deref() == Some(TUN_ALIAS) => match nl.delete_link(dev).await {
+            Ok(()) => {
+                report.skipped.retain(|s| s.split(' ').next() != Some(dev));
+                report.links_deleted.push(dev.to_string());
+            }
+            Err(e) => report.errors.push(e.to_string()),
+        },
+        Ok(_) => {}
+        Err(e) => report.errors.push(e.to_string()),
+    }
+}

@@ -51,6 +51,7 @@ fn bridged(name: &str, vni: u32) -> Network {
         port: 4789,
         mtu: None,
         gateway: None,
+        encrypt: false,
     }
 }
 
@@ -65,6 +66,7 @@ fn routed(name: &str, vni: u32) -> Network {
         port: 4789,
         mtu: None,
         gateway: None,
+        encrypt: false,
     }
 }
 

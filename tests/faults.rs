@@ -347,6 +347,7 @@ async fn kill_9_at_random_points_of_an_apply_converges_every_time() {
                     underlay_dev: None,
                     subnet: None,
                     subnets: Default::default(),
+                    public_key: None,
                 });
             }
             file

@@ -27,6 +27,7 @@ pub fn network(name: &str, mode: Mode, cidr: &str, subnet_len: u8) -> Network {
         port: 4789,
         mtu: None,
         gateway: None,
+        encrypt: false,
     }
 }
 

@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use vxmesh::dataplane::netns::Netns;
 
-use commands::{agent, attach, bench, cluster, docker, docs, lab, leave, net, node};
+use commands::{agent, attach, bench, cluster, docker, docs, keys, lab, leave, net, node};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,6 +66,10 @@ enum Cmd {
     /// Measured benchmarks (build with --release).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Make a WireGuard key pair for the secure underlay: the private key
+    /// goes to --out (mode 0600), the public key (a node's `public_key`) is
+    /// printed.
+    Keygen(keys::KeygenArgs),
     /// Print a shell completion script (e.g. `vxmesh completions bash > /etc/bash_completion.d/vxmesh`).
     Completions(docs::CompletionsArgs),
     /// Write the man pages (vxmesh.1 and one per command) into DIR.
@@ -154,6 +158,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Leave(a) => leave::run(a).await?,
         Cmd::Lab(l) => return lab::run(l).await,
         Cmd::Bench(b) => bench::run(b).await?,
+        Cmd::Keygen(a) => keys::keygen(a)?,
         Cmd::Completions(a) => docs::completions(a, Cli::command())?,
         Cmd::Man(a) => docs::man(a, Cli::command())?,
     }

@@ -68,8 +68,10 @@ pub fn cluster_toml(data: &[u8]) {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.to_string()))
                     .collect(),
+                public_key: n.public_key.map(|k| k.to_string()),
             })
             .collect(),
+        encryption: Some((&cluster.encryption).into()),
     };
     let again = toml::to_string(&file).expect("a cluster file serialises");
     match config::parse(&again, "again.toml") {
@@ -306,6 +308,7 @@ pub fn store_record(data: &[u8]) {
         port: 4789,
         mtu: None,
         gateway: None,
+        encrypt: false,
     };
     let records = NetworkRecords::new("/vxmesh", start.clone());
     let listing: Vec<(&str, &[u8])> = text
@@ -392,6 +395,7 @@ fn record_alone(records: &NetworkRecords, key: &str, value: &[u8]) {
             let file = ClusterFile {
                 networks: vec![NetworkFile::from(&n)],
                 nodes: vec![],
+                encryption: None,
             };
             let valid = config::validate(&file, "etcd").map(|mut c| c.networks.remove(0));
             assert_eq!(valid, Ok(n));

@@ -31,6 +31,7 @@ pub mod faults;
 mod hosts;
 pub mod invariants;
 mod membership;
+mod secure;
 mod spec;
 mod summary;
 mod teardown;
@@ -178,7 +179,10 @@ impl Lab {
         // Hosts: subnets from the cluster file, or claimed in etcd by the agents.
         let resolved = match spec.store {
             LabStore::Static => {
-                let cluster = cluster_file_for(spec);
+                let mut cluster = cluster_file_for(spec);
+                if spec.encrypt {
+                    self.encrypt_first_network(&mut cluster)?;
+                }
                 let toml = toml::to_string(&cluster)?;
                 state::write_atomic(&self.info.cluster_file, toml.as_bytes())?;
                 Some(vxmesh::config::load(&self.info.cluster_file)?)

@@ -38,6 +38,7 @@ use crate::error::chain;
 use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
 use crate::model::NodeRecord;
+use crate::secure::SecureUnderlay;
 use crate::state::{self, PlanStore, ServedNetwork};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
@@ -167,6 +168,7 @@ pub async fn pass<S: Store>(
     opts: &AgentOptions,
     base: Option<&NodePlan>,
     plans: &mut PlanStore,
+    secure: &mut SecureUnderlay,
 ) -> Result<PassOutcome> {
     let snap = store
         .snapshot()
@@ -180,6 +182,8 @@ pub async fn pass<S: Store>(
     p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
     // Published ports changed: the incremental diff knows only peer entries.
     let base = base.filter(|b| b.ports == p.ports);
+    // Before the VTEPs: an encrypted network's VTEP sends to the TUN device.
+    secure.apply(nl, p.secure.as_ref()).await?;
     let mut incremental = false;
     let report = opts
         .metrics
@@ -554,7 +558,9 @@ async fn serve<S: Store>(
     opts.metrics.store_ready();
     let nl = Netlink::connect().await.map_err(AgentError::Connect)?;
     if opts.once {
-        let outcome = pass(store, &nl, opts, None, &mut PlanStore::new()).await;
+        let mut secure = SecureUnderlay::new(None, opts.state_dir.clone());
+        let plans = &mut PlanStore::new();
+        let outcome = pass(store, &nl, opts, None, plans, &mut secure).await;
         opts.metrics.pass_done(outcome.is_ok());
         let o = outcome?;
         tracing::info!(changes = o.changes, "reconciled once");
@@ -574,6 +580,7 @@ async fn serve<S: Store>(
     let mut plans = PlanStore::new();
     // Publishers (Docker -p, attach --publish) poke it: a pass right away.
     let mut waker = crate::wake::Waker::bind(&opts.state_dir)?;
+    let mut secure = SecureUnderlay::new(None, opts.state_dir.clone());
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         // The state dir may have been deleted under us: take the lock again
@@ -600,7 +607,7 @@ async fn serve<S: Store>(
             .take()
             .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
             .map(|(p, _)| p);
-        let outcome = pass(store, &nl, opts, base.as_ref(), &mut plans).await;
+        let outcome = pass(store, &nl, opts, base.as_ref(), &mut plans, &mut secure).await;
         opts.metrics.pass_done(outcome.is_ok());
         // An incremental pass changes no device: the owned indexes stand.
         if !matches!(&outcome, Ok(o) if o.incremental) {

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod ports;
+pub mod secure;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -275,6 +275,10 @@ pub struct NodeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_dev: Option<String>,
     pub subnets: std::collections::BTreeMap<String, ipnet::Ipv4Net>,
+    /// The node's WireGuard public key (secure underlay); a node without
+    /// one gets no tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<crate::secure::PublicKey>,
 }
 
 /// A container attached to a bridged network somewhere in the cluster.

@@ -392,6 +392,7 @@ mod tests {
             cluster: crate::config::Cluster {
                 networks: Vec::new(),
                 nodes: Vec::new(),
+                encryption: Default::default(),
             },
             endpoints: None,
         };

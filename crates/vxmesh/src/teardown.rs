@@ -31,10 +31,11 @@ pub async fn down(state_dir: &Path) -> Result<TeardownReport, DownError> {
     let nl = Netlink::connect()
         .await
         .map_err(|e| DownError::Kernel(e.into()))?;
-    let report = nl
+    let mut report = nl
         .teardown()
         .await
         .map_err(|e| DownError::Kernel(e.into()))?;
+    crate::secure::underlay::teardown(&nl, &mut report).await;
     wipe_state(state_dir)?;
     Ok(report)
 }

@@ -57,6 +57,10 @@ pub struct LabUpArgs {
     /// k-th container of a host (from 0) on host port HOST + k.
     #[arg(long, value_name = "HOST:CONTAINER", value_parser = lab::parse_publish)]
     publish: Option<(u16, u16)>,
+    /// Carry the first network over the secure underlay (VXLAN over
+    /// userspace WireGuard; static store only; docs/encryption.md).
+    #[arg(long)]
+    encrypt: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -160,6 +164,10 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
     s.metrics_port = a.metrics_port;
     s.external = a.external;
     s.publish = a.publish;
+    if a.encrypt && matches!(a.store, StoreArg::Etcd) {
+        anyhow::bail!("--encrypt needs the static store: etcd does not distribute keys yet");
+    }
+    s.encrypt = a.encrypt;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)
 }

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cluster;
 pub mod docker;
 pub mod docs;
+pub mod keys;
 pub mod lab;
 pub mod leave;
 pub mod net;

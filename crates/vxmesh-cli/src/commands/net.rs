@@ -82,6 +82,8 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                     _ => config::GatewayFile::Address(g),
                 }),
                 outbound_nat,
+                // The etcd store has no secure underlay yet (issue 16).
+                encrypt: false,
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();

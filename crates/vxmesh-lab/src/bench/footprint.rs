@@ -73,6 +73,7 @@ fn cluster(peers: usize) -> ClusterFile {
             underlay_dev: Some("eth0".into()),
             subnet: None,
             subnets: Default::default(),
+            public_key: None,
         })
         .collect();
     ClusterFile {
@@ -86,8 +87,10 @@ fn cluster(peers: usize) -> ClusterFile {
             port: 4789,
             mtu: None,
             gateway: None,
+            encrypt: false,
         }],
         nodes,
+        encryption: None,
     }
 }
 

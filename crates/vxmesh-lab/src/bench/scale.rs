@@ -78,6 +78,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
         port: 4789,
         mtu: None,
         gateway: None,
+        encrypt: false,
     };
     let nodes = (0..=peers)
         .map(|i| NodeRecord {
@@ -92,11 +93,13 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
                 )
                 .expect("valid"),
             )]),
+            public_key: None,
         })
         .collect();
     Cluster {
         networks: vec![net],
         nodes,
+        encryption: Default::default(),
     }
 }
 

@@ -48,6 +48,10 @@ pub struct LabSpec {
     /// `--publish HOST:CONTAINER`: publish CONTAINER of every container, the
     /// k-th of a node on host port HOST + k.
     pub publish: Option<(u16, u16)>,
+    /// Encrypt the lab's first network over the secure underlay (static
+    /// store): each host's key is made in its state dir and listed as its
+    /// `public_key`. Bridged labs with several networks stay mixed.
+    pub encrypt: bool,
 }
 
 /// How the lab attaches its containers.
@@ -80,6 +84,7 @@ impl LabSpec {
             runtime: Runtime::Netns,
             external: false,
             publish: None,
+            encrypt: false,
         }
     }
 }
@@ -185,6 +190,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             port: 4789,
             mtu: None,
             gateway: None,
+            encrypt: false,
         }],
         // Every bridged network uses the same subnet on purpose: VNIs isolate them.
         Mode::Bridged => network_names(Mode::Bridged, spec.networks)
@@ -208,6 +214,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
                 gateway: spec
                     .external
                     .then_some(vxmesh::config::GatewayFile::Enabled(true)),
+                encrypt: false,
             })
             .collect(),
     };
@@ -221,7 +228,12 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
             subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())
                 .then(|| format!("172.18.{}.0/24", i * 10)),
             subnets: BTreeMap::new(),
+            public_key: None,
         })
         .collect();
-    ClusterFile { networks, nodes }
+    ClusterFile {
+        networks,
+        nodes,
+        encryption: None,
+    }
 }

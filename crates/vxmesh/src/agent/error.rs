@@ -35,6 +35,9 @@ pub enum AgentError {
     /// The cluster cannot be planned for this node.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The secure underlay of encrypted networks (docs/encryption.md).
+    #[error(transparent)]
+    Secure(#[from] crate::secure::SecureError),
     /// The reconcile pass failed (its apply report is inside; boxed, it is
     /// large).
     #[error(transparent)]

@@ -12,6 +12,7 @@
 //! gateway = true             # bridged only, optional: a distributed gateway
 //!                            # (first host address, or gateway = "A.B.C.D")
 //! outbound_nat = true        # optional, default true: masquerade traffic leaving the overlay
+//! encrypt = false            # optional: over the secure underlay (docs/encryption.md)
 //!
 //! [[node]]
 //! name = "host1"
@@ -19,6 +20,7 @@
 //! underlay_dev = "eth0"      # optional
 //! subnet = "172.18.10.0/24"  # optional (single-network files), derived when absent
 //! # subnets = { demo = "172.18.10.0/24" }   # per network, for several networks
+//! # public_key = "base64..."                # optional, `vxmesh keygen`
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -84,6 +86,9 @@ pub struct NetworkFile {
     /// vxmesh network (default true).
     #[serde(default = "default_true")]
     pub outbound_nat: bool,
+    /// Carry this network over the secure underlay (docs/encryption.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt: bool,
 }
 
 fn default_true() -> bool {
@@ -109,6 +114,9 @@ pub struct NodeFile {
     pub subnet: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub subnets: BTreeMap<String, String>,
+    /// The node's WireGuard public key (`vxmesh keygen`), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// The cluster file as written.
@@ -119,6 +127,9 @@ pub struct ClusterFile {
     pub networks: Vec<NetworkFile>,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeFile>,
+    /// The secure underlay's settings (`[encryption]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::secure::config::EncryptionFile>,
 }
 
 /// A validated network.
@@ -138,6 +149,9 @@ pub struct Network {
     /// Masquerade traffic from the network to outside every vxmesh network.
     #[serde(default = "default_true")]
     pub outbound_nat: bool,
+    /// Carried over the secure underlay (docs/encryption.md).
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 impl From<&Network> for NetworkFile {
@@ -153,6 +167,7 @@ impl From<&Network> for NetworkFile {
             mtu: n.mtu,
             gateway: n.gateway.map(|g| GatewayFile::Address(g.to_string())),
             outbound_nat: n.outbound_nat,
+            encrypt: n.encrypt,
         }
     }
 }
@@ -170,6 +185,9 @@ impl Network {
 pub struct Cluster {
     pub networks: Vec<Network>,
     pub nodes: Vec<NodeRecord>,
+    /// The secure underlay's settings (defaults without `[encryption]`).
+    #[serde(default)]
+    pub encryption: crate::secure::config::Encryption,
 }
 
 impl Cluster {

@@ -60,10 +60,19 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
     let mut problems = Problems::default();
     let networks = networks(&file.networks, &mut problems);
     let node_ips = nodes(file, &mut problems);
+    let node_keys: Vec<_> = (file.nodes.iter().enumerate())
+        .map(|(i, n)| public_key(i, n, &mut problems))
+        .collect();
     let mut node_subnets = vec![BTreeMap::new(); file.nodes.len()];
     for net in &networks {
         subnets(file, net, &mut node_subnets, &mut problems);
     }
+    let ports: Vec<u16> = networks.iter().map(|n| n.port).collect();
+    let encryption = crate::secure::config::validate(file.encryption.as_ref(), &ports)
+        .unwrap_or_else(|list| {
+            list.into_iter().for_each(|(f, m)| problems.add(f, m));
+            Default::default()
+        });
     if !problems.0.is_empty() {
         return Err(ConfigError {
             source_name: source.to_string(),
@@ -75,14 +84,30 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
         .iter()
         .zip(node_ips)
         .zip(node_subnets)
-        .map(|((n, ip), subnets)| NodeRecord {
+        .zip(node_keys)
+        .map(|(((n, ip), subnets), public_key)| NodeRecord {
             name: n.name.clone(),
             underlay_ip: ip.expect("checked"),
             underlay_dev: n.underlay_dev.clone(),
             subnets,
+            public_key,
         })
         .collect();
-    Ok(Cluster { networks, nodes })
+    let cluster = Cluster {
+        networks,
+        nodes,
+        encryption,
+    };
+    if cluster.networks.iter().any(|n| n.encrypt)
+        && let Err(e) = cluster.encryption.assign(&cluster.nodes)
+    {
+        return Err(ConfigError::one(
+            source,
+            "encryption.transport_cidr",
+            e.to_string(),
+        ));
+    }
+    Ok(cluster)
 }
 
 /// What earlier networks of the file hold, for the uniqueness rules.
@@ -186,6 +211,7 @@ fn network(
         mtu: n.mtu,
         gateway,
         outbound_nat: n.outbound_nat,
+        encrypt: n.encrypt,
     })
 }
 
@@ -301,6 +327,14 @@ fn network_mode(
 }
 
 /// The `[[node]]` tables: each node's underlay IP (`None` where invalid).
+/// A node's `public_key`, if given and valid (secure underlay).
+fn public_key(i: usize, n: &NodeFile, problems: &mut Problems) -> Option<crate::secure::PublicKey> {
+    let text = n.public_key.as_deref()?;
+    crate::secure::PublicKey::parse(text, &format!("node '{}' public_key", n.name))
+        .map_err(|e| problems.add(format!("node[{i}].public_key"), e.to_string()))
+        .ok()
+}
+
 fn nodes(file: &ClusterFile, problems: &mut Problems) -> Vec<Option<Ipv4Addr>> {
     let mut names = HashMap::new();
     let mut ips = HashMap::new();

@@ -10,6 +10,7 @@ use ipnet::Ipv4Net;
 use super::plan_types::*;
 use crate::config::{Cluster, Mode, Network};
 use crate::model::{self, Endpoint, Mac, NodeRecord, Vni};
+use crate::secure::plan as secure;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
@@ -19,6 +20,9 @@ pub enum PlanError {
     UnknownNode { node: String, known: String },
     #[error("node '{node}' has no subnet in network '{network}'")]
     NoSubnet { node: String, network: String },
+    /// An encrypted network's transport address (docs/encryption.md).
+    #[error(transparent)]
+    Transport(#[from] crate::secure::TransportError),
 }
 
 /// The alias that marks a network device as vxmesh's.
@@ -123,6 +127,7 @@ pub fn plan(input: &PlanInput) -> Result<NodePlan, PlanError> {
         .iter()
         .filter_map(|n| p.networks.get(&n.name).map(|st| (n, st.subnet)));
     p.firewall = crate::firewall::plan_firewall(cluster, me, served, input.vxlan_filter);
+    p.secure = secure::plan(cluster, me, input.underlay_mtu)?;
     Ok(p)
 }
 
@@ -136,13 +141,21 @@ fn subnet_of(node: &NodeRecord, net: &Network) -> Result<Ipv4Net, PlanError> {
         })
 }
 
-fn vtep_spec(me: &NodeRecord, net: &Network, mtu: u32, bridged: bool, bridge: &str) -> LinkSpec {
-    LinkSpec {
+fn vtep_spec(
+    cluster: &Cluster,
+    me: &NodeRecord,
+    net: &Network,
+    mtu: u32,
+    bridged: bool,
+    bridge: &str,
+) -> Result<LinkSpec, PlanError> {
+    Ok(LinkSpec {
         name: model::vtep_name(net.vni),
         kind: LinkKind::Vxlan(VxlanSpec {
             vni: net.vni,
-            local: me.underlay_ip,
-            underlay_dev: me.underlay_dev.clone(),
+            local: secure::vtep_addr(cluster, net, me)?,
+            // An encrypted network's VTEP sends through the TUN device.
+            underlay_dev: me.underlay_dev.clone().filter(|_| !net.encrypt),
             port: net.port,
             proxy: bridged,
         }),
@@ -151,7 +164,7 @@ fn vtep_spec(me: &NodeRecord, net: &Network, mtu: u32, bridged: bool, bridge: &s
         master: bridged.then(|| bridge.to_string()),
         port_learning: false,
         alias: owner_alias(&net.name),
-    }
+    })
 }
 
 fn bridge_spec(name: &str, me: &NodeRecord, net: &Network, mtu: u32) -> LinkSpec {
@@ -179,11 +192,12 @@ fn plan_routed(
     underlay_mtu: u32,
 ) -> Result<(), PlanError> {
     let subnet = subnet_of(me, net)?;
-    let mtu = net.effective_mtu(underlay_mtu);
+    let mtu = secure::network_mtu(net, underlay_mtu);
     let bridge = model::ROUTED_BRIDGE.to_string();
     let vtep = model::vtep_name(net.vni);
     p.links.push(bridge_spec(&bridge, me, net, mtu));
-    p.links.push(vtep_spec(me, net, mtu, false, &bridge));
+    p.links
+        .push(vtep_spec(cluster, me, net, mtu, false, &bridge)?);
     let gw = gateway(subnet);
     p.addresses.insert(AddrSpec {
         dev: bridge.clone(),
@@ -212,7 +226,7 @@ fn plan_routed(
         p.fdb.insert(FdbSpec {
             dev: vtep.clone(),
             mac: peer_mac,
-            dst: peer.underlay_ip,
+            dst: secure::vtep_addr(cluster, net, peer)?,
         });
     }
     p.networks.insert(
@@ -241,11 +255,12 @@ fn plan_bridged(
     underlay_mtu: u32,
 ) -> Result<(), PlanError> {
     let slice = subnet_of(me, net)?;
-    let mtu = net.effective_mtu(underlay_mtu);
+    let mtu = secure::network_mtu(net, underlay_mtu);
     let bridge = model::bridged_bridge_name(net.vni);
     let vtep = model::vtep_name(net.vni);
     p.links.push(bridge_spec(&bridge, me, net, mtu));
-    p.links.push(vtep_spec(me, net, mtu, true, &bridge));
+    p.links
+        .push(vtep_spec(cluster, me, net, mtu, true, &bridge)?);
     if let Some(gw) = net.gateway {
         // Every node answers for the gateway on its own bridge; the VTEP
         // gets no neighbour or FDB entry for it (its ARP is answered from
@@ -278,7 +293,7 @@ fn plan_bridged(
         p.fdb.insert(FdbSpec {
             dev: vtep.clone(),
             mac: ep.mac,
-            dst: peer.underlay_ip,
+            dst: secure::vtep_addr(cluster, net, peer)?,
         });
     }
     p.networks.insert(

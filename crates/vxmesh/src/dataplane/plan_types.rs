@@ -114,6 +114,10 @@ pub struct NodePlan {
     /// The VTEP peer filter and outbound NAT (vxmesh's nftables table).
     #[serde(default)]
     pub firewall: crate::firewall::FirewallPlan,
+    /// The secure underlay (TUN device, transport address, peers) when
+    /// the node serves an encrypted network (docs/encryption.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<crate::secure::plan::SecurePlan>,
 }
 
 /// The transport protocol of a published port.

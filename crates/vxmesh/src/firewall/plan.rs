@@ -86,8 +86,14 @@ pub fn plan_firewall<'a>(
         }
         p.hairpin.insert(net.name.clone(), hairpin);
         for n in &cluster.nodes {
-            if n.name != me.name && member(n, net) {
-                p.peers.insert(n.underlay_ip);
+            // An encrypted network's VXLAN comes from the peer's transport
+            // address (through the secure underlay), a plain one's from its
+            // underlay address.
+            if n.name != me.name
+                && member(n, net)
+                && let Ok(addr) = crate::secure::plan::vtep_addr(cluster, net, n)
+            {
+                p.peers.insert(addr);
             }
         }
     }

@@ -129,6 +129,8 @@ impl Me {
             underlay_ip: self.underlay_ip,
             underlay_dev: self.underlay_dev.clone(),
             subnets: BTreeMap::from([(network.to_string(), subnet)]),
+            // Not yet published in etcd (issue 16).
+            public_key: None,
         }
     }
 }

@@ -202,6 +202,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), subnet.parse().unwrap())]),
+            public_key: None,
         }
     }
 

@@ -119,6 +119,7 @@ fn merge(snaps: Vec<Snapshot>) -> Snapshot {
         cluster: crate::config::Cluster {
             networks,
             nodes: nodes.into_values().collect(),
+            encryption: Default::default(),
         },
         endpoints: Some(endpoints),
     }
@@ -241,6 +242,7 @@ mod tests {
             port: 4789,
             mtu: None,
             gateway: None,
+            encrypt: false,
         }
     }
 
@@ -250,6 +252,7 @@ mod tests {
             underlay_ip: ip.into(),
             underlay_dev: None,
             subnets: BTreeMap::from([(net.to_string(), subnet.parse().unwrap())]),
+            public_key: None,
         }
     }
 
@@ -268,6 +271,7 @@ mod tests {
                     node("h1", [198, 18, 0, 1], "a", "10.1.0.16/28"),
                     node("h2", [198, 18, 0, 2], "a", "10.1.0.32/28"),
                 ],
+                encryption: Default::default(),
             },
             endpoints: Some(vec![ep("a", [10, 1, 0, 17], "h1")]),
         };
@@ -280,6 +284,7 @@ mod tests {
                     // Same name, another IP: left out.
                     node("h2", [198, 18, 0, 9], "b", "10.1.0.80/28"),
                 ],
+                encryption: Default::default(),
             },
             endpoints: Some(vec![ep("b", [10, 1, 0, 49], "h1")]),
         };

@@ -281,6 +281,7 @@ pub(crate) fn validate_network(n: &NetworkFile) -> Result<Network, String> {
     let file = ClusterFile {
         networks: vec![n.clone()],
         nodes: vec![],
+        encryption: Default::default(),
     };
     match config::validate(&file, "etcd") {
         Ok(mut c) => Ok(c.networks.remove(0)),
@@ -415,6 +416,7 @@ mod tests {
             port: 4789,
             mtu: None,
             gateway: None,
+            encrypt: false,
         }
     }
 

@@ -151,6 +151,7 @@ mod tests {
                 port: 4789,
                 mtu: None,
                 gateway: None,
+                encrypt: false,
             },
         )
     }

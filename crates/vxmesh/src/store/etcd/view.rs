@@ -53,6 +53,7 @@ impl View {
             cluster: Cluster {
                 networks: vec![network.clone()],
                 nodes: vec![],
+                encryption: Default::default(),
             },
             endpoints: Some(vec![]),
         };
@@ -165,6 +166,8 @@ impl View {
                             underlay_ip: n.underlay_ip,
                             underlay_dev: n.underlay_dev,
                             subnets: BTreeMap::from([(net.name.clone(), n.subnet)]),
+                            // Not yet in the etcd node record (issue 16).
+                            public_key: None,
                         },
                     )),
                     Err(e) => skip(key, RecordKind::Node, kv, e),
@@ -270,6 +273,7 @@ impl View {
             cluster: Cluster {
                 networks: if serving { vec![net] } else { Vec::new() },
                 nodes: accepted,
+                encryption: Default::default(),
             },
             endpoints: Some(endpoints),
         };
@@ -313,6 +317,7 @@ mod tests {
             port: 4789,
             mtu: None,
             gateway: None,
+            encrypt: false,
         }
     }
 
@@ -472,6 +477,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), "10.1.0.16/28".parse().unwrap())]),
+            public_key: None,
         });
         v.rebuild();
         assert_eq!(v.snapshot().cluster.nodes.len(), 1);
@@ -492,6 +498,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), own)]),
+            public_key: None,
         });
         v.put(k.node("b"), kv(&node("b", "198.18.0.2", "10.9.1.0/24"), 2));
         v.put(k.subnet("10.9.1.0/24".parse().unwrap()), kv("b", 2));
@@ -528,6 +535,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), new)]),
+            public_key: None,
         });
         v.rebuild();
         assert_eq!(v.serving(), Some(new));
@@ -543,6 +551,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), own)]),
+            public_key: None,
         });
         v.put(k.subnet(own), kv("c", 3));
         v.put(k.node("c"), kv(&node("c", "198.18.0.3", "10.1.0.16/28"), 3));

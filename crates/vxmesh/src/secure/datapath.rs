@@ -1,0 +1,157 @@
+//! The userspace data path: threads moving packets between the TUN device
+//! and the WireGuard UDP socket through the peer table, plus the timer
+//! tick. Stopped (and joined) on drop.
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::peers::{PeerTable, out_buffer_len};
+use super::tun::Tun;
+
+/// How often the timers run and the threads look at the stop flag.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Largest datagram or packet handled.
+const MAX_PACKET: usize = 65535;
+
+/// The running data path of one node.
+pub struct DataPath {
+    table: Arc<RwLock<PeerTable>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DataPath {
+    /// Start the threads on `tun` and `socket` (both already opened in the
+    /// node's namespace; the socket bound to the WireGuard port).
+    pub fn start(tun: Tun, socket: UdpSocket, table: PeerTable) -> std::io::Result<DataPath> {
+        let table = Arc::new(RwLock::new(table));
+        let stop = Arc::new(AtomicBool::new(false));
+        socket.set_read_timeout(Some(TICK))?;
+        let socket = Arc::new(socket);
+        let tun_writer = tun.try_clone()?;
+        let mut threads = Vec::new();
+        {
+            let (table, stop, socket) = (table.clone(), stop.clone(), socket.clone());
+            threads.push(spawn("vxm-wg-out", move || {
+                outbound_loop(tun, &socket, &table, &stop)
+            })?);
+        }
+        {
+            let (table, stop, socket) = (table.clone(), stop.clone(), socket.clone());
+            threads.push(spawn("vxm-wg-in", move || {
+                inbound_loop(tun_writer, &socket, &table, &stop)
+            })?);
+        }
+        {
+            let (table, stop) = (table.clone(), stop.clone());
+            threads.push(spawn("vxm-wg-tick", move || {
+                tick_loop(&socket, &table, &stop)
+            })?);
+        }
+        Ok(DataPath {
+            table,
+            stop,
+            threads,
+        })
+    }
+
+    /// The peer table, to change peers (write lock) or read statistics.
+    pub fn table(&self) -> &Arc<RwLock<PeerTable>> {
+        &self.table
+    }
+}
+
+impl Drop for DataPath {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name.to_string()).spawn(f)
+}
+
+fn send_to(socket: &UdpSocket) -> impl FnMut(SocketAddrV4, &[u8]) + '_ {
+    move |to, d| {
+        if let Err(e) = socket.send_to(d, to) {
+            tracing::debug!(%to, "send: {e}");
+        }
+    }
+}
+
+fn outbound_loop(mut tun: Tun, socket: &UdpSocket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
+    let mut send = send_to(socket);
+    while !stop.load(Ordering::Relaxed) {
+        match tun.read_timeout(&mut buf, TICK) {
+            Ok(Some(n)) => {
+                table
+                    .read()
+                    .expect("peer table lock")
+                    .outbound(&buf[..n], &mut out, &mut send)
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(dev = tun.name(), "read: {e}");
+                std::thread::sleep(TICK);
+            }
+        }
+    }
+}
+
+fn inbound_loop(mut tun: Tun, socket: &UdpSocket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
+    let mut send = send_to(socket);
+    while !stop.load(Ordering::Relaxed) {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok((n, SocketAddr::V4(from))) => (n, from),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("recv: {e}");
+                std::thread::sleep(TICK);
+                continue;
+            }
+        };
+        let mut deliver = |p: &[u8]| {
+            if let Err(e) = tun.write_packet(p) {
+                tracing::debug!("write to TUN: {e}");
+            }
+        };
+        table.read().expect("peer table lock").inbound(
+            from,
+            &buf[..n],
+            &mut out,
+            &mut send,
+            &mut deliver,
+        );
+    }
+}
+
+fn tick_loop(socket: &UdpSocket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
+    let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
+    let mut send = send_to(socket);
+    while !stop.load(Ordering::Relaxed) {
+        table
+            .read()
+            .expect("peer table lock")
+            .tick(&mut out, &mut send);
+        std::thread::sleep(TICK);
+    }
+}

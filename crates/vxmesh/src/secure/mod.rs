@@ -1,0 +1,19 @@
+//! The secure underlay (issue 16, docs/encryption.md): VXLAN of networks
+//! with `encrypt = true` carried over per-peer WireGuard tunnels (boringtun
+//! in userspace) behind the TUN device `vxm-wg0`.
+
+pub mod config;
+pub mod datapath;
+pub mod keys;
+pub mod peers;
+pub mod plan;
+pub mod transport;
+pub mod tun;
+pub mod underlay;
+
+pub use datapath::DataPath;
+pub use keys::{KeyError, PrivateKey, PublicKey};
+pub use peers::{PeerChanges, PeerSpec, PeerStats, PeerTable};
+pub use transport::TransportError;
+pub use tun::{Tun, TunError};
+pub use underlay::{SecureError, SecureUnderlay};

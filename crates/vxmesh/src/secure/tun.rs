@@ -1,0 +1,151 @@
+//! The TUN device of the secure underlay: opened (created if missing) in
+//! the calling thread's namespace, optionally persistent so that it and its
+//! address and routes outlive the agent process.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+/// `_IOW('T', 202, int)`
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOW('T', 203, int)`
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// A failure opening or using the TUN device.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error("cannot open /dev/net/tun for {name}: {source} (is the tun module loaded?)")]
+    Open {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot attach to TUN device {name}: {source}")]
+    Attach {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot make TUN device {name} persistent: {source}")]
+    Persist {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("TUN device name {0:?} is longer than 15 bytes")]
+    Name(String),
+}
+
+/// An open TUN device (layer 3, no packet-information header).
+#[derive(Debug)]
+pub struct Tun {
+    file: File,
+    name: String,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Tun {
+    /// Create `name` or attach to it if it exists; with `persist` it stays
+    /// when the last descriptor closes (deleted only by `down`).
+    pub fn open(name: &str, persist: bool) -> Result<Tun, TunError> {
+        if name.len() >= libc::IFNAMSIZ {
+            return Err(TunError::Name(name.to_string()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|source| TunError::Open {
+                name: name.to_string(),
+                source,
+            })?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TUN | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which
+        // `IfReq` lays out (40 bytes), on a descriptor we own.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+        if rc < 0 {
+            return Err(TunError::Attach {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        if persist {
+            // SAFETY: TUNSETPERSIST takes an integer argument.
+            let rc =
+                unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) };
+            if rc < 0 {
+                return Err(TunError::Persist {
+                    name: name.to_string(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(Tun {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A second handle on the same queue (one thread reads, another writes).
+    pub fn try_clone(&self) -> std::io::Result<Tun> {
+        Ok(Tun {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
+    /// Read one packet, waiting at most `timeout`; `Ok(None)` on timeout.
+    pub fn read_timeout(
+        &mut self,
+        buf: &mut [u8],
+        timeout: Duration,
+    ) -> std::io::Result<Option<usize>> {
+        if !wait_readable(self.file.as_raw_fd(), timeout)? {
+            return Ok(None);
+        }
+        self.file.read(buf).map(Some)
+    }
+
+    /// Write one packet.
+    pub fn write_packet(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        self.file.write(packet).map(|_| ())
+    }
+}
+
+fn wait_readable(fd: RawFd, timeout: Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match rc {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}

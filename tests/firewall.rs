@@ -247,9 +247,9 @@ fn whoami(ns: &str, to: &str) -> Result<String, String> {
     Netns::open(ns)
         .unwrap()
         .run(move || -> Result<Result<String, String>, NetnsError> {
-            let r = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            let r = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
                 .and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
                     let mut out = String::new();
                     s.read_to_string(&mut out)?;
                     Ok(out)
@@ -297,6 +297,44 @@ async fn outbound_nat_and_published_ports_in_a_routed_lab() {
         Ok(c.ip.to_string())
     );
 
+    // outbound_nat = false: the agent drops the masquerade rule; with a
+    // route back the outside host sees the container's own address.
+    let set_nat = |from: &str, to: &str| {
+        let file = std::fs::read_to_string(&lab.info.cluster_file).unwrap();
+        let edited = file.replacen(from, to, 1);
+        assert_ne!(file, edited);
+        std::fs::write(&lab.info.cluster_file, edited).unwrap();
+    };
+    let masquerading = |host: &str| {
+        nft(host, &["list", "chain", "inet", "vxmesh", "nat_post"])
+            .1
+            .contains("outbound-nat")
+    };
+    set_nat("outbound_nat = true", "outbound_nat = false");
+    let gone = wait_until(Duration::from_secs(30), || !masquerading(&host1.netns)).await;
+    assert!(
+        gone.is_some(),
+        "the agent removed the masquerade rule; its log:\n{}",
+        std::fs::read_to_string(&host1.agent_log).unwrap_or_default()
+    );
+    underlay::ip_ok(&[
+        "-n",
+        &outside_ns,
+        "route",
+        "add",
+        "172.18.0.0/16",
+        "via",
+        &host1.underlay_ip.to_string(),
+    ]);
+    assert_eq!(whoami(&a.netns, "198.18.0.251:9000"), Ok(a.ip.to_string()));
+    underlay::ip_ok(&["-n", &outside_ns, "route", "del", "172.18.0.0/16"]);
+    set_nat("outbound_nat = false", "outbound_nat = true");
+    let back = wait_until(Duration::from_secs(30), || {
+        lab.info.nodes.iter().all(|n| masquerading(&n.netns))
+    })
+    .await;
+    assert!(back.is_some(), "the agents put the masquerade rule back");
+
     // Publish tcp 8080 -> a:80 on host1, as the agent does from NodePlan.ports.
     let mut saved = vxmesh::status::read_plan(&host1.state_dir).unwrap().plan;
     saved.ports.insert(PortSpec {
@@ -309,6 +347,12 @@ async fn outbound_nat_and_published_ports_in_a_routed_lab() {
     });
     // The agent's plan has no ports (filling them is the agent's job for
     // Docker and attach): pause it, so no pass of its own takes them away.
+    // Pause it between passes, not in the middle of its first one.
+    let first_pass = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&host1.agent_log).is_ok_and(|l| l.contains("reconciled"))
+    })
+    .await;
+    assert!(first_pass.is_some(), "host1's agent never finished a pass");
     let agent = nix::unistd::Pid::from_raw(host1.agent_pid.unwrap() as i32);
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let host1_ns = Netns::open(&host1.netns).unwrap();
@@ -330,36 +374,68 @@ async fn outbound_nat_and_published_ports_in_a_routed_lab() {
     saved.ports.clear();
     reconcile_in(&host1_ns, &saved);
     assert!(whoami(&outside_ns, &published).is_err());
-    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
 
-    // outbound_nat = false: the agent drops the masquerade rule; with a
-    // route back the outside host sees the container's own address.
-    let file = std::fs::read_to_string(&lab.info.cluster_file).unwrap();
-    let edited = file.replacen("outbound_nat = true", "outbound_nat = false", 1);
-    assert_ne!(file, edited);
-    std::fs::write(&lab.info.cluster_file, edited).unwrap();
-    let gone = wait_until(Duration::from_secs(10), || {
-        !nft(
-            &host1.netns,
-            &["list", "chain", "inet", "vxmesh", "nat_post"],
+    // status and doctor see the table; doctor names a missing masquerade
+    // rule and a peer missing from the filter's set.
+    let doctor = |lab: &vxmesh_lab::lab::Lab, sub: &str| -> (i32, serde_json::Value) {
+        let n = lab.node("host1").unwrap();
+        let (code, out, err) = vxmesh(&[
+            "--netns",
+            &n.netns,
+            sub,
+            "--state-dir",
+            n.state_dir.to_str().unwrap(),
+            "--json",
+        ]);
+        (
+            code,
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{sub}: {e}: {out} {err}")),
         )
-        .1
-        .contains("outbound-nat")
-    })
-    .await;
+    };
+    let (code, v) = doctor(&lab, "status");
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["firewall"]["table"], true, "{v:#}");
+    assert_eq!(v["firewall"]["peers_in_kernel"], 1, "{v:#}");
+    assert_eq!(v["firewall"]["networks"][0]["outbound_nat"], true, "{v:#}");
+    let h = handle_of(&host1.netns, "outbound-nat");
     assert!(
-        gone.is_some(),
-        "the agent removed the masquerade rule; its log:\n{}",
-        std::fs::read_to_string(&host1.agent_log).unwrap_or_default()
+        nft(
+            &host1.netns,
+            &["delete", "rule", "inet", "vxmesh", "nat_post", "handle", &h]
+        )
+        .0
     );
-    underlay::ip_ok(&[
-        "-n",
-        &outside_ns,
-        "route",
-        "add",
-        "172.18.0.0/16",
-        "via",
-        &host1.underlay_ip.to_string(),
-    ]);
-    assert_eq!(whoami(&a.netns, "198.18.0.251:9000"), Ok(a.ip.to_string()));
+    let (code, v) = doctor(&lab, "doctor");
+    assert_ne!(code, 0, "{v:#}");
+    assert_eq!(v["first_broken"]["hop"], "outbound_nat", "{v:#}");
+    reconcile_in(&host1_ns, &saved);
+    let peer = lab.node("host2").unwrap().underlay_ip.to_string();
+    assert!(
+        nft(
+            &host1.netns,
+            &[
+                "delete",
+                "element",
+                "inet",
+                "vxmesh",
+                "vtep_peers",
+                &format!("{{ {peer} }}")
+            ]
+        )
+        .0
+    );
+    let (_, v) = doctor(&lab, "doctor");
+    assert_eq!(v["first_broken"]["hop"], "vtep_filter", "{v:#}");
+    assert!(
+        v["first_broken"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&peer),
+        "{v:#}"
+    );
+    let (code, v) = doctor(&lab, "status");
+    assert_ne!(v["ok"], true, "{code} {v:#}");
+    assert_eq!(v["firewall"]["peers_in_kernel"], 0, "{v:#}");
+    reconcile_in(&host1_ns, &saved);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
 }

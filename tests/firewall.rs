@@ -330,10 +330,17 @@ async fn outbound_nat_and_published_ports_in_a_routed_lab() {
     underlay::ip_ok(&["-n", &outside_ns, "route", "del", "172.18.0.0/16"]);
     set_nat("outbound_nat = false", "outbound_nat = true");
     let back = wait_until(Duration::from_secs(30), || {
-        lab.info.nodes.iter().all(|n| masquerading(&n.netns))
+        lab.info.nodes.iter().all(|n| {
+            masquerading(&n.netns)
+                && vxmesh::status::read_plan(&n.state_dir)
+                    .is_ok_and(|s| !s.plan.firewall.nat_sources.is_empty())
+        })
     })
     .await;
-    assert!(back.is_some(), "the agents put the masquerade rule back");
+    assert!(
+        back.is_some(),
+        "the agents put the masquerade rule back (and saved that plan)"
+    );
 
     // Publish tcp 8080 -> a:80 on host1, as the agent does from NodePlan.ports.
     let mut saved = vxmesh::status::read_plan(&host1.state_dir).unwrap().plan;

@@ -118,7 +118,8 @@ impl AgentArgs {
 pub fn check_file(file: &Path) -> Result<()> {
     let settings = agent_config::load(file)?;
     let c = agent_config::validate(&settings)?;
-    c.store_choice().open(&c.node)?;
+    c.store_choice()
+        .open(&c.node, &vxmesh::metrics::Metrics::new())?;
     let store = match &c.store {
         AgentStore::ClusterFile(f) => format!("static store {}", f.display()),
         AgentStore::Etcd(e) => format!(
@@ -154,14 +155,13 @@ pub async fn run(a: AgentArgs) -> Result<()> {
         once: c.once,
         metrics: metrics.clone(),
     };
-    match c.store_choice().open(&c.node)? {
+    match c.store_choice().open(&c.node, &metrics)? {
         ChosenStore::Static(mut store) => Ok(vxmesh::agent::run(&mut store, &opts).await?),
         ChosenStore::Etcd {
-            mut options,
+            options,
             networks,
             password_file,
         } => {
-            options.metrics = metrics.clone();
             let store = vxmesh::agent::join_and_run(&opts, || {
                 etcd::EtcdNetworks::join(&options, &networks, password_file.clone())
             })

@@ -142,6 +142,46 @@ impl Lab {
         all_known && saved.plan.neighbours.len() >= remote
     }
 
+    /// The resident memory (VmRSS, KiB) of every running agent of the lab.
+    pub fn agent_rss_kib(&self) -> Vec<u64> {
+        self.info
+            .nodes
+            .iter()
+            .filter_map(|n| rss_kib(n.agent_pid?))
+            .collect()
+    }
+
+    /// Stop the agents of `nodes`: `sig` to all of them first, then wait
+    /// (up to 5 s, then SIGKILL) for each, so a big lab stops in about the
+    /// time of its slowest agent. Blocks the thread like [`Lab::stop_agent`].
+    pub fn stop_agents(&mut self, nodes: &[String], sig: Signal) -> Result<()> {
+        let mut exiting = Vec::new();
+        for node in nodes {
+            if let Some(pid) = self.node(node)?.agent_pid
+                && let Some(e) = self.signal_agent(node, pid, sig)
+            {
+                exiting.push(e);
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while !exiting.is_empty() {
+            let mut still = Vec::new();
+            for mut e in exiting {
+                if !e.finished(deadline)? {
+                    still.push(e);
+                }
+            }
+            exiting = still;
+            if !exiting.is_empty() {
+                std::thread::sleep(STOP_POLL);
+            }
+        }
+        for node in nodes {
+            self.node_mut(node)?.agent_pid = None;
+        }
+        self.save()
+    }
+
     /// Send `sig` to the agent of `node` and wait (up to 5 s, then SIGKILL)
     /// for it to exit. Blocks the thread: for synchronous callers (teardown
     /// on drop, tests); async code uses [`Lab::stop_agent_async`].
@@ -238,6 +278,19 @@ impl ExitingAgent {
     }
 }
 
+/// The resident memory of process `pid` in KiB (`VmRSS` of its status).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)
 fn is_our_agent(pid: u32, lab: &str) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -270,6 +323,13 @@ mod tests {
         assert!(!is_our_agent(std::process::id(), "nolab"));
         // Nor is a pid that does not exist.
         assert!(!is_our_agent(u32::MAX, "nolab"));
+    }
+
+    #[test]
+    fn resident_memory_of_a_process() {
+        let own = rss_kib(std::process::id()).expect("this process has a VmRSS");
+        assert!(own > 100, "{own} KiB");
+        assert_eq!(rss_kib(u32::MAX), None);
     }
 
     #[test]

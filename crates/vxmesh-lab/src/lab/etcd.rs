@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use super::{Lab, LabSpec, cluster_file_for, network_names, underlay_mac};
+use super::{Lab, LabSpec, UNDERLAY_PREFIX, cluster_file_for, network_names, underlay_mac};
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns};
 use vxmesh::store::etcd::{self, ClientOptions};
@@ -229,7 +229,7 @@ impl Lab {
             );
         }
         ul_nl
-            .add_address("br-ul", Ipv4Net::new(LAB_CONTROL_IP, 24)?)
+            .add_address("br-ul", Ipv4Net::new(LAB_CONTROL_IP, UNDERLAY_PREFIX)?)
             .await
             .context("the lab's address on the underlay bridge")?;
         let e = LabEtcd::new(&self.info.dir, spec);
@@ -466,7 +466,7 @@ async fn create_member_host(ul_nl: &Netlink, m: &EtcdMember) -> Result<()> {
         },
     )
     .await?;
-    nl.add_address("eth0", Ipv4Net::new(m.ip, 24)?).await?;
+    nl.add_address("eth0", Ipv4Net::new(m.ip, UNDERLAY_PREFIX)?).await?;
     Ok(())
 }
 

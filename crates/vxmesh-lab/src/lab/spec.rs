@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
 
-use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, UNDERLAY_NET};
+use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, host_ip};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -42,6 +42,10 @@ pub struct LabSpec {
     pub metrics_port: Option<u16>,
     /// What runs the containers (Docker: one dockerd per host).
     pub runtime: Runtime,
+    /// Start the agents and attach the containers (else `up` stops once
+    /// the hosts, the underlay and the store are made: a cold start to
+    /// measure, see `bench converge --cold-start`).
+    pub start_agents: bool,
 }
 
 /// How the lab attaches its containers.
@@ -72,6 +76,7 @@ impl LabSpec {
             routed_cidr: None,
             metrics_port: None,
             runtime: Runtime::Netns,
+            start_agents: true,
         }
     }
 }
@@ -188,8 +193,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let nodes = (1..=spec.nodes)
         .map(|i| NodeFile {
             name: format!("host{i}"),
-            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8)
-                .to_string(),
+            underlay_ip: host_ip(i).to_string(),
             underlay_dev: Some("eth0".into()),
             // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
             subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())

@@ -65,56 +65,116 @@ impl Lab {
 
     /// Wait until the agent of `node` has published every network.
     pub async fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.agent_ready(node)? {
+            if Instant::now() > deadline {
+                bail!(
+                    "agent of {node} not ready after {timeout:?}; its log:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.save()
+    }
+
+    /// Wait until every agent of `nodes` has published every network, as
+    /// long as they make progress: agents started together share the
+    /// machine (and the kernel's routing lock), so a big lab takes longer,
+    /// but one agent ready every `stall` at least is progress. Fails when
+    /// none became ready for `stall`, or when one exited.
+    pub async fn wait_agents_ready(&mut self, nodes: &[String], stall: Duration) -> Result<()> {
+        let mut pending: Vec<String> = nodes.to_vec();
+        let mut progress = Instant::now();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for node in pending {
+                if self.agent_ready(&node)? {
+                    progress = Instant::now();
+                } else {
+                    still.push(node);
+                }
+            }
+            pending = still;
+            if let Some(first) = pending.first()
+                && progress.elapsed() > stall
+            {
+                bail!(
+                    "{} agent(s) not ready, none became ready for {stall:?} (e.g. {first}); the log of {first}:\n{}",
+                    pending.len(),
+                    self.agent_log(first)
+                );
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.save()
+    }
+
+    /// Has the agent of `node` published every network? With etcd, the
+    /// subnets it claimed are recorded (in memory: the caller saves). An
+    /// agent that exited is an error, with its log.
+    fn agent_ready(&mut self, node: &str) -> Result<bool> {
         let n = self.node(node)?.clone();
         let want = match &self.info.etcd {
             Some(e) => e.networks.clone(),
             None => network_names(self.info.mode, n.subnets.len()),
         };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if want
-                .iter()
-                .all(|w| state::read_network(&n.state_dir, w).is_ok())
-            {
-                if self.info.etcd.is_some() {
-                    // The subnets the agent claimed in etcd.
-                    let mut subnets = BTreeMap::new();
-                    for w in &want {
-                        subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
-                    }
-                    self.node_mut(node)?.subnets = subnets;
-                    self.save()?;
+        if want
+            .iter()
+            .all(|w| state::read_network(&n.state_dir, w).is_ok())
+        {
+            if self.info.etcd.is_some() {
+                // The subnets the agent claimed in etcd.
+                let mut subnets = BTreeMap::new();
+                for w in &want {
+                    subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
                 }
-                return Ok(());
+                self.node_mut(node)?.subnets = subnets;
             }
-            if let Some(c) = self.children.get_mut(node)
-                && let Some(status) = c.try_wait()?
-            {
-                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
-                bail!("agent of {node} exited with {status} before it was ready; its log:\n{log}");
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
-                bail!("agent of {node} not ready after {timeout:?}; its log:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(true);
         }
+        if let Some(c) = self.children.get_mut(node)
+            && let Some(status) = c.try_wait()?
+        {
+            bail!(
+                "agent of {node} exited with {status} before it was ready; its log:\n{}",
+                self.agent_log(node)
+            );
+        }
+        Ok(false)
     }
 
-    /// Wait (at most `timeout`) until every agent's applied plan covers
-    /// the whole lab: all hosts known, and a neighbour entry per remote
-    /// node (routed) or per remote container (bridged). With etcd the
-    /// agents learn each other through the watch just after they are
-    /// ready, so a check right after `lab up` could race them. Returns
-    /// whether they converged; not converging is left to `lab check` to
-    /// report (it names the pairs).
-    pub async fn wait_converged(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    /// The agent log of `node` (empty if unreadable).
+    fn agent_log(&self, node: &str) -> String {
+        self.node(node)
+            .ok()
+            .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
+            .unwrap_or_default()
+    }
+
+    /// Wait until every agent's applied plan covers the whole lab: all
+    /// hosts known, and a neighbour entry per remote node (routed) or per
+    /// remote container (bridged), as long as they make progress (one more
+    /// agent converged every `stall` at least). With etcd the agents learn
+    /// each other through the watch just after they are ready, so a check
+    /// right after `lab up` could race them. Returns whether they
+    /// converged; not converging is left to `lab check` to report (it names
+    /// the pairs).
+    pub async fn wait_converged(&self, stall: Duration) -> bool {
+        let mut pending: Vec<&LabNode> = self.info.nodes.iter().collect();
+        let mut progress = Instant::now();
         loop {
-            if self.info.nodes.iter().all(|n| self.node_converged(n)) {
+            let before = pending.len();
+            // A converged agent stays so: only the others are read again.
+            pending.retain(|n| !self.node_converged(n));
+            if pending.is_empty() {
                 return true;
             }
-            if Instant::now() > deadline {
+            if pending.len() < before {
+                progress = Instant::now();
+            } else if progress.elapsed() > stall {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -63,6 +63,11 @@ pub struct ColdStartRow {
     pub etcd_ranges_per_join: f64,
     /// Watch events etcd sent in that time, per join.
     pub watch_events_per_join: f64,
+    /// Agents whose first join attempt failed (they log `cannot join yet`
+    /// once per distinct cause, then `joined after retrying`).
+    pub agents_retried: usize,
+    /// The distinct causes they logged, with how many agents logged each.
+    pub retry_causes: BTreeMap<String, usize>,
     /// Resident memory of the agents once converged.
     pub rss_mean_mib: f64,
     pub rss_max_mib: f64,
@@ -130,6 +135,7 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let all_known = t0.elapsed();
     let after = etcd_counters(&ul).await?;
     let rss = lab.agent_rss_kib();
+    let (agents_retried, retry_causes) = join_retries(&lab);
 
     let t1 = Instant::now();
     for node in &nodes {
@@ -159,6 +165,8 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
         etcd_txns_per_join: per(TXNS),
         etcd_ranges_per_join: per(RANGES),
         watch_events_per_join: per(EVENTS),
+        agents_retried,
+        retry_causes,
         rss_mean_mib: mib(rss_total) / rss.len().max(1) as f64,
         rss_max_mib: mib(rss.iter().copied().max().unwrap_or(0)),
         rss_total_mib: mib(rss_total),
@@ -171,6 +179,28 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     );
     drop(lab);
     Ok(row)
+}
+
+/// How many agents retried their join, and the causes they logged.
+fn join_retries(lab: &Lab) -> (usize, BTreeMap<String, usize>) {
+    let mut retried = 0;
+    let mut causes = BTreeMap::new();
+    for n in &lab.info.nodes {
+        let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+        let mut any = false;
+        for cause in log
+            .lines()
+            .filter(|l| l.contains("cannot join yet"))
+            .filter_map(|l| l.split("cause=").nth(1)?.split_whitespace().next())
+        {
+            any = true;
+            *causes
+                .entry(cause.trim_matches('"').to_string())
+                .or_insert(0) += 1;
+        }
+        retried += usize::from(any);
+    }
+    (retried, causes)
 }
 
 /// Every ordered pair of containers (one network: routed).
@@ -266,6 +296,7 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
         "range/join",
         "watch ev/join",
         "agent RSS MiB (mean/max)",
+        "agents retried",
     ]);
     for r in rows {
         t.row(vec![
@@ -281,6 +312,16 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
             format!("{:.1}", r.etcd_ranges_per_join),
             format!("{:.1}", r.watch_events_per_join),
             format!("{:.1}/{:.1}", r.rss_mean_mib, r.rss_max_mib),
+            if r.retry_causes.is_empty() {
+                r.agents_retried.to_string()
+            } else {
+                let causes: Vec<String> = r
+                    .retry_causes
+                    .iter()
+                    .map(|(c, k)| format!("{c} {k}"))
+                    .collect();
+                format!("{} ({})", r.agents_retried, causes.join(", "))
+            },
         ]);
     }
     if let (Some(a), Some(b)) = (rows.first(), rows.last())

@@ -81,7 +81,7 @@ impl Lab {
     /// Wait until every agent of `nodes` has published every network, as
     /// long as they make progress: agents started together share the
     /// machine (and the kernel's routing lock), so a big lab takes longer,
-    /// but one agent ready every `stall` at least is progress. Fails when
+    /// but one agent ready every `stall` at least is progress (30 s in `up`). Fails when
     /// none became ready for `stall`, or when one exited.
     pub async fn wait_agents_ready(&mut self, nodes: &[String], stall: Duration) -> Result<()> {
         let mut pending: Vec<String> = nodes.to_vec();

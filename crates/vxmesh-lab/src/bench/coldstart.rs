@@ -24,7 +24,6 @@ use super::{Summary, Table, ms, percentile};
 use crate::lab::{ETCD_IP, ETCD_PORT, Lab, LabGuard, LabSpec, LabStore, MAX_HOST};
 use crate::probe::PairJob;
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::state;
 
 /// Every agent must have joined (and the lab converged) within this.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -103,14 +102,20 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
         lab.start_agent(node)?;
         started.insert(node.clone(), Instant::now());
     }
-    // Joins: each agent's network file appears once its subnet is claimed.
+    // Joins: each agent's network file appears once its subnet is claimed
+    // (a stat per pending agent every 50 ms: the bench must not take the
+    // CPU the agents and etcd need).
     let mut joins = Vec::new();
-    let mut pending: Vec<&String> = nodes.iter().collect();
+    let file = |n: &str| -> PathBuf {
+        lab.node(n)
+            .map(|n| n.state_dir.join("networks").join(format!("{net}.json")))
+            .unwrap_or_default()
+    };
+    let mut pending: Vec<(&String, PathBuf)> = nodes.iter().map(|n| (n, file(n))).collect();
     while !pending.is_empty() {
         let now = Instant::now();
-        pending.retain(|node| {
-            let Ok(n) = lab.node(node) else { return true };
-            if state::read_network(&n.state_dir, &net).is_ok() {
+        pending.retain(|(node, f)| {
+            if f.exists() {
                 joins.push(ms(now - started[*node]));
                 false
             } else {
@@ -118,13 +123,20 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
             }
         });
         if t0.elapsed() > LIMIT {
+            let first = pending[0].0;
+            let log = lab
+                .node(first)
+                .ok()
+                .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
             bail!(
-                "{} of {n} agents not joined after {LIMIT:?}, e.g. {}",
+                "{} of {n} agents not joined after {LIMIT:?}, e.g. {first}; the end of its log:\n{}",
                 pending.len(),
-                pending[0]
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all_joined = t0.elapsed();
     // Records the claimed subnets (returns at once: all joined).

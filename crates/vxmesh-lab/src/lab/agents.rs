@@ -44,6 +44,10 @@ impl Lab {
         if let Some(addr) = self.metrics_addr(node) {
             cmd.arg("--metrics").arg(addr.to_string());
         }
+        if !self.agent_args.iter().any(|a| a.starts_with("--resync")) {
+            cmd.arg("--resync")
+                .arg(lab_resync_secs(self.info.nodes.len()).to_string());
+        }
         cmd.arg("--node")
             .arg(&n.name)
             .arg("--state-dir")
@@ -177,7 +181,8 @@ impl Lab {
             } else if progress.elapsed() > stall {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Each look parses plan files of N peers: not too often.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -338,6 +343,17 @@ impl ExitingAgent {
     }
 }
 
+/// The lab agents' period of full passes, unless the lab is given one: the
+/// agent's default (5 s) up to 50 hosts, then a tenth of a second per host.
+/// Each full pass dumps the host's kernel state (three entries per peer),
+/// and on one machine the N agents' periodic passes add up to N^2 entries
+/// per period: 250 hosts every 5 s would keep the cores busy with drift
+/// checks. (Real hosts each have their own CPU; every change still acts
+/// at once through the store and kernel events.)
+pub(crate) fn lab_resync_secs(hosts: usize) -> u64 {
+    (hosts as u64 / 10).max(5)
+}
+
 /// The resident memory of process `pid` in KiB (`VmRSS` of its status).
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -383,6 +399,14 @@ mod tests {
         assert!(!is_our_agent(std::process::id(), "nolab"));
         // Nor is a pid that does not exist.
         assert!(!is_our_agent(u32::MAX, "nolab"));
+    }
+
+    #[test]
+    fn big_labs_resync_less_often() {
+        assert_eq!(lab_resync_secs(3), 5);
+        assert_eq!(lab_resync_secs(50), 5);
+        assert_eq!(lab_resync_secs(100), 10);
+        assert_eq!(lab_resync_secs(250), 25);
     }
 
     #[test]

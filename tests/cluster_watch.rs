@@ -48,16 +48,16 @@ fn refusing(nrs: &[libc::c_long], errno: i32) -> Vec<libc::sock_filter> {
     // 0: load arch; 1: other arch -> allow; 2: load nr; 3..3+n: match ->
     // refuse; 3+n: allow; 4+n: refuse.
     let mut p = vec![
-        stmt((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u32, 4),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 4),
         jeq(arch, 0, n + 1),
-        stmt((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u32, 0),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
     ];
     for (i, nr) in nrs.iter().enumerate() {
         p.push(jeq(*nr as u32, n - i as u8, 0));
     }
-    p.push(stmt(libc::BPF_RET as u32, libc::SECCOMP_RET_ALLOW));
+    p.push(stmt(libc::BPF_RET, libc::SECCOMP_RET_ALLOW));
     p.push(stmt(
-        libc::BPF_RET as u32,
+        libc::BPF_RET,
         libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA),
     ));
     p
@@ -91,15 +91,22 @@ fn start_filtered_agent(lab: &Lab, node: &str, filter: Vec<libc::sock_filter>) -
         .open(&n.agent_log)
         .unwrap();
     let mut cmd = Command::new(exe());
-    cmd.args(["--netns", &n.netns, "-v", "agent", "--no-config", "--cluster"])
-        .arg(&lab.info.cluster_file)
-        .args(["--node", node, "--state-dir"])
-        .arg(&n.state_dir)
-        .args(["--resync", "3600", "--metrics"])
-        .arg(lab.metrics_addr(node).unwrap().to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+    cmd.args([
+        "--netns",
+        &n.netns,
+        "-v",
+        "agent",
+        "--no-config",
+        "--cluster",
+    ])
+    .arg(&lab.info.cluster_file)
+    .args(["--node", node, "--state-dir"])
+    .arg(&n.state_dir)
+    .args(["--resync", "3600", "--metrics"])
+    .arg(lab.metrics_addr(node).unwrap().to_string())
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().unwrap())
+    .stderr(log);
     // SAFETY: between fork and exec only prctl(2) runs, on a program built
     // before the fork (no allocation).
     unsafe {
@@ -181,10 +188,7 @@ async fn agents_that_cannot_watch_the_cluster_file_still_apply_its_edits() {
             let all = std::fs::read_to_string(&log).unwrap_or_default();
             all.get(skip..).unwrap_or_default().to_string()
         };
-        let warned = wait_until(Duration::from_secs(10), || {
-            ours().contains("agent started")
-        })
-        .await;
+        let warned = wait_until(Duration::from_secs(10), || ours().contains("agent started")).await;
         let text = ours();
         assert!(
             warned.is_some() && agent.0.try_wait().unwrap().is_none(),

@@ -216,7 +216,8 @@ impl Lab {
             let n = self.info.nodes[i].name.clone();
             self.start_agent(&n)?;
         }
-        self.wait_agents_ready(&all, Duration::from_secs(30)).await?;
+        self.wait_agents_ready(&all, Duration::from_secs(30))
+            .await?;
         // Containers: K per node per network.
         let nets = network_names(spec.mode, spec.networks);
         if spec.runtime == Runtime::Docker {

@@ -637,9 +637,6 @@ mod tests {
             Duration::from_millis(300)
         );
         // Bounded: a joining peer is never kept waiting long.
-        assert_eq!(
-            store_coalesce(Duration::from_secs(5)),
-            MAX_STORE_COALESCE
-        );
+        assert_eq!(store_coalesce(Duration::from_secs(5)), MAX_STORE_COALESCE);
     }
 }

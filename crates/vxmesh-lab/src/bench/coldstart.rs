@@ -140,7 +140,8 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     }
     let all_joined = t0.elapsed();
     // Records the claimed subnets (returns at once: all joined).
-    lab.wait_agents_ready(&nodes, Duration::from_secs(5)).await?;
+    lab.wait_agents_ready(&nodes, Duration::from_secs(5))
+        .await?;
     if !lab.wait_converged(STALL).await {
         bail!("the {n} agents did not all learn every peer (no progress for {STALL:?})");
     }

@@ -479,7 +479,8 @@ async fn create_member_host(ul_nl: &Netlink, m: &EtcdMember) -> Result<()> {
         },
     )
     .await?;
-    nl.add_address("eth0", Ipv4Net::new(m.ip, UNDERLAY_PREFIX)?).await?;
+    nl.add_address("eth0", Ipv4Net::new(m.ip, UNDERLAY_PREFIX)?)
+        .await?;
     Ok(())
 }
 

@@ -56,7 +56,8 @@ impl Lab {
             },
         )
         .await?;
-        h.add_address("eth0", Ipv4Net::new(ip, UNDERLAY_PREFIX)?).await?;
+        h.add_address("eth0", Ipv4Net::new(ip, UNDERLAY_PREFIX)?)
+            .await?;
         let node_dir = self.info.dir.join(&node);
         self.info.nodes.push(LabNode {
             name: node.clone(),

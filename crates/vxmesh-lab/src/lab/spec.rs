@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
 
-use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, UNDERLAY_NET};
+use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, host_ip};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -48,6 +48,10 @@ pub struct LabSpec {
     /// `--publish HOST:CONTAINER`: publish CONTAINER of every container, the
     /// k-th of a node on host port HOST + k.
     pub publish: Option<(u16, u16)>,
+    /// Start the agents and attach the containers (else `up` stops once
+    /// the hosts, the underlay and the store are made: a cold start to
+    /// measure, see `bench converge --cold-start`).
+    pub start_agents: bool,
 }
 
 /// How the lab attaches its containers.
@@ -80,6 +84,7 @@ impl LabSpec {
             runtime: Runtime::Netns,
             external: false,
             publish: None,
+            start_agents: true,
         }
     }
 }
@@ -214,8 +219,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let nodes = (1..=spec.nodes)
         .map(|i| NodeFile {
             name: format!("host{i}"),
-            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8)
-                .to_string(),
+            underlay_ip: host_ip(i).to_string(),
             underlay_dev: Some("eth0".into()),
             // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
             subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())

@@ -132,9 +132,11 @@ fn throughput_reports_both_paths_and_ratios() {
             ("routed", "tcp-1"),
             ("routed", "tcp-4"),
             ("routed", "udp"),
+            ("routed", "tcp-1-nft"),
             ("bridged", "tcp-1"),
             ("bridged", "tcp-4"),
-            ("bridged", "udp")
+            ("bridged", "udp"),
+            ("bridged", "tcp-1-nft")
         ]
     );
     for r in rows {

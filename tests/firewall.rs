@@ -6,10 +6,14 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::process::Command;
+use std::time::Duration;
 
+use common::underlay;
 use common::*;
-use vxmesh::dataplane::netns::{Netns, NetnsGuard};
+use vxmesh::config::Mode;
+use vxmesh::dataplane::netns::{Netns, NetnsError, NetnsGuard};
 use vxmesh::dataplane::plan::{PlanInput, plan};
 use vxmesh::dataplane::{NodePlan, PortProto, PortSpec};
 use vxmesh::firewall::{self, FwChange};
@@ -213,4 +217,232 @@ fn table_is_applied_repaired_coexists_and_goes_with_down() {
         "iptables-nft tables untouched by down"
     );
     drop(guard);
+}
+
+/// A TCP server in `ns` on `addr` that answers every connection with the
+/// peer address it sees, and closes.
+fn whoami_server(ns: &str, addr: &str) {
+    let addr = addr.to_string();
+    let listener = Netns::open(ns)
+        .unwrap()
+        .run(move || -> Result<std::net::TcpListener, NetnsError> {
+            Ok(std::net::TcpListener::bind(&addr).expect("bind"))
+        })
+        .unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let peer = s
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let _ = s.write_all(peer.as_bytes());
+        }
+    });
+}
+
+/// Connect from `ns` to `to`; the server's answer (the source it saw), or
+/// the error.
+fn whoami(ns: &str, to: &str) -> Result<String, String> {
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    Netns::open(ns)
+        .unwrap()
+        .run(move || -> Result<Result<String, String>, NetnsError> {
+            let r = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out)?;
+                    Ok(out)
+                })
+                .map_err(|e| e.to_string());
+            Ok(r)
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_nat_and_published_ports_in_a_routed_lab() {
+    let mut s = spec("fwn", 2, 2, Mode::Routed, 1);
+    // Only the file change below should make the agents re-plan.
+    s.agent_args = vec!["--resync".into(), "3600".into()];
+    let lab = up(&s).await;
+    let host1 = lab.node("host1").unwrap().clone();
+    let on = |node: &str| -> Vec<_> {
+        lab.info
+            .containers
+            .iter()
+            .filter(|c| c.node == node)
+            .cloned()
+            .collect()
+    };
+    let (a, b, c) = (
+        on("host1")[0].clone(),
+        on("host1")[1].clone(),
+        on("host2")[0].clone(),
+    );
+    let outside_ns = unique_ns("out");
+    let _outside = underlay::stranger(&lab.info.underlay_ns, &outside_ns, "198.18.0.251");
+    whoami_server(&outside_ns, "198.18.0.251:9000");
+    whoami_server(&a.netns, &format!("{}:80", a.ip));
+
+    // Outbound NAT: the outside host sees host1's address, and has no
+    // route to any container subnet.
+    assert_eq!(
+        whoami(&a.netns, "198.18.0.251:9000"),
+        Ok(host1.underlay_ip.to_string())
+    );
+    // Container to container across nodes keeps its source.
+    assert_eq!(
+        whoami(&c.netns, &format!("{}:80", a.ip)),
+        Ok(c.ip.to_string())
+    );
+
+    // outbound_nat = false: the agent drops the masquerade rule; with a
+    // route back the outside host sees the container's own address.
+    let set_nat = |from: &str, to: &str| {
+        let file = std::fs::read_to_string(&lab.info.cluster_file).unwrap();
+        let edited = file.replacen(from, to, 1);
+        assert_ne!(file, edited);
+        std::fs::write(&lab.info.cluster_file, edited).unwrap();
+    };
+    let masquerading = |host: &str| {
+        nft(host, &["list", "chain", "inet", "vxmesh", "nat_post"])
+            .1
+            .contains("outbound-nat")
+    };
+    set_nat("outbound_nat = true", "outbound_nat = false");
+    let gone = wait_until(Duration::from_secs(30), || !masquerading(&host1.netns)).await;
+    assert!(
+        gone.is_some(),
+        "the agent removed the masquerade rule; its log:\n{}",
+        std::fs::read_to_string(&host1.agent_log).unwrap_or_default()
+    );
+    underlay::ip_ok(&[
+        "-n",
+        &outside_ns,
+        "route",
+        "add",
+        "172.18.0.0/16",
+        "via",
+        &host1.underlay_ip.to_string(),
+    ]);
+    assert_eq!(whoami(&a.netns, "198.18.0.251:9000"), Ok(a.ip.to_string()));
+    underlay::ip_ok(&["-n", &outside_ns, "route", "del", "172.18.0.0/16"]);
+    set_nat("outbound_nat = false", "outbound_nat = true");
+    let back = wait_until(Duration::from_secs(30), || {
+        lab.info.nodes.iter().all(|n| {
+            masquerading(&n.netns)
+                && vxmesh::status::read_plan(&n.state_dir)
+                    .is_ok_and(|s| !s.plan.firewall.nat_sources.is_empty())
+        })
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the agents put the masquerade rule back (and saved that plan)"
+    );
+
+    // Publish tcp 8080 -> a:80 on host1, as the agent does from NodePlan.ports.
+    let mut saved = vxmesh::status::read_plan(&host1.state_dir).unwrap().plan;
+    saved.ports.insert(PortSpec {
+        proto: PortProto::Tcp,
+        host_port: 8080,
+        container_ip: a.ip,
+        container_port: 80,
+        network: a.network.clone(),
+        owner: "test".into(),
+    });
+    // The agent's plan has no ports (filling them is the agent's job for
+    // Docker and attach): pause it, so no pass of its own takes them away.
+    // Pause it between passes, not in the middle of its first one.
+    let first_pass = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&host1.agent_log).is_ok_and(|l| l.contains("reconciled"))
+    })
+    .await;
+    assert!(first_pass.is_some(), "host1's agent never finished a pass");
+    let agent = nix::unistd::Pid::from_raw(host1.agent_pid.unwrap() as i32);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let host1_ns = Netns::open(&host1.netns).unwrap();
+    assert!(!reconcile_in(&host1_ns, &saved).is_empty());
+    let published = format!("{}:8080", host1.underlay_ip);
+    // From outside: the container sees the client.
+    assert_eq!(whoami(&outside_ns, &published), Ok("198.18.0.251".into()));
+    // From a container on another node (its node masquerades it).
+    assert_eq!(
+        whoami(&c.netns, &published),
+        Ok(lab.node("host2").unwrap().underlay_ip.to_string())
+    );
+    // From a container on the same node (hairpin: masqueraded to the host).
+    let hairpin = whoami(&b.netns, &published).expect("hairpin connection");
+    assert_ne!(hairpin, b.ip.to_string(), "hairpin flow is masqueraded");
+    // From the node itself (output chain).
+    assert!(whoami(&host1.netns, &published).is_ok());
+    // The port withdrawn: no more DNAT.
+    saved.ports.clear();
+    reconcile_in(&host1_ns, &saved);
+    assert!(whoami(&outside_ns, &published).is_err());
+
+    // status and doctor see the table; doctor names a missing masquerade
+    // rule and a peer missing from the filter's set.
+    let doctor = |lab: &vxmesh_lab::lab::Lab, sub: &str| -> (i32, serde_json::Value) {
+        let n = lab.node("host1").unwrap();
+        let (code, out, err) = vxmesh(&[
+            "--netns",
+            &n.netns,
+            sub,
+            "--state-dir",
+            n.state_dir.to_str().unwrap(),
+            "--json",
+        ]);
+        (
+            code,
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{sub}: {e}: {out} {err}")),
+        )
+    };
+    let (code, v) = doctor(&lab, "status");
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["firewall"]["table"], true, "{v:#}");
+    assert_eq!(v["firewall"]["peers_in_kernel"], 1, "{v:#}");
+    assert_eq!(v["firewall"]["networks"][0]["outbound_nat"], true, "{v:#}");
+    let h = handle_of(&host1.netns, "outbound-nat");
+    assert!(
+        nft(
+            &host1.netns,
+            &["delete", "rule", "inet", "vxmesh", "nat_post", "handle", &h]
+        )
+        .0
+    );
+    let (code, v) = doctor(&lab, "doctor");
+    assert_ne!(code, 0, "{v:#}");
+    assert_eq!(v["first_broken"]["hop"], "outbound_nat", "{v:#}");
+    reconcile_in(&host1_ns, &saved);
+    let peer = lab.node("host2").unwrap().underlay_ip.to_string();
+    assert!(
+        nft(
+            &host1.netns,
+            &[
+                "delete",
+                "element",
+                "inet",
+                "vxmesh",
+                "vtep_peers",
+                &format!("{{ {peer} }}")
+            ]
+        )
+        .0
+    );
+    let (_, v) = doctor(&lab, "doctor");
+    assert_eq!(v["first_broken"]["hop"], "vtep_filter", "{v:#}");
+    assert!(
+        v["first_broken"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&peer),
+        "{v:#}"
+    );
+    let (code, v) = doctor(&lab, "status");
+    assert_ne!(v["ok"], true, "{code} {v:#}");
+    assert_eq!(v["firewall"]["peers_in_kernel"], 0, "{v:#}");
+    reconcile_in(&host1_ns, &saved);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
 }

@@ -594,3 +594,31 @@ async fn demo_cli_etcd_bridged() {
     );
     assert_all_gone(&name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_cli_etcd_routed() {
+    // VXMESH_LAB_NODES / VXMESH_LAB_CONTAINERS scale it (see lab_size):
+    // the 250-host demo on etcd, with the lab's default TTL.
+    let (nodes, containers) = lab_size(3, 1);
+    let name = unique("ecr");
+    let (code, out, err) = vxmesh(&[
+        "lab",
+        "demo",
+        "--name",
+        &name,
+        "--store",
+        "etcd",
+        "--nodes",
+        &nodes.to_string(),
+        "--containers",
+        &containers.to_string(),
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let n = nodes * containers;
+    assert!(
+        out.contains("PASS") && out.contains(&format!("({} probes in", n * (n - 1))),
+        "{out}"
+    );
+    println!("{out}");
+    assert_all_gone(&name);
+}

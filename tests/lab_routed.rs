@@ -77,6 +77,8 @@ async fn demo_three_nodes_all_pairs_and_clean_teardown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_cli_passes_and_leaves_nothing() {
+    // VXMESH_LAB_NODES / VXMESH_LAB_CONTAINERS scale it (see lab_size).
+    let (nodes, containers) = lab_size(3, 2);
     let name = unique("cli");
     let (code, out, err) = vxmesh(&[
         "lab",
@@ -84,12 +86,18 @@ async fn demo_cli_passes_and_leaves_nothing() {
         "--name",
         &name,
         "--nodes",
-        "3",
+        &nodes.to_string(),
         "--containers",
-        "2",
+        &containers.to_string(),
     ]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("PASS"), "{out}");
+    let n = nodes * containers;
+    assert!(
+        out.contains(&format!("({} probes in", n * (n - 1))),
+        "every ordered pair probed: {out}"
+    );
+    println!("{out}");
     assert_gone(&name);
 }
 

@@ -195,7 +195,8 @@ async fn doctor_names_the_first_broken_hop() {
                 "fdb",
                 "underlay_reachability",
                 "mtu",
-                "tx_checksum_offload"
+                "tx_checksum_offload",
+                "vtep_filter"
             ]
         );
         // --to a remote container selects its peer's path.

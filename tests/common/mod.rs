@@ -9,6 +9,7 @@ use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
 mod naming;
 mod plugin;
+pub mod underlay;
 
 #[allow(unused_imports)] // not every test file names namespaces
 pub use naming::{unique, unique_ns};
@@ -25,6 +26,23 @@ pub fn spec(tag: &str, nodes: usize, containers: usize, mode: Mode, networks: us
     s.networks = networks;
     s.exe = exe();
     s
+}
+
+/// The lab size of the demo tests: `VXMESH_LAB_NODES` hosts with
+/// `VXMESH_LAB_CONTAINERS` containers each when set (the 250-host runs,
+/// outside CI: `VXMESH_LAB_NODES=250 VXMESH_LAB_CONTAINERS=1 cargo test
+/// --test lab_routed demo_cli`), else the test's own default.
+pub fn lab_size(nodes: usize, containers: usize) -> (usize, usize) {
+    let var = |name: &str, default: usize| match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: give a whole number")),
+        Err(_) => default,
+    };
+    (
+        var("VXMESH_LAB_NODES", nodes),
+        var("VXMESH_LAB_CONTAINERS", containers),
+    )
 }
 
 pub async fn up(spec: &LabSpec) -> LabGuard {

@@ -2,7 +2,9 @@
 //!
 //! Every simulated host is a network namespace `vxm-LAB-hostN` whose `eth0`
 //! is a veth into the lab's underlay namespace `vxm-LAB-ul`, where a bridge
-//! joins them all (underlay addresses 198.18.0.N/24, the benchmarking range).
+//! joins them all (underlay 198.18.0.0/23 in the benchmarking range: host N
+//! is 198.18.0.N up to host248, then 198.18.1.1 for host249 and on; see
+//! [`host_ip`]).
 //! Each host runs a real `vxmesh agent` process inside its namespace, and
 //! containers (namespaces `vxm-LAB-hostN-...`) are attached with the same
 //! attach code users run. Nothing is created in the root namespace and no
@@ -76,16 +78,28 @@ pub const LAB_ROOT: &str = "/run/vxmesh-lab";
 /// The underlay bridge's MAC (fixed: see [`Lab::build`]); no host or etcd
 /// member has it (their MACs end in their address's last byte, never 0).
 const UNDERLAY_BRIDGE_MAC: Mac = Mac([0x02, 0x00, 198, 18, 0, 0]);
-/// Highest host number: 198.18.0.249 and above are the lab's own address
-/// and etcd's members.
-pub const MAX_HOST: usize = 248;
+/// Highest host number: 248 hosts in 198.18.0.1-248 (198.18.0.249 and
+/// above are the lab's own address and etcd's members), then 254 more in
+/// 198.18.1.1-254.
+pub const MAX_HOST: usize = 248 + 254;
+/// The underlay's prefix length (198.18.0.0/23).
+pub const UNDERLAY_PREFIX: u8 = 23;
+
+/// The underlay address of host `i` (1..=[`MAX_HOST`]): 198.18.0.i up to
+/// host248, then 198.18.1.(i - 248), so small labs keep their addresses.
+pub const fn host_ip(i: usize) -> Ipv4Addr {
+    if i <= 248 {
+        Ipv4Addr::new(198, 18, 0, i as u8)
+    } else {
+        Ipv4Addr::new(198, 18, 1, (i - 248) as u8)
+    }
+}
 
 /// The fixed MAC of a host's underlay link, from its underlay address.
 fn underlay_mac(ip: Ipv4Addr) -> Mac {
     let o = ip.octets();
     Mac([0x02, 0x00, o[0], o[1], o[2], o[3]])
 }
-pub const UNDERLAY_NET: [u8; 3] = [198, 18, 0];
 
 /// A lab in this process. Dropping it does NOT tear it down (the CLI's `lab up`
 /// leaves it running); use [`LabGuard`] for scoped labs.
@@ -103,8 +117,8 @@ impl Lab {
     /// Build a lab. On failure everything already created is removed.
     pub async fn up(spec: &LabSpec) -> Result<Lab> {
         validate_lab_name(&spec.name)?;
-        if spec.nodes == 0 || spec.nodes > 200 {
-            bail!("--nodes must be 1..=200 (got {})", spec.nodes);
+        if spec.nodes == 0 || spec.nodes > MAX_HOST {
+            bail!("--nodes must be 1..={MAX_HOST} (got {})", spec.nodes);
         }
         if spec.store == LabStore::Static && (spec.etcd_members != 1 || spec.routed_cidr.is_some())
         {
@@ -209,14 +223,15 @@ impl Lab {
             self.build_external(&ul_nl).await?;
         }
         self.save()?;
+        if !spec.start_agents {
+            return Ok(());
+        }
         for i in 0..self.info.nodes.len() {
             let n = self.info.nodes[i].name.clone();
             self.start_agent(&n)?;
         }
-        for i in 0..self.info.nodes.len() {
-            let n = self.info.nodes[i].name.clone();
-            self.wait_agent_ready(&n, Duration::from_secs(20)).await?;
-        }
+        self.wait_agents_ready(&all, Duration::from_secs(30))
+            .await?;
         // Containers: K per node per network.
         let nets = network_names(spec.mode, spec.networks);
         if spec.runtime == Runtime::Docker {

@@ -531,12 +531,25 @@ where
                         return Ok(None);
                     }
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = next_join_delay(delay, cause);
             }
         }
     };
     serve(&mut store, opts, &mut signals, &mut lock).await?;
     Ok(Some(store))
+}
+
+/// The pause before the next join attempt: doubled each time, up to 2 s;
+/// up to 5 s while etcd does not answer in time (`unreachable`): it is
+/// down or overloaded, and hundreds of nodes retrying a join (each attempt
+/// lists the whole network) every 2 s would keep it so.
+fn next_join_delay(delay: Duration, cause: &str) -> Duration {
+    let cap = if cause == "unreachable" {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(2)
+    };
+    (delay * 2).min(cap)
 }
 
 /// `d` plus up to 50 % jitter.
@@ -645,12 +658,15 @@ async fn serve<S: Store>(
             }
         };
         resync_due = false;
+        let pass_took = started.elapsed();
+        let mut coalesce = COALESCE;
         tokio::select! {
             r = store.changed() => {
                 if let Err(error) = r {
                     return Err(AgentError::Watch { store: store.describe(), error });
                 }
                 tracing::debug!("store changed");
+                coalesce = store_coalesce(pass_took);
             }
             () = waker.woken() => {
                 tracing::debug!("woken: published ports changed");
@@ -661,7 +677,60 @@ async fn serve<S: Store>(
             _ = tokio::time::sleep(wait) => { resync_due = true; }
             sig = signals.recv() => { tracing::info!("{sig}: exiting, data plane left in place"); return Ok(()); }
         }
-        // Coalesce bursts (an editor's several writes, a flurry of kernel events).
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Coalesce bursts (an editor's several writes, a flurry of kernel
+        // events, many nodes joining at once).
+        tokio::time::sleep(coalesce).await;
+    }
+}
+
+/// The pause after a wake-up before the next pass, so that a burst of
+/// changes costs one pass.
+const COALESCE: Duration = Duration::from_millis(30);
+/// Store changes wait this many times the last pass's duration ...
+const STORE_PASS_SPACING: u32 = 3;
+/// ... but never longer than this.
+const MAX_STORE_COALESCE: Duration = Duration::from_secs(2);
+
+/// How long to gather store changes before the pass that applies them,
+/// given how long the last pass took. A pass is O(cluster) (snapshot,
+/// plan, plan file), so when hundreds of nodes join at once, every node
+/// passing once per join is O(N^2) per node: with all of them on a few
+/// cores (or a busy host) the passes starve etcd and the joins
+/// themselves. Spacing store-triggered passes by a multiple of their own
+/// duration bounds the share of time they take (at most a quarter here),
+/// whatever the rate of changes, and costs a small cluster nothing
+/// (passes of a few ms: the usual 30 ms).
+fn store_coalesce(last_pass: Duration) -> Duration {
+    (last_pass * STORE_PASS_SPACING).clamp(COALESCE, MAX_STORE_COALESCE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_retries_back_off_further_while_etcd_does_not_answer() {
+        let mut d = Duration::from_millis(200);
+        for _ in 0..10 {
+            d = next_join_delay(d, "lease_lost");
+        }
+        assert_eq!(d, Duration::from_secs(2));
+        for _ in 0..10 {
+            d = next_join_delay(d, "unreachable");
+        }
+        assert_eq!(d, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn store_passes_are_spaced_by_their_cost() {
+        // Small clusters: passes of a few ms, the usual 30 ms.
+        assert_eq!(store_coalesce(Duration::from_millis(2)), COALESCE);
+        // Expensive passes (many peers, a busy host): three times theirs.
+        assert_eq!(
+            store_coalesce(Duration::from_millis(100)),
+            Duration::from_millis(300)
+        );
+        // Bounded: a joining peer is never kept waiting long.
+        assert_eq!(store_coalesce(Duration::from_secs(5)), MAX_STORE_COALESCE);
     }
 }

@@ -23,6 +23,7 @@ use crate::dataplane::diff;
 use crate::dataplane::kernel::{ActualState, Netlink, NetlinkError};
 use crate::status::{self, SavedPlan, StatusError};
 
+mod firewall;
 mod hops;
 
 use hops::*;
@@ -49,6 +50,8 @@ pub enum DoctorError {
     Kernel(#[source] NetlinkError),
     #[error("list interface addresses")]
     Addresses(#[source] nix::Error),
+    #[error("read the nftables table inet vxmesh")]
+    Firewall(#[source] crate::firewall::NftError),
     #[error("doctor task")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -93,6 +96,9 @@ pub struct DoctorReport {
     /// The first broken hop over all paths.
     pub first_broken: Option<Hop>,
     pub ok: bool,
+    /// Node-wide hops of vxmesh's nftables table (table, outbound NAT).
+    #[serde(default)]
+    pub firewall: Vec<Hop>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -202,7 +208,36 @@ pub fn examine(
         ok: first_broken.is_none(),
         first_broken,
         paths,
+        firewall: Vec::new(),
     })
+}
+
+/// Add the firewall hops: the table's own, and the VTEP filter's per path
+/// (right after the FDB hop's place: the peer's packets arrive, then the
+/// filter judges them). The first broken hop stays the first on the path.
+fn add_firewall(
+    r: &mut DoctorReport,
+    plan: &crate::dataplane::NodePlan,
+    i: &crate::firewall::Inspection,
+) {
+    r.firewall = firewall::table_hops(plan, i);
+    for p in &mut r.paths {
+        if let Some(h) = firewall::filter_hop(plan, i, p.underlay_ip) {
+            if p.first_broken.is_none() && h.state == HopState::Broken {
+                p.first_broken = Some(h.clone());
+            }
+            p.hops.push(h);
+        }
+    }
+    if r.first_broken.is_none() {
+        r.first_broken = r
+            .firewall
+            .iter()
+            .chain(r.paths.iter().filter_map(|p| p.first_broken.as_ref()))
+            .find(|h| h.state == HopState::Broken)
+            .cloned();
+    }
+    r.ok = r.first_broken.is_none();
 }
 
 fn host_facts(links: &[crate::dataplane::kernel::LinkInfo]) -> Result<HostFacts, DoctorError> {
@@ -237,7 +272,7 @@ pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorRepo
     let actual2 = actual.clone();
     let opts = opts.clone();
     let running = crate::state::agent_running(state_dir);
-    tokio::task::spawn_blocking(move || {
+    let mut report = tokio::task::spawn_blocking(move || {
         examine(
             &saved2,
             &actual2,
@@ -248,7 +283,14 @@ pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorRepo
         )
     })
     .await
-    .map_err(DoctorError::Task)?
+    .map_err(DoctorError::Task)??;
+    let plan = saved.plan.clone();
+    let inspection = tokio::task::spawn_blocking(move || crate::firewall::inspect(&plan))
+        .await
+        .map_err(DoctorError::Task)?
+        .map_err(DoctorError::Firewall)?;
+    add_firewall(&mut report, &saved.plan, &inspection);
+    Ok(report)
 }
 
 /// Human-readable rendering.
@@ -274,6 +316,19 @@ pub fn render(r: &DoctorReport) -> String {
             {
                 out.push_str(&format!("         -> {f}\n"));
             }
+        }
+    }
+    for h in &r.firewall {
+        let m = match h.state {
+            HopState::Ok => "ok",
+            HopState::Warn => "WARN",
+            HopState::Broken => "BROKEN",
+        };
+        out.push_str(&format!("firewall {m:6} {:22} {}\n", h.hop, h.detail));
+        if h.state != HopState::Ok
+            && let Some(f) = &h.fix
+        {
+            out.push_str(&format!("         -> {f}\n"));
         }
     }
     match &r.first_broken {

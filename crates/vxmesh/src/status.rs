@@ -16,8 +16,11 @@ use crate::dataplane::NodePlan;
 use crate::dataplane::kernel::{Netlink, NetlinkError};
 use crate::state::StateError;
 
+mod firewall;
 mod render;
 mod report;
+
+pub use firewall::{FirewallStatus, NatStatus, firewall_status};
 
 pub use render::render;
 pub use report::{
@@ -46,6 +49,8 @@ pub enum StatusError {
     Connect(#[source] NetlinkError),
     #[error("dump the kernel state")]
     Dump(#[source] NetlinkError),
+    #[error("read the nftables table inet vxmesh")]
+    Firewall(#[source] crate::firewall::NftError),
 }
 
 /// The plan the agent last applied, with who and when.
@@ -86,12 +91,20 @@ pub async fn status(state_dir: &Path) -> Result<StatusReport, StatusError> {
     let saved = read_plan(state_dir)?;
     let nl = Netlink::connect().await.map_err(StatusError::Connect)?;
     let actual = nl.dump().await.map_err(StatusError::Dump)?;
-    Ok(compare(
+    let mut report = compare(
         &saved,
         &actual,
         crate::state::agent_running(state_dir),
         crate::state::now_secs(),
-    ))
+    );
+    let inspection = firewall::inspect(&saved.plan)
+        .await
+        .map_err(StatusError::Firewall)?;
+    let fw = firewall_status(&saved.plan, &inspection);
+    report.ok &= fw.ok();
+    report.pending_changes.extend(fw.drift.iter().cloned());
+    report.firewall = Some(fw);
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! `vxmesh down`: remove everything vxmesh owns on this node (its devices and
-//! routes) and forget the networks it served (the state dir).
+//! `vxmesh down`: remove everything vxmesh owns on this node (its devices,
+//! routes and nftables table) and forget the networks it served (the state
+//! dir).
 
 use std::path::Path;
 
@@ -36,6 +37,12 @@ pub async fn down(state_dir: &Path) -> Result<TeardownReport, DownError> {
         .await
         .map_err(|e| DownError::Kernel(e.into()))?;
     crate::secure::underlay::teardown(&nl, &mut report).await;
+    match crate::firewall::nft::delete_table() {
+        Ok(deleted) => report.firewall_table = deleted,
+        Err(e) => report
+            .errors
+            .push(format!("delete nftables table inet vxmesh: {e}")),
+    }
     wipe_state(state_dir)?;
     Ok(report)
 }
@@ -59,6 +66,9 @@ pub fn render(report: &TeardownReport) -> String {
         report.links_deleted.join(", "),
         report.routes_deleted
     );
+    if report.firewall_table {
+        out.push_str("removed nftables table inet vxmesh\n");
+    }
     for s in &report.skipped {
         out.push_str(&format!("left alone (not vxmesh's): {s}\n"));
     }
@@ -84,6 +94,7 @@ mod tests {
             routes_deleted: 3,
             skipped: vec!["vxm-foo (dummy, not a vxmesh kind)".into()],
             errors: Vec::new(),
+            firewall_table: false,
         }
     }
 

@@ -123,7 +123,8 @@ impl AgentArgs {
 pub fn check_file(file: &Path) -> Result<()> {
     let settings = agent_config::load(file)?;
     let c = agent_config::validate(&settings)?;
-    c.store_choice().open(&c.node)?;
+    c.store_choice()
+        .open(&c.node, &vxmesh::metrics::Metrics::new())?;
     let store = match &c.store {
         AgentStore::ClusterFile(f) => format!("static store {}", f.display()),
         AgentStore::Etcd(e) => format!(
@@ -160,14 +161,13 @@ pub async fn run(a: AgentArgs) -> Result<()> {
         metrics: metrics.clone(),
         vxlan_filter: c.vxlan_filter,
     };
-    match c.store_choice().open(&c.node)? {
+    match c.store_choice().open(&c.node, &metrics)? {
         ChosenStore::Static(mut store) => Ok(vxmesh::agent::run(&mut store, &opts).await?),
         ChosenStore::Etcd {
-            mut options,
+            options,
             networks,
             password_file,
         } => {
-            options.metrics = metrics.clone();
             let store = vxmesh::agent::join_and_run(&opts, || {
                 etcd::EtcdNetworks::join(&options, &networks, password_file.clone())
             })

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use vxmesh::config::Mode;
-use vxmesh_lab::bench::{self, cni, converge, docker, faults, footprint, throughput};
+use vxmesh_lab::bench::{self, cni, coldstart, converge, docker, faults, footprint, throughput};
 
 use super::ModeArg;
 
@@ -55,9 +55,11 @@ pub enum BenchCmd {
         json: bool,
     },
     /// etcd lab of N hosts: join (agent start -> all pairs reachable) and
-    /// crash (kill -9 -> peers clean) times.
+    /// crash (kill -9 -> peers clean) times; with --cold-start, N agents
+    /// started at once on an empty store instead.
     Converge {
-        /// Lab sizes (hosts before each join).
+        /// Lab sizes (hosts before each join; with --cold-start, hosts
+        /// started at once, e.g. 50,100,250).
         #[arg(long, value_delimiter = ',', default_value = "5,20")]
         nodes: Vec<usize>,
         /// Joins (each followed by a crash of the joined host) per size.
@@ -68,6 +70,12 @@ pub enum BenchCmd {
         /// Lease TTL of the agents, seconds.
         #[arg(long, default_value_t = 3)]
         ttl: u64,
+        /// Cold start (routed): every agent of the lab started at once; per
+        /// size the join time p50/p99, the time until every agent knows
+        /// every peer and until every container pair is reachable, etcd
+        /// requests and watch events per join, and agent memory.
+        #[arg(long, conflicts_with_all = ["joins", "mode"])]
+        cold_start: bool,
         #[arg(long)]
         json: bool,
     },
@@ -164,10 +172,26 @@ pub async fn run(b: BenchCmd) -> Result<()> {
         }
         BenchCmd::Converge {
             nodes,
+            ttl,
+            cold_start: true,
+            json,
+            ..
+        } => {
+            let rows = coldstart::run(&coldstart::ColdStartOptions {
+                nodes,
+                ttl_secs: ttl,
+                exe,
+            })
+            .await?;
+            bench::print(json, &rows, &coldstart::table(&rows))
+        }
+        BenchCmd::Converge {
+            nodes,
             joins,
             mode,
             ttl,
             json,
+            ..
         } => {
             let rows = converge::run(&converge::ConvergeOptions {
                 nodes,

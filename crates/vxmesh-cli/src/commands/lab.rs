@@ -12,7 +12,7 @@ use super::ModeArg;
 
 #[derive(Args, Debug, Clone)]
 pub struct LabUpArgs {
-    /// Number of simulated hosts.
+    /// Number of simulated hosts (1-502; underlay 198.18.0.0/23).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Containers per host (per network in bridged mode).

@@ -25,7 +25,7 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use super::{Summary, Table, ms};
-use crate::lab::{Lab, LabGuard, LabSpec, LabStore};
+use crate::lab::{Lab, LabGuard, LabSpec, LabStore, MAX_HOST};
 use crate::probe::{self, PairJob};
 use vxmesh::config::Mode;
 use vxmesh::dataplane::kernel::Netlink;
@@ -75,8 +75,13 @@ pub async fn run(o: &ConvergeOptions) -> Result<Vec<ConvergeRow>> {
     }
     let mut rows = Vec::new();
     for &n in &o.nodes {
-        if !(2..=200).contains(&n) {
-            bail!("--nodes values must be 2..=200 (got {n})");
+        // Each join adds a host to the N.
+        if !(2..=MAX_HOST - o.joins).contains(&n) {
+            bail!(
+                "--nodes values must be 2..={} with {} joins (got {n})",
+                MAX_HOST - o.joins,
+                o.joins
+            );
         }
         rows.push(one_size(o, n).await?);
     }
@@ -159,7 +164,7 @@ fn pairs_with(lab: &Lab, node: &str) -> Vec<PairJob> {
 }
 
 /// Probe until every pair has answered once; an error names those that never did.
-async fn wait_reachable(mut pending: Vec<PairJob>, deadline: Instant) -> Result<()> {
+pub(super) async fn wait_reachable(mut pending: Vec<PairJob>, deadline: Instant) -> Result<()> {
     if pending.is_empty() {
         bail!("no container pairs to probe");
     }

@@ -5,11 +5,13 @@
 //! - [`scale`]: programming P peers into one node vs `ip -batch`;
 //! - [`throughput`]: iperf3 container-to-container across hosts vs host-to-host;
 //! - [`converge`]: etcd lab, join and crash convergence times;
+//! - [`coldstart`]: etcd lab, every agent started at once (`converge --cold-start`);
 //! - [`faults`]: etcd lab under rounds of faults, the invariant checker throughout;
 //! - [`cni`]: ADD+DEL latency of the vxmesh plugin vs `bridge` + `host-local`;
 //! - [`footprint`]: RSS and CPU of an idle agent holding many peers.
 
 pub mod cni;
+pub mod coldstart;
 pub mod converge;
 pub mod docker;
 pub mod faults;

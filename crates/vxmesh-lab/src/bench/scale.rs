@@ -1,5 +1,7 @@
 //! `vxmesh bench scale`: program P remote peers into one node with one
-//! reconcile pass, vs `ip -batch` + `bridge -batch` of the very same objects.
+//! reconcile pass, vs `ip -batch` + `bridge -batch` of the very same objects;
+//! and the nftables table with its VTEP filter set of P peers: created, one
+//! peer added (the agent's incremental path), and an idle full pass.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,6 +20,7 @@ use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::NetnsGuard;
 use vxmesh::dataplane::plan::{PlanInput, plan};
 use vxmesh::dataplane::{NodePlan, reconcile, reconcile_from};
+use vxmesh::firewall;
 use vxmesh::model::{Endpoint, NodeRecord, Vni, container_mac};
 
 /// One row of the scale benchmark: one run, or (see [`combine`]) the
@@ -52,6 +55,12 @@ pub struct ScaleRow {
     /// Second pass over the converged set (should send nothing).
     pub idle_pass_ms: f64,
     pub idle_pass_messages: usize,
+    /// The nftables table created with all P peers in the filter set.
+    pub nft_full_ms: f64,
+    /// One more peer: one set element, no dump.
+    pub nft_peer_ms: f64,
+    /// A full firewall pass over the converged table (dump + diff, no change).
+    pub nft_idle_ms: f64,
 }
 
 const UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -255,6 +264,7 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
             verify.applied.iter().take(3).collect::<Vec<_>>()
         );
     }
+    let nft = nft_times(&g, &p, &p2)?;
     dismantle(&nl, &p2).await?;
     drop(nl);
     drop(g);
@@ -305,7 +315,40 @@ pub async fn scale_one(mode: Mode, peers: usize) -> Result<ScaleRow> {
         incremental_messages: inc.messages,
         idle_pass_ms: ms(idle_t),
         idle_pass_messages: idle.messages,
+        nft_full_ms: nft[0],
+        nft_peer_ms: nft[1],
+        nft_idle_ms: nft[2],
     })
+}
+
+/// The firewall passes in the bench namespace: [create with `p`'s peers,
+/// `p` -> `p2` (one peer more) incremental, idle full pass over `p2`] in ms.
+fn nft_times(g: &NetnsGuard, p: &NodePlan, p2: &NodePlan) -> Result<[f64; 3]> {
+    let (p, p2) = (p.clone(), p2.clone());
+    let times = g.open()?.run(move || -> Result<[f64; 3]> {
+        let t0 = Instant::now();
+        firewall::reconcile(&p)?;
+        let full = t0.elapsed();
+        let t1 = Instant::now();
+        let inc = firewall::reconcile_from(&p, &p2)?
+            .context("one more peer changed more than the filter set")?;
+        let peer = t1.elapsed();
+        if inc.changes.len() != 1 {
+            bail!("one more peer made {} firewall changes", inc.changes.len());
+        }
+        let t2 = Instant::now();
+        let idle = firewall::reconcile(&p2)?;
+        let idle_t = t2.elapsed();
+        if !idle.changes.is_empty() {
+            bail!(
+                "the incremental firewall pass left differences: {:?}",
+                idle.changes
+            );
+        }
+        firewall::nft::delete_table()?;
+        Ok([ms(full), ms(peer), ms(idle_t)])
+    })?;
+    Ok(times)
 }
 
 /// One row from several runs of the same mode and size: the median of each
@@ -336,6 +379,9 @@ pub fn combine(runs: &[ScaleRow]) -> ScaleRow {
         incremental_messages: med_n(&|r| r.incremental_messages),
         idle_pass_ms: med(&|r| r.idle_pass_ms),
         idle_pass_messages: med_n(&|r| r.idle_pass_messages),
+        nft_full_ms: med(&|r| r.nft_full_ms),
+        nft_peer_ms: med(&|r| r.nft_peer_ms),
+        nft_idle_ms: med(&|r| r.nft_idle_ms),
     }
 }
 
@@ -366,6 +412,9 @@ pub fn scale_table(rows: &[ScaleRow]) -> Table {
         "+1 msgs",
         "idle pass ms",
         "idle msgs",
+        "nft set ms",
+        "nft +1 ms",
+        "nft idle ms",
     ]);
     for r in rows {
         t.row(vec![
@@ -390,6 +439,9 @@ pub fn scale_table(rows: &[ScaleRow]) -> Table {
             r.incremental_messages.to_string(),
             format!("{:.1}", r.idle_pass_ms),
             r.idle_pass_messages.to_string(),
+            format!("{:.1}", r.nft_full_ms),
+            format!("{:.1}", r.nft_peer_ms),
+            format!("{:.1}", r.nft_idle_ms),
         ]);
     }
     t

@@ -10,6 +10,11 @@
 //! under overload, and the loss shows how far above it was. iperf3 server and client
 //! run as processes entered into the lab's namespaces; nothing runs in the
 //! root namespace.
+//!
+//! A fourth row per mode, `tcp-1-nft`, compares the overlay with vxmesh's
+//! nftables table (VTEP filter and outbound NAT on) against the same overlay
+//! with the table removed, the agents paused meanwhile: its `baseline`
+//! column is then the overlay without the table, and `ratio` is on / off.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -45,8 +50,11 @@ pub struct ThroughputOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct ThroughputRow {
     pub mode: String,
-    /// "tcp-1", "tcp-4" or "udp".
+    /// "tcp-1", "tcp-4", "udp", or "tcp-1-nft" (table on vs off).
     pub case: String,
+    /// What `underlay_gbps` measured: "underlay" (host to host), or for
+    /// `tcp-1-nft` "overlay without nftables table".
+    pub baseline: String,
     /// Host to host on the underlay (Gbit/s, median of the runs).
     pub underlay_gbps: f64,
     /// Container to container across the overlay (Gbit/s, median).
@@ -142,6 +150,7 @@ pub async fn run(o: &ThroughputOptions) -> Result<Vec<ThroughputRow>> {
             let row = ThroughputRow {
                 mode: mode.to_string(),
                 case: case.name(),
+                baseline: "underlay".into(),
                 underlay_gbps: u,
                 overlay_gbps: v,
                 ratio: median(
@@ -165,9 +174,96 @@ pub async fn run(o: &ThroughputOptions) -> Result<Vec<ThroughputRow>> {
             );
             rows.push(row);
         }
+        rows.push(firewall_row(&lab, mode, &overlay, o).await?);
         drop(lab);
     }
     Ok(rows)
+}
+
+/// Set the nftables table of every lab host: the agent's saved plan (`on`)
+/// or none.
+fn set_tables(lab: &Lab, on: bool) -> Result<()> {
+    for n in &lab.info.nodes {
+        let plan = vxmesh::status::read_plan(&n.state_dir)?.plan;
+        Netns::open(&n.netns)?.run(move || -> Result<()> {
+            if on {
+                vxmesh::firewall::reconcile(&plan)?;
+            } else {
+                vxmesh::firewall::nft::delete_table()?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+fn signal_agents(lab: &Lab, sig: nix::sys::signal::Signal) -> Result<()> {
+    for pid in lab.info.nodes.iter().filter_map(|n| n.agent_pid) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
+    }
+    Ok(())
+}
+
+/// The overlay's TCP-1 with vxmesh's table (filter and NAT on) against
+/// without it, interleaved; the agents are paused so none puts the table
+/// back in between.
+async fn firewall_row(
+    lab: &Lab,
+    mode: Mode,
+    overlay: &Leg,
+    o: &ThroughputOptions,
+) -> Result<ThroughputRow> {
+    use nix::sys::signal::Signal;
+    signal_agents(lab, Signal::SIGSTOP)?;
+    let result = async {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for i in 0..o.repeat {
+            for table in if i % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            } {
+                set_tables(lab, table)?;
+                let r = iperf(overlay, Case::Tcp(1), o).await?;
+                if table { on.push(r) } else { off.push(r) }
+            }
+        }
+        set_tables(lab, true)?;
+        anyhow::Ok((off, on))
+    }
+    .await;
+    signal_agents(lab, Signal::SIGCONT)?;
+    let (off, on) = result?;
+    let g = |v: &[Run]| {
+        v.iter()
+            .map(|r| gbps(r.bits_per_second))
+            .collect::<Vec<_>>()
+    };
+    let row = ThroughputRow {
+        mode: mode.to_string(),
+        case: "tcp-1-nft".into(),
+        baseline: "overlay without nftables table".into(),
+        underlay_gbps: median(&g(&off)),
+        overlay_gbps: median(&g(&on)),
+        ratio: median(
+            &off.iter()
+                .zip(&on)
+                .map(|(a, b)| ratio(b.bits_per_second, a.bits_per_second))
+                .collect::<Vec<_>>(),
+        ),
+        underlay_loss_pct: None,
+        overlay_loss_pct: None,
+        underlay_runs: g(&off),
+        overlay_runs: g(&on),
+    };
+    tracing::info!(
+        "throughput {} tcp-1 nftables table off {:.2} Gbit/s, on {:.2} Gbit/s, ratio {:.3}",
+        row.mode,
+        row.underlay_gbps,
+        row.overlay_gbps,
+        row.ratio
+    );
+    Ok(row)
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -303,7 +399,8 @@ pub fn table(rows: &[ThroughputRow]) -> Table {
     let mut t = Table::new(&[
         "mode",
         "case",
-        "underlay Gbit/s",
+        "baseline",
+        "baseline Gbit/s",
         "overlay Gbit/s",
         "ratio",
         "underlay loss %",
@@ -314,6 +411,7 @@ pub fn table(rows: &[ThroughputRow]) -> Table {
         t.row(vec![
             r.mode.clone(),
             r.case.clone(),
+            r.baseline.clone(),
             format!("{:.2}", r.underlay_gbps),
             format!("{:.2}", r.overlay_gbps),
             format!("{:.2}", r.ratio),

@@ -44,6 +44,10 @@ impl Lab {
         if let Some(addr) = self.metrics_addr(node) {
             cmd.arg("--metrics").arg(addr.to_string());
         }
+        if !self.agent_args.iter().any(|a| a.starts_with("--resync")) {
+            cmd.arg("--resync")
+                .arg(lab_resync_secs(self.info.nodes.len()).to_string());
+        }
         cmd.arg("--node")
             .arg(&n.name)
             .arg("--state-dir")
@@ -65,59 +69,120 @@ impl Lab {
 
     /// Wait until the agent of `node` has published every network.
     pub async fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.agent_ready(node)? {
+            if Instant::now() > deadline {
+                bail!(
+                    "agent of {node} not ready after {timeout:?}; its log:\n{}",
+                    self.agent_log(node)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.save()
+    }
+
+    /// Wait until every agent of `nodes` has published every network, as
+    /// long as they make progress: agents started together share the
+    /// machine (and the kernel's routing lock), so a big lab takes longer,
+    /// but one agent ready every `stall` at least is progress (30 s in `up`). Fails when
+    /// none became ready for `stall`, or when one exited.
+    pub async fn wait_agents_ready(&mut self, nodes: &[String], stall: Duration) -> Result<()> {
+        let mut pending: Vec<String> = nodes.to_vec();
+        let mut progress = Instant::now();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for node in pending {
+                if self.agent_ready(&node)? {
+                    progress = Instant::now();
+                } else {
+                    still.push(node);
+                }
+            }
+            pending = still;
+            if let Some(first) = pending.first()
+                && progress.elapsed() > stall
+            {
+                bail!(
+                    "{} agent(s) not ready, none became ready for {stall:?} (e.g. {first}); the log of {first}:\n{}",
+                    pending.len(),
+                    self.agent_log(first)
+                );
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.save()
+    }
+
+    /// Has the agent of `node` published every network? With etcd, the
+    /// subnets it claimed are recorded (in memory: the caller saves). An
+    /// agent that exited is an error, with its log.
+    fn agent_ready(&mut self, node: &str) -> Result<bool> {
         let n = self.node(node)?.clone();
         let want = match &self.info.etcd {
             Some(e) => e.networks.clone(),
             None => network_names(self.info.mode, n.subnets.len()),
         };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if want
-                .iter()
-                .all(|w| state::read_network(&n.state_dir, w).is_ok())
-            {
-                if self.info.etcd.is_some() {
-                    // The subnets the agent claimed in etcd.
-                    let mut subnets = BTreeMap::new();
-                    for w in &want {
-                        subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
-                    }
-                    self.node_mut(node)?.subnets = subnets;
-                    self.save()?;
+        if want
+            .iter()
+            .all(|w| state::read_network(&n.state_dir, w).is_ok())
+        {
+            if self.info.etcd.is_some() {
+                // The subnets the agent claimed in etcd.
+                let mut subnets = BTreeMap::new();
+                for w in &want {
+                    subnets.insert(w.clone(), state::read_network(&n.state_dir, w)?.state.pool);
                 }
-                return Ok(());
+                self.node_mut(node)?.subnets = subnets;
             }
-            if let Some(c) = self.children.get_mut(node)
-                && let Some(status) = c.try_wait()?
-            {
-                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
-                bail!("agent of {node} exited with {status} before it was ready; its log:\n{log}");
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
-                bail!("agent of {node} not ready after {timeout:?}; its log:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(true);
         }
+        if let Some(c) = self.children.get_mut(node)
+            && let Some(status) = c.try_wait()?
+        {
+            bail!(
+                "agent of {node} exited with {status} before it was ready; its log:\n{}",
+                self.agent_log(node)
+            );
+        }
+        Ok(false)
     }
 
-    /// Wait (at most `timeout`) until every agent's applied plan covers
-    /// the whole lab: all hosts known, and a neighbour entry per remote
-    /// node (routed) or per remote container (bridged). With etcd the
-    /// agents learn each other through the watch just after they are
-    /// ready, so a check right after `lab up` could race them. Returns
-    /// whether they converged; not converging is left to `lab check` to
-    /// report (it names the pairs).
-    pub async fn wait_converged(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    /// The agent log of `node` (empty if unreadable).
+    fn agent_log(&self, node: &str) -> String {
+        self.node(node)
+            .ok()
+            .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
+            .unwrap_or_default()
+    }
+
+    /// Wait until every agent's applied plan covers the whole lab: all
+    /// hosts known, and a neighbour entry per remote node (routed) or per
+    /// remote container (bridged), as long as they make progress (one more
+    /// agent converged every `stall` at least). With etcd the agents learn
+    /// each other through the watch just after they are ready, so a check
+    /// right after `lab up` could race them. Returns whether they
+    /// converged; not converging is left to `lab check` to report (it names
+    /// the pairs).
+    pub async fn wait_converged(&self, stall: Duration) -> bool {
+        let mut pending: Vec<&LabNode> = self.info.nodes.iter().collect();
+        let mut progress = Instant::now();
         loop {
-            if self.info.nodes.iter().all(|n| self.node_converged(n)) {
+            let before = pending.len();
+            // A converged agent stays so: only the others are read again.
+            pending.retain(|n| !self.node_converged(n));
+            if pending.is_empty() {
                 return true;
             }
-            if Instant::now() > deadline {
+            if pending.len() < before {
+                progress = Instant::now();
+            } else if progress.elapsed() > stall {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Each look parses plan files of N peers: not too often.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -140,6 +205,46 @@ impl Lab {
                 .count(),
         };
         all_known && saved.plan.neighbours.len() >= remote
+    }
+
+    /// The resident memory (VmRSS, KiB) of every running agent of the lab.
+    pub fn agent_rss_kib(&self) -> Vec<u64> {
+        self.info
+            .nodes
+            .iter()
+            .filter_map(|n| rss_kib(n.agent_pid?))
+            .collect()
+    }
+
+    /// Stop the agents of `nodes`: `sig` to all of them first, then wait
+    /// (up to 5 s, then SIGKILL) for each, so a big lab stops in about the
+    /// time of its slowest agent. Blocks the thread like [`Lab::stop_agent`].
+    pub fn stop_agents(&mut self, nodes: &[String], sig: Signal) -> Result<()> {
+        let mut exiting = Vec::new();
+        for node in nodes {
+            if let Some(pid) = self.node(node)?.agent_pid
+                && let Some(e) = self.signal_agent(node, pid, sig)
+            {
+                exiting.push(e);
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while !exiting.is_empty() {
+            let mut still = Vec::new();
+            for mut e in exiting {
+                if !e.finished(deadline)? {
+                    still.push(e);
+                }
+            }
+            exiting = still;
+            if !exiting.is_empty() {
+                std::thread::sleep(STOP_POLL);
+            }
+        }
+        for node in nodes {
+            self.node_mut(node)?.agent_pid = None;
+        }
+        self.save()
     }
 
     /// Send `sig` to the agent of `node` and wait (up to 5 s, then SIGKILL)
@@ -238,6 +343,30 @@ impl ExitingAgent {
     }
 }
 
+/// The lab agents' period of full passes, unless the lab is given one: the
+/// agent's default (5 s) up to 50 hosts, then a tenth of a second per host.
+/// Each full pass dumps the host's kernel state (three entries per peer),
+/// and on one machine the N agents' periodic passes add up to N^2 entries
+/// per period: 250 hosts every 5 s would keep the cores busy with drift
+/// checks. (Real hosts each have their own CPU; every change still acts
+/// at once through the store and kernel events.)
+pub(crate) fn lab_resync_secs(hosts: usize) -> u64 {
+    (hosts as u64 / 10).max(5)
+}
+
+/// The resident memory of process `pid` in KiB (`VmRSS` of its status).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Is `pid` a vxmesh agent of lab `lab`? (Guards against pid reuse.)
 fn is_our_agent(pid: u32, lab: &str) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -270,6 +399,21 @@ mod tests {
         assert!(!is_our_agent(std::process::id(), "nolab"));
         // Nor is a pid that does not exist.
         assert!(!is_our_agent(u32::MAX, "nolab"));
+    }
+
+    #[test]
+    fn big_labs_resync_less_often() {
+        assert_eq!(lab_resync_secs(3), 5);
+        assert_eq!(lab_resync_secs(50), 5);
+        assert_eq!(lab_resync_secs(100), 10);
+        assert_eq!(lab_resync_secs(250), 25);
+    }
+
+    #[test]
+    fn resident_memory_of_a_process() {
+        let own = rss_kib(std::process::id()).expect("this process has a VmRSS");
+        assert!(own > 100, "{own} KiB");
+        assert_eq!(rss_kib(u32::MAX), None);
     }
 
     #[test]

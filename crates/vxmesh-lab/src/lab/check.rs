@@ -30,6 +30,12 @@ impl CheckReport {
             .max()
             .unwrap_or(4)
             .max(4);
+        // Indexed once: a lab of N containers has N x N cells.
+        let by_pair: std::collections::HashMap<(&str, &str), &probe::PairResult> = self
+            .results
+            .iter()
+            .map(|r| ((r.src_label.as_str(), r.dst_label.as_str()), r))
+            .collect();
         let mut out = format!("{:w$} ", "from\\to");
         for c in &self.containers {
             out += &format!("{c:>w$} ");
@@ -39,19 +45,15 @@ impl CheckReport {
             out += &format!("{a:w$} ");
             for b in &self.containers {
                 let cell = if a == b {
-                    "-".to_string()
+                    "-"
                 } else {
-                    match self
-                        .results
-                        .iter()
-                        .find(|r| &r.src_label == a && &r.dst_label == b)
-                    {
-                        None => ".".to_string(),
+                    match by_pair.get(&(a.as_str(), b.as_str())) {
+                        None => ".",
                         Some(r) => match (r.expect_reach, r.ok()) {
-                            (true, true) => "ok".to_string(),
-                            (false, true) => "iso".to_string(),
-                            (true, false) => "FAIL".to_string(),
-                            (false, false) => "LEAK".to_string(),
+                            (true, true) => "ok",
+                            (false, true) => "iso",
+                            (true, false) => "FAIL",
+                            (false, false) => "LEAK",
                         },
                     }
                 };

@@ -1,12 +1,17 @@
 //! `vxmesh lab demo`: build a lab, probe every container pair, take the lab
-//! down, and tell a newcomer what happened at each step.
+//! down, and tell a newcomer what happened at each step, with the time of
+//! each step and the agents' memory.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use vxmesh::config::Mode;
 
-use super::{Lab, LabGuard, LabSpec, LabStore};
+use super::{CheckReport, Lab, LabGuard, LabSpec, LabStore};
+
+/// Labs with more containers than this get a tally of the probes instead of
+/// the whole matrix (a line per container, a column per container).
+const MATRIX_MAX: usize = 32;
 
 /// Run the demo of `spec`, printing as it goes (failed pairs on stderr).
 /// `Ok(true)` when every pair behaved as expected; the lab is removed either
@@ -22,6 +27,7 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
     let lab = LabGuard(Lab::up(spec).await?);
     println!("-- built in {:.1?}:", t0.elapsed());
     print!("{}", lab.info.summary());
+    println!("{}", memory_line(&lab.agent_rss_kib()));
     let t1 = Instant::now();
     // Probing waits on sockets, and teardown on agents: off the runtime's threads.
     let external = spec.external;
@@ -37,7 +43,11 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
         report.results.len(),
         t1.elapsed()
     );
-    print!("{}", report.matrix());
+    if report.containers.len() <= MATRIX_MAX {
+        print!("{}", report.matrix());
+    } else {
+        println!("{}", tally(&report));
+    }
     let mut fails: Vec<String> = report.failures().iter().map(|f| f.to_string()).collect();
     if let Some(outside) = outside {
         let outside = outside?;
@@ -58,8 +68,12 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
     for f in &fails {
         eprintln!("FAILED: {f}");
     }
+    let t2 = Instant::now();
     tokio::task::spawn_blocking(move || drop(lab)).await?;
-    println!("\n-- lab removed (namespaces, agents, state)");
+    println!(
+        "\n-- lab removed in {:.1?} (namespaces, agents, state)",
+        t2.elapsed()
+    );
     println!("{}", verdict(fails.len()));
     Ok(fails.is_empty())
 }
@@ -91,6 +105,42 @@ pub fn banner(spec: &LabSpec) -> String {
     }
 }
 
+/// The agents' resident memory: total, mean and largest.
+fn memory_line(rss_kib: &[u64]) -> String {
+    if rss_kib.is_empty() {
+        return "-- agents: none running".to_string();
+    }
+    let total: u64 = rss_kib.iter().sum();
+    let max = rss_kib.iter().copied().max().unwrap_or(0);
+    format!(
+        "-- agents: {} processes, resident memory {:.1} MiB in all, {:.1} MiB each on average, {:.1} MiB at most",
+        rss_kib.len(),
+        total as f64 / 1024.0,
+        total as f64 / 1024.0 / rss_kib.len() as f64,
+        max as f64 / 1024.0
+    )
+}
+
+/// Probes by outcome, for labs too big for a matrix.
+fn tally(report: &CheckReport) -> String {
+    let count = |reach: bool, ok: bool| {
+        report
+            .results
+            .iter()
+            .filter(|r| r.expect_reach == reach && r.ok() == ok)
+            .count()
+    };
+    format!(
+        "{} containers, {} ordered pairs: ok {}, iso {}, FAIL {}, LEAK {} (matrix with `vxmesh lab check`)",
+        report.containers.len(),
+        report.results.len(),
+        count(true, true),
+        count(false, true),
+        count(true, false),
+        count(false, false)
+    )
+}
+
 /// The demo's last line.
 fn verdict(failed_pairs: usize) -> String {
     if failed_pairs == 0 {
@@ -118,6 +168,15 @@ mod tests {
         assert_eq!(
             banner(&spec),
             "== vxmesh lab demo: 4 hosts, 1 container(s) per host per network, 2 networks, bridged mode, etcd store"
+        );
+    }
+
+    #[test]
+    fn memory_is_summed_and_averaged() {
+        assert_eq!(memory_line(&[]), "-- agents: none running");
+        assert_eq!(
+            memory_line(&[1024, 3072]),
+            "-- agents: 2 processes, resident memory 4.0 MiB in all, 2.0 MiB each on average, 3.0 MiB at most"
         );
     }
 

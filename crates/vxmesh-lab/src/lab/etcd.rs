@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use super::{Lab, LabSpec, cluster_file_for, network_names, underlay_mac};
+use super::{Lab, LabSpec, UNDERLAY_PREFIX, cluster_file_for, network_names, underlay_mac};
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns};
 use vxmesh::store::etcd::{self, ClientOptions};
@@ -32,6 +32,8 @@ pub const MAX_ETCD_MEMBERS: usize = 5;
 /// The lab process's own address on the underlay bridge (etcd labs), from
 /// which it reads and writes etcd; hosts stay below it.
 pub const LAB_CONTROL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 249);
+/// The nice value of the lab's etcd members (see [`Lab::start_etcd`]).
+const ETCD_NICE: i32 = -10;
 /// Default lease TTL of lab agents: crashed hosts vanish quickly.
 pub const LAB_TTL: Duration = Duration::from_secs(3);
 
@@ -229,7 +231,7 @@ impl Lab {
             );
         }
         ul_nl
-            .add_address("br-ul", Ipv4Net::new(LAB_CONTROL_IP, 24)?)
+            .add_address("br-ul", Ipv4Net::new(LAB_CONTROL_IP, UNDERLAY_PREFIX)?)
             .await
             .context("the lab's address on the underlay bridge")?;
         let e = LabEtcd::new(&self.info.dir, spec);
@@ -318,6 +320,17 @@ impl Lab {
         // entered into the member's namespace before exec.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         ns.enter_on_exec(&mut cmd);
+        // A higher CPU priority (this process and the threads it makes): on
+        // a real cluster etcd has machines of its own, here it shares the
+        // cores with every agent of the lab, and hundreds of agents started
+        // at once would starve the store they all wait for.
+        // SAFETY: only setpriority(2), async-signal-safe, runs in the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, ETCD_NICE);
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("start {ETCD_BIN} in {}", m.netns))?;
@@ -466,7 +479,8 @@ async fn create_member_host(ul_nl: &Netlink, m: &EtcdMember) -> Result<()> {
         },
     )
     .await?;
-    nl.add_address("eth0", Ipv4Net::new(m.ip, 24)?).await?;
+    nl.add_address("eth0", Ipv4Net::new(m.ip, UNDERLAY_PREFIX)?)
+        .await?;
     Ok(())
 }
 

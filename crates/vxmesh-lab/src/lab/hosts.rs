@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 
-use super::{Lab, LabNode, MAX_HOST, UNDERLAY_NET, underlay_mac};
+use super::{Lab, LabNode, MAX_HOST, UNDERLAY_PREFIX, host_ip, underlay_mac};
 use vxmesh::dataplane::NeighSpec;
 use vxmesh::dataplane::diff::Change;
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
@@ -17,7 +17,7 @@ use vxmesh::model::Mac;
 
 impl Lab {
     /// Create host `hostI`: its namespace, its underlay link into the
-    /// underlay bridge and its address 198.18.0.I (no agent yet).
+    /// underlay bridge and its address [`host_ip`] (no agent yet).
     pub(super) async fn create_host(
         &mut self,
         ul_nl: &Netlink,
@@ -45,7 +45,7 @@ impl Lab {
                 },
             )
             .await?;
-        let ip = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8);
+        let ip = host_ip(i);
         let h = Netlink::connect_in(&ns).await?;
         h.set_link(
             "eth0",
@@ -56,7 +56,8 @@ impl Lab {
             },
         )
         .await?;
-        h.add_address("eth0", Ipv4Net::new(ip, 24)?).await?;
+        h.add_address("eth0", Ipv4Net::new(ip, UNDERLAY_PREFIX)?)
+            .await?;
         let node_dir = self.info.dir.join(&node);
         self.info.nodes.push(LabNode {
             name: node.clone(),

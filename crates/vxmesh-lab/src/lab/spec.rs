@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
 
-use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, UNDERLAY_NET};
+use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, host_ip};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -52,6 +52,10 @@ pub struct LabSpec {
     /// store): each host's key is made in its state dir and listed as its
     /// `public_key`. Bridged labs with several networks stay mixed.
     pub encrypt: bool,
+    /// Start the agents and attach the containers (else `up` stops once
+    /// the hosts, the underlay and the store are made: a cold start to
+    /// measure, see `bench converge --cold-start`).
+    pub start_agents: bool,
 }
 
 /// How the lab attaches its containers.
@@ -85,6 +89,7 @@ impl LabSpec {
             external: false,
             publish: None,
             encrypt: false,
+            start_agents: true,
         }
     }
 }
@@ -221,8 +226,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     let nodes = (1..=spec.nodes)
         .map(|i| NodeFile {
             name: format!("host{i}"),
-            underlay_ip: Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], i as u8)
-                .to_string(),
+            underlay_ip: host_ip(i).to_string(),
             underlay_dev: Some("eth0".into()),
             // The reference lab's addresses: 172.18.10.0/24, 172.18.20.0/24, ...
             subnet: (spec.mode == Mode::Routed && spec.nodes <= 25 && spec.routed_cidr.is_none())

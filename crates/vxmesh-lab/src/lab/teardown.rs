@@ -38,10 +38,9 @@ impl Lab {
     pub fn down(&mut self) -> Result<()> {
         // Docker first: its containers leave through the plugin.
         let mut problems = self.docker_down();
-        for n in self.info.nodes.clone() {
-            if let Err(e) = self.stop_agent(&n.name, Signal::SIGTERM) {
-                problems.push(format!("stop agent of {}: {e:#}", n.name));
-            }
+        let nodes: Vec<String> = self.info.nodes.iter().map(|n| n.name.clone()).collect();
+        if let Err(e) = self.stop_agents(&nodes, Signal::SIGTERM) {
+            problems.push(format!("stop agents: {e:#}"));
         }
         // Agents whose pid we lost track of (e.g. a crashed `lab up`).
         kill_stray_agents(&self.info.name);

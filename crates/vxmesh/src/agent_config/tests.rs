@@ -25,6 +25,7 @@ metrics = "198.18.0.1:9472"
 state_dir = "/run/vxmesh-test"
 resync = 2.5
 once = true
+vxlan_filter = false
 "#;
 
 fn settings(text: &str) -> AgentSettings {
@@ -63,6 +64,7 @@ fn every_key_of_the_etcd_store_is_read() {
     assert_eq!(c.state_dir, PathBuf::from("/run/vxmesh-test"));
     assert_eq!(c.resync, Duration::from_millis(2500));
     assert!(c.once);
+    assert!(!c.vxlan_filter);
     assert_eq!(c.metrics, Some("198.18.0.1:9472".parse().unwrap()));
     assert!(c.leave());
     let AgentStore::Etcd(e) = &c.store else {

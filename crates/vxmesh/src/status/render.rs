@@ -89,6 +89,11 @@ pub fn render(r: &StatusReport) -> String {
             }
         }
     }
+    if let Some(f) = &r.firewall {
+        for l in super::firewall::render(f) {
+            line(l);
+        }
+    }
     if !r.extra.is_empty() {
         line("not in the plan (the reconciler removes them):".into());
         for e in &r.extra {

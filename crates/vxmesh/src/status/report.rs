@@ -116,6 +116,9 @@ pub struct StatusReport {
     pub pending_changes: Vec<String>,
     /// Everything planned is in place.
     pub ok: bool,
+    /// vxmesh's nftables table (`None` when not inspected).
+    #[serde(default)]
+    pub firewall: Option<super::FirewallStatus>,
 }
 
 pub fn route_text(r: &RouteSpec) -> String {
@@ -364,5 +367,6 @@ pub fn compare(
         extra: v.extra.iter().map(extra_status).collect(),
         pending_changes,
         ok,
+        firewall: None,
     }
 }

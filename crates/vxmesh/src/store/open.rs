@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config;
+use crate::metrics::Metrics;
 use crate::store::etcd;
 use crate::store::static_file::StaticFile;
 
@@ -163,8 +164,9 @@ impl StoreChoice {
     }
 
     /// Which store, with what, for `node`; the static store's file is opened
-    /// and must list `node`. Nothing is contacted yet.
-    pub fn open(&self, node: &str) -> Result<ChosenStore, OpenStoreError> {
+    /// and must list `node`. Nothing is contacted yet. The store records
+    /// into `metrics` (a cluster file that cannot be watched, etcd's links).
+    pub fn open(&self, node: &str, metrics: &Metrics) -> Result<ChosenStore, OpenStoreError> {
         match (&self.cluster, &self.etcd.store) {
             (Some(_), Some(_)) => Err(OpenStoreError::TwoStores),
             (None, None) => Err(OpenStoreError::NoStore),
@@ -172,7 +174,7 @@ impl StoreChoice {
                 if self.names_etcd() {
                     return Err(OpenStoreError::EtcdOptionWithCluster);
                 }
-                open_static(file, node).map(ChosenStore::Static)
+                open_static(file, node, metrics).map(ChosenStore::Static)
             }
             (None, Some(_)) => {
                 let client = self.etcd.client()?;
@@ -186,6 +188,7 @@ impl StoreChoice {
                 o.ttl = self.ttl.map_or(etcd::DEFAULT_TTL, Duration::from_secs);
                 o.tls = client.tls;
                 o.user = client.user;
+                o.metrics = metrics.clone();
                 o.validate()
                     .map_err(|e| OpenStoreError::Invalid(e.into()))?;
                 Ok(ChosenStore::Etcd {
@@ -200,8 +203,8 @@ impl StoreChoice {
 
 /// Open the cluster file and check that it lists `node`: a bad file or node
 /// fails before anything is touched.
-fn open_static(file: &Path, node: &str) -> Result<StaticFile, OpenStoreError> {
-    let store = StaticFile::open(file).map_err(|e| OpenStoreError::Invalid(e.into()))?;
+fn open_static(file: &Path, node: &str, metrics: &Metrics) -> Result<StaticFile, OpenStoreError> {
+    let store = StaticFile::open(file, metrics).map_err(|e| OpenStoreError::Invalid(e.into()))?;
     let cluster = config::load(file).map_err(|e| OpenStoreError::Invalid(e.into()))?;
     if cluster.node(node).is_none() {
         return Err(OpenStoreError::UnknownNode {
@@ -230,7 +233,7 @@ mod tests {
     }
 
     fn err(c: &StoreChoice) -> OpenStoreError {
-        match c.open("n1") {
+        match c.open("n1", &Metrics::new()) {
             Ok(_) => panic!("expected an error"),
             Err(e) => e,
         }
@@ -274,7 +277,8 @@ mod tests {
 
     #[test]
     fn a_node_missing_from_the_cluster_file_is_named() {
-        // The static store watches its file with inotify through tokio.
+        // The static store watches its file with inotify through tokio
+        // (or polls it where that is unavailable).
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -307,8 +311,11 @@ subnet = "172.18.2.0/24"
             cluster: Some(file.clone()),
             ..StoreChoice::default()
         };
-        assert!(matches!(c.open("a"), Ok(ChosenStore::Static(_))));
-        let e = match c.open("zz") {
+        assert!(matches!(
+            c.open("a", &Metrics::new()),
+            Ok(ChosenStore::Static(_))
+        ));
+        let e = match c.open("zz", &Metrics::new()) {
             Err(e) => e,
             Ok(_) => panic!("zz is not in the file"),
         };
@@ -342,7 +349,7 @@ subnet = "172.18.2.0/24"
             options,
             networks,
             password_file,
-        }) = c.open("n1")
+        }) = c.open("n1", &Metrics::new())
         else {
             panic!("expected the etcd store");
         };

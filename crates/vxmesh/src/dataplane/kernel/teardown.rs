@@ -107,4 +107,6 @@ pub struct TeardownReport {
     /// `vxm-` devices left in place: "name (kind, why)".
     pub skipped: Vec<String>,
     pub errors: Vec<String>,
+    /// vxmesh's nftables table (`inet vxmesh`) was deleted (`vxmesh down`).
+    pub firewall_table: bool,
 }

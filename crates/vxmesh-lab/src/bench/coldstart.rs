@@ -1,0 +1,378 @@
+//! `vxmesh bench converge --cold-start`: N hosts whose agents all start at
+//! once on an empty etcd store (a data centre powering up, or every node
+//! restarted by one upgrade).
+//!
+//! The lab is built without agents (hosts, underlay, etcd, the network);
+//! then every agent is started in one go. Per agent: its join time (start
+//! -> subnet claimed and network published). For the lab: the last join,
+//! the moment every agent's applied plan holds every peer, and the moment
+//! every container pair answers ICMP (one container per host, attached once
+//! all have joined: attach time reported apart). etcd's own metrics give
+//! the requests and watch events of the whole start, per join; /proc the
+//! agents' resident memory once converged.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use super::{Summary, Table, ms, percentile};
+use crate::lab::{ETCD_IP, ETCD_PORT, Lab, LabGuard, LabSpec, LabStore, MAX_HOST};
+use crate::probe::PairJob;
+use vxmesh::dataplane::netns::Netns;
+
+/// Every agent must have joined (and the lab converged) within this.
+const LIMIT: Duration = Duration::from_secs(180);
+/// Waiting for every agent to know every peer stops after this long
+/// without one more agent converging.
+const STALL: Duration = Duration::from_secs(30);
+
+pub struct ColdStartOptions {
+    /// Lab sizes.
+    pub nodes: Vec<usize>,
+    /// Lease TTL of the agents, seconds.
+    pub ttl_secs: u64,
+    pub exe: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ColdStartRow {
+    pub nodes: usize,
+    pub ttl_ms: f64,
+    /// Agent start -> subnet claimed and network published, per agent.
+    pub join_ms: Summary,
+    pub join_p99_ms: f64,
+    /// First agent start -> last agent joined.
+    pub all_joined_ms: f64,
+    /// First agent start -> every agent's applied plan holds every peer.
+    pub all_known_ms: f64,
+    /// Attaching one container per host (after every join).
+    pub attach_ms: f64,
+    /// First agent start -> every container pair reachable (both ways).
+    pub reachable_ms: f64,
+    /// etcd requests (gRPC messages received, keep-alives included) from
+    /// the first start until every agent knew every peer, per join.
+    pub etcd_requests_per_join: f64,
+    /// ... of which transactions (claims) and ranges (lists, reads).
+    pub etcd_txns_per_join: f64,
+    pub etcd_ranges_per_join: f64,
+    /// Watch events etcd sent in that time, per join.
+    pub watch_events_per_join: f64,
+    /// Agents whose first join attempt failed (they log `cannot join yet`
+    /// once per distinct cause, then `joined after retrying`).
+    pub agents_retried: usize,
+    /// The distinct causes they logged, with how many agents logged each.
+    pub retry_causes: BTreeMap<String, usize>,
+    /// Resident memory of the agents once converged.
+    pub rss_mean_mib: f64,
+    pub rss_max_mib: f64,
+    pub rss_total_mib: f64,
+}
+
+pub async fn run(o: &ColdStartOptions) -> Result<Vec<ColdStartRow>> {
+    let mut rows = Vec::new();
+    for &n in &o.nodes {
+        if !(2..=MAX_HOST).contains(&n) {
+            bail!("--nodes values must be 2..={MAX_HOST} (got {n})");
+        }
+        rows.push(one_size(o, n).await?);
+    }
+    Ok(rows)
+}
+
+async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
+    let mut spec = LabSpec::new(&super::lab_name("s"), n, 1);
+    spec.store = LabStore::Etcd;
+    spec.ttl = Duration::from_secs(o.ttl_secs);
+    spec.exe = o.exe.clone();
+    spec.start_agents = false;
+    let mut lab = LabGuard(Lab::up(&spec).await.context("cold-start lab")?);
+    let ul = lab.info.underlay_ns.clone();
+    let before = etcd_counters(&ul).await?;
+    let nodes: Vec<String> = lab.info.nodes.iter().map(|n| n.name.clone()).collect();
+    let net = lab.etcd()?.networks[0].clone();
+
+    let t0 = Instant::now();
+    let mut started = BTreeMap::new();
+    for node in &nodes {
+        lab.start_agent(node)?;
+        started.insert(node.clone(), Instant::now());
+    }
+    // Joins: each agent's network file appears once its subnet is claimed
+    // (a stat per pending agent every 50 ms: the bench must not take the
+    // CPU the agents and etcd need).
+    let mut joins = Vec::new();
+    let file = |n: &str| -> PathBuf {
+        lab.node(n)
+            .map(|n| n.state_dir.join("networks").join(format!("{net}.json")))
+            .unwrap_or_default()
+    };
+    let mut pending: Vec<(&String, PathBuf)> = nodes.iter().map(|n| (n, file(n))).collect();
+    while !pending.is_empty() {
+        let now = Instant::now();
+        pending.retain(|(node, f)| {
+            if f.exists() {
+                joins.push(ms(now - started[*node]));
+                false
+            } else {
+                true
+            }
+        });
+        if t0.elapsed() > LIMIT {
+            let first = pending[0].0;
+            let log = lab
+                .node(first)
+                .ok()
+                .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "{} of {n} agents not joined after {LIMIT:?}, e.g. {first}; the end of its log:\n{}",
+                pending.len(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all_joined = t0.elapsed();
+    // Records the claimed subnets (returns at once: all joined).
+    lab.wait_agents_ready(&nodes, Duration::from_secs(5))
+        .await?;
+    if !lab.wait_converged(STALL).await {
+        bail!("the {n} agents did not all learn every peer (no progress for {STALL:?})");
+    }
+    let all_known = t0.elapsed();
+    let after = etcd_counters(&ul).await?;
+    let rss = lab.agent_rss_kib();
+    let (agents_retried, retry_causes) = join_retries(&lab);
+
+    let t1 = Instant::now();
+    for node in &nodes {
+        lab.attach_node_containers(node).await?;
+    }
+    let attach = t1.elapsed();
+    super::converge::wait_reachable(all_pairs(&lab), t0 + LIMIT)
+        .await
+        .with_context(|| format!("the {n}-host cold start did not reach every pair"))?;
+    let reachable = t0.elapsed();
+
+    let per = |k: &str| (after.get(k) - before.get(k)) / n as f64;
+    let mut sorted = joins.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let rss_total: u64 = rss.iter().sum();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let row = ColdStartRow {
+        nodes: n,
+        ttl_ms: ms(Duration::from_secs(o.ttl_secs)),
+        join_ms: Summary::of(&joins),
+        join_p99_ms: percentile(&sorted, 99.0),
+        all_joined_ms: ms(all_joined),
+        all_known_ms: ms(all_known),
+        attach_ms: ms(attach),
+        reachable_ms: ms(reachable),
+        etcd_requests_per_join: per(REQUESTS),
+        etcd_txns_per_join: per(TXNS),
+        etcd_ranges_per_join: per(RANGES),
+        watch_events_per_join: per(EVENTS),
+        agents_retried,
+        retry_causes,
+        rss_mean_mib: mib(rss_total) / rss.len().max(1) as f64,
+        rss_max_mib: mib(rss.iter().copied().max().unwrap_or(0)),
+        rss_total_mib: mib(rss_total),
+    };
+    tracing::info!(
+        "{n} hosts cold: all joined {:.0} ms, all known {:.0} ms, reachable {:.0} ms",
+        row.all_joined_ms,
+        row.all_known_ms,
+        row.reachable_ms
+    );
+    drop(lab);
+    Ok(row)
+}
+
+/// How many agents retried their join, and the causes they logged.
+fn join_retries(lab: &Lab) -> (usize, BTreeMap<String, usize>) {
+    let mut retried = 0;
+    let mut causes = BTreeMap::new();
+    for n in &lab.info.nodes {
+        let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+        let mut any = false;
+        for cause in log
+            .lines()
+            .filter(|l| l.contains("cannot join yet"))
+            .filter_map(|l| l.split("cause=").nth(1)?.split_whitespace().next())
+        {
+            any = true;
+            *causes
+                .entry(cause.trim_matches('"').to_string())
+                .or_insert(0) += 1;
+        }
+        retried += usize::from(any);
+    }
+    (retried, causes)
+}
+
+/// Every ordered pair of containers (one network: routed).
+fn all_pairs(lab: &Lab) -> Vec<PairJob> {
+    let cs = &lab.info.containers;
+    let mut jobs = Vec::with_capacity(cs.len() * cs.len());
+    for a in cs {
+        for b in cs.iter().filter(|b| b.name != a.name) {
+            jobs.push(PairJob::new(&a.netns, b.ip));
+        }
+    }
+    jobs
+}
+
+const REQUESTS: &str = "requests";
+const TXNS: &str = "txns";
+const RANGES: &str = "ranges";
+const EVENTS: &str = "events";
+
+/// Sums of etcd's counters that the report uses.
+#[derive(Debug, Default)]
+struct Counters(BTreeMap<&'static str, f64>);
+
+impl Counters {
+    fn get(&self, k: &str) -> f64 {
+        self.0.get(k).copied().unwrap_or(0.0)
+    }
+}
+
+/// Read etcd's counters from its Prometheus text: gRPC messages received
+/// (every request, stream messages included; by method for Txn and Range)
+/// and the watch events it sent.
+fn parse_counters(text: &str) -> Counters {
+    let mut c = Counters::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        let mut add = |k: &'static str| *c.0.entry(k).or_default() += v;
+        match name {
+            "grpc_server_msg_received_total" => {
+                add(REQUESTS);
+                if series.contains("grpc_method=\"Txn\"") {
+                    add(TXNS);
+                }
+                if series.contains("grpc_method=\"Range\"") {
+                    add(RANGES);
+                }
+            }
+            "etcd_debugging_mvcc_events_total" => add(EVENTS),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// etcd's counters, scraped from inside the lab's underlay namespace.
+async fn etcd_counters(underlay_ns: &str) -> Result<Counters> {
+    let addr = SocketAddr::from((ETCD_IP, ETCD_PORT));
+    let text = Netns::open(underlay_ns)?
+        .run(move || -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            // HTTP/1.0: the whole body, then close (no chunks).
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .with_context(|| format!("scrape etcd's metrics at {addr}"))?;
+    let c = parse_counters(&text);
+    if c.get(REQUESTS) == 0.0 {
+        bail!("etcd's /metrics at {addr} holds no grpc_server_msg_received_total");
+    }
+    Ok(c)
+}
+
+pub fn table(rows: &[ColdStartRow]) -> Table {
+    let mut t = Table::new(&[
+        "hosts",
+        "join p50 ms",
+        "join p99 ms",
+        "all joined ms",
+        "all known ms",
+        "attach ms",
+        "all pairs ms",
+        "etcd req/join",
+        "txn/join",
+        "range/join",
+        "watch ev/join",
+        "agent RSS MiB (mean/max)",
+        "agents retried",
+    ]);
+    for r in rows {
+        t.row(vec![
+            r.nodes.to_string(),
+            format!("{:.0}", r.join_ms.p50),
+            format!("{:.0}", r.join_p99_ms),
+            format!("{:.0}", r.all_joined_ms),
+            format!("{:.0}", r.all_known_ms),
+            format!("{:.0}", r.attach_ms),
+            format!("{:.0}", r.reachable_ms),
+            format!("{:.1}", r.etcd_requests_per_join),
+            format!("{:.1}", r.etcd_txns_per_join),
+            format!("{:.1}", r.etcd_ranges_per_join),
+            format!("{:.1}", r.watch_events_per_join),
+            format!("{:.1}/{:.1}", r.rss_mean_mib, r.rss_max_mib),
+            if r.retry_causes.is_empty() {
+                r.agents_retried.to_string()
+            } else {
+                let causes: Vec<String> = r
+                    .retry_causes
+                    .iter()
+                    .map(|(c, k)| format!("{c} {k}"))
+                    .collect();
+                format!("{} ({})", r.agents_retried, causes.join(", "))
+            },
+        ]);
+    }
+    if let (Some(a), Some(b)) = (rows.first(), rows.last())
+        && b.nodes > a.nodes
+    {
+        let k = b.nodes as f64 / a.nodes as f64;
+        t.note(format!(
+            "{} -> {} hosts (x{k:.1}): all pairs reachable x{:.1}, all known x{:.1}, join p99 x{:.1}, watch events per join x{:.1}",
+            a.nodes,
+            b.nodes,
+            b.reachable_ms / a.reachable_ms,
+            b.all_known_ms / a.all_known_ms,
+            b.join_p99_ms / a.join_p99_ms.max(1.0),
+            b.watch_events_per_join / a.watch_events_per_join.max(1.0),
+        ));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_counters_are_summed_by_kind() {
+        let text = "\
+# HELP grpc_server_msg_received_total Total number of RPC stream messages received on the server.
+# TYPE grpc_server_msg_received_total counter
+grpc_server_msg_received_total{grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 12
+grpc_server_msg_received_total{grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 30
+grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\",grpc_service=\"etcdserverpb.Lease\",grpc_type=\"bidi_stream\"} 100
+etcd_debugging_mvcc_events_total 4.5e+03
+etcd_mvcc_put_total 7
+";
+        let c = parse_counters(text);
+        assert_eq!(c.get(REQUESTS), 142.0);
+        assert_eq!(c.get(TXNS), 12.0);
+        assert_eq!(c.get(RANGES), 30.0);
+        assert_eq!(c.get(EVENTS), 4500.0);
+    }
+}

@@ -217,6 +217,7 @@ mod tests {
             "--ttl=9",
             "--leave",
             "--metrics=10.0.0.2:9472",
+            "--vxlan-filter=false",
         ]);
         let mut s = AgentSettings::default();
         s.override_with(w.agent.flags());

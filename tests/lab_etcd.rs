@@ -161,7 +161,10 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
             "MEASURED crash: peers dropped host3's entries {took:?} after kill -9 (lease TTL {TTL:?}, settle {settle:?})"
         );
         let took = took.expect("peers did not drop the crashed node");
-        assert!(took <= TTL + settle + Duration::from_secs(2), "took {took:?}");
+        assert!(
+            took <= TTL + settle + Duration::from_secs(2),
+            "took {took:?}"
+        );
         let report = lab.check(Duration::from_secs(2)).unwrap();
         assert!(report.failures().is_empty(), "{}", report.matrix());
     }

@@ -3,7 +3,7 @@
 //! invariant checker running through every test: etcd and every node's
 //! kernel sampled every 250 ms; no subnet or address used by two nodes at
 //! once, no live node's record disappearing, every node's peers equal to
-//! the live members within TTL + 2 s after a fault heals, zero lost replies
+//! the live members within TTL + settle + 2 s after a fault heals, zero lost replies
 //! between the nodes the fault does not touch. Each test prints one
 //! `invariants fault=...` line (quoted in docs/reliability.md) and asserts
 //! zero violations. Root; everything inside the lab's namespaces.
@@ -174,10 +174,14 @@ async fn the_etcd_leader_killed_and_restarted_changes_nothing() {
 /// 3.4 and 3.5 releases): the resumed old leader still believes it is the
 /// primary lessor and revokes the leases it saw no renewal of during the
 /// pause, although the new leader renewed them. In about one run of five
-/// this revokes the node leases ~0.1 s after SIGCONT. vxmesh cannot prevent
-/// that; the test then requires that it is exactly that (leases lost only
-/// after the resume, only record and reply losses, every node back on its
-/// own subnet - the hold lease survives - and converged), and says so.
+/// this revokes node leases ~0.1 s after SIGCONT. vxmesh cannot prevent
+/// that, but its data plane must not notice: peers keep a node whose
+/// records vanished while its quarantine marker lives for the settle
+/// window, the node re-publishes within it, and no reply is lost. The test
+/// asserts exactly that in every run (zero lost replies, peers unchanged,
+/// every node back on its own subnet) and prints how many leases etcd
+/// revoked; the record missing from etcd itself is the one thing allowed,
+/// for those nodes only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_etcd_leader_loses_no_lease() {
     let s = spec3("xs", 3);
@@ -211,48 +215,47 @@ async fn a_paused_etcd_leader_loses_no_lease() {
             );
         }
         let healed_ms = report.windows[0].healed_ms.unwrap();
-        // Lost replies are stamped with their nominal send time (a lower
-        // bound on a loaded machine): they cannot be placed before or after
-        // the resume. The kernel changes only when records do, and records
-        // and leases are checked here.
-        let during: Vec<_> = report
-            .violations
-            .iter()
-            .filter(|v| v.rule != "lost-replies" && v.first_ms < healed_ms)
-            .collect();
-        assert!(
-            during.is_empty(),
-            "violations while the leader was paused: {during:#?}\n{report}"
-        );
+        // etcd 3.4's resumed old leader may revoke leases the new leader was
+        // renewing (etcd-io/etcd#12528): the node's records vanish from etcd
+        // until it re-grants and re-publishes (under a second). Peers keep it
+        // for the settle window meanwhile (its quarantine marker lives), so
+        // the data plane must not notice: zero lost replies, peer tables
+        // unchanged, in every run. The only thing allowed is what the checker
+        // reads from etcd itself: that node's record missing after the
+        // resume, and only for a node whose own log shows the lease loss.
         let revoked: Vec<&str> = hosts
             .iter()
             .zip(&paused_logs)
             .filter(|(n, before)| log(n)[before.len()..].contains("lease expired"))
             .map(|(n, _)| *n)
             .collect();
-        if revoked.is_empty() {
-            assert_clean("member_paused", &report);
-        } else {
-            println!(
-                "member_paused: etcd's resumed old leader revoked the leases of {revoked:?} (etcd-io/etcd#12528); \
-                 {} violations after the resume",
-                report.violations.len()
-            );
-            assert!(
-                report.samples >= 20 && report.replies_sent > 100,
-                "{report}"
-            );
-            let other: Vec<_> = report
+        println!(
+            "member_paused: etcd's resumed old leader revoked the leases of {revoked:?} (etcd-io/etcd#12528); \
+             {} records-missing violation runs after the resume",
+            report
                 .violations
                 .iter()
-                .filter(|v| v.rule != "live-record-missing" && v.rule != "lost-replies")
-                .collect();
-            assert!(other.is_empty(), "{other:#?}\n{report}");
-            assert!(
-                report.windows[0].converged_after_ms.is_some(),
-                "never converged after the resume:\n{report}"
-            );
-        }
+                .filter(|v| v.rule == "live-record-missing")
+                .count()
+        );
+        let etcd_side = |v: &&vxmesh_lab::lab::invariants::ViolationRun| {
+            v.rule == "live-record-missing"
+                && v.first_ms >= healed_ms
+                && revoked.contains(&v.node.as_str())
+        };
+        let bad: Vec<_> = report.violations.iter().filter(|v| !etcd_side(v)).collect();
+        assert!(
+            bad.is_empty(),
+            "member_paused: {} violations:\n{bad:#?}\n{report}",
+            bad.len()
+        );
+        assert!(report.samples >= 20, "too few samples:\n{report}");
+        assert!(report.peer_checks > 0, "peers never checked:\n{report}");
+        assert!(report.replies_sent > 100, "too few probes:\n{report}");
+        assert!(
+            report.windows[0].converged_after_ms.is_some(),
+            "never converged after the resume:\n{report}"
+        );
         // Every node still serves the subnet it had (the hold lease kept it
         // even where etcd revoked the node lease).
         for (n, own) in hosts.iter().zip(&subnets) {
@@ -270,7 +273,7 @@ async fn a_paused_etcd_leader_loses_no_lease() {
 /// departed node's come back until their lease runs out; then another node
 /// joins, writing at revisions the agents' watches had passed before the
 /// rollback. Watches must see it all (issue 19, finding 5): every peer
-/// table holds exactly the live nodes within TTL + 2 s.
+/// table holds exactly the live nodes within TTL + settle + 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_rolled_back_to_a_snapshot_heals_every_peer_table() {
     let s = spec3("xr", 3);

@@ -361,15 +361,22 @@ async fn a_node_back_after_its_address_was_taken_detaches_that_container() {
         );
         lab.heal_partition("host1").unwrap();
         let t1 = Instant::now();
-        let detached = common::wait_until(TTL * 5, || !has_veth(&host1.netns)).await;
+        // Detach deletes the veth, then releases the allocation: wait for
+        // the whole of it.
+        let ipam = vxmesh::ipam::Ipam::new(&host1.state_dir, &c1.network);
+        let detached = common::wait_until(TTL * 5, || {
+            !has_veth(&host1.netns) && ipam.holder(c1.ip).ok() == Some(None)
+        })
+        .await;
         let log = std::fs::read_to_string(&host1.agent_log).unwrap();
         assert!(
             detached.is_some(),
-            "host1 still serves {} ({veth} there) {:?} after the heal, host2 owning it:\n{log}",
+            "host1 still serves {} ({veth} there: {}, allocation: {:?}) {:?} after the heal, host2 owning it:\n{log}",
             c1.ip,
+            has_veth(&host1.netns),
+            ipam.holder(c1.ip),
             t1.elapsed()
         );
-        let ipam = vxmesh::ipam::Ipam::new(&host1.state_dir, &c1.network);
         assert_eq!(ipam.holder(c1.ip).unwrap(), None, "allocation kept");
         let line = log
             .lines()

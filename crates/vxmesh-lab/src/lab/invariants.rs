@@ -3,7 +3,7 @@
 //! every node's kernel (subnet, peer entries, containers' addresses) and
 //! checks the promises of [`rules`]: no subnet or address used by two nodes
 //! at once, no live node's record disappearing, every node's peers equal to
-//! the live members within a grace period (TTL + 2 s) after a fault heals;
+//! the live members within a grace period (TTL + settle window + 2 s) after a fault heals;
 //! meanwhile continuous echo streams between the nodes no fault touches
 //! count every lost reply. Tests say when a fault starts and heals
 //! ([`InvariantChecker::fault`], [`InvariantChecker::healed`]); membership
@@ -28,14 +28,16 @@ use self::sample::{Connections, LabPlace, joining_nodes, live_nodes, read_etcd, 
 use super::Lab;
 use crate::probe::{self, PairJob, ProbeStream};
 use vxmesh::dataplane::netns::Netns;
-use vxmesh::store::etcd::DEFAULT_PREFIX;
+use vxmesh::store::etcd::{DEFAULT_PREFIX, settle_window};
 
 /// How the checker samples and what it streams.
 #[derive(Clone, Debug)]
 pub struct CheckerOptions {
     /// Time between samples.
     pub interval: Duration,
-    /// How long after a fault heals peers may still differ (TTL + 2 s).
+    /// How long after a fault heals peers may still differ: TTL + settle
+    /// window + 2 s (a node whose lease ended is kept by its peers for the
+    /// settle window, min(TTL, 2 s), after its records vanish).
     pub grace: Duration,
     /// Nodes between whose containers echo streams run: the nodes no fault
     /// will touch. Up to 4 containers: every pair; more: a ring.
@@ -44,11 +46,11 @@ pub struct CheckerOptions {
 }
 
 impl CheckerOptions {
-    /// Sampling every 250 ms, grace TTL + 2 s, streams every 20 ms.
+    /// Sampling every 250 ms, grace TTL + settle + 2 s, streams every 20 ms.
     pub fn new(ttl: Duration, stream_nodes: &[&str]) -> Self {
         CheckerOptions {
             interval: Duration::from_millis(250),
-            grace: ttl + Duration::from_secs(2),
+            grace: ttl + settle_window(ttl) + Duration::from_secs(2),
             stream_nodes: stream_nodes.iter().map(|s| s.to_string()).collect(),
             stream_interval: Duration::from_millis(20),
         }

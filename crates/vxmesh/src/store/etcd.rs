@@ -48,8 +48,12 @@
 //!   Every request and stream requires a leader; a watch created below the
 //!   listed revision or on another cluster id re-lists.
 //! - Lost nodes disappear when their lease expires: every peer's watch sees
-//!   the deletes. [`EtcdStore::leave`] revokes both leases: the record, claim and
-//!   endpoints vanish at once; [`leave_node`] does it for a stopped node.
+//!   the deletes, and keeps the node (record, endpoints) for a settle window
+//!   of min(TTL, 2 s) while its quarantine marker still names it, so a lease
+//!   revoked under a live node (etcd-io/etcd#12528) costs no reply if it
+//!   re-publishes in time. [`EtcdStore::leave`] revokes both leases, the
+//!   hold lease first: record, claim, markers and endpoints vanish and peers
+//!   drop the node at once; [`leave_node`] does it for a stopped node.
 //! - The agent uses [`EtcdNetworks`]: one store (lease, claim) per network it
 //!   joins, one merged snapshot. For bridged networks it names the etcd
 //!   allocator in the network's state file ([`crate::store::AllocatorSpec`]:
@@ -76,6 +80,8 @@ mod network;
 mod records;
 mod remote;
 mod session;
+mod settle;
+pub use settle::{SETTLE_MAX, settle_window};
 mod stored;
 mod view;
 mod watcher;
@@ -165,6 +171,8 @@ pub(crate) struct Inner {
     pub paused: watch::Sender<bool>,
     /// Set when a background task died (a bug): `changed()` then fails.
     failed: AtomicBool,
+    /// Wakes the settle timer when the view keeps a vanished record.
+    pub settle_wake: tokio::sync::Notify,
 }
 
 impl Inner {
@@ -185,11 +193,19 @@ impl Inner {
             for s in skipped {
                 self.health.metrics().record_rejected(s.kind);
             }
+            if v.settle_deadline().is_some() {
+                self.settle_wake.notify_one();
+            }
             changed
         };
         if changed {
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// When the view's next kept vanished record is due to go.
+    pub(crate) fn settle_deadline(&self) -> Option<std::time::Instant> {
+        self.view().settle_deadline()
     }
 
     pub(crate) fn set_own(&self, subnet: Ipv4Net) {
@@ -304,6 +320,9 @@ impl EtcdStore {
             "joined network through etcd"
         );
         let mut view = View::new(keys.clone(), net.clone());
+        view.set_settle(settle_window(std::time::Duration::from_secs(
+            ttl_secs.unsigned_abs(),
+        )));
         view.set_own(me.record(&net.name, subnet));
         view.reset(kvs);
         for s in view.rebuild().1 {
@@ -340,10 +359,12 @@ impl EtcdStore {
             cluster_id: AtomicU64::new(0),
             paused: watch::channel(false).0,
             failed: AtomicBool::new(false),
+            settle_wake: tokio::sync::Notify::new(),
         });
         let tasks = vec![
             tokio::spawn(session::keepalive_loop(inner.clone(), kept)),
             tokio::spawn(watcher::watch_loop(inner.clone(), rev)),
+            tokio::spawn(watcher::settle_loop(inner.clone())),
         ];
         Ok(EtcdStore {
             inner,
@@ -383,12 +404,15 @@ impl EtcdStore {
         self.inner.health.connected()
     }
 
-    /// Graceful leave: revoke the lease, which deletes this node's record,
-    /// claim and endpoints at once; peers drop it immediately.
+    /// Graceful leave: revoke the leases, which deletes this node's record,
+    /// claim, endpoints and quarantine markers at once; peers drop it
+    /// immediately. The hold lease goes first: peers keep a node whose
+    /// record vanished while its quarantine marker lives for a settle
+    /// window (a lost lease), and one that left has no marker by then.
     pub async fn leave(mut self) -> Result<()> {
         self.stop_tasks();
         let owned = self.inner.owned.lock().await;
-        for lease in [owned.leases.node, owned.leases.hold] {
+        for lease in [owned.leases.hold, owned.leases.node] {
             op(
                 format!("revoke lease {lease}"),
                 self.inner.client.lease_client().revoke(lease),

@@ -138,6 +138,19 @@ pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
     }
 }
 
+/// Rebuild the view when a kept vanished record's settle window ends, so
+/// a node that did not come back is dropped on time (not at the next event).
+pub(crate) async fn settle_loop(inner: Arc<Inner>) {
+    let _guard = TaskGuard(inner.clone());
+    loop {
+        match inner.settle_deadline() {
+            Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+            None => inner.settle_wake.notified().await,
+        }
+        inner.update_view(|_| {});
+    }
+}
+
 /// Why a watch created at `revision` of cluster `cluster` cannot resume a
 /// view listed up to `listed` (of the cluster in `known`, 0 = not yet
 /// known), or None. Records the cluster id the first time.

@@ -31,8 +31,11 @@ impl Drop for Server {
 fn vxmesh_in(ns: &str, args: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(exe());
     cmd.args(args);
-    Netns::open(ns).unwrap().enter_on_exec(&mut cmd);
+    // The namespace stays open until the child has entered it.
+    let netns = Netns::open(ns).unwrap();
+    netns.enter_on_exec(&mut cmd);
     let out = cmd.output().unwrap();
+    drop(netns);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -41,24 +41,51 @@ async fn docker_publish_reaches_from_hosts_containers_and_hairpin() {
     lab.docker(
         "host1",
         &[
-            "run", "-d", "--name", "web", "--network", &net, "-p", "8080:80", IMAGE, "nc",
-            "-ll", "-p", "80", "-e", "/bin/echo", "web",
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--network",
+            &net,
+            "-p",
+            "8080:80",
+            IMAGE,
+            "nc",
+            "-ll",
+            "-p",
+            "80",
+            "-e",
+            "/bin/echo",
+            "web",
         ],
     )
     .unwrap();
     // From host2 (another lab host), promptly after `docker run` returned.
-    let took = fetch_until(&h2.netns, h1.underlay_ip, 8080, "web", Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "host2 -> host1:8080: {e}\nrules: {:?}",
-                rules_naming_port(&h1.netns, 8080)
-            )
-        });
+    let took = fetch_until(
+        &h2.netns,
+        h1.underlay_ip,
+        8080,
+        "web",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "host2 -> host1:8080: {e}\nrules: {:?}",
+            rules_naming_port(&h1.netns, 8080)
+        )
+    });
     eprintln!("published port answered {took:?} after docker run returned");
     // From a container on another node, and from one on host1 (hairpin).
     for c in [&remote, &local] {
-        let got = fetch_until(&c.netns, h1.underlay_ip, 8080, "web", Duration::from_secs(5)).await;
+        let got = fetch_until(
+            &c.netns,
+            h1.underlay_ip,
+            8080,
+            "web",
+            Duration::from_secs(5),
+        )
+        .await;
         assert!(got.is_ok(), "{} -> host1:8080: {got:?}", c.name);
     }
     let records = vxmesh::ports::list(&h1.state_dir).unwrap();
@@ -82,8 +109,17 @@ async fn docker_publish_reaches_from_hosts_containers_and_hairpin() {
         .docker(
             "host1",
             &[
-                "run", "-d", "--name", "web2", "--network", &net, "-p", "8080:80", IMAGE,
-                "sleep", "600",
+                "run",
+                "-d",
+                "--name",
+                "web2",
+                "--network",
+                &net,
+                "-p",
+                "8080:80",
+                IMAGE,
+                "sleep",
+                "600",
             ],
         )
         .unwrap_err()
@@ -115,7 +151,10 @@ async fn docker_publish_reaches_from_hosts_containers_and_hairpin() {
     // Unsupported bindings are refused with the fix, and leave nothing.
     for (args, want) in [
         (vec!["-p", "80"], "give the host port, -p HOST:80/tcp"),
-        (vec!["-p", "192.0.2.9:8081:80"], "192.0.2.9 is not an address of this node"),
+        (
+            vec!["-p", "192.0.2.9:8081:80"],
+            "192.0.2.9 is not an address of this node",
+        ),
     ] {
         let mut full = vec!["run", "-d", "--network", net.as_str()];
         full.extend(args.iter().copied());

@@ -67,14 +67,27 @@ async fn attach_publish_reaches_and_detach_removes() {
     let (ok, out) = vxmesh_in(
         &h1.netns,
         &[
-            "attach", "--network", &net, "--container-netns", &web.name, "--id", "web",
-            "--publish", "9090:90", "--publish", "9091:91/udp", "--state-dir", &state,
+            "attach",
+            "--network",
+            &net,
+            "--container-netns",
+            &web.name,
+            "--id",
+            "web",
+            "--publish",
+            "9090:90",
+            "--publish",
+            "9091:91/udp",
+            "--state-dir",
+            &state,
         ],
     );
     assert!(ok, "{out}");
     let _server = Server(
         Command::new("ip")
-            .args(["netns", "exec", &web.name, "busybox", "nc", "-ll", "-p", "90"])
+            .args([
+                "netns", "exec", &web.name, "busybox", "nc", "-ll", "-p", "90",
+            ])
             .args(["-e", "/bin/echo", "web"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -98,8 +111,17 @@ async fn attach_publish_reaches_and_detach_removes() {
     let (ok, out) = vxmesh_in(
         &h1.netns,
         &[
-            "attach", "--network", &net, "--container-netns", &other.name, "--id", "web2",
-            "--publish", "9090:90", "--state-dir", &state,
+            "attach",
+            "--network",
+            &net,
+            "--container-netns",
+            &other.name,
+            "--id",
+            "web2",
+            "--publish",
+            "9090:90",
+            "--state-dir",
+            &state,
         ],
     );
     assert!(!ok);
@@ -109,12 +131,22 @@ async fn attach_publish_reaches_and_detach_removes() {
     );
     assert!(ip(&other.name, &["link", "show", "eth0"]).is_empty());
     let held: Vec<_> = Ipam::new(&h1.state_dir, &net).list().unwrap();
-    assert!(held.iter().all(|a| a.owner.container_id != "web2"), "{held:?}");
+    assert!(
+        held.iter().all(|a| a.owner.container_id != "web2"),
+        "{held:?}"
+    );
     let (ok, out) = vxmesh_in(
         &h1.netns,
         &[
-            "attach", "--network", &net, "--container-netns", &other.name, "--publish",
-            "9092", "--state-dir", &state,
+            "attach",
+            "--network",
+            &net,
+            "--container-netns",
+            &other.name,
+            "--publish",
+            "9092",
+            "--state-dir",
+            &state,
         ],
     );
     assert!(!ok && out.contains("'9092' is not a port mapping"), "{out}");
@@ -123,7 +155,15 @@ async fn attach_publish_reaches_and_detach_removes() {
     assert!(!rules_naming_port(&h1.netns, 9090).is_empty());
     let (ok, out) = vxmesh_in(
         &h1.netns,
-        &["detach", "--network", &net, "--id", "web", "--state-dir", &state],
+        &[
+            "detach",
+            "--network",
+            &net,
+            "--id",
+            "web",
+            "--state-dir",
+            &state,
+        ],
     );
     assert!(ok, "{out}");
     assert!(vxmesh::ports::list(&h1.state_dir).unwrap().is_empty());
@@ -155,7 +195,9 @@ async fn a_poke_applies_a_publish_without_waiting_for_resync() {
         .clone();
     let _server = Server(
         Command::new("ip")
-            .args(["netns", "exec", &c.netns, "busybox", "nc", "-ll", "-p", "93"])
+            .args([
+                "netns", "exec", &c.netns, "busybox", "nc", "-ll", "-p", "93",
+            ])
             .args(["-e", "/bin/echo", "poked"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -170,7 +212,14 @@ async fn a_poke_applies_a_publish_without_waiting_for_resync() {
     };
     let req = vxmesh::ports::PortRequest::single(vxmesh::dataplane::PortProto::Tcp, 9093, 93);
     vxmesh::ports::publish(&h1.state_dir, &c.network, &owner, c.ip, &[req]).unwrap();
-    let got = fetch_until(&h2.netns, h1.underlay_ip, 9093, "poked", Duration::from_secs(10)).await;
+    let got = fetch_until(
+        &h2.netns,
+        h1.underlay_ip,
+        9093,
+        "poked",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(got.is_ok(), "{got:?}");
     eprintln!("answered {:?} after publish returned", got.unwrap());
     assert!(vxmesh::ports::unpublish(&h1.state_dir, &c.network, &owner).unwrap());

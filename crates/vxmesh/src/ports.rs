@@ -49,15 +49,15 @@ pub enum PortError {
         last: u16,
         owners: String,
     },
-    #[error(
-        "host port {port}/{proto} is asked for twice for {owner}: publish each host port once"
-    )]
+    #[error("host port {port}/{proto} is asked for twice for {owner}: publish each host port once")]
     Twice {
         proto: PortProto,
         port: u16,
         owner: String,
     },
-    #[error("'{text}' is not a port mapping: {reason} (want HOST:CONTAINER[/tcp|/udp], e.g. 8080:80/tcp)")]
+    #[error(
+        "'{text}' is not a port mapping: {reason} (want HOST:CONTAINER[/tcp|/udp], e.g. 8080:80/tcp)"
+    )]
     Parse { text: String, reason: String },
     #[error("'{network}' is not a valid network name for a published port: {error}")]
     Network {
@@ -332,11 +332,7 @@ impl Ports {
     /// returns whether there was anything. Unpublishing nothing is fine.
     pub fn unpublish(&self, network: &str, owner: &Owner) -> Result<bool> {
         let _lock = self.lock()?;
-        let path = self.path_of(&host_veth_name(
-            network,
-            &owner.container_id,
-            &owner.ifname,
-        ));
+        let path = self.path_of(&host_veth_name(network, &owner.container_id, &owner.ifname));
         self.remove(&path)
     }
 
@@ -371,7 +367,11 @@ impl Ports {
 
 /// The host ports `requests` get, given the other records of the node:
 /// each request its first free port, none twice. Pure.
-fn choose(others: &[Publication], owner: &Owner, requests: &[PortRequest]) -> Result<Vec<Published>> {
+fn choose(
+    others: &[Publication],
+    owner: &Owner,
+    requests: &[PortRequest],
+) -> Result<Vec<Published>> {
     let mut taken: BTreeMap<(PortProto, u16), (&Publication, u16)> = BTreeMap::new();
     for p in others {
         for port in &p.ports {

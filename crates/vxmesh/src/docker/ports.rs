@@ -172,7 +172,9 @@ mod tests {
     }
 
     fn requests(v: Value) -> Result<Vec<PortRequest>> {
-        port_requests(&bindings(v)?, |ip| ip == "10.0.0.1".parse::<IpAddr>().unwrap())
+        port_requests(&bindings(v)?, |ip| {
+            ip == "10.0.0.1".parse::<IpAddr>().unwrap()
+        })
     }
 
     fn err(v: Value) -> String {
@@ -217,10 +219,7 @@ mod tests {
     #[test]
     fn unsupported_bindings_are_clear_errors() {
         let e = err(json!([{"Proto": 6, "Port": 80, "HostPort": 0}]));
-        assert!(
-            e.contains("-p 80/tcp") && e.contains("-p HOST:80"),
-            "{e}"
-        );
+        assert!(e.contains("-p 80/tcp") && e.contains("-p HOST:80"), "{e}");
         let e = err(json!([{"Proto": 132, "Port": 80, "HostPort": 80}]));
         assert!(e.contains("sctp") && e.contains("tcp and udp"), "{e}");
         let e = err(json!([{"Proto": 6, "Port": 80, "HostIP": "192.0.2.7", "HostPort": 8080}]));

@@ -426,19 +426,39 @@ async fn external_connectivity_publishes_and_revokes_ports() {
             ],
         }})
     };
-    let r = call(&p, "/NetworkDriver.ProgramExternalConnectivity", program("e1")).await;
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e1"),
+    )
+    .await;
     assert_eq!(r.body, json!({}));
     let records = crate::ports::list(d.path()).unwrap();
     assert_eq!(records.len(), 1);
     let spec = records[0].specs().next().unwrap();
     assert_eq!(
-        (spec.host_port, spec.container_ip, spec.container_port, spec.owner.as_str()),
+        (
+            spec.host_port,
+            spec.container_ip,
+            spec.container_port,
+            spec.owner.as_str()
+        ),
         (8080, "172.18.10.5".parse().unwrap(), 80, "docker:e1")
     );
     // Again (Docker retries): the same record, no conflict with itself.
-    let r = call(&p, "/NetworkDriver.ProgramExternalConnectivity", program("e1")).await;
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e1"),
+    )
+    .await;
     assert_eq!(r.body, json!({}));
-    let r = call(&p, "/NetworkDriver.ProgramExternalConnectivity", program("e2")).await;
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e2"),
+    )
+    .await;
     let e = err_of(&r, "Err");
     assert!(
         e.contains("host port 8080/tcp") && e.contains("docker:e1"),
@@ -454,7 +474,12 @@ async fn external_connectivity_publishes_and_revokes_ports() {
     assert_eq!(r.body, json!({}));
     assert!(crate::ports::list(d.path()).unwrap().is_empty());
     // Now e2 gets it; DeleteEndpoint of e2 would remove it (Leave does).
-    let r = call(&p, "/NetworkDriver.ProgramExternalConnectivity", program("e2")).await;
+    let r = call(
+        &p,
+        "/NetworkDriver.ProgramExternalConnectivity",
+        program("e2"),
+    )
+    .await;
     assert_eq!(r.body, json!({}));
     assert_eq!(crate::ports::list(d.path()).unwrap().len(), 1);
 }

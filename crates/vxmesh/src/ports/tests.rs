@@ -34,7 +34,10 @@ fn mappings_parse_with_tcp_as_the_default() {
         ("a:b", "host port 'a'"),
     ] {
         let e = bad.parse::<PortRequest>().unwrap_err().to_string();
-        assert!(e.contains(why) && e.contains("HOST:CONTAINER"), "{bad}: {e}");
+        assert!(
+            e.contains(why) && e.contains("HOST:CONTAINER"),
+            "{bad}: {e}"
+        );
     }
 }
 
@@ -43,7 +46,12 @@ fn publish_replace_unpublish() {
     let d = tempfile::tempdir().unwrap();
     let ports = Ports::new(d.path());
     let got = ports
-        .publish("demo", &owner("c1"), ip(2), &[tcp(8080, 80), tcp(8443, 443)])
+        .publish(
+            "demo",
+            &owner("c1"),
+            ip(2),
+            &[tcp(8080, 80), tcp(8443, 443)],
+        )
         .unwrap();
     assert_eq!(got.len(), 2);
     // Publishing again replaces the owner's set (no conflict with itself).
@@ -86,7 +94,12 @@ fn a_taken_host_port_names_the_port_protocol_and_owner() {
         .unwrap();
     // Another network on the same node: the host port is the node's.
     let e = ports
-        .publish("other", &owner("c2"), ip(3), &[tcp(9000, 90), tcp(8080, 80)])
+        .publish(
+            "other",
+            &owner("c2"),
+            ip(3),
+            &[tcp(9000, 90), tcp(8080, 80)],
+        )
         .unwrap_err()
         .to_string();
     assert_eq!(
@@ -182,7 +195,11 @@ fn concurrent_publishers_never_share_a_port() {
         })
         .collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let mut won: Vec<u16> = results.iter().filter_map(|r| r.as_ref().ok()).copied().collect();
+    let mut won: Vec<u16> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .copied()
+        .collect();
     won.sort();
     assert_eq!(won, (9000..=9009).collect::<Vec<_>>(), "{results:?}");
     assert_eq!(results.iter().filter(|r| r.is_err()).count(), 10);

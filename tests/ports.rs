@@ -3,7 +3,8 @@
 //! lab host, a container on another node and one on the same node
 //! (hairpin); a second attach asking for the same host port fails naming
 //! port and owner and leaves nothing attached; `vxmesh detach` removes the
-//! record and the rule. Root; namespaces only.
+//! record and the rule; a publish with no kernel change is applied at
+//! once (the poke). Root; namespaces only.
 
 mod common;
 mod ports_common;
@@ -31,8 +32,11 @@ impl Drop for Server {
 fn vxmesh_in(ns: &str, args: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(exe());
     cmd.args(args);
-    Netns::open(ns).unwrap().enter_on_exec(&mut cmd);
+    // The namespace stays open until the child has entered it.
+    let netns = Netns::open(ns).unwrap();
+    netns.enter_on_exec(&mut cmd);
     let out = cmd.output().unwrap();
+    drop(netns);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -169,4 +173,59 @@ async fn attach_publish_reaches_and_detach_removes() {
     .await;
     assert!(gone.is_some(), "{:?}", rules_naming_port(&h1.netns, 9090));
     assert!(fetch(&h2.netns, h1.underlay_ip, 9090).is_err());
+}
+
+/// A port published for a container already attached changes nothing in
+/// the kernel that the agent watches: only the publisher's poke (the
+/// agent's resync is a minute here) makes it work within seconds, and the
+/// same for unpublishing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poke_applies_a_publish_without_waiting_for_resync() {
+    let mut s = spec("poke", 2, 1, Mode::Routed, 1);
+    s.agent_args = vec!["--resync=60".into()];
+    let lab = up(&s).await;
+    let h1 = lab.node("host1").unwrap().clone();
+    let h2 = lab.node("host2").unwrap().clone();
+    let c = lab
+        .info
+        .containers
+        .iter()
+        .find(|c| c.node == "host1")
+        .unwrap()
+        .clone();
+    let _server = Server(
+        Command::new("ip")
+            .args([
+                "netns", "exec", &c.netns, "busybox", "nc", "-ll", "-p", "93",
+            ])
+            .args(["-e", "/bin/echo", "poked"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Let the agent settle (no pass pending), then publish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let owner = vxmesh::ipam::Owner {
+        container_id: c.name.clone(),
+        ifname: "eth0".into(),
+    };
+    let req = vxmesh::ports::PortRequest::single(vxmesh::dataplane::PortProto::Tcp, 9093, 93);
+    vxmesh::ports::publish(&h1.state_dir, &c.network, &owner, c.ip, &[req]).unwrap();
+    let got = fetch_until(
+        &h2.netns,
+        h1.underlay_ip,
+        9093,
+        "poked",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(got.is_ok(), "{got:?}");
+    eprintln!("answered {:?} after publish returned", got.unwrap());
+    assert!(vxmesh::ports::unpublish(&h1.state_dir, &c.network, &owner).unwrap());
+    let gone = wait_until(Duration::from_secs(10), || {
+        rules_naming_port(&h1.netns, 9093).is_empty()
+    })
+    .await;
+    assert!(gone.is_some(), "{:?}", rules_naming_port(&h1.netns, 9093));
 }

@@ -387,7 +387,7 @@ async fn cli_lab_with_three_etcd_members() {
         let ns = format!("vxm-{name}-etcd{i}");
         assert!(out.contains(&format!("etcd{i} in {ns} pid ")), "{out}");
         assert!(
-            ip(&ns, &["-4", "addr", "show", "eth0"]).contains(&format!("198.18.0.{}/24", 255 - i)),
+            ip(&ns, &["-4", "addr", "show", "eth0"]).contains(&format!("198.18.0.{}/23", 255 - i)),
             "member {i} address"
         );
     }

@@ -239,12 +239,14 @@ async fn node_join_and_leave_via_cluster_file() {
             .unwrap_or_else(|| panic!("no route to host9 on {}: {r}", n.name));
         assert!(line.contains("onlink"), "{line}");
         assert!(bridge(&n.netns, &["fdb", "show", "dev", "vxm-vx100"]).contains("dst 198.18.0.99"));
-        // A join changes peer entries only: applied from the plans, no dump.
-        // (The line is written once the pass ends, after the kernel has it.)
+        // A join changes peer entries only: applied from the plans, no dump:
+        // its neighbour, FDB entry and route, and its address in the VTEP
+        // filter's set. (The line is written once the pass ends, after the
+        // kernel has it.)
         let incremental = || {
             std::fs::read_to_string(&n.agent_log).is_ok_and(|log| {
                 log.lines()
-                    .any(|l| l.contains("reconciled changes=3 incremental=true"))
+                    .any(|l| l.contains("reconciled changes=4 incremental=true"))
             })
         };
         assert!(

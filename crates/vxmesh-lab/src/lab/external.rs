@@ -28,8 +28,13 @@ const ROUTER_OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
 pub const ROUTER_IP: Ipv4Addr = super::LAB_CONTROL_IP;
 /// The port the outside host's responder listens on.
 pub const OUTSIDE_PORT: u16 = 8081;
-/// The underlay range, the only thing the outside host routes back to.
-const UNDERLAY_CIDR: &str = "198.18.0.0/24";
+/// The underlay range (every lab host, up to `MAX_HOST`), the only thing
+/// the outside host routes back to.
+fn underlay_cidr() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(198, 18, 0, 0), super::UNDERLAY_PREFIX)
+        .expect("a valid prefix")
+        .trunc()
+}
 
 /// A port `lab up --publish HOST:CONTAINER` published for one container:
 /// the k-th container of a node (from 0) gets host port `HOST + k`.
@@ -100,7 +105,7 @@ impl Lab {
         o.add_address("eth0", Ipv4Net::new(OUTSIDE_IP, 24)?).await?;
         // Only the underlay is reachable from outside: never a container subnet.
         o.add_route(
-            UNDERLAY_CIDR.parse()?,
+            underlay_cidr(),
             Some(ROUTER_OUTSIDE_IP),
             "eth0",
             false,

@@ -9,8 +9,6 @@
 mod common;
 mod common_podman;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -46,19 +44,7 @@ async fn podman_containers_reach_each_other_across_hosts() {
         .prefix("vxm-podman-img-")
         .tempdir()
         .unwrap();
-    let tarball = work.path().join("busybox.tar");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join("scripts/podman-image.sh");
-    let o = Command::new(&script)
-        .arg(&tarball)
-        .output()
-        .expect("run scripts/podman-image.sh");
-    assert!(
-        o.status.success(),
-        "building the image failed:\n{}",
-        text(&o)
-    );
+    let tarball = build_image(work.path());
     let image = format!("localhost/vxm-busybox:{}", tag.to_lowercase());
 
     let mut p1 = Podman::new(&h1, &tag);

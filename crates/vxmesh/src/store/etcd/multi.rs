@@ -229,21 +229,10 @@ impl Store for EtcdNetworks {
 mod tests {
     use super::*;
     use crate::config::{Cluster, Network};
-    use crate::model::{Endpoint, Vni, container_mac};
+    use crate::model::{Endpoint, container_mac};
 
     fn net(name: &str, vni: u32) -> Network {
-        Network {
-            outbound_nat: true,
-            name: name.into(),
-            mode: Mode::Bridged,
-            cidr: "10.1.0.0/24".parse().unwrap(),
-            subnet_len: 28,
-            vni: Vni::new(vni).unwrap(),
-            port: 4789,
-            mtu: None,
-            gateway: None,
-            encrypt: false,
-        }
+        crate::store::etcd::records::test_network(name, Mode::Bridged, "10.1.0.0/24", 28, vni)
     }
 
     fn node(name: &str, ip: [u8; 4], net: &str, subnet: &str) -> NodeRecord {

@@ -400,24 +400,37 @@ pub(crate) fn address_candidates(
         })
 }
 
+/// A network as the store's unit tests use it: everything optional left
+/// at its default (no gateway, outbound NAT on, plain).
+#[cfg(test)]
+pub(crate) fn test_network(
+    name: &str,
+    mode: Mode,
+    cidr: &str,
+    subnet_len: u8,
+    vni: u32,
+) -> Network {
+    Network {
+        outbound_nat: true,
+        name: name.into(),
+        mode,
+        cidr: cidr.parse().unwrap(),
+        subnet_len,
+        vni: crate::model::Vni::new(vni).unwrap(),
+        port: 4789,
+        mtu: None,
+        gateway: None,
+        encrypt: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Mac, Vni};
+    use crate::model::Mac;
 
     fn net(mode: Mode, cidr: &str, len: u8) -> Network {
-        Network {
-            outbound_nat: true,
-            name: "demo".into(),
-            mode,
-            cidr: cidr.parse().unwrap(),
-            subnet_len: len,
-            vni: Vni::new(100).unwrap(),
-            port: 4789,
-            mtu: None,
-            gateway: None,
-            encrypt: false,
-        }
+        test_network("demo", mode, cidr, len, 100)
     }
 
     #[test]

@@ -75,25 +75,14 @@ mod tests {
 
     use super::*;
     use crate::config::{Mode, Network};
-    use crate::model::{NodeRecord, Vni};
+    use crate::model::NodeRecord;
     use crate::store::etcd::records::{self, Keys};
     use crate::store::etcd::view::View;
 
     const W: Duration = Duration::from_secs(2);
 
     fn net() -> Network {
-        Network {
-            outbound_nat: true,
-            name: "demo".into(),
-            mode: Mode::Bridged,
-            cidr: "10.1.0.0/24".parse().unwrap(),
-            subnet_len: 28,
-            vni: Vni::new(100).unwrap(),
-            port: 4789,
-            mtu: None,
-            gateway: None,
-            encrypt: false,
-        }
+        records::test_network("demo", Mode::Bridged, "10.1.0.0/24", 28, 100)
     }
 
     fn kv(v: &str, rev: i64) -> Kv {

@@ -136,23 +136,18 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::Mode;
-    use crate::model::{Mac, Vni};
+    use crate::model::Mac;
 
     fn records() -> NetworkRecords {
         NetworkRecords::new(
             "/vxmesh",
-            Network {
-                outbound_nat: true,
-                name: "demo".into(),
-                mode: Mode::Bridged,
-                cidr: "10.1.0.0/24".parse().unwrap(),
-                subnet_len: 28,
-                vni: Vni::new(100).unwrap(),
-                port: 4789,
-                mtu: None,
-                gateway: None,
-                encrypt: false,
-            },
+            crate::store::etcd::records::test_network(
+                "demo",
+                Mode::Bridged,
+                "10.1.0.0/24",
+                28,
+                100,
+            ),
         )
     }
 

@@ -2,21 +2,9 @@
 
 use super::*;
 use crate::config::Mode;
-use crate::model::Vni;
 
 fn net() -> Network {
-    Network {
-        outbound_nat: true,
-        name: "demo".into(),
-        mode: Mode::Bridged,
-        cidr: "10.1.0.0/24".parse().unwrap(),
-        subnet_len: 28,
-        vni: Vni::new(100).unwrap(),
-        port: 4789,
-        mtu: None,
-        gateway: None,
-        encrypt: false,
-    }
+    records::test_network("demo", Mode::Bridged, "10.1.0.0/24", 28, 100)
 }
 
 fn kv(v: &str, rev: i64) -> Kv {

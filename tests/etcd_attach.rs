@@ -244,6 +244,9 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
         let sa2 = section(&a, "seg");
         assert_ne!(sa2.lease, sa.lease);
         let again = etcd::claim_address(&sa2, None, start).await?;
+        // As for the orphan above: the agent's pass works from its view, so
+        // the claim must have reached it (a later pass would withdraw it).
+        assert!(wait_for(&mut a, |s| has_endpoint(s, again.ip, "a")).await);
 
         // Detached everywhere: sync withdraws all of a's endpoints.
         a.sync_endpoints("seg", &BTreeSet::new()).await?;

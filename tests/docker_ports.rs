@@ -27,15 +27,7 @@ async fn docker_publish_reaches_from_hosts_containers_and_hairpin() {
     let lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().clone();
     let h2 = lab.node("host2").unwrap().clone();
-    let on = |node: &str| {
-        lab.info
-            .containers
-            .iter()
-            .find(|c| c.node == node)
-            .unwrap()
-            .clone()
-    };
-    let (local, remote) = (on("host1"), on("host2"));
+    let (local, remote) = (first_on(&lab, "host1"), first_on(&lab, "host2"));
     let net = local.network.clone();
 
     lab.docker(

@@ -52,15 +52,7 @@ async fn attach_publish_reaches_and_detach_removes() {
     let lab = up(&s).await;
     let h1 = lab.node("host1").unwrap().clone();
     let h2 = lab.node("host2").unwrap().clone();
-    let on = |node: &str| {
-        lab.info
-            .containers
-            .iter()
-            .find(|c| c.node == node)
-            .unwrap()
-            .clone()
-    };
-    let (local, remote) = (on("host1"), on("host2"));
+    let (local, remote) = (first_on(&lab, "host1"), first_on(&lab, "host2"));
     let net = local.network.clone();
     let state = h1.state_dir.display().to_string();
     let web = NetnsGuard::create(&format!("vxm-{}-web", lab.info.name)).unwrap();

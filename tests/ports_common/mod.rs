@@ -66,3 +66,13 @@ pub fn rules_naming_port(ns: &str, port: u16) -> Vec<String> {
         .map(|l| l.trim().to_string())
         .collect()
 }
+
+/// The first container of the lab on `node`.
+pub fn first_on(lab: &vxmesh_lab::lab::Lab, node: &str) -> vxmesh_lab::lab::LabContainer {
+    lab.info
+        .containers
+        .iter()
+        .find(|c| c.node == node)
+        .unwrap_or_else(|| panic!("no container on {node}"))
+        .clone()
+}

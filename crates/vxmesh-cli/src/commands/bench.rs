@@ -32,8 +32,12 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// iperf3 container-to-container across hosts vs host-to-host on the
-    /// underlay (TCP 1 and 4 streams, UDP at a fixed rate), per mode.
+    /// iperf3 between two hosts over four paths side by side: host to host
+    /// on the underlay, container to container over the seed's overlay wired
+    /// by hand with `ip`, over vxmesh plain and over vxmesh encrypted (TCP 1
+    /// and 4 streams, UDP at a fixed rate), per mode; client and server
+    /// pinned to different CPUs; ratios against issue 16's targets and CPU
+    /// seconds per Gbit.
     Throughput {
         #[arg(
             long,
@@ -42,10 +46,20 @@ pub enum BenchCmd {
             default_value = "routed,bridged"
         )]
         mode: Vec<ModeArg>,
+        /// Paths to compare (ratios are reported between the measured ones;
+        /// the tcp-1-nft row comes with `plain`).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "underlay,hand-wired,plain,encrypted"
+        )]
+        paths: Vec<PathArg>,
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 3)]
         seconds: u32,
-        /// Runs per case and path, interleaved (medians are reported).
+        /// Rounds per case: each runs every path once, the first path
+        /// rotating (medians and per-round pair ratios are reported).
         #[arg(long, default_value_t = 5)]
         repeat: usize,
         /// UDP offered rate (iperf3 -b syntax).
@@ -129,6 +143,26 @@ pub enum BenchCmd {
     },
 }
 
+/// A path of `bench throughput --paths`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PathArg {
+    Underlay,
+    HandWired,
+    Plain,
+    Encrypted,
+}
+
+impl PathArg {
+    fn kind(self) -> throughput::PathKind {
+        match self {
+            PathArg::Underlay => throughput::PathKind::Underlay,
+            PathArg::HandWired => throughput::PathKind::HandWired,
+            PathArg::Plain => throughput::PathKind::Plain,
+            PathArg::Encrypted => throughput::PathKind::Encrypted,
+        }
+    }
+}
+
 fn modes(m: Vec<ModeArg>) -> Vec<Mode> {
     m.into_iter().map(Mode::from).collect()
 }
@@ -155,6 +189,7 @@ pub async fn run(b: BenchCmd) -> Result<()> {
         }
         BenchCmd::Throughput {
             mode,
+            paths,
             seconds,
             repeat,
             udp_rate,
@@ -162,6 +197,7 @@ pub async fn run(b: BenchCmd) -> Result<()> {
         } => {
             let rows = throughput::run(&throughput::ThroughputOptions {
                 modes: modes(mode),
+                paths: paths.into_iter().map(PathArg::kind).collect(),
                 seconds,
                 repeat,
                 udp_rate,

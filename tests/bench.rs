@@ -111,7 +111,7 @@ fn scale_repeats_and_reports_medians_of_both_tools() {
 }
 
 #[test]
-fn throughput_reports_both_paths_and_ratios() {
+fn throughput_reports_four_paths_ratios_and_cpu_cost() {
     let v = bench(&[
         "throughput",
         "--mode",
@@ -121,7 +121,7 @@ fn throughput_reports_both_paths_and_ratios() {
         "--repeat",
         "1",
     ]);
-    let rows = v.as_array().expect("rows");
+    let rows = v["rows"].as_array().expect("rows");
     let cases: Vec<(&str, &str)> = rows
         .iter()
         .map(|r| (r["mode"].as_str().unwrap(), r["case"].as_str().unwrap()))
@@ -139,25 +139,99 @@ fn throughput_reports_both_paths_and_ratios() {
             ("bridged", "tcp-1-nft")
         ]
     );
+    // iperf3's ends were pinned to two different CPUs.
+    let (c, s) = (f(&v, &["client_cpu"]), f(&v, &["server_cpu"]));
+    assert_ne!(c, s, "{v}");
+    let names = |r: &Value, k: &str, field: &str| -> Vec<String> {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x[field].as_str().unwrap().to_string())
+            .collect()
+    };
     for r in rows {
-        let (u, o, ratio) = (
-            f(r, &["underlay_gbps"]),
-            f(r, &["overlay_gbps"]),
-            f(r, &["ratio"]),
-        );
-        // Something arrived (>= 1 Mbit/s) and nothing beyond a veth's reach.
-        assert!(u > 0.001 && u < 1000.0, "underlay {u} Gbit/s in {r}");
-        assert!(o > 0.001 && o < 1000.0, "overlay {o} Gbit/s in {r}");
-        assert!((ratio - o / u).abs() < 1e-9, "ratio {ratio} in {r}");
-        if r["case"] == "udp" {
-            for k in ["underlay_loss_pct", "overlay_loss_pct"] {
-                let loss = f(r, &[k]);
-                assert!((0.0..100.0).contains(&loss), "{k} {loss} in {r}");
-            }
+        let nft = r["case"] == "tcp-1-nft";
+        let paths = names(r, "paths", "path");
+        let ratios = names(r, "ratios", "name");
+        if nft {
+            assert_eq!(paths, ["plain-no-nft", "plain"], "{r}");
+            assert_eq!(ratios, ["plain/plain-no-nft"], "{r}");
         } else {
-            assert!(r.get("overlay_loss_pct").is_none(), "TCP has no loss: {r}");
+            assert_eq!(
+                paths,
+                ["underlay", "hand-wired", "plain", "encrypted"],
+                "{r}"
+            );
+            assert_eq!(
+                ratios,
+                [
+                    "hand-wired/underlay",
+                    "plain/underlay",
+                    "plain/hand-wired",
+                    "encrypted/plain"
+                ],
+                "{r}"
+            );
+        }
+        let gbps = |name: &str| {
+            let p = r["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["path"] == name)
+                .unwrap();
+            f(p, &["gbps"])
+        };
+        for p in r["paths"].as_array().unwrap() {
+            let g = f(p, &["gbps"]);
+            // Something arrived (>= 1 Mbit/s) and nothing beyond a veth's reach.
+            assert!(g > 0.001 && g < 1000.0, "{g} Gbit/s in {r}");
+            assert!(
+                f(p, &["machine_cpu_s_per_gbit"]) > 0.0,
+                "machine CPU in {p}"
+            );
+            let agents = p.get("agent_cpu_s_per_gbit").is_some();
+            let with_agents = p["path"] == "plain" || p["path"] == "encrypted";
+            assert_eq!(agents, with_agents || p["path"] == "plain-no-nft", "{p}");
+            if p["path"] == "encrypted" {
+                // The userspace data path runs in the agents: they used CPU.
+                assert!(f(p, &["agent_cpu_s_per_gbit"]) > 0.0, "{p}");
+            }
+            if r["case"] == "udp" {
+                let loss = f(p, &["loss_pct"]);
+                assert!((0.0..100.0).contains(&loss), "loss {loss} in {p}");
+            } else {
+                assert!(p.get("loss_pct").is_none(), "TCP has no loss: {p}");
+            }
+        }
+        for x in r["ratios"].as_array().unwrap() {
+            let name = x["name"].as_str().unwrap();
+            let (a, b) = name.split_once('/').unwrap();
+            // One round: the pair ratio is the ratio of the runs.
+            assert!(
+                (f(x, &["value"]) - gbps(a) / gbps(b)).abs() < 1e-9,
+                "{x} in {r}"
+            );
+            let target = x.get("target_min").map(|t| t.as_f64().unwrap());
+            let want = match name {
+                "plain/hand-wired" => Some(0.97),
+                "encrypted/plain" => Some(0.25),
+                _ => None,
+            };
+            assert_eq!(target, want, "{x}");
+            if let Some(t) = target {
+                assert_eq!(x["met"].as_bool(), Some(f(x, &["value"]) >= t), "{x}");
+            }
         }
     }
+    // The encrypted path's data path threads are reported with their CPUs.
+    let threads = v["agent_threads"].as_array().expect("agent_threads");
+    assert!(
+        threads
+            .iter()
+            .any(|t| t["name"].as_str().unwrap().starts_with("vxm-wg")),
+        "{threads:?}"
+    );
 }
 
 #[test]

@@ -216,7 +216,8 @@ pub async fn run(o: &ThroughputOptions) -> Result<ThroughputReport> {
     })
 }
 
-/// The threads of `lab`'s agents that used at least 0.1 s of CPU.
+/// The threads of `lab`'s agents: the WireGuard data path's (`vxm-wg-*`)
+/// and any other that used at least 0.1 s of CPU.
 fn agent_threads(lab: &Lab, mode: Mode) -> Vec<AgentThread> {
     let tick = iperf::clock_tick();
     let mut out = Vec::new();
@@ -232,7 +233,8 @@ fn agent_threads(lab: &Lab, mode: Mode) -> Vec<AgentThread> {
                 continue;
             };
             let cpu_s = j as f64 / tick;
-            if cpu_s < 0.1 {
+            let name = read("comm").trim().to_string();
+            if cpu_s < 0.1 && !name.starts_with("vxm-wg") {
                 continue;
             }
             let allowed = read("status")
@@ -244,7 +246,7 @@ fn agent_threads(lab: &Lab, mode: Mode) -> Vec<AgentThread> {
             out.push(AgentThread {
                 mode: mode.to_string(),
                 host: n.name.clone(),
-                name: read("comm").trim().to_string(),
+                name,
                 cpu_s,
                 cpus_allowed: allowed,
             });

@@ -51,7 +51,9 @@ fn rotate_key(state_dir: &Path) -> PublicKey {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    text.trim().parse().expect("rotate-key prints the public key")
+    text.trim()
+        .parse()
+        .expect("rotate-key prints the public key")
 }
 
 /// The keys host `node`'s record in etcd lists (the lab's first network).
@@ -61,7 +63,10 @@ async fn etcd_keys(lab: &Lab, node: &'static str) -> (Option<PublicKey>, Option<
         let client = etcd::connect(&co).await?;
         let key = format!("{}/networks/{net}/nodes/{node}", etcd::DEFAULT_PREFIX);
         let resp = client.kv_client().get(key.clone(), None).await?;
-        let kv = resp.kvs().first().ok_or_else(|| anyhow::anyhow!("no {key}"))?;
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no {key}"))?;
         let rec: etcd::StoredNode = serde_json::from_slice(kv.value())?;
         Ok((rec.public_key, rec.next_public_key))
     })

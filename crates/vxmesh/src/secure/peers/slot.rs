@@ -147,7 +147,7 @@ pub(super) fn slot_for<'s>(
 
 /// The slot to send on: the usable one with the newest session, else the
 /// `primary` one (whose handshake the packet then waits for).
-pub(super) fn slot_to_send<'s>(slots: &'s [Slot], primary: usize) -> Option<&'s Slot> {
+pub(super) fn slot_to_send(slots: &[Slot], primary: usize) -> Option<&Slot> {
     if slots.len() == 1 {
         return slots.first();
     }

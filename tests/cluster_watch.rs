@@ -232,6 +232,7 @@ async fn agents_that_cannot_watch_the_cluster_file_still_apply_its_edits() {
         subnet: Some("172.18.90.0/24".into()),
         subnets: Default::default(),
         public_key: None,
+        next_public_key: None,
     });
     lab.write_cluster(&file).unwrap();
     for node in ["host1", "host2", "host3"] {

@@ -348,6 +348,7 @@ async fn kill_9_at_random_points_of_an_apply_converges_every_time() {
                     subnet: None,
                     subnets: Default::default(),
                     public_key: None,
+                    next_public_key: None,
                 });
             }
             file

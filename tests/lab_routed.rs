@@ -213,6 +213,7 @@ async fn node_join_and_leave_via_cluster_file() {
         subnet: Some("172.18.90.0/24".into()),
         subnets: Default::default(),
         public_key: None,
+        next_public_key: None,
     });
     let before: Vec<_> = lab
         .info

@@ -108,6 +108,7 @@ async fn start(me: &Host, peer: &Host, peer_key: PublicKey) -> DataPath {
     table.set_peers(&[PeerSpec {
         node: "peer".into(),
         public_key: peer_key,
+        next_public_key: None,
         endpoint: SocketAddrV4::new(peer.underlay, DEFAULT_PORT),
         transport: peer.transport(),
     }]);

@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use vxmesh::dataplane::netns::Netns;
 
-use commands::{agent, attach, bench, cluster, docker, docs, keys, lab, leave, net, node};
+use commands::{agent, attach, bench, cluster, docker, docs, keys, lab, leave, net, node, rotate};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -70,6 +70,12 @@ enum Cmd {
     /// goes to --out (mode 0600), the public key (a node's `public_key`) is
     /// printed.
     Keygen(keys::KeygenArgs),
+    /// Rotate this node's WireGuard key without a lost packet: writes the
+    /// next key (STATE_DIR/wg.next.key, 0600) and prints its public key.
+    /// etcd: the agent publishes it and switches on its own. Cluster file:
+    /// list it as the node's next_public_key; when the file is gone, make
+    /// it the public_key (docs/encryption.md).
+    RotateKey(rotate::RotateKeyArgs),
     /// Print a shell completion script (e.g. `vxmesh completions bash > /etc/bash_completion.d/vxmesh`).
     Completions(docs::CompletionsArgs),
     /// Write the man pages (vxmesh.1 and one per command) into DIR.
@@ -159,6 +165,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Lab(l) => return lab::run(l).await,
         Cmd::Bench(b) => bench::run(b).await?,
         Cmd::Keygen(a) => keys::keygen(a)?,
+        Cmd::RotateKey(a) => rotate::rotate_key(a)?,
         Cmd::Completions(a) => docs::completions(a, Cli::command())?,
         Cmd::Man(a) => docs::man(a, Cli::command())?,
     }

@@ -69,6 +69,7 @@ pub fn cluster_toml(data: &[u8]) {
                     .map(|(k, v)| (k.clone(), v.to_string()))
                     .collect(),
                 public_key: n.public_key.map(|k| k.to_string()),
+                next_public_key: n.next_public_key.map(|k| k.to_string()),
             })
             .collect(),
         encryption: Some((&cluster.encryption).into()),
@@ -353,6 +354,8 @@ pub fn store_record(data: &[u8]) {
             underlay_ip: n.underlay_ip,
             underlay_dev: n.underlay_dev.clone(),
             subnet: s,
+            public_key: n.public_key,
+            next_public_key: n.next_public_key,
         });
         let (key, value) = current.encode(&stored);
         assert_eq!(

@@ -61,6 +61,8 @@ pub struct AgentOptions {
     pub metrics: Metrics,
     /// Drop VXLAN packets from anything but the node's peers.
     pub vxlan_filter: bool,
+    /// The secure underlay's private key (`None`: `STATE_DIR/wg.key`).
+    pub key_file: Option<PathBuf>,
 }
 
 /// The underlay device that carries `ip` and its MTU.
@@ -170,6 +172,18 @@ pub async fn pass<S: Store>(
     plans: &mut PlanStore,
     secure: &mut SecureUnderlay,
 ) -> Result<PassOutcome> {
+    if store.lists_keys() {
+        // A rotation's next key (then the new key alone) goes into the
+        // node's record before the snapshot, which then lists it.
+        let keys = secure.listed_keys()?;
+        store
+            .publish_keys(keys)
+            .await
+            .map_err(|error| AgentError::PublishKeys {
+                store: store.describe(),
+                error,
+            })?;
+    }
     let snap = store
         .snapshot()
         .await
@@ -571,7 +585,7 @@ async fn serve<S: Store>(
     opts.metrics.store_ready();
     let nl = Netlink::connect().await.map_err(AgentError::Connect)?;
     if opts.once {
-        let mut secure = SecureUnderlay::new(None, opts.state_dir.clone());
+        let mut secure = SecureUnderlay::new(opts.key_file.clone(), opts.state_dir.clone());
         let plans = &mut PlanStore::new();
         let outcome = pass(store, &nl, opts, None, plans, &mut secure).await;
         opts.metrics.pass_done(outcome.is_ok());
@@ -593,7 +607,7 @@ async fn serve<S: Store>(
     let mut plans = PlanStore::new();
     // Publishers (Docker -p, attach --publish) poke it: a pass right away.
     let mut waker = crate::wake::Waker::bind(&opts.state_dir)?;
-    let mut secure = SecureUnderlay::new(None, opts.state_dir.clone());
+    let mut secure = SecureUnderlay::new(opts.key_file.clone(), opts.state_dir.clone());
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         // The state dir may have been deleted under us: take the lock again

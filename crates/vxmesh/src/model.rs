@@ -279,6 +279,10 @@ pub struct NodeRecord {
     /// one gets no tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<crate::secure::PublicKey>,
+    /// The key it rotates to, listed beside `public_key` during a rotation:
+    /// peers accept handshakes with either (docs/encryption.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<crate::secure::PublicKey>,
 }
 
 /// A container attached to a bridged network somewhere in the cluster.

@@ -64,6 +64,11 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 10.0.0.1:9472).
     #[arg(long, value_name = "IP:PORT")]
     metrics: Option<String>,
+    /// The secure underlay's private key (mode 0600, base64 as `vxmesh
+    /// keygen` writes it) [default: STATE_DIR/wg.key, made on first start].
+    /// `vxmesh rotate-key` replaces it when a rotation is done.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -90,6 +95,7 @@ impl AgentArgs {
             resync: self.resync,
             once: self.once.then_some(true),
             vxlan_filter: self.vxlan_filter,
+            key_file: self.key_file.clone(),
         }
     }
 
@@ -125,6 +131,9 @@ pub fn check_file(file: &Path) -> Result<()> {
     let c = agent_config::validate(&settings)?;
     c.store_choice()
         .open(&c.node, &vxmesh::metrics::Metrics::new())?;
+    if let Some(f) = &c.key_file {
+        vxmesh::secure::keys::read_key_file(f)?;
+    }
     let store = match &c.store {
         AgentStore::ClusterFile(f) => format!("static store {}", f.display()),
         AgentStore::Etcd(e) => format!(
@@ -160,14 +169,22 @@ pub async fn run(a: AgentArgs) -> Result<()> {
         once: c.once,
         metrics: metrics.clone(),
         vxlan_filter: c.vxlan_filter,
+        key_file: c.key_file.clone(),
     };
+    // A configured key file must be usable before anything is applied.
+    if let Some(f) = &c.key_file {
+        vxmesh::secure::keys::read_key_file(f)?;
+    }
     match c.store_choice().open(&c.node, &metrics)? {
         ChosenStore::Static(mut store) => Ok(vxmesh::agent::run(&mut store, &opts).await?),
         ChosenStore::Etcd {
-            options,
+            mut options,
             networks,
             password_file,
         } => {
+            // Peers find this node's public key in its records.
+            options.keys =
+                vxmesh::secure::underlay::listed_keys(c.key_file.as_deref(), &c.state_dir)?;
             let store = vxmesh::agent::join_and_run(&opts, || {
                 etcd::EtcdNetworks::join(&options, &networks, password_file.clone())
             })
@@ -218,6 +235,7 @@ mod tests {
             "--leave",
             "--metrics=10.0.0.2:9472",
             "--vxlan-filter=false",
+            "--key-file=/k",
         ]);
         let mut s = AgentSettings::default();
         s.override_with(w.agent.flags());

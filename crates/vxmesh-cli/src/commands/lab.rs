@@ -58,7 +58,8 @@ pub struct LabUpArgs {
     #[arg(long, value_name = "HOST:CONTAINER", value_parser = lab::parse_publish)]
     publish: Option<(u16, u16)>,
     /// Carry the first network over the secure underlay (VXLAN over
-    /// userspace WireGuard; static store only; docs/encryption.md).
+    /// userspace WireGuard; keys listed in the cluster file, or published
+    /// by the agents in their etcd records; docs/encryption.md).
     #[arg(long)]
     encrypt: bool,
 }
@@ -164,9 +165,6 @@ fn spec_from(name: &str, a: &LabUpArgs) -> Result<LabSpec> {
     s.metrics_port = a.metrics_port;
     s.external = a.external;
     s.publish = a.publish;
-    if a.encrypt && matches!(a.store, StoreArg::Etcd) {
-        anyhow::bail!("--encrypt needs the static store: etcd does not distribute keys yet");
-    }
     s.encrypt = a.encrypt;
     s.exe = std::env::current_exe().context("locate the vxmesh binary")?;
     Ok(s)

@@ -13,6 +13,7 @@ pub mod lab;
 pub mod leave;
 pub mod net;
 pub mod node;
+pub mod rotate;
 
 use std::path::PathBuf;
 

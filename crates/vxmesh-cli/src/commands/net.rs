@@ -38,6 +38,11 @@ pub enum NetCmd {
         /// vxmesh network to the node's address (false: keep their source).
         #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
         outbound_nat: bool,
+        /// Carry the network over the secure underlay (VXLAN inside
+        /// WireGuard between nodes; every node's key is in its record;
+        /// docs/encryption.md).
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Print a network's config (JSON).
     Show {
@@ -66,6 +71,7 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             mtu,
             gateway,
             outbound_nat,
+            encrypt,
         } => {
             let mode: Mode = mode.into();
             let file = config::NetworkFile {
@@ -82,8 +88,7 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                     _ => config::GatewayFile::Address(g),
                 }),
                 outbound_nat,
-                // The etcd store has no secure underlay yet (issue 16).
-                encrypt: false,
+                encrypt,
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();
@@ -93,13 +98,14 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
                 .map(|g| format!(", gateway {g}"))
                 .unwrap_or_default();
             println!(
-                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}, outbound NAT {}) is in etcd",
+                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}, outbound NAT {}{}) is in etcd",
                 net.name,
                 net.mode,
                 net.cidr,
                 net.subnet_len,
                 net.vni,
-                if net.outbound_nat { "on" } else { "off" }
+                if net.outbound_nat { "on" } else { "off" },
+                if net.encrypt { ", encrypted" } else { "" }
             );
         }
         NetCmd::Show { name, etcd: e } => {

@@ -74,6 +74,7 @@ fn cluster(peers: usize) -> ClusterFile {
             subnet: None,
             subnets: Default::default(),
             public_key: None,
+            next_public_key: None,
         })
         .collect();
     ClusterFile {

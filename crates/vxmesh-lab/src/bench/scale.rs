@@ -103,6 +103,7 @@ fn cluster(mode: Mode, peers: usize) -> Cluster {
                 .expect("valid"),
             )]),
             public_key: None,
+            next_public_key: None,
         })
         .collect();
     Cluster {

@@ -241,7 +241,14 @@ impl Lab {
         self.info.etcd = Some(e);
         self.save()?;
         self.start_etcd().await?;
-        let nets = cluster_file_for(spec).networks;
+        let mut nets = cluster_file_for(spec).networks;
+        // `--encrypt`: the first network over the secure underlay; the
+        // agents publish their keys in their records.
+        if spec.encrypt
+            && let Some(first) = nets.first_mut()
+        {
+            first.encrypt = true;
+        }
         self.in_underlay(move |co| async move {
             for nf in &nets {
                 let net = etcd::validate_network(nf)?;

@@ -48,9 +48,10 @@ pub struct LabSpec {
     /// `--publish HOST:CONTAINER`: publish CONTAINER of every container, the
     /// k-th of a node on host port HOST + k.
     pub publish: Option<(u16, u16)>,
-    /// Encrypt the lab's first network over the secure underlay (static
-    /// store): each host's key is made in its state dir and listed as its
-    /// `public_key`. Bridged labs with several networks stay mixed.
+    /// Encrypt the lab's first network over the secure underlay. Static
+    /// store: each host's key is made in its state dir and listed as its
+    /// `public_key`; etcd: the network is created encrypted and the agents
+    /// publish their keys. Bridged labs with several networks stay mixed.
     pub encrypt: bool,
     /// Start the agents and attach the containers (else `up` stops once
     /// the hosts, the underlay and the store are made: a cold start to
@@ -233,6 +234,7 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
                 .then(|| format!("172.18.{}.0/24", i * 10)),
             subnets: BTreeMap::new(),
             public_key: None,
+            next_public_key: None,
         })
         .collect();
     ClusterFile {

@@ -58,6 +58,13 @@ pub enum AgentError {
         #[source]
         error: StoreError,
     },
+    /// The node's WireGuard keys could not be listed in its record.
+    #[error("list this node's WireGuard keys in {store}")]
+    PublishKeys {
+        store: String,
+        #[source]
+        error: StoreError,
+    },
     /// The store's change watch failed: the agent stops.
     #[error("watching {store}: {error}")]
     Watch { store: String, error: StoreError },

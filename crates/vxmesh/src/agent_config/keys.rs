@@ -88,6 +88,11 @@ pub const KEYS: &[Key] = &[
     key("resync", "--resync", "a number of seconds, like resync = 5"),
     key("once", "--once", "true or false"),
     key("vxlan_filter", "--vxlan-filter", "true or false"),
+    key(
+        "key_file",
+        "--key-file",
+        "a path, like key_file = \"/etc/vxmesh/wg.key\"",
+    ),
 ];
 
 /// The flag of key `name` (`--network` for `networks`).

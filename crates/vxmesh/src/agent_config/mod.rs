@@ -90,6 +90,9 @@ pub struct AgentFile {
     /// Accept VXLAN only from the node's peers (default true).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vxlan_filter: Option<bool>,
+    /// The secure underlay's private key file (default `STATE_DIR/wg.key`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl AgentFile {
@@ -103,6 +106,7 @@ impl AgentFile {
             &mut self.etcd_key,
             &mut self.etcd_password_file,
             &mut self.state_dir,
+            &mut self.key_file,
         ]
         .into_iter()
         .flatten()
@@ -193,6 +197,8 @@ pub struct AgentConfig {
     pub once: bool,
     /// Drop VXLAN packets from anything but the node's peers.
     pub vxlan_filter: bool,
+    /// The secure underlay's private key (`None`: `STATE_DIR/wg.key`).
+    pub key_file: Option<PathBuf>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
 }

@@ -26,6 +26,7 @@ state_dir = "/run/vxmesh-test"
 resync = 2.5
 once = true
 vxlan_filter = false
+key_file = "/etc/vxmesh/wg.key"
 "#;
 
 fn settings(text: &str) -> AgentSettings {
@@ -65,6 +66,7 @@ fn every_key_of_the_etcd_store_is_read() {
     assert_eq!(c.resync, Duration::from_millis(2500));
     assert!(c.once);
     assert!(!c.vxlan_filter);
+    assert_eq!(c.key_file, Some(PathBuf::from("/etc/vxmesh/wg.key")));
     assert_eq!(c.metrics, Some("198.18.0.1:9472".parse().unwrap()));
     assert!(c.leave());
     let AgentStore::Etcd(e) = &c.store else {

@@ -94,6 +94,7 @@ pub fn validate(settings: &AgentSettings) -> Result<AgentConfig, AgentConfigErro
         ("etcd_key", &v.etcd_key),
         ("etcd_password_file", &v.etcd_password_file),
         ("state_dir", &v.state_dir),
+        ("key_file", &v.key_file),
     ] {
         if file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
             p.add(key, None, "empty path: name a file (or remove the key)");
@@ -160,6 +161,7 @@ pub fn validate(settings: &AgentSettings) -> Result<AgentConfig, AgentConfigErro
             resync: Duration::from_secs_f64(resync),
             once: v.once.unwrap_or(false),
             vxlan_filter: v.vxlan_filter.unwrap_or(true),
+            key_file: v.key_file.clone(),
             metrics,
         }),
         _ => Err(AgentConfigError {

@@ -21,6 +21,7 @@
 //! subnet = "172.18.10.0/24"  # optional (single-network files), derived when absent
 //! # subnets = { demo = "172.18.10.0/24" }   # per network, for several networks
 //! # public_key = "base64..."                # optional, `vxmesh keygen`
+//! # next_public_key = "base64..."           # during a rotation (`vxmesh rotate-key`)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -117,6 +118,10 @@ pub struct NodeFile {
     /// The node's WireGuard public key (`vxmesh keygen`), base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// During a key rotation: the key `vxmesh rotate-key` printed, listed
+    /// beside `public_key` until the node has switched (docs/encryption.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
 }
 
 /// The cluster file as written.

@@ -85,13 +85,16 @@ pub fn validate(file: &ClusterFile, source: &str) -> Result<Cluster, ConfigError
         .zip(node_ips)
         .zip(node_subnets)
         .zip(node_keys)
-        .map(|(((n, ip), subnets), public_key)| NodeRecord {
-            name: n.name.clone(),
-            underlay_ip: ip.expect("checked"),
-            underlay_dev: n.underlay_dev.clone(),
-            subnets,
-            public_key,
-        })
+        .map(
+            |(((n, ip), subnets), (public_key, next_public_key))| NodeRecord {
+                name: n.name.clone(),
+                underlay_ip: ip.expect("checked"),
+                underlay_dev: n.underlay_dev.clone(),
+                subnets,
+                public_key,
+                next_public_key,
+            },
+        )
         .collect();
     let cluster = Cluster {
         networks,
@@ -327,12 +330,27 @@ fn network_mode(
 }
 
 /// The `[[node]]` tables: each node's underlay IP (`None` where invalid).
-/// A node's `public_key`, if given and valid (secure underlay).
-fn public_key(i: usize, n: &NodeFile, problems: &mut Problems) -> Option<crate::secure::PublicKey> {
-    let text = n.public_key.as_deref()?;
-    crate::secure::PublicKey::parse(text, &format!("node '{}' public_key", n.name))
-        .map_err(|e| problems.add(format!("node[{i}].public_key"), e.to_string()))
-        .ok()
+/// A node's `public_key` and `next_public_key`, where given and valid
+/// (secure underlay; checked by [`crate::secure::keys::check_listed`]).
+fn public_key(
+    i: usize,
+    n: &NodeFile,
+    problems: &mut Problems,
+) -> (
+    Option<crate::secure::PublicKey>,
+    Option<crate::secure::PublicKey>,
+) {
+    match crate::secure::keys::check_listed(
+        &n.name,
+        n.public_key.as_deref(),
+        n.next_public_key.as_deref(),
+    ) {
+        Ok(keys) => keys,
+        Err((field, e)) => {
+            problems.add(format!("node[{i}].{field}"), e);
+            (None, None)
+        }
+    }
 }
 
 fn nodes(file: &ClusterFile, problems: &mut Problems) -> Vec<Option<Ipv4Addr>> {

@@ -28,6 +28,18 @@ impl DataPath {
     /// Start the threads on `tun` and `socket` (both already opened in the
     /// node's namespace; the socket bound to the WireGuard port).
     pub fn start(tun: Tun, socket: UdpSocket, table: PeerTable) -> std::io::Result<DataPath> {
+        DataPath::start_with(tun, socket, table, Box::new(|| {}))
+    }
+
+    /// [`Self::start`], calling `switched` (from the tick thread) when a
+    /// switch to this node's next key is done with every peer, so that the
+    /// owner finishes the rotation without waiting for its next pass.
+    pub fn start_with(
+        tun: Tun,
+        socket: UdpSocket,
+        table: PeerTable,
+        switched: Box<dyn Fn() + Send>,
+    ) -> std::io::Result<DataPath> {
         let table = Arc::new(RwLock::new(table));
         let stop = Arc::new(AtomicBool::new(false));
         socket.set_read_timeout(Some(TICK))?;
@@ -49,7 +61,7 @@ impl DataPath {
         {
             let (table, stop) = (table.clone(), stop.clone());
             threads.push(spawn("vxm-wg-tick", move || {
-                tick_loop(&socket, &table, &stop)
+                tick_loop(&socket, &table, &stop, &*switched)
             })?);
         }
         Ok(DataPath {
@@ -144,14 +156,26 @@ fn inbound_loop(mut tun: Tun, socket: &UdpSocket, table: &RwLock<PeerTable>, sto
     }
 }
 
-fn tick_loop(socket: &UdpSocket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
+fn tick_loop(
+    socket: &UdpSocket,
+    table: &RwLock<PeerTable>,
+    stop: &AtomicBool,
+    switched: &dyn Fn(),
+) {
     let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
     let mut send = send_to(socket);
+    let mut told = false;
     while !stop.load(Ordering::Relaxed) {
-        table
-            .read()
-            .expect("peer table lock")
-            .tick(&mut out, &mut send);
+        let done = {
+            let t = table.read().expect("peer table lock");
+            t.tick(&mut out, &mut send);
+            t.switch_progress().is_some_and(|p| p.done())
+        };
+        // Once per switch (the owner drops the old key, which ends it).
+        if done && !told {
+            switched();
+        }
+        told = done;
         std::thread::sleep(TICK);
     }
 }

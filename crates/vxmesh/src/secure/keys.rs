@@ -15,6 +15,11 @@ use boringtun::x25519;
 /// configured.
 pub const STATE_KEY_FILE: &str = "wg.key";
 
+/// The file in the state dir that holds the key a rotation switches to
+/// (`vxmesh rotate-key` writes it; the agent moves it over the node's key
+/// when the switch is done).
+pub const NEXT_KEY_FILE: &str = "wg.next.key";
+
 /// Length of a key in bytes.
 pub const KEY_LEN: usize = 32;
 
@@ -35,6 +40,11 @@ pub enum KeyError {
         path = path.display()
     )]
     Mode { path: PathBuf, mode: u32 },
+    #[error(
+        "key file {path} does not exist: make one with `vxmesh keygen --out {path}` (mode 0600), or name another",
+        path = path.display()
+    )]
+    Missing { path: PathBuf },
     #[error("key file {path}: {source}", path = path.display())]
     Io {
         path: PathBuf,
@@ -169,9 +179,14 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 
 /// Read a private key file, refusing one that group or others may read.
 pub fn read_key_file(path: &Path) -> Result<PrivateKey, KeyError> {
-    let io = |source| KeyError::Io {
-        path: path.to_path_buf(),
-        source,
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound => KeyError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
@@ -209,6 +224,76 @@ pub fn write_key_file(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
         })
 }
 
+/// The keys a store lists for a node: `public_key` (the key it uses) and,
+/// during a rotation, `next_public_key` (the key it switches to).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListedKeys {
+    pub public_key: Option<PublicKey>,
+    pub next_public_key: Option<PublicKey>,
+}
+
+impl ListedKeys {
+    /// Is `key` one of them?
+    pub fn lists(&self, key: PublicKey) -> bool {
+        self.public_key == Some(key) || self.next_public_key == Some(key)
+    }
+}
+
+/// Check a node's listed keys as written (cluster file, etcd record):
+/// both base64 X25519 keys, `next_public_key` only beside a `public_key`
+/// and different from it. The error names the field.
+#[allow(clippy::type_complexity)] // the two keys, or the field and message
+pub fn check_listed(
+    node: &str,
+    public_key: Option<&str>,
+    next_public_key: Option<&str>,
+) -> Result<(Option<PublicKey>, Option<PublicKey>), (&'static str, String)> {
+    let parse = |field: &'static str, text: Option<&str>| {
+        text.map(|t| PublicKey::parse(t, &format!("node '{node}' {field}")))
+            .transpose()
+            .map_err(|e| (field, e.to_string()))
+    };
+    let current = parse("public_key", public_key)?;
+    let next = parse("next_public_key", next_public_key)?;
+    match (current, next) {
+        (None, Some(_)) => Err((
+            "next_public_key",
+            format!(
+                "node '{node}' lists a next_public_key but no public_key: a rotation lists the new key beside the old one (public_key = the key in use)"
+            ),
+        )),
+        (Some(a), Some(b)) if a == b => Err((
+            "next_public_key",
+            format!(
+                "node '{node}' next_public_key is its public_key: list the key `vxmesh rotate-key` printed, or remove next_public_key"
+            ),
+        )),
+        keys => Ok(keys),
+    }
+}
+
+/// Write `key` to `path` replacing what is there, atomically (a 0600
+/// temporary file in the same directory, renamed over it).
+pub fn replace_key_file(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_key_file(&tmp, key)?;
+    std::fs::rename(&tmp, path).map_err(|source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The key a rotation switches to (`STATE_DIR/wg.next.key`), if one is
+/// under way.
+pub fn read_next(state_dir: &Path) -> Result<Option<PrivateKey>, KeyError> {
+    match read_key_file(&state_dir.join(NEXT_KEY_FILE)) {
+        Ok(k) => Ok(Some(k)),
+        Err(KeyError::Missing { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The node's key: from `key_file` if configured, else from the state dir,
 /// created there on first start.
 pub fn load_or_create(key_file: Option<&Path>, state_dir: &Path) -> Result<PrivateKey, KeyError> {
@@ -217,7 +302,7 @@ pub fn load_or_create(key_file: Option<&Path>, state_dir: &Path) -> Result<Priva
     }
     let path = state_dir.join(STATE_KEY_FILE);
     match read_key_file(&path) {
-        Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(KeyError::Missing { .. }) => {
             std::fs::create_dir_all(state_dir).map_err(|source| KeyError::Io {
                 path: state_dir.to_path_buf(),
                 source,
@@ -277,6 +362,49 @@ mod tests {
     }
 
     #[test]
+    fn listed_keys_are_checked_with_their_field() {
+        let a = PrivateKey::generate().unwrap().public().to_string();
+        let b = PrivateKey::generate().unwrap().public().to_string();
+        assert!(matches!(
+            check_listed("h1", Some(&a), Some(&b)),
+            Ok((Some(_), Some(_)))
+        ));
+        assert_eq!(check_listed("h1", None, None).unwrap(), (None, None));
+        let (field, msg) = check_listed("h1", None, Some(&b)).unwrap_err();
+        assert_eq!(field, "next_public_key");
+        assert!(msg.contains("no public_key"), "{msg}");
+        let (field, msg) = check_listed("h1", Some(&a), Some(&a)).unwrap_err();
+        assert_eq!(field, "next_public_key");
+        assert!(msg.contains("is its public_key"), "{msg}");
+        let (field, msg) = check_listed("h1", Some(&a), Some("short")).unwrap_err();
+        assert_eq!(field, "next_public_key");
+        assert!(msg.contains("node 'h1' next_public_key"), "{msg}");
+        let (field, _) = check_listed("h1", Some("x"), None).unwrap_err();
+        assert_eq!(field, "public_key");
+        let listed = ListedKeys {
+            public_key: Some(a.parse().unwrap()),
+            next_public_key: Some(b.parse().unwrap()),
+        };
+        assert!(listed.lists(b.parse().unwrap()));
+        assert!(!ListedKeys::default().lists(b.parse().unwrap()));
+    }
+
+    #[test]
+    fn the_next_key_replaces_the_key_file_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_next(dir.path()).unwrap(), None);
+        let next = PrivateKey::generate().unwrap();
+        write_key_file(&dir.path().join(NEXT_KEY_FILE), &next).unwrap();
+        assert_eq!(read_next(dir.path()).unwrap(), Some(next.clone()));
+        let current = dir.path().join(STATE_KEY_FILE);
+        write_key_file(&current, &PrivateKey::generate().unwrap()).unwrap();
+        replace_key_file(&current, &next).unwrap();
+        assert_eq!(read_key_file(&current).unwrap(), next);
+        let mode = std::fs::metadata(&current).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
     fn debug_never_shows_the_private_key() {
         let k = PrivateKey::generate().unwrap();
         assert!(!format!("{k:?}").contains(&k.to_base64()));
@@ -316,9 +444,9 @@ mod tests {
         assert_eq!(mode, 0o600);
         // A configured key file wins and is never created.
         let missing = dir.path().join("missing.key");
-        assert!(matches!(
-            load_or_create(Some(&missing), &state),
-            Err(KeyError::Io { .. })
-        ));
+        let e = load_or_create(Some(&missing), &state).unwrap_err();
+        assert!(matches!(e, KeyError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("vxmesh keygen --out"), "{e}");
+        assert!(!missing.exists(), "a configured key file is never created");
     }
 }

@@ -12,8 +12,8 @@ pub mod tun;
 pub mod underlay;
 
 pub use datapath::DataPath;
-pub use keys::{KeyError, PrivateKey, PublicKey};
-pub use peers::{PeerChanges, PeerSpec, PeerStats, PeerTable};
+pub use keys::{KeyError, ListedKeys, PrivateKey, PublicKey};
+pub use peers::{PeerChanges, PeerSpec, PeerStats, PeerTable, SwitchProgress};
 pub use transport::TransportError;
 pub use tun::{Tun, TunError};
 pub use underlay::{SecureError, SecureUnderlay};

@@ -27,6 +27,10 @@ pub struct SecurePlan {
     /// This node's public key as the store lists it (checked against the
     /// node's own key: peers would fail every handshake otherwise).
     pub own_key: Option<PublicKey>,
+    /// The key the store lists beside it during a rotation: once this
+    /// node's next key is listed, the node switches to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_next_key: Option<PublicKey>,
     /// Every node this one reaches over an encrypted network, by name.
     pub peers: BTreeMap<String, PlannedPeer>,
 }
@@ -36,6 +40,9 @@ pub struct SecurePlan {
 pub struct PlannedPeer {
     /// `None`: the store lists no key for it, so it gets no tunnel.
     pub public_key: Option<PublicKey>,
+    /// During its rotation, the key it switches to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
     pub endpoint: SocketAddrV4,
     pub transport: Ipv4Addr,
 }
@@ -49,6 +56,7 @@ impl SecurePlan {
                 Some(PeerSpec {
                     node: node.clone(),
                     public_key: p.public_key?,
+                    next_public_key: p.next_public_key,
                     endpoint: p.endpoint,
                     transport: p.transport,
                 })
@@ -106,6 +114,7 @@ pub fn plan(
             peer.name.clone(),
             PlannedPeer {
                 public_key: peer.public_key,
+                next_public_key: peer.next_public_key,
                 endpoint: SocketAddrV4::new(peer.underlay_ip, enc.port),
                 transport: enc.transport_addr(peer)?,
             },
@@ -119,6 +128,7 @@ pub fn plan(
         mtu: tun_mtu(underlay_mtu),
         port: enc.port,
         own_key: me.public_key,
+        own_next_key: me.next_public_key,
         peers,
     }))
 }

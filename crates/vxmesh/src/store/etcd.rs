@@ -102,6 +102,7 @@ use super::error::{Result, StoreError};
 use super::{Snapshot, Store};
 use crate::config::{Mode, Network};
 use crate::model::{Endpoint, NodeRecord};
+use crate::secure::ListedKeys;
 pub use allocator::EtcdAllocator;
 pub(crate) use client::{Backoff, Health, OP_TIMEOUT, lease_opts};
 pub use client::{
@@ -126,17 +127,24 @@ pub(crate) struct Me {
     pub node: String,
     pub underlay_ip: Ipv4Addr,
     pub underlay_dev: Option<String>,
+    /// The WireGuard keys its record lists (changed by a key rotation).
+    keys: Arc<Mutex<ListedKeys>>,
 }
 
 impl Me {
+    pub(crate) fn keys(&self) -> ListedKeys {
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn record(&self, network: &str, subnet: Ipv4Net) -> NodeRecord {
+        let keys = self.keys();
         NodeRecord {
             name: self.node.clone(),
             underlay_ip: self.underlay_ip,
             underlay_dev: self.underlay_dev.clone(),
             subnets: BTreeMap::from([(network.to_string(), subnet)]),
-            // Not yet published in etcd (issue 16).
-            public_key: None,
+            public_key: keys.public_key,
+            next_public_key: keys.next_public_key,
         }
     }
 }
@@ -169,6 +177,9 @@ pub(crate) struct Inner {
     /// another cluster (restored from a backup) and the view is re-listed.
     pub cluster_id: AtomicU64,
     pub paused: watch::Sender<bool>,
+    /// Whether the record in etcd lists `me.keys` (false after a failed
+    /// [`EtcdStore::publish_keys`], which the next call retries).
+    keys_published: AtomicBool,
     /// Set when a background task died (a bug): `changed()` then fails.
     failed: AtomicBool,
     /// Wakes the settle timer when the view keeps a vanished record.
@@ -270,6 +281,7 @@ impl EtcdStore {
             node: opts.node.clone(),
             underlay_ip: opts.underlay_ip,
             underlay_dev: opts.underlay_dev.clone(),
+            keys: Arc::new(Mutex::new(opts.keys)),
         };
         // Read first (the identity, the claims, the view), then grant: a
         // slow read cannot eat into the lease.
@@ -359,6 +371,7 @@ impl EtcdStore {
             cluster_id: AtomicU64::new(0),
             paused: watch::channel(false).0,
             failed: AtomicBool::new(false),
+            keys_published: AtomicBool::new(true),
             settle_wake: tokio::sync::Notify::new(),
         });
         let tasks = vec![
@@ -402,6 +415,44 @@ impl EtcdStore {
     /// While false, [`Store::snapshot`] serves the last known view.
     pub fn connected(&self) -> bool {
         self.inner.health.connected()
+    }
+
+    /// List `keys` in this node's record (secure underlay: a new key
+    /// during a rotation, then the new key alone): the record is put again
+    /// under the node lease; a record re-published later (a new lease)
+    /// carries them too. No-op when they are listed already.
+    pub async fn publish_keys(&self, keys: ListedKeys) -> Result<()> {
+        let owned = self.inner.owned.lock().await;
+        let published =
+            self.inner.me.keys() == keys && self.inner.keys_published.load(Ordering::SeqCst);
+        if published {
+            return Ok(());
+        }
+        *self.inner.me.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.inner.keys_published.store(false, Ordering::SeqCst);
+        let node_key = self.inner.keys.node(&self.inner.me.node);
+        let record = serde_json::to_string(&records::NodeJson {
+            name: self.inner.me.node.clone(),
+            underlay_ip: self.inner.me.underlay_ip,
+            underlay_dev: self.inner.me.underlay_dev.clone(),
+            subnet: owned.subnet,
+            public_key: keys.public_key,
+            next_public_key: keys.next_public_key,
+        })
+        .expect("a node record serializes");
+        op(
+            format!("publish the keys of {node_key}"),
+            self.inner.client.kv_client().put(
+                node_key.clone(),
+                record,
+                lease_opts(owned.leases.node),
+            ),
+        )
+        .await?;
+        self.inner.keys_published.store(true, Ordering::SeqCst);
+        self.inner.set_own(owned.subnet);
+        tracing::info!(node = %self.inner.me.node, public_key = ?keys.public_key, next_public_key = ?keys.next_public_key, "node record lists new keys");
+        Ok(())
     }
 
     /// Graceful leave: revoke the leases, which deletes this node's record,
@@ -489,6 +540,14 @@ impl Drop for EtcdStore {
 impl Store for EtcdStore {
     fn describe(&self) -> String {
         self.inner.describe.clone()
+    }
+
+    fn lists_keys(&self) -> bool {
+        true
+    }
+
+    async fn publish_keys(&mut self, keys: ListedKeys) -> Result<()> {
+        EtcdStore::publish_keys(self, keys).await
     }
 
     async fn leave(self) -> Result<()> {

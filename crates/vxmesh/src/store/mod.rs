@@ -73,6 +73,19 @@ pub trait Store {
         Ok(Vec::new())
     }
 
+    /// Whether peers read this node's WireGuard keys from records this
+    /// node publishes ([`Store::publish_keys`]).
+    fn lists_keys(&self) -> bool {
+        false
+    }
+
+    /// List this node's WireGuard keys where peers read them (the etcd
+    /// node records; secure underlay, docs/encryption.md). Stores whose
+    /// keys the operator writes (a cluster file) do nothing.
+    async fn publish_keys(&mut self, _keys: crate::secure::ListedKeys) -> Result<()> {
+        Ok(())
+    }
+
     /// Graceful leave: withdraw this node's records at once (peers drop it
     /// immediately). Stores without membership (a static file) do nothing.
     async fn leave(self) -> Result<()>

@@ -146,7 +146,7 @@ pub enum ChosenStore {
     /// etcd: the options of every network to join (their `network` field is
     /// the first network), and where the password came from.
     Etcd {
-        options: etcd::EtcdOptions,
+        options: Box<etcd::EtcdOptions>,
         networks: Vec<String>,
         password_file: Option<PathBuf>,
     },
@@ -192,7 +192,7 @@ impl StoreChoice {
                 o.validate()
                     .map_err(|e| OpenStoreError::Invalid(e.into()))?;
                 Ok(ChosenStore::Etcd {
-                    options: o,
+                    options: Box::new(o),
                     networks: self.networks.clone(),
                     password_file: self.etcd.password_file.clone(),
                 })

@@ -12,6 +12,7 @@ fn spec(node: &str, key: PublicKey, underlay: Ipv4Addr, transport: Ipv4Addr) -> 
     PeerSpec {
         node: node.into(),
         public_key: key,
+        next_public_key: None,
         endpoint: SocketAddrV4::new(underlay, PORT),
         transport,
     }
@@ -222,4 +223,154 @@ fn handshakes_are_counted_when_the_age_goes_down() {
     assert!(is_new_handshake(Some(s(100)), Some(s(1))));
     assert!(!is_new_handshake(Some(s(1)), Some(s(2))));
     assert!(!is_new_handshake(None, None));
+}
+
+impl Pair {
+    fn send_from_b(&mut self, p: &[u8]) {
+        let mut out = vec![0u8; 2048];
+        let wire = &mut self.wire;
+        self.b.outbound(p, &mut out, &mut |to, d| {
+            wire.push_back((SocketAddrV4::new(B_UNDERLAY, PORT), to, d.to_vec()))
+        });
+    }
+
+    fn tick_a(&mut self) {
+        let mut out = vec![0u8; 2048];
+        let wire = &mut self.wire;
+        self.a.tick(&mut out, &mut |to, d| {
+            wire.push_back((SocketAddrV4::new(A_UNDERLAY, PORT), to, d.to_vec()))
+        });
+    }
+
+    /// One request from A and one reply from B, both left on the wire.
+    fn exchange(&mut self, n: u8) {
+        self.send_from_a(&packet(A_TRANSPORT, B_TRANSPORT, &[b'q', n]));
+        self.send_from_b(&packet(B_TRANSPORT, A_TRANSPORT, &[b'r', n]));
+    }
+}
+
+/// How A rotates its key while packets are in flight both ways.
+#[derive(Clone, Copy, PartialEq)]
+enum Rotation {
+    /// Both keys listed: B keeps a tunnel per key, A keeps its old tunnel
+    /// until B uses the new one (what vxmesh does).
+    TwoTunnels,
+    /// One tunnel per peer, replaced when the key changes (a table
+    /// without rotation states).
+    Replace,
+}
+
+/// Rotate A's key with a request and a reply in flight at every step;
+/// returns how many of the 12 sent were delivered.
+fn rotate_a(how: Rotation) -> usize {
+    let mut pair = Pair::new(None);
+    pair.exchange(0);
+    pair.run();
+    let (ka, kb) = (pair.a.keys[0].clone(), pair.b.keys[0].clone());
+    let ka2 = PrivateKey::generate().unwrap();
+    let b_sees = |next: Option<PublicKey>, current: PublicKey| {
+        spec("a", current, A_UNDERLAY, A_TRANSPORT).with_next(next)
+    };
+    pair.exchange(1);
+    match how {
+        Rotation::TwoTunnels => {
+            pair.b.set_peers(&[b_sees(Some(ka2.public()), ka.public())]);
+            pair.a.set_keys(ka.clone(), Some(ka2.clone()));
+        }
+        Rotation::Replace => {
+            pair.b.set_peers(&[b_sees(None, ka2.public())]);
+            pair.a = PeerTable::new(ka2.clone());
+            pair.a
+                .set_peers(&[spec("b", kb.public(), B_UNDERLAY, B_TRANSPORT)]);
+        }
+    }
+    pair.tick_a();
+    pair.exchange(2);
+    pair.run();
+    pair.exchange(3);
+    pair.run();
+    if how == Rotation::TwoTunnels {
+        let p = pair.a.switch_progress().expect("switching");
+        assert!(p.done(), "B sends on the new key: {p:?}");
+        pair.exchange(4);
+        pair.a.set_keys(ka2.clone(), None);
+    } else {
+        pair.exchange(4);
+    }
+    pair.run();
+    pair.exchange(5);
+    pair.b.set_peers(&[b_sees(None, ka2.public())]);
+    pair.run();
+    let delivered = pair.delivered_a.len() + pair.delivered_b.len();
+    delivered - 2
+}
+
+impl PeerSpec {
+    fn with_next(mut self, next: Option<PublicKey>) -> Self {
+        self.next_public_key = next;
+        self
+    }
+}
+
+#[test]
+fn a_key_rotation_loses_no_packet_with_a_tunnel_per_key() {
+    assert_eq!(
+        rotate_a(Rotation::TwoTunnels),
+        10,
+        "every request and reply"
+    );
+}
+
+#[test]
+fn replacing_the_tunnel_on_a_key_change_loses_packets_in_flight() {
+    // The proof that the rotation states matter: the same steps with one
+    // tunnel per peer lose what was on the wire at the switch.
+    let delivered = rotate_a(Rotation::Replace);
+    assert!(delivered < 10, "{delivered} of 10 delivered");
+}
+
+#[test]
+fn rotation_slots_follow_both_listings() {
+    let mut pair = Pair::new(None);
+    pair.send_from_a(&packet(A_TRANSPORT, B_TRANSPORT, b"x"));
+    pair.run();
+    let ka = pair.a.keys[0].clone();
+    let next = PrivateKey::generate().unwrap();
+    // B: A lists a next key -> two tunnels, the old session kept.
+    let both = spec("a", ka.public(), A_UNDERLAY, A_TRANSPORT).with_next(Some(next.public()));
+    let ch = pair.b.set_peers(std::slice::from_ref(&both));
+    assert_eq!(ch.replaced, vec!["a".to_string()]);
+    assert_eq!(pair.b.tunnels()["a"], 2);
+    assert!(pair.b.stats()[0].since_handshake.is_some(), "session kept");
+    // The same listing again changes nothing.
+    assert_eq!(pair.b.set_peers(&[both]), PeerChanges::default());
+    // A: switching -> a tunnel per own key; not done before B answers.
+    pair.a.set_keys(ka.clone(), Some(next.clone()));
+    assert_eq!(pair.a.tunnels()["b"], 2);
+    assert_eq!(pair.a.public_key(), next.public());
+    let p = pair.a.switch_progress().unwrap();
+    assert_eq!((p.peers, p.switched), (1, 0));
+    // Both peers drop the old key: one tunnel each again.
+    pair.a.set_keys(next.clone(), None);
+    assert_eq!(pair.a.tunnels()["b"], 1);
+    assert_eq!(pair.a.switch_progress(), None);
+    pair.b
+        .set_peers(&[spec("a", next.public(), A_UNDERLAY, A_TRANSPORT)]);
+    assert_eq!(pair.b.tunnels()["a"], 1);
+}
+
+#[test]
+fn a_handshake_with_an_unlisted_key_finds_no_tunnel() {
+    // B lists A's current and next keys; A initiates with a third key.
+    let mut pair = Pair::new(None);
+    let ka = pair.a.keys[0].clone();
+    let listed_next = PrivateKey::generate().unwrap().public();
+    pair.b
+        .set_peers(&[spec("a", ka.public(), A_UNDERLAY, A_TRANSPORT).with_next(Some(listed_next))]);
+    let rogue = PrivateKey::generate().unwrap();
+    pair.a.set_keys(rogue, None);
+    pair.send_from_a(&packet(A_TRANSPORT, B_TRANSPORT, b"x"));
+    pair.run();
+    assert!(pair.delivered_b.is_empty());
+    assert!(pair.b.stats()[0].decrypt_failures >= 1);
 }

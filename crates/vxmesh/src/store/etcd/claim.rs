@@ -170,6 +170,8 @@ pub(crate) async fn claim_subnet(
         underlay_ip: me.underlay_ip,
         underlay_dev: me.underlay_dev.clone(),
         subnet,
+        public_key: me.keys().public_key,
+        next_public_key: me.keys().next_public_key,
     })
     .expect("a node record serializes");
     let (mut s, mut h) = (Seen::of(seen, &key), Seen::of(seen, &held));

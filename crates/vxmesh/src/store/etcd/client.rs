@@ -87,6 +87,8 @@ pub struct EtcdOptions {
     /// Where the store records whether it is connected and the invalid
     /// records it skipped (the agent's; default: a fresh, unserved set).
     pub metrics: Metrics,
+    /// The WireGuard keys the node record lists (secure underlay).
+    pub keys: crate::secure::ListedKeys,
 }
 
 impl EtcdOptions {
@@ -103,6 +105,7 @@ impl EtcdOptions {
             tls: None,
             user: None,
             metrics: Metrics::new(),
+            keys: Default::default(),
         }
     }
 

@@ -203,6 +203,7 @@ mod tests {
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), subnet.parse().unwrap())]),
             public_key: None,
+            next_public_key: None,
         }
     }
 

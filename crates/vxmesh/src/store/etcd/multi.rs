@@ -104,7 +104,13 @@ fn merge(snaps: Vec<Snapshot>) -> Snapshot {
                 None => {
                     nodes.insert(n.name.clone(), n);
                 }
-                Some(have) if have.underlay_ip == n.underlay_ip => have.subnets.extend(n.subnets),
+                Some(have) if have.underlay_ip == n.underlay_ip => {
+                    have.subnets.extend(n.subnets);
+                    // Each network's record lists the node's keys; while
+                    // they are re-published, the first network's win.
+                    have.public_key = have.public_key.or(n.public_key);
+                    have.next_public_key = have.next_public_key.or(n.next_public_key);
+                }
                 Some(have) => tracing::debug!(
                     node = %n.name,
                     "node has underlay IP {} in one network and {} in another: using the first",
@@ -206,6 +212,17 @@ impl Store for EtcdNetworks {
         Ok(lost)
     }
 
+    fn lists_keys(&self) -> bool {
+        true
+    }
+
+    async fn publish_keys(&mut self, keys: crate::secure::ListedKeys) -> Result<()> {
+        for s in &self.stores {
+            s.publish_keys(keys).await?;
+        }
+        Ok(())
+    }
+
     async fn leave(self) -> Result<()> {
         let mut problems = Vec::new();
         for s in self.stores {
@@ -242,6 +259,7 @@ mod tests {
             underlay_dev: None,
             subnets: BTreeMap::from([(net.to_string(), subnet.parse().unwrap())]),
             public_key: None,
+            next_public_key: None,
         }
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{self, ClusterFile, Mode, Network, NetworkFile};
 use crate::model::{self, Endpoint};
 use crate::names::{IfName, NetworkName, NodeName};
+use crate::secure::PublicKey;
 
 /// Keys of one network under a prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,6 +168,12 @@ pub struct NodeJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_dev: Option<String>,
     pub subnet: Ipv4Net,
+    /// The node's WireGuard public key (secure underlay; issue 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKey>,
+    /// During a key rotation, the key it switches to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }
 
 /// Check that `s` is one of `net`'s per-node subnets (slices).
@@ -212,6 +219,13 @@ pub(crate) fn parse_node(net: &Network, key_name: &str, value: &[u8]) -> Result<
         check_underlay_dev(d)?;
     }
     check_subnet(net, n.subnet)?;
+    let text = |k: Option<PublicKey>| k.map(|k| k.to_string());
+    crate::secure::keys::check_listed(
+        &n.name,
+        text(n.public_key).as_deref(),
+        text(n.next_public_key).as_deref(),
+    )
+    .map_err(|(_, e)| e)?;
     Ok(n)
 }
 
@@ -345,6 +359,11 @@ pub(crate) fn network_diff(stored: &Network, wanted: &Network) -> String {
     field("mtu", mtu(stored.mtu), mtu(wanted.mtu));
     let gw = |g: Option<Ipv4Addr>| g.map_or("none".to_string(), |g| g.to_string());
     field("gateway", gw(stored.gateway), gw(wanted.gateway));
+    field(
+        "encrypt",
+        stored.encrypt.to_string(),
+        wanted.encrypt.to_string(),
+    );
     d.join(", ")
 }
 
@@ -507,6 +526,25 @@ mod tests {
         );
         let mc = br#"{"name":"h1","underlay_ip":"224.0.0.1","subnet":"172.18.3.0/24"}"#;
         assert!(parse_node(&n, "h1", mc).is_err());
+        // Keys (issue 16): valid ones are read, a bad or lone next one is refused.
+        let (a, b) = (
+            crate::secure::PrivateKey::generate().unwrap().public(),
+            crate::secure::PrivateKey::generate().unwrap().public(),
+        );
+        let keyed = |k: &str| {
+            format!(r#"{{"name":"h1","underlay_ip":"198.18.0.1","subnet":"172.18.3.0/24"{k}}}"#)
+        };
+        let both = keyed(&format!(r#","public_key":"{a}","next_public_key":"{b}""#));
+        let rec = parse_node(&n, "h1", both.as_bytes()).unwrap();
+        assert_eq!((rec.public_key, rec.next_public_key), (Some(a), Some(b)));
+        let lone = keyed(&format!(r#","next_public_key":"{b}""#));
+        assert!(
+            parse_node(&n, "h1", lone.as_bytes())
+                .unwrap_err()
+                .contains("no public_key")
+        );
+        let bad = keyed(r#","public_key":"AAAA""#);
+        assert!(parse_node(&n, "h1", bad.as_bytes()).is_err());
     }
 
     #[test]

@@ -115,6 +115,7 @@ mod tests {
             underlay_dev: None,
             subnets: BTreeMap::from([("demo".to_string(), "10.1.0.16/28".parse().unwrap())]),
             public_key: None,
+            next_public_key: None,
         });
         v.put(k.config(), kv(&records::network_json(&net()), 1));
         put_h2(&mut v, &k, 2);

@@ -164,6 +164,8 @@ mod tests {
                 underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
                 underlay_dev: Some("eth0".into()),
                 subnet: "10.1.0.16/28".parse().unwrap(),
+                public_key: Some(crate::secure::PrivateKey::generate().unwrap().public()),
+                next_public_key: None,
             }),
             Record::Endpoint(Endpoint {
                 network: "demo".into(),

@@ -218,8 +218,8 @@ impl View {
                             underlay_ip: n.underlay_ip,
                             underlay_dev: n.underlay_dev,
                             subnets: BTreeMap::from([(net.name.clone(), n.subnet)]),
-                            // Not yet in the etcd node record (issue 16).
-                            public_key: None,
+                            public_key: n.public_key,
+                            next_public_key: n.next_public_key,
                         },
                     )),
                     Err(e) => skip(key, RecordKind::Node, kv, e),
@@ -304,7 +304,8 @@ impl View {
                     underlay_ip: n.underlay_ip,
                     underlay_dev: n.underlay_dev,
                     subnets: BTreeMap::from([(net.name.clone(), s)]),
-                    public_key: None,
+                    public_key: n.public_key,
+                    next_public_key: n.next_public_key,
                 });
             }
         }

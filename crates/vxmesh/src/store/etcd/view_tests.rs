@@ -164,6 +164,7 @@ fn own_record_is_always_present() {
         underlay_dev: None,
         subnets: BTreeMap::from([("demo".to_string(), "10.1.0.16/28".parse().unwrap())]),
         public_key: None,
+        next_public_key: None,
     });
     v.rebuild();
     assert_eq!(v.snapshot().cluster.nodes.len(), 1);
@@ -185,6 +186,7 @@ fn a_routed_subnet_claimed_by_another_node_is_not_served() {
         underlay_dev: None,
         subnets: BTreeMap::from([("demo".to_string(), own)]),
         public_key: None,
+        next_public_key: None,
     });
     v.put(k.node("b"), kv(&node("b", "198.18.0.2", "10.9.1.0/24"), 2));
     v.put(k.subnet("10.9.1.0/24".parse().unwrap()), kv("b", 2));
@@ -222,6 +224,7 @@ fn a_routed_subnet_claimed_by_another_node_is_not_served() {
         underlay_dev: None,
         subnets: BTreeMap::from([("demo".to_string(), new)]),
         public_key: None,
+        next_public_key: None,
     });
     v.rebuild();
     assert_eq!(v.serving(), Some(new));
@@ -238,6 +241,7 @@ fn a_bridged_slice_claimed_by_another_node_stays_served() {
         underlay_dev: None,
         subnets: BTreeMap::from([("demo".to_string(), own)]),
         public_key: None,
+        next_public_key: None,
     });
     v.put(k.subnet(own), kv("c", 3));
     v.put(k.node("c"), kv(&node("c", "198.18.0.3", "10.1.0.16/28"), 3));

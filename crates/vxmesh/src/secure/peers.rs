@@ -59,6 +59,9 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     pub handshakes: u64,
     pub decrypt_failures: u64,
+    /// Decrypted packets dropped because their source was not the peer's
+    /// transport address.
+    pub spoofed_inner: u64,
 }
 
 /// What `set_peers` changed (node names).
@@ -271,6 +274,7 @@ impl PeerTable {
                     rx_bytes: rx as u64,
                     handshakes: p.counters.handshakes.load(Ordering::Relaxed),
                     decrypt_failures: p.counters.decrypt_failures.load(Ordering::Relaxed),
+                    spoofed_inner: p.counters.spoofed_inner.load(Ordering::Relaxed),
                 }
             })
             .collect()

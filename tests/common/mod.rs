@@ -9,6 +9,7 @@ use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
 mod naming;
 mod plugin;
+pub mod frames;
 pub mod underlay;
 
 #[allow(unused_imports)] // not every test file names namespaces

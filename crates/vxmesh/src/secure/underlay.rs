@@ -14,6 +14,9 @@ use super::transport::TUN_ALIAS;
 use super::tun::{Tun, TunError};
 use crate::dataplane::kernel::{LinkOptions, Netlink, NetlinkError};
 
+pub mod report;
+pub use report::{PeerReport, UnderlayReport};
+
 /// A failure bringing the secure underlay up.
 #[derive(Debug, thiserror::Error)]
 pub enum SecureError {

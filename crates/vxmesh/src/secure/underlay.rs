@@ -50,6 +50,9 @@ struct Running {
     dev: String,
     port: u16,
     datapath: DataPath,
+    /// Unix time (ms) the data path started (for the doctor's handshake
+    /// grace).
+    started_ms: u64,
 }
 
 /// The node's secure underlay: its key and, while it serves an encrypted
@@ -164,6 +167,7 @@ impl SecureUnderlay {
             dev: plan.dev.clone(),
             port: plan.port,
             datapath,
+            started_ms: report::now_ms(),
         })
     }
 

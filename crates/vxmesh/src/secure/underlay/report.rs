@@ -43,6 +43,8 @@ pub struct PeerReport {
 pub struct UnderlayReport {
     /// Unix time (milliseconds) the report was taken.
     pub at_ms: u64,
+    /// Unix time (milliseconds) the data path started.
+    pub started_ms: u64,
     pub dev: String,
     pub addr: Ipv4Net,
     pub port: u16,
@@ -102,6 +104,7 @@ impl SecureUnderlay {
             .collect();
         Some(UnderlayReport {
             at_ms: now_ms(),
+            started_ms: r.started_ms,
             dev: r.dev.clone(),
             addr: plan.addr,
             port: r.port,
@@ -161,6 +164,7 @@ mod tests {
             .public();
         let r = UnderlayReport {
             at_ms: 10_000,
+            started_ms: 1_000,
             dev: "vxm-wg0".into(),
             addr: "10.255.0.1/16".parse().unwrap(),
             port: 51820,

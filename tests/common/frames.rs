@@ -64,13 +64,7 @@ pub fn vxlan_echo(
 
 /// `payload` in UDP (checksum 0: none) in IPv4 from `src`, which may be
 /// any address (a spoofed one): what a raw socket sends as is.
-pub fn udp_packet(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
+pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut udp = Vec::with_capacity(8 + payload.len());
     udp.extend_from_slice(&sport.to_be_bytes());
     udp.extend_from_slice(&dport.to_be_bytes());

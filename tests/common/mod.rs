@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use vxmesh::config::Mode;
 use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
+pub mod frames;
 mod naming;
 mod plugin;
-pub mod frames;
 pub mod underlay;
 
 #[allow(unused_imports)] // not every test file names namespaces

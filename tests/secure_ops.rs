@@ -483,3 +483,41 @@ async fn an_agent_restart_keeps_the_tunnel_device_and_loses_at_most_one_handshak
         .unwrap();
     assert!(!table.status.success(), "vxmesh's table is left");
 }
+
+/// `vxmesh lab demo --encrypt ARGS`: passes, shows every host's sessions,
+/// and leaves nothing.
+fn demo_encrypt(tag: &str, args: &[&str]) {
+    let name = unique(tag);
+    let mut argv = vec!["lab", "demo", "--name", &name, "--encrypt"];
+    argv.extend_from_slice(args);
+    let (code, out, err) = vxmesh(&argv);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("first network encrypted"), "{out}");
+    assert!(out.contains("-- secure underlay (network "), "{out}");
+    assert!(!out.contains("NO SESSION"), "{out}");
+    assert!(out.contains("PASS"), "{out}");
+    println!("{out}");
+    assert_gone(&name);
+}
+
+#[test]
+fn demo_encrypt_routed_passes() {
+    demo_encrypt("der", &["--nodes", "3", "--containers", "2"]);
+}
+
+#[test]
+fn demo_encrypt_bridged_mixed_passes() {
+    demo_encrypt(
+        "deb",
+        &[
+            "--mode",
+            "bridged",
+            "--networks",
+            "2",
+            "--nodes",
+            "2",
+            "--containers",
+            "2",
+        ],
+    );
+}

@@ -58,7 +58,9 @@ pub struct LabUpArgs {
     #[arg(long, value_name = "HOST:CONTAINER", value_parser = lab::parse_publish)]
     publish: Option<(u16, u16)>,
     /// Carry the first network over the secure underlay (VXLAN over
-    /// userspace WireGuard; static store only; docs/encryption.md).
+    /// userspace WireGuard; static store only; docs/encryption.md); other
+    /// networks stay plain. `lab demo --encrypt` also shows every host's
+    /// WireGuard sessions and fails unless each pair of hosts has one.
     #[arg(long)]
     encrypt: bool,
 }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{Tunn, TunnResult};
 
 use super::keys::{PrivateKey, PublicKey};
@@ -234,6 +235,17 @@ impl PeerTable {
                         .decrypt_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(peer = %peer.spec.node, %from, "decapsulate: {e:?}");
+                    // The peer sends on a session this tunnel lacks (this
+                    // agent restarted, or the tunnel was replaced): start a
+                    // handshake now instead of waiting up to 15 s for the
+                    // peer's own rekey (one at a time: boringtun answers
+                    // Done while one is in progress).
+                    if matches!(e, WireGuardError::NoCurrentSession)
+                        && let TunnResult::WriteToNetwork(d) =
+                            tunn.format_handshake_initiation(out, false)
+                    {
+                        send(peer.spec.endpoint, d);
+                    }
                     return;
                 }
             }

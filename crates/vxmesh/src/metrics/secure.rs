@@ -174,4 +174,50 @@ mod tests {
         // The tunnel was replaced (or the agent restarted): counts from 0.
         assert_eq!(delta(&mut seen, k(), 20), 20);
     }
+
+    #[test]
+    fn a_report_becomes_series_that_only_grow() {
+        let key = crate::secure::keys::PrivateKey::generate()
+            .unwrap()
+            .public();
+        let peer = |tx: u64, failures: u64| crate::secure::underlay::PeerReport {
+            node: "host2".into(),
+            endpoint: "198.18.0.2:51820".parse().unwrap(),
+            transport: "10.255.0.2".parse().unwrap(),
+            since_handshake_ms: Some(1_500),
+            handshakes: 1,
+            tx_bytes: tx,
+            rx_bytes: 10,
+            decrypt_failures: failures,
+            spoofed_inner: 0,
+        };
+        let report = |p| UnderlayReport {
+            at_ms: 0,
+            started_ms: 0,
+            dev: "vxm-wg0".into(),
+            addr: "10.255.0.1/16".parse().unwrap(),
+            port: 51820,
+            public_key: key,
+            listed_key: None,
+            dropped_no_peer: 4,
+            peers: vec![p],
+            without_key: vec![],
+        };
+        let m = crate::metrics::Metrics::new();
+        m.secure(&report(peer(100, 2)));
+        // The tunnel was replaced: its counters start again.
+        m.secure(&report(peer(30, 1)));
+        let text = m.encode();
+        for line in [
+            "vxmesh_wg_peers 1",
+            "vxmesh_wg_handshakes_total{peer=\"host2\"} 1",
+            "vxmesh_wg_bytes_total{peer=\"host2\",direction=\"tx\"} 130",
+            "vxmesh_wg_decrypt_failures_total{peer=\"host2\"} 3",
+            "vxmesh_wg_handshake_age_seconds{peer=\"host2\"} 1.5",
+            "vxmesh_wg_dropped_no_peer_total 4",
+            "vxmesh_vxlan_spoofed_total 0",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
+    }
 }

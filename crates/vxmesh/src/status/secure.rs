@@ -173,3 +173,97 @@ pub fn render(s: &SecureStatus) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::secure::keys::PrivateKey;
+    use crate::secure::plan::PlannedPeer;
+    use crate::secure::underlay::PeerReport;
+
+    fn plan(own: crate::secure::PublicKey, peer_key: bool) -> SecurePlan {
+        let mut peers = BTreeMap::new();
+        peers.insert(
+            "host2".to_string(),
+            PlannedPeer {
+                public_key: peer_key.then_some(own),
+                endpoint: "198.18.0.2:51820".parse().unwrap(),
+                transport: "10.255.0.2".parse().unwrap(),
+            },
+        );
+        SecurePlan {
+            dev: "vxm-wg0".into(),
+            addr: "10.255.0.1/16".parse().unwrap(),
+            mtu: 1440,
+            port: 51820,
+            own_key: Some(own),
+            peers,
+        }
+    }
+
+    fn report(own: crate::secure::PublicKey) -> UnderlayReport {
+        UnderlayReport {
+            at_ms: 100_000,
+            started_ms: 50_000,
+            dev: "vxm-wg0".into(),
+            addr: "10.255.0.1/16".parse().unwrap(),
+            port: 51820,
+            public_key: own,
+            listed_key: Some(own),
+            dropped_no_peer: 2,
+            peers: vec![PeerReport {
+                node: "host2".into(),
+                endpoint: "198.18.0.2:51820".parse().unwrap(),
+                transport: "10.255.0.2".parse().unwrap(),
+                since_handshake_ms: Some(4_000),
+                handshakes: 1,
+                tx_bytes: 2048,
+                rx_bytes: 100,
+                decrypt_failures: 1,
+                spoofed_inner: 0,
+            }],
+            without_key: vec![],
+        }
+    }
+
+    #[test]
+    fn sessions_are_aged_by_the_report_and_rendered() {
+        let own = PrivateKey::generate().unwrap().public();
+        let s = secure_status(&plan(own, true), None, Some(&report(own)), 103_000);
+        assert!(!s.device_ok, "no device given");
+        assert!(s.live() && !s.key_mismatch());
+        assert_eq!(s.peers[0].last_handshake_secs, Some(7));
+        let text = render(&s).join("\n");
+        assert!(text.contains("device vxm-wg0 ABSENT/DOWN"), "{text}");
+        assert!(
+            text.contains("2 packet(s) dropped for want of a peer"),
+            "{text}"
+        );
+        assert!(
+            text.contains("peer host2 endpoint 198.18.0.2:51820 transport 10.255.0.2: handshake 7 s ago, tx 2.0 KiB rx 100 B, decrypt failures 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_stale_report_a_mismatch_and_a_peer_without_key_are_shown() {
+        let own = PrivateKey::generate().unwrap().public();
+        let other = PrivateKey::generate().unwrap().public();
+        let mut r = report(own);
+        r.public_key = other;
+        let s = secure_status(&plan(own, false), None, Some(&r), 200_000);
+        assert!(!s.live() && s.key_mismatch());
+        let text = render(&s).join("\n");
+        assert!(text.contains("KEY MISMATCH"), "{text}");
+        assert!(
+            text.contains("100 s old (the agent is not running)"),
+            "{text}"
+        );
+        assert!(text.contains("NO KEY listed (no tunnel)"), "{text}");
+        let none = secure_status(&plan(own, true), None, None, 0);
+        assert!(render(&none).join("\n").contains("no data path report"));
+        assert_eq!(none.peers[0].last_handshake_secs, None);
+    }
+}

@@ -130,6 +130,15 @@ async fn a_spoofing_attacker_reaches_no_container_of_an_encrypted_network() {
         FRAMES * 2,
         "every spoofed frame counted in vxlan_spoofed: {delivered:?}"
     );
+    // `status` shows the guard's count (the agent's metric
+    // vxmesh_vxlan_spoofed_total follows the same counter each full pass).
+    let st = status_json(&lab, "host1");
+    assert!(
+        st["firewall"]["spoofed_packets"].as_u64().unwrap_or(0) >= FRAMES * 2,
+        "{:#}",
+        st["firewall"]
+    );
+    assert_eq!(st["ok"], true, "the guard is in place as planned: {st:#}");
     // Encrypted traffic still flows after the attack.
     let report = lab.check(Duration::from_secs(2)).unwrap();
     assert!(report.failures().is_empty(), "{}", report.matrix());

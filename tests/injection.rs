@@ -8,102 +8,20 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::process::Command;
 use std::time::Duration;
 
+use common::frames::{self, in_echos, vxlan_echo};
 use common::underlay::stranger;
 use common::*;
 use vxmesh::config::Mode;
 use vxmesh::dataplane::netns::{Netns, NetnsError};
-use vxmesh::model::{self, Mac};
+use vxmesh::model;
 
 const FRAMES: u64 = 5;
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from(c[0]) << 8
-        };
-        sum += u32::from(w);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// VXLAN header + Ethernet + IPv4 + ICMP echo request.
-fn vxlan_echo(
-    vni: u32,
-    dst_mac: Mac,
-    src_mac: Mac,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    seq: u16,
-) -> Vec<u8> {
-    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34];
-    icmp.extend_from_slice(&seq.to_be_bytes());
-    icmp.extend_from_slice(b"vxmesh-injection");
-    let c = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let total = (20 + icmp.len()) as u16;
-    let mut ipv4 = vec![0x45, 0];
-    ipv4.extend_from_slice(&total.to_be_bytes());
-    ipv4.extend_from_slice(&[0, 1, 0x40, 0, 64, 1, 0, 0]);
-    ipv4.extend_from_slice(&src.octets());
-    ipv4.extend_from_slice(&dst.octets());
-    let c = checksum(&ipv4);
-    ipv4[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = vec![0x08, 0, 0, 0];
-    f.extend_from_slice(&(vni << 8).to_be_bytes());
-    f.extend_from_slice(&dst_mac.0);
-    f.extend_from_slice(&src_mac.0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&ipv4);
-    f.extend_from_slice(&icmp);
-    f
-}
-
-/// `Icmp: InEchos` of a namespace (/proc/net/snmp is per namespace).
-fn in_echos(ns: &str) -> u64 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut icmp = text.lines().filter(|l| l.starts_with("Icmp:"));
-    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
-    let i = names
-        .split_whitespace()
-        .position(|n| n == "InEchos")
-        .unwrap();
-    values.split_whitespace().nth(i).unwrap().parse().unwrap()
-}
-
 /// Packets counted by the host's `vxlan_dropped` counter (0 without table).
 fn dropped(ns: &str) -> u64 {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "list",
-            "counter",
-            "inet",
-            "vxmesh",
-            "vxlan_dropped",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split("packets ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .map_or(0, |n| n.parse().unwrap())
+    frames::nft_counter(ns, "vxlan_dropped")
 }
 
 /// Bring up a routed lab of two hosts, then let a stranger inject echoes

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use vxmesh::config::Mode;
 use vxmesh_lab::lab::{Lab, LabGuard, LabSpec};
 
+pub mod frames;
 mod naming;
 mod plugin;
 pub mod underlay;

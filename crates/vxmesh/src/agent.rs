@@ -39,6 +39,7 @@ use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
 use crate::model::NodeRecord;
 use crate::secure::SecureUnderlay;
+use crate::secure::underlay::report::REPORT_EVERY;
 use crate::state::{self, PlanStore, ServedNetwork};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
@@ -222,12 +223,31 @@ pub async fn pass<S: Store>(
     let changes = report.changes + reattached + fw.changes.len();
     publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
     plans.save(&opts.state_dir, &opts.node, &snap, &p)?;
+    report_secure(opts, secure, p.secure.as_ref());
     sync_endpoints(store, opts, &p).await?;
     Ok(PassOutcome {
         changes,
         plan: p,
         incremental,
     })
+}
+
+/// Hand the secure underlay's report to the metrics and write it to
+/// `STATE/secure.json` for `status` and `doctor` (the data path lives in
+/// this process); remove the file when no secure underlay runs.
+fn report_secure(
+    opts: &AgentOptions,
+    secure: &SecureUnderlay,
+    plan: Option<&crate::secure::plan::SecurePlan>,
+) {
+    let report = plan.and_then(|sp| secure.report(sp));
+    if let Some(r) = &report {
+        opts.metrics.secure(r);
+    }
+    if let Err(e) = crate::secure::underlay::report::write_report(&opts.state_dir, report.as_ref())
+    {
+        tracing::warn!("secure underlay report: {}", chain(&e));
+    }
 }
 
 /// The firewall part of a pass, in the same pass as the routes and FDB
@@ -674,22 +694,35 @@ async fn serve<S: Store>(
         resync_due = false;
         let pass_took = started.elapsed();
         let mut coalesce = COALESCE;
-        tokio::select! {
-            r = store.changed() => {
-                if let Err(error) = r {
-                    return Err(AgentError::Watch { store: store.describe(), error });
+        let secure_plan = trusted.as_ref().and_then(|(p, _)| p.secure.clone());
+        let resync = tokio::time::sleep(wait);
+        tokio::pin!(resync);
+        let mut report_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + REPORT_EVERY, REPORT_EVERY);
+        loop {
+            tokio::select! {
+                r = store.changed() => {
+                    if let Err(error) = r {
+                        return Err(AgentError::Watch { store: store.describe(), error });
+                    }
+                    tracing::debug!("store changed");
+                    coalesce = store_coalesce(pass_took);
                 }
-                tracing::debug!("store changed");
-                coalesce = store_coalesce(pass_took);
+                () = waker.woken() => {
+                    tracing::debug!("woken: published ports changed");
+                }
+                _ = kernel.notify.notified() => {
+                    tracing::debug!("kernel changed an owned object");
+                }
+                _ = &mut resync => { resync_due = true; }
+                sig = signals.recv() => { tracing::info!("{sig}: exiting, data plane left in place"); return Ok(()); }
+                // Between passes: the secure underlay's sessions move on.
+                _ = report_tick.tick(), if secure_plan.is_some() => {
+                    report_secure(opts, &secure, secure_plan.as_ref());
+                    continue;
+                }
             }
-            () = waker.woken() => {
-                tracing::debug!("woken: published ports changed");
-            }
-            _ = kernel.notify.notified() => {
-                tracing::debug!("kernel changed an owned object");
-            }
-            _ = tokio::time::sleep(wait) => { resync_due = true; }
-            sig = signals.recv() => { tracing::info!("{sig}: exiting, data plane left in place"); return Ok(()); }
+            break;
         }
         // Coalesce bursts (an editor's several writes, a flurry of kernel
         // events, many nodes joining at once).

@@ -7,6 +7,8 @@
 //! VTEP (up, VNI, port, local) -> underlay device (up, owns the local IP) ->
 //! route -> neighbour -> FDB entry -> underlay reachability of the peer ->
 //! MTU consistency -> the VTEP's tx checksum offload (reported, a warning).
+//! Over the secure underlay (encrypted networks) the path continues through
+//! the TUN device, the keys and the WireGuard session ([`secure`]).
 //! Devices come before entries: the kernel drops a down device's routes, so
 //! the device is the cause and the missing route only a symptom. The device
 //! and entry hops render the diff's verdicts (the checks `status` shows); the
@@ -25,6 +27,7 @@ use crate::status::{self, SavedPlan, StatusError};
 
 mod firewall;
 mod hops;
+pub mod secure;
 
 use hops::*;
 pub use hops::{tx_checksum_offload, underlay_route};
@@ -284,6 +287,16 @@ pub async fn doctor(state_dir: &Path, opts: &DoctorOptions) -> Result<DoctorRepo
     })
     .await
     .map_err(DoctorError::Task)??;
+    if let Some(sp) = &saved.plan.secure {
+        let link = nl.get_link(&sp.dev).await.map_err(DoctorError::Kernel)?;
+        let agent = crate::secure::underlay::report::read_report(state_dir);
+        let now = crate::secure::underlay::report::now_ms();
+        let st = status::secure_status(sp, link.as_ref(), agent.as_ref(), now);
+        let uptime = agent
+            .as_ref()
+            .map(|a| std::time::Duration::from_millis(now.saturating_sub(a.started_ms)));
+        secure::add_secure(&mut report, sp, &st, uptime);
+    }
     let plan = saved.plan.clone();
     let inspection = tokio::task::spawn_blocking(move || crate::firewall::inspect(&plan))
         .await

@@ -19,6 +19,7 @@ use crate::state::StateError;
 mod firewall;
 mod render;
 mod report;
+mod secure;
 
 pub use firewall::{FirewallStatus, NatStatus, firewall_status};
 
@@ -27,6 +28,7 @@ pub use report::{
     Check, DeviceStatus, EntryStatus, ExtraStatus, NetworkStatus, PeerStatus, StatusReport,
     compare, fdb_status, fdb_text, neigh_status, neigh_text, peers_of, route_status, route_text,
 };
+pub use secure::{SecurePeerStatus, SecureStatus, secure_status};
 
 /// File name of the saved plan in the state dir.
 pub const PLAN_FILE: &str = "plan.json";
@@ -104,6 +106,18 @@ pub async fn status(state_dir: &Path) -> Result<StatusReport, StatusError> {
     report.ok &= fw.ok();
     report.pending_changes.extend(fw.drift.iter().cloned());
     report.firewall = Some(fw);
+    if let Some(sp) = &saved.plan.secure {
+        let link = nl.get_link(&sp.dev).await.map_err(StatusError::Dump)?;
+        let agent = crate::secure::underlay::report::read_report(state_dir);
+        let s = secure_status(
+            sp,
+            link.as_ref(),
+            agent.as_ref(),
+            crate::secure::underlay::report::now_ms(),
+        );
+        report.ok &= s.device_ok && !s.key_mismatch();
+        report.secure = Some(s);
+    }
     Ok(report)
 }
 

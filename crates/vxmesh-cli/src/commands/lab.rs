@@ -59,7 +59,9 @@ pub struct LabUpArgs {
     publish: Option<(u16, u16)>,
     /// Carry the first network over the secure underlay (VXLAN over
     /// userspace WireGuard; keys listed in the cluster file, or published
-    /// by the agents in their etcd records; docs/encryption.md).
+    /// by the agents in their etcd records; docs/encryption.md); other
+    /// networks stay plain. `lab demo --encrypt` also shows every host's
+    /// WireGuard sessions and fails unless each pair of hosts has one.
     #[arg(long)]
     encrypt: bool,
 }

@@ -65,6 +65,25 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
                 .map(|p| format!("MISS {}", p.what)),
         );
     }
+    if spec.encrypt {
+        let (lines, missing) = secure_sessions(&lab).await;
+        let encrypted = vxmesh::config::load(&lab.info.cluster_file)
+            .ok()
+            .and_then(|c| {
+                c.networks
+                    .iter()
+                    .find(|n| n.encrypt)
+                    .map(|n| n.name.clone())
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "\n-- secure underlay (network {encrypted}: VXLAN inside WireGuard, any other network plain; per host, each peer's last handshake and bytes):"
+        );
+        for l in lines {
+            println!("{l}");
+        }
+        fails.extend(missing);
+    }
     for f in &fails {
         eprintln!("FAILED: {f}");
     }
@@ -76,6 +95,55 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
     );
     println!("{}", verdict(fails.len()));
     Ok(fails.is_empty())
+}
+
+/// How long the agents' reports may take to show the sessions the probes
+/// made (they are rewritten every 2 s).
+const SESSION_WAIT: Duration = Duration::from_secs(6);
+
+/// Every host's tunnels as its agent reports them (`STATE/secure.json`):
+/// the lines to print, and a failure for each host pair without a session.
+async fn secure_sessions(lab: &Lab) -> (Vec<String>, Vec<String>) {
+    let t0 = Instant::now();
+    loop {
+        let (mut lines, mut missing) = (Vec::new(), Vec::new());
+        for n in &lab.info.nodes {
+            let Some(r) = vxmesh::secure::underlay::report::read_report(&n.state_dir) else {
+                lines.push(format!("  {}: no report from its agent", n.name));
+                missing.push(format!("{}: no secure underlay report", n.name));
+                continue;
+            };
+            let mut parts = Vec::new();
+            for o in lab.info.nodes.iter().filter(|o| o.name != n.name) {
+                match r.peers.iter().find(|p| p.node == o.name) {
+                    Some(p) if p.since_handshake_ms.is_some() && p.tx_bytes > 0 => {
+                        parts.push(format!(
+                            "{} {:.1} s ago, {} B out / {} B in",
+                            o.name,
+                            p.since_handshake_ms.unwrap_or(0) as f64 / 1000.0,
+                            p.tx_bytes,
+                            p.rx_bytes
+                        ));
+                    }
+                    _ => {
+                        parts.push(format!("{} NO SESSION", o.name));
+                        missing.push(format!("{}: no WireGuard session with {}", n.name, o.name));
+                    }
+                }
+            }
+            lines.push(format!(
+                "  {} ({} on {}): {}",
+                n.name,
+                r.addr.addr(),
+                r.dev,
+                parts.join("; ")
+            ));
+        }
+        if missing.is_empty() || t0.elapsed() > SESSION_WAIT {
+            return (lines, missing);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// What `lab demo --external` publishes when `--publish` is not given.
@@ -100,6 +168,10 @@ pub fn banner(spec: &LabSpec) -> String {
         },
     ) + if spec.external {
         ", with an outside world"
+    } else {
+        ""
+    } + if spec.encrypt {
+        ", first network encrypted"
     } else {
         ""
     }
@@ -169,6 +241,9 @@ mod tests {
             banner(&spec),
             "== vxmesh lab demo: 4 hosts, 1 container(s) per host per network, 2 networks, bridged mode, etcd store"
         );
+        spec.store = LabStore::Static;
+        spec.encrypt = true;
+        assert!(banner(&spec).ends_with("static store, first network encrypted"));
     }
 
     #[test]

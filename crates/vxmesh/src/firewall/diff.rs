@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use super::dump::{ActualRule, ActualTable};
-use super::ruleset::{ChainDef, DROPPED_COUNTER, Desired, Elem, RuleDef, SetDef};
+use super::ruleset::{COUNTERS, ChainDef, Desired, Elem, RuleDef, SetDef};
 
 /// One change to vxmesh's table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub enum FwChange {
     Rebuild {
         reasons: Vec<String>,
     },
-    AddCounter,
+    AddCounter(&'static str),
     AddSet(SetDef),
     AddChain(ChainDef),
     Elements {
@@ -41,7 +41,7 @@ impl FwChange {
     fn rank(&self) -> u8 {
         match self {
             FwChange::Delete | FwChange::Rebuild { .. } | FwChange::Create => 0,
-            FwChange::AddCounter => 1,
+            FwChange::AddCounter(_) => 1,
             FwChange::AddSet(_) => 2,
             FwChange::AddChain(_) => 3,
             FwChange::Elements { .. } => 4,
@@ -65,7 +65,7 @@ impl fmt::Display for FwChange {
             FwChange::Rebuild { reasons } => {
                 write!(f, "nft rebuild table inet vxmesh ({})", reasons.join("; "))
             }
-            FwChange::AddCounter => write!(f, "nft add counter inet vxmesh {DROPPED_COUNTER}"),
+            FwChange::AddCounter(name) => write!(f, "nft add counter inet vxmesh {name}"),
             FwChange::AddSet(s) => write!(f, "nft add set inet vxmesh {}", s.name),
             FwChange::AddChain(c) => write!(f, "nft add chain inet vxmesh {}", c.name),
             FwChange::Elements { set, add, delete } => {
@@ -156,7 +156,11 @@ fn shape_drift(d: &Desired, a: &ActualTable) -> Vec<String> {
             Some(_) => {}
         }
     }
-    for name in a.counters.keys().filter(|n| *n != DROPPED_COUNTER) {
+    for name in a
+        .counters
+        .keys()
+        .filter(|n| !COUNTERS.contains(&n.as_str()))
+    {
         out.push(format!("unplanned counter {name}"));
     }
     for o in &a.other {
@@ -178,8 +182,10 @@ pub fn diff(desired: Option<&Desired>, actual: Option<&ActualTable>) -> Vec<FwCh
         return vec![FwChange::Rebuild { reasons }];
     }
     let mut out = Vec::new();
-    if !a.counters.contains_key(DROPPED_COUNTER) {
-        out.push(FwChange::AddCounter);
+    for name in COUNTERS {
+        if !a.counters.contains_key(name) {
+            out.push(FwChange::AddCounter(name));
+        }
     }
     for (def, want) in &d.sets {
         match a.sets.get(def.name) {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 pub use diff::FwChange;
 pub use nft::NftError;
 pub use plan::{FirewallPlan, plan_firewall};
-pub use ruleset::{DROPPED_COUNTER, TABLE};
+pub use ruleset::{DROPPED_COUNTER, SPOOFED_COUNTER, TABLE};
 
 use crate::dataplane::NodePlan;
 
@@ -29,6 +29,8 @@ pub struct Inspection {
     pub changes: Vec<FwChange>,
     /// Packets and bytes the VTEP filter dropped.
     pub dropped: Option<(u64, u64)>,
+    /// Packets and bytes the secure underlay's guard dropped.
+    pub spoofed: Option<(u64, u64)>,
     /// Elements of each set in the kernel.
     pub peers: usize,
     /// Rules in the table.
@@ -46,6 +48,9 @@ pub fn inspect(plan: &NodePlan) -> Result<Inspection, NftError> {
         dropped: actual
             .as_ref()
             .and_then(|a| a.counters.get(DROPPED_COUNTER).copied()),
+        spoofed: actual
+            .as_ref()
+            .and_then(|a| a.counters.get(SPOOFED_COUNTER).copied()),
         peers: actual
             .as_ref()
             .and_then(|a| a.sets.get(ruleset::PEERS_SET))
@@ -63,6 +68,8 @@ pub struct FirewallReport {
     pub duration: Duration,
     /// Packets and bytes the VTEP filter dropped, as dumped before the pass.
     pub dropped: Option<(u64, u64)>,
+    /// Packets and bytes the secure underlay's guard dropped (ditto).
+    pub spoofed: Option<(u64, u64)>,
     /// Underlay addresses the filter accepts (the plan's peers).
     pub peers: Option<usize>,
 }
@@ -84,6 +91,9 @@ pub fn reconcile(plan: &NodePlan) -> Result<FirewallReport, NftError> {
         dropped: actual
             .as_ref()
             .and_then(|a| a.counters.get(DROPPED_COUNTER).copied()),
+        spoofed: actual
+            .as_ref()
+            .and_then(|a| a.counters.get(SPOOFED_COUNTER).copied()),
         peers: Some(plan.firewall.peers.len()),
     })
 }
@@ -119,6 +129,7 @@ pub fn reconcile_from(old: &NodePlan, new: &NodePlan) -> Result<Option<FirewallR
         changes,
         duration: t0.elapsed(),
         dropped: None,
+        spoofed: None,
         peers: Some(new.firewall.peers.len()),
     }))
 }

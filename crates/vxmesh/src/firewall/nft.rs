@@ -17,7 +17,7 @@ use nftables::types::NfFamily;
 
 use super::diff::FwChange;
 use super::dump::{self, ActualTable};
-use super::ruleset::{ChainDef, DROPPED_COUNTER, Desired, Elem, RuleDef, SetDef, TABLE};
+use super::ruleset::{COUNTERS, ChainDef, Desired, Elem, RuleDef, SetDef, TABLE};
 
 /// Why talking to nftables failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,17 +138,23 @@ fn add_chain_rules(b: &mut Batch<'static>, d: &Desired, chain: &str) -> Result<(
     Ok(())
 }
 
-/// Everything `d` holds, added to an empty (or absent) table.
-fn create(b: &mut Batch<'static>, d: &Desired) -> Result<(), NftError> {
-    b.add(NfListObject::Table(table()));
-    b.add(NfListObject::Counter(Counter {
+fn counter(name: &'static str) -> Counter<'static> {
+    Counter {
         family: NfFamily::INet,
         table: TABLE.into(),
-        name: DROPPED_COUNTER.into(),
+        name: name.into(),
         handle: None,
         packets: None,
         bytes: None,
-    }));
+    }
+}
+
+/// Everything `d` holds, added to an empty (or absent) table.
+fn create(b: &mut Batch<'static>, d: &Desired) -> Result<(), NftError> {
+    b.add(NfListObject::Table(table()));
+    for name in COUNTERS {
+        b.add(NfListObject::Counter(counter(name)));
+    }
     for (def, elems) in &d.sets {
         b.add(NfListObject::Set(Box::new(set(def))));
         if !elems.is_empty() {
@@ -176,14 +182,7 @@ pub fn transaction(d: Option<&Desired>, changes: &[FwChange]) -> Result<String, 
                 create(&mut b, d)?;
             }
             (FwChange::Create, Some(d)) => create(&mut b, d)?,
-            (FwChange::AddCounter, _) => b.add(NfListObject::Counter(Counter {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: DROPPED_COUNTER.into(),
-                handle: None,
-                packets: None,
-                bytes: None,
-            })),
+            (FwChange::AddCounter(name), _) => b.add(NfListObject::Counter(counter(name))),
             (FwChange::AddSet(def), _) => b.add(NfListObject::Set(Box::new(set(def)))),
             (FwChange::AddChain(def), _) => b.add(NfListObject::Chain(chain(def))),
             (FwChange::Elements { set, add, delete }, _) => {

@@ -35,6 +35,19 @@ pub struct FirewallPlan {
     /// vxmesh network is dropped (networks stay isolated).
     #[serde(default)]
     pub isolated: BTreeSet<Ipv4Net>,
+    /// The secure underlay's guard (docs/encryption.md, "Spoofing"): the
+    /// served encrypted networks' (VNI, UDP port). VXLAN carrying one of
+    /// these VNIs is accepted only from the TUN device `vxm-wg0`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secure_vnis: BTreeSet<(u32, u16)>,
+    /// Served encrypted networks' ranges: nothing arriving on a plain
+    /// network's VTEP is forwarded into them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secure_ranges: BTreeSet<Ipv4Net>,
+    /// VTEPs of the served plain networks (only when an encrypted network
+    /// is served too).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub plain_vteps: BTreeSet<String>,
 }
 
 impl Default for FirewallPlan {
@@ -47,6 +60,9 @@ impl Default for FirewallPlan {
             nat_sources: BTreeSet::new(),
             hairpin: Default::default(),
             isolated: BTreeSet::new(),
+            secure_vnis: BTreeSet::new(),
+            secure_ranges: BTreeSet::new(),
+            plain_vteps: BTreeSet::new(),
         }
     }
 }
@@ -85,6 +101,12 @@ pub fn plan_firewall<'a>(
             p.isolated.insert(net.cidr);
         }
         p.hairpin.insert(net.name.clone(), hairpin);
+        if net.encrypt {
+            p.secure_vnis.insert((net.vni.get(), net.port));
+            p.secure_ranges.insert(net.cidr);
+        } else {
+            p.plain_vteps.insert(crate::model::vtep_name(net.vni));
+        }
         for n in &cluster.nodes {
             // An encrypted network's VXLAN comes from the peer's transport
             // address (through the secure underlay), a plain one's from its
@@ -96,6 +118,9 @@ pub fn plan_firewall<'a>(
                 p.peers.insert(addr);
             }
         }
+    }
+    if p.secure_vnis.is_empty() {
+        p.plain_vteps.clear();
     }
     // Overlapping ranges cannot share an interval set: keep the covering ones.
     p.overlay = Ipv4Net::aggregate(&p.overlay.into_iter().collect())

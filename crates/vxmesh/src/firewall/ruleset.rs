@@ -9,7 +9,8 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use nftables::expr::{
-    CT, Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField, Prefix,
+    CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadBase,
+    PayloadField, PayloadRaw, Prefix,
 };
 use nftables::stmt::{self, JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfHook};
@@ -22,6 +23,12 @@ use crate::dataplane::{NodePlan, PortProto, PortSpec};
 pub const TABLE: &str = "vxmesh";
 /// The named counter of the VXLAN packets the peer filter dropped.
 pub const DROPPED_COUNTER: &str = "vxlan_dropped";
+/// The named counter of the packets the secure underlay's guard dropped:
+/// an encrypted network's VXLAN from outside the tunnel, or traffic into an
+/// encrypted network from a plain network's VTEP.
+pub const SPOOFED_COUNTER: &str = "vxlan_spoofed";
+/// Every named counter of the table.
+pub const COUNTERS: [&str; 2] = [DROPPED_COUNTER, SPOOFED_COUNTER];
 /// Underlay addresses allowed to send VXLAN.
 pub const PEERS_SET: &str = "vtep_peers";
 /// UDP ports of the local VTEPs.
@@ -290,6 +297,75 @@ fn filter_rule() -> RuleDef {
     }
 }
 
+fn iifname() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta {
+        key: MetaKey::Iifname,
+    }))
+}
+
+fn count_spoofed_and_drop() -> [Value; 2] {
+    [
+        json(Statement::Counter(stmt::Counter::Named(
+            SPOOFED_COUNTER.into(),
+        ))),
+        json(Statement::Drop(None)),
+    ]
+}
+
+/// `udp dport PORT @th,96,24 VNI iifname != "vxm-wg0" counter name
+/// vxlan_spoofed drop`: an encrypted network's VXLAN (the VNI is the 24
+/// bits after the UDP header's 8 bytes and VXLAN's flags and reserved
+/// 4 bytes) counts only when it came out of the tunnel. The kernel's VXLAN
+/// socket listens on every address, so without this a frame to the
+/// underlay address with the encrypted VNI reaches the VTEP.
+fn secure_vni_rule(vni: u32, port: u16) -> RuleDef {
+    let mut expr = vec![
+        matches(
+            Operator::EQ,
+            payload("udp", "dport"),
+            Expression::Number(port.into()),
+        ),
+        matches(
+            Operator::EQ,
+            Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+                base: PayloadBase::TH,
+                offset: 96,
+                len: 24,
+            }))),
+            Expression::Number(vni),
+        ),
+        matches(
+            Operator::NEQ,
+            iifname(),
+            Expression::String(crate::secure::transport::TUN_NAME.into()),
+        ),
+    ];
+    expr.extend(count_spoofed_and_drop());
+    RuleDef {
+        comment: format!("secure vni {vni}"),
+        expr,
+    }
+}
+
+/// `iifname PLAIN_VTEP ip daddr RANGE counter name vxlan_spoofed drop`: a
+/// frame a plain network took in (unauthenticated) is never routed into an
+/// encrypted network.
+fn secure_range_rule(vtep: &str, range: Ipv4Net) -> RuleDef {
+    let mut expr = vec![
+        matches(
+            Operator::EQ,
+            iifname(),
+            Expression::String(vtep.to_string().into()),
+        ),
+        matches(Operator::EQ, payload("ip", "daddr"), prefix(range)),
+    ];
+    expr.extend(count_spoofed_and_drop());
+    RuleDef {
+        comment: format!("secure {range} from {vtep}"),
+        expr,
+    }
+}
+
 /// `ip saddr @nat_sources ip daddr != @overlay masquerade`.
 fn masquerade_rule() -> RuleDef {
     RuleDef {
@@ -386,9 +462,17 @@ pub fn desired(plan: &NodePlan) -> Option<Desired> {
     ];
     let mut rules: BTreeMap<&'static str, Vec<RuleDef>> =
         CHAINS.iter().map(|c| (c.name, Vec::new())).collect();
+    // The guard of the encrypted networks first (it holds with or without
+    // the peer filter), then the peer filter.
+    let mut vxlan_in: Vec<RuleDef> = fw
+        .secure_vnis
+        .iter()
+        .map(|(vni, port)| secure_vni_rule(*vni, *port))
+        .collect();
     if fw.vxlan_filter {
-        rules.insert("vxlan_in", vec![filter_rule()]);
+        vxlan_in.push(filter_rule());
     }
+    rules.insert("vxlan_in", vxlan_in);
     rules.insert("nat_pre", vec![jump_publish(false)]);
     rules.insert("nat_out", vec![jump_publish(true)]);
     let mut post = Vec::new();
@@ -403,7 +487,13 @@ pub fn desired(plan: &NodePlan) -> Option<Desired> {
         }
     }
     rules.insert(PUBLISH_CHAIN, publish);
-    rules.insert(ISOLATE_CHAIN, isolate_rules(&fw.isolated));
+    let mut isolate: Vec<RuleDef> = fw
+        .plain_vteps
+        .iter()
+        .flat_map(|v| fw.secure_ranges.iter().map(|r| secure_range_rule(v, *r)))
+        .collect();
+    isolate.extend(isolate_rules(&fw.isolated));
+    rules.insert(ISOLATE_CHAIN, isolate);
     rules.insert("nat_post", post);
     Some(Desired {
         sets,

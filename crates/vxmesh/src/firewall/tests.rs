@@ -99,6 +99,7 @@ fn dumped(d: &ruleset::Desired, drop_masquerade: bool) -> String {
     let mut objs =
         vec![serde_json::json!({"table": {"family": "inet", "name": "vxmesh", "handle": 1}})];
     objs.push(serde_json::json!({"counter": {"family": "inet", "name": "vxlan_dropped", "table": "vxmesh", "handle": 2, "packets": 5_000_000_000u64, "bytes": 7}}));
+    objs.push(serde_json::json!({"counter": {"family": "inet", "name": "vxlan_spoofed", "table": "vxmesh", "handle": 5, "packets": 3, "bytes": 9}}));
     for (def, elems) in &d.sets {
         let mut elems: Vec<serde_json::Value> = elems
             .iter()
@@ -184,4 +185,93 @@ fn transaction_is_valid_json_for_nft() {
     let json = super::nft::transaction(Some(&d), &[FwChange::Create]).unwrap();
     assert!(json.contains("\"dnat\""), "{json}");
     assert!(json.contains("vtep_peers"), "{json}");
+}
+
+/// host1 and host2 share an encrypted bridged network (VNI 100) and a
+/// plain routed one (VNI 300); host3 is only in the plain one.
+fn mixed_plan() -> NodePlan {
+    let t = "[[network]]\nname = \"secret\"\nmode = \"bridged\"\ncidr = \"172.18.0.0/16\"\nsubnet_len = 24\nvni = 100\nencrypt = true\n\
+             [[network]]\nname = \"open\"\ncidr = \"172.19.0.0/16\"\nsubnet_len = 24\nvni = 300\nport = 4790\n\
+             [[node]]\nname = \"host1\"\nunderlay_ip = \"198.18.0.1\"\n\
+             [[node]]\nname = \"host2\"\nunderlay_ip = \"198.18.0.2\"\n\
+             [[node]]\nname = \"host3\"\nunderlay_ip = \"198.18.0.3\"\n";
+    let c = crate::config::parse(t, "t").unwrap();
+    plan(&PlanInput {
+        cluster: &c,
+        node: "host1",
+        endpoints: None,
+        underlay_mtu: 1500,
+        vxlan_filter: true,
+    })
+    .unwrap()
+}
+
+#[test]
+fn an_encrypted_vni_is_accepted_only_from_the_tunnel() {
+    let p = mixed_plan();
+    let fw = &p.firewall;
+    assert_eq!(
+        fw.secure_vnis.iter().copied().collect::<Vec<_>>(),
+        [(100, 4789)]
+    );
+    assert_eq!(fw.plain_vteps.iter().collect::<Vec<_>>(), ["vxm-vx300"]);
+    let d = ruleset::desired(&p).unwrap();
+    let vxlan_in = &d.rules["vxlan_in"];
+    // The guard first, then the peer filter.
+    assert_eq!(vxlan_in[0].comment, "secure vni 100");
+    assert_eq!(vxlan_in[1].comment, ruleset::FILTER_RULE);
+    // As nft 1.0.6 prints `udp dport 4789 @th,96,24 100 iifname != "vxm-wg0"
+    // counter name "vxlan_spoofed" drop` (so a dump compares equal).
+    assert_eq!(
+        serde_json::to_value(&vxlan_in[0].expr).unwrap(),
+        serde_json::json!([
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 4789}},
+            {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": 96, "len": 24}}, "right": 100}},
+            {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "vxm-wg0"}},
+            {"counter": "vxlan_spoofed"},
+            {"drop": null}
+        ])
+    );
+    let isolate = &d.rules[ruleset::ISOLATE_CHAIN];
+    assert_eq!(isolate[0].comment, "secure 172.18.0.0/16 from vxm-vx300");
+    assert_eq!(
+        serde_json::to_value(&isolate[0].expr).unwrap(),
+        serde_json::json!([
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "vxm-vx300"}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": {"prefix": {"addr": "172.18.0.0", "len": 16}}}},
+            {"counter": "vxlan_spoofed"},
+            {"drop": null}
+        ])
+    );
+    // Even with the peer filter off, the guard stays.
+    let mut off = p.clone();
+    off.firewall.vxlan_filter = false;
+    let d = ruleset::desired(&off).unwrap();
+    assert_eq!(d.rules["vxlan_in"].len(), 1);
+    // And the table with it round-trips through a dump.
+    let text = dumped(&d, false).replace("198.18.0.9", "198.18.0.3");
+    let a = parse(&text).unwrap();
+    assert_eq!(a.counters[ruleset::SPOOFED_COUNTER], (3, 9));
+    let json = super::nft::transaction(Some(&d), &[FwChange::Create]).unwrap();
+    assert!(json.contains("vxlan_spoofed"), "{json}");
+}
+
+#[test]
+fn plain_networks_alone_have_no_guard() {
+    let d = ruleset::desired(&node_plan(true, true)).unwrap();
+    assert_eq!(d.rules["vxlan_in"].len(), 1);
+    assert!(d.rules[ruleset::ISOLATE_CHAIN].is_empty());
+}
+
+#[test]
+fn a_missing_counter_is_added() {
+    let d = ruleset::desired(&node_plan(true, true)).unwrap();
+    let text = dumped(&d, false)
+        .replace("198.18.0.9", "198.18.0.3")
+        .replace("vxlan_spoofed", "other");
+    let changes = diff(Some(&d), Some(&parse(&text).unwrap()));
+    assert!(
+        matches!(&changes[0], FwChange::Rebuild { reasons } if reasons[0] == "unplanned counter other"),
+        "{changes:?}"
+    );
 }

@@ -24,6 +24,9 @@
 //! | `vxmesh_vxlan_dropped_total` | counter | VXLAN packets from non-peers the VTEP filter dropped |
 //! | `vxmesh_firewall_changes_total` | counter | changes applied to the nftables table `inet vxmesh` |
 //! | `vxmesh_vtep_peers` | gauge | underlay addresses the VTEP filter accepts |
+//! | `vxmesh_vxlan_spoofed_total` | counter | packets the secure underlay's guard dropped: an encrypted network's VXLAN not from `vxm-wg0`, or traffic into an encrypted network from a plain VTEP |
+//!
+//! The secure underlay's metrics (docs/encryption.md) are in [`secure`].
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -41,6 +44,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::dataplane::{NodePlan, ReconcileError, ReconcileReport};
 
+mod secure;
 mod server;
 pub use server::{BindError, Server, bind, serve};
 
@@ -136,6 +140,22 @@ struct Inner {
     vxlan_dropped_seen: Mutex<u64>,
     firewall_changes: Counter,
     vtep_peers: Gauge,
+    vxlan_spoofed: Counter,
+    vxlan_spoofed_seen: Mutex<u64>,
+    secure: secure::SecureMetrics,
+}
+
+/// Advance `counter` by what the kernel counter behind it moved since
+/// `seen` (a smaller value: the table was recreated and counts from 0).
+fn follow(counter: &Counter, seen: &Mutex<u64>, packets: u64) {
+    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let delta = if packets >= *seen {
+        packets - *seen
+    } else {
+        packets
+    };
+    counter.inc_by(delta);
+    *seen = packets;
 }
 
 /// The agent's metrics; clones share them.
@@ -285,6 +305,13 @@ impl Metrics {
             "Underlay addresses the VTEP filter accepts VXLAN from, in the last applied plan",
             vtep_peers.clone(),
         );
+        let vxlan_spoofed = Counter::default();
+        registry.register(
+            "vxlan_spoofed",
+            "Packets the secure underlay's guard dropped: VXLAN of an encrypted network that did not come out of vxm-wg0, or traffic into an encrypted network from a plain network's VTEP (nftables counter vxlan_spoofed, read each full pass)",
+            vxlan_spoofed.clone(),
+        );
+        let secure = secure::SecureMetrics::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -308,6 +335,9 @@ impl Metrics {
                 vxlan_dropped_seen: Mutex::new(0),
                 firewall_changes,
                 vtep_peers,
+                vxlan_spoofed,
+                vxlan_spoofed_seen: Mutex::new(0),
+                secure,
             }),
         }
     }
@@ -364,19 +394,17 @@ impl Metrics {
             m.vtep_peers.set(n as i64);
         }
         if let Some((packets, _)) = r.dropped {
-            let mut seen = m
-                .vxlan_dropped_seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            // A smaller value: the table was recreated and counts from 0.
-            let delta = if packets >= *seen {
-                packets - *seen
-            } else {
-                packets
-            };
-            m.vxlan_dropped.inc_by(delta);
-            *seen = packets;
+            follow(&m.vxlan_dropped, &m.vxlan_dropped_seen, packets);
         }
+        if let Some((packets, _)) = r.spoofed {
+            follow(&m.vxlan_spoofed, &m.vxlan_spoofed_seen, packets);
+        }
+    }
+
+    /// The secure underlay's counters, read from its peer table
+    /// ([`crate::secure::SecureUnderlay::stats`]) after each pass.
+    pub fn secure(&self, s: &crate::secure::underlay::UnderlayReport) {
+        self.inner.secure.record(s);
     }
 
     /// Container veths put back on their bridge (one netlink request each).

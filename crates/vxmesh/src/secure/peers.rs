@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::TunnResult;
+use boringtun::noise::errors::WireGuardError;
 
 use super::keys::{PrivateKey, PublicKey};
 
@@ -100,6 +101,9 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     pub handshakes: u64,
     pub decrypt_failures: u64,
+    /// Decrypted packets dropped because their source was not the peer's
+    /// transport address.
+    pub spoofed_inner: u64,
 }
 
 /// What `set_peers` changed (node names).
@@ -357,6 +361,17 @@ impl PeerTable {
                         .decrypt_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(peer = %peer.spec.node, %from, "decapsulate: {e:?}");
+                    // The peer sends on a session this tunnel lacks (this
+                    // agent restarted, or the tunnel was replaced): start a
+                    // handshake now instead of waiting up to 15 s for the
+                    // peer's own rekey (one at a time: boringtun answers
+                    // Done while one is in progress).
+                    if matches!(e, WireGuardError::NoCurrentSession)
+                        && let TunnResult::WriteToNetwork(d) =
+                            tunn.format_handshake_initiation(out, false)
+                    {
+                        send(peer.spec.endpoint, d);
+                    }
                     return;
                 }
             }
@@ -444,6 +459,7 @@ impl PeerTable {
                     rx_bytes: 0,
                     handshakes: p.counters.handshakes.load(Ordering::Relaxed),
                     decrypt_failures: p.counters.decrypt_failures.load(Ordering::Relaxed),
+                    spoofed_inner: p.counters.spoofed_inner.load(Ordering::Relaxed),
                 };
                 for s in &p.slots {
                     let (since, tx, rx, ..) = s.lock().stats();

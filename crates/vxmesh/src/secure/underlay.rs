@@ -15,6 +15,9 @@ use super::transport::TUN_ALIAS;
 use super::tun::{Tun, TunError};
 use crate::dataplane::kernel::{LinkOptions, Netlink, NetlinkError};
 
+pub mod report;
+pub use report::{PeerReport, UnderlayReport};
+
 /// A failure bringing the secure underlay up.
 #[derive(Debug, thiserror::Error)]
 pub enum SecureError {
@@ -52,6 +55,9 @@ struct Running {
     current: PrivateKey,
     /// When the switch to the next key began (a rotation under way).
     switch_started: Option<Instant>,
+    /// Unix time (ms) the data path started (for the doctor's handshake
+    /// grace).
+    started_ms: u64,
 }
 
 /// What a pass does with this node's keys (see [`key_step`]).
@@ -327,6 +333,7 @@ impl SecureUnderlay {
             datapath,
             current: key,
             switch_started: None,
+            started_ms: report::now_ms(),
         })
     }
 

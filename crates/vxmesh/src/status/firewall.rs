@@ -25,6 +25,10 @@ pub struct FirewallStatus {
     pub peers_in_kernel: usize,
     /// VXLAN packets from non-peers the filter dropped.
     pub dropped_packets: Option<u64>,
+    /// Packets the secure underlay's guard dropped (an encrypted network's
+    /// VXLAN from outside the tunnel).
+    #[serde(default)]
+    pub spoofed_packets: Option<u64>,
     pub networks: Vec<NatStatus>,
     /// Published ports: `tcp 8080 -> 10.1.0.5:80 (network, owner)`.
     pub ports: Vec<String>,
@@ -56,6 +60,7 @@ pub fn firewall_status(plan: &NodePlan, i: &Inspection) -> FirewallStatus {
         peers_planned: plan.firewall.peers.len(),
         peers_in_kernel: i.peers,
         dropped_packets: i.dropped.map(|d| d.0),
+        spoofed_packets: i.spoofed.map(|d| d.0),
         networks: plan
             .networks
             .keys()
@@ -102,6 +107,11 @@ pub fn render(f: &FirewallStatus) -> Vec<String> {
         f.dropped_packets.map_or("-".into(), |d| d.to_string()),
         if f.ok() { "in place" } else { "DRIFT" }
     )];
+    if let Some(n) = f.spoofed_packets.filter(|_| f.table) {
+        out.push(format!(
+            "  encrypted networks' VXLAN only from the tunnel: {n} spoofed packet(s) dropped"
+        ));
+    }
     for n in &f.networks {
         out.push(format!(
             "  network {}: outbound NAT {}",

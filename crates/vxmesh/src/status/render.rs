@@ -60,10 +60,11 @@ pub fn render(r: &StatusReport) -> String {
     }
     for n in &r.networks {
         line(format!(
-            "network {} ({}, vni {}): subnet {} pool {} gateway {} vtep {} bridge {} mtu {}",
+            "network {} ({}, vni {}, {}): subnet {} pool {} gateway {} vtep {} bridge {} mtu {}",
             n.name,
             n.mode,
             n.vni.get(),
+            if n.encrypt { "encrypted" } else { "plain" },
             n.subnet,
             n.pool,
             opt(&n.gateway),
@@ -87,6 +88,11 @@ pub fn render(r: &StatusReport) -> String {
             for e in &p.entries {
                 line(format!("    {}", entry_line(e)));
             }
+        }
+    }
+    if let Some(s) = &r.secure {
+        for l in super::secure::render(s) {
+            line(l);
         }
     }
     if let Some(f) = &r.firewall {

@@ -73,6 +73,9 @@ pub struct NetworkStatus {
     pub bridge: String,
     pub vtep: String,
     pub mtu: u32,
+    /// Carried over the secure underlay (`encrypt = true`).
+    #[serde(default)]
+    pub encrypt: bool,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -81,6 +84,8 @@ pub struct NetworkStatus {
 pub struct PeerStatus {
     /// Node name, if the underlay IP is a known node.
     pub node: Option<String>,
+    /// Where the VTEP sends: the peer's underlay address, or its transport
+    /// address for an encrypted network.
     pub underlay_ip: Ipv4Addr,
     /// Routed: the peer's VTEP MAC. Bridged: the endpoint's MAC.
     pub mac: Mac,
@@ -119,6 +124,9 @@ pub struct StatusReport {
     /// vxmesh's nftables table (`None` when not inspected).
     #[serde(default)]
     pub firewall: Option<super::FirewallStatus>,
+    /// The secure underlay (`None`: no encrypted network served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<super::SecureStatus>,
 }
 
 pub fn route_text(r: &RouteSpec) -> String {
@@ -308,6 +316,11 @@ pub fn compare(
         .map(|(l, verdict)| device_status(l, verdict, plan, v, actual))
         .collect();
     let mut networks = Vec::new();
+    // An encrypted network's VTEP sends to transport addresses.
+    let mut names = saved.nodes.clone();
+    if let Some(sp) = &plan.secure {
+        names.extend(sp.peers.iter().map(|(n, p)| (p.transport, n.clone())));
+    }
     for st in plan.networks.values() {
         let peers = peers_of(&st.vtep, saved)
             .into_iter()
@@ -317,7 +330,7 @@ pub fn compare(
                 entries.extend(neighs.iter().map(|n| neigh_status(n, v)));
                 entries.push(fdb_status(&f, v));
                 PeerStatus {
-                    node: saved.nodes.get(&f.dst).cloned(),
+                    node: names.get(&f.dst).cloned(),
                     underlay_ip: f.dst,
                     mac: f.mac,
                     ips: neighs.iter().map(|n| n.ip).collect(),
@@ -336,6 +349,11 @@ pub fn compare(
             bridge: st.bridge.clone(),
             vtep: st.vtep.clone(),
             mtu: st.mtu,
+            encrypt: plan
+                .firewall
+                .secure_vnis
+                .iter()
+                .any(|(vni, _)| *vni == st.vni.get()),
             peers,
         });
     }
@@ -368,5 +386,6 @@ pub fn compare(
         pending_changes,
         ok,
         firewall: None,
+        secure: None,
     }
 }

@@ -236,6 +236,13 @@ impl SecureUnderlay {
                 drop(r);
                 remove_device(nl, &dev).await?;
             }
+            // No tunnel to keep: a rotation finishes at once.
+            if let Some(next) = keys::read_next(&self.state_dir)? {
+                keys::replace_key_file(&self.key_path(), &next)?;
+                remove_next(&self.state_dir)?;
+                tracing::info!(new = %next.public(), "key rotation done (no encrypted network served)");
+                crate::wake::poke(&self.state_dir);
+            }
             return Ok(PeerChanges::default());
         };
         if self

@@ -127,7 +127,7 @@ impl SecureUnderlay {
     }
 
     /// How far this node's switch to its next key is (`None`: no switch
-    /// under way), and each peer's number of tunnels.
+    /// under way).
     pub fn rotation(&self) -> Option<SwitchProgress> {
         let r = self.running.as_ref()?;
         r.datapath

@@ -195,3 +195,103 @@ async fn cluster_file_rotation_loses_no_reply() {
     let report = lab.check(Duration::from_secs(2)).unwrap();
     assert!(report.failures().is_empty(), "{}", report.matrix());
 }
+
+fn vxmesh(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(exe())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn key_files_and_listed_keys_are_refused_with_the_file_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let key = dir.path().join("wg.key");
+    let (ok, public, _) = vxmesh(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(ok);
+    let agent = |key: &Path| {
+        vxmesh(&[
+            "agent",
+            "--no-config",
+            "--cluster",
+            "/nonexistent/cluster.toml",
+            "--node",
+            "h1",
+            "--once",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+    };
+    // Readable by others: the file and `chmod 600`.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, _, err) = agent(&key);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("chmod 600 {}", key.display())),
+        "{err}"
+    );
+    // Not a key: the file and the format.
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not a key\n").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, _, err) = agent(&bad);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("key file {} is not base64", bad.display()))
+            && err.contains("vxmesh keygen"),
+        "{err}"
+    );
+    // Missing: how to make one.
+    let (ok, _, err) = agent(&dir.path().join("none.key"));
+    assert!(!ok);
+    assert!(err.contains("vxmesh keygen --out"), "{err}");
+    // rotate-key: one rotation at a time.
+    let (ok, next, _) = vxmesh(&["rotate-key", "--state-dir", state.to_str().unwrap()]);
+    assert!(ok);
+    let mode = std::fs::metadata(state.join(NEXT_KEY_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (ok, _, err) = vxmesh(&["rotate-key", "--state-dir", state.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("under way") && err.contains(next.trim()),
+        "{err}"
+    );
+    // A cluster file's next key: beside a public_key, and not the same one.
+    let cluster = dir.path().join("cluster.toml");
+    let write = |keys: &str| {
+        std::fs::write(
+            &cluster,
+            format!(
+                "[[network]]\nname = \"n\"\nmode = \"routed\"\ncidr = \"172.18.0.0/16\"\nsubnet_len = 24\nvni = 1\nencrypt = true\n\n\
+                 [[node]]\nname = \"h1\"\nunderlay_ip = \"198.18.0.1\"\n{keys}\n"
+            ),
+        )
+        .unwrap()
+    };
+    let (p, n) = (public.trim(), next.trim());
+    write(&format!("public_key = \"{p}\"\nnext_public_key = \"{n}\""));
+    assert!(vxmesh(&["validate", "--cluster", cluster.to_str().unwrap()]).0);
+    write(&format!("next_public_key = \"{n}\""));
+    let (ok, _, err) = vxmesh(&["validate", "--cluster", cluster.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("node[0].next_public_key") && err.contains("no public_key"),
+        "{err}"
+    );
+    write(&format!("public_key = \"{p}\"\nnext_public_key = \"{p}\""));
+    let (ok, _, err) = vxmesh(&["validate", "--cluster", cluster.to_str().unwrap()]);
+    assert!(!ok && err.contains("is its public_key"), "{err}");
+}

@@ -66,7 +66,8 @@ pub struct AgentArgs {
     metrics: Option<String>,
     /// The secure underlay's private key (mode 0600, base64 as `vxmesh
     /// keygen` writes it) [default: STATE_DIR/wg.key, made on first start].
-    /// `vxmesh rotate-key` replaces it when a rotation is done.
+    /// The agent replaces it with the new key when a rotation (`vxmesh
+    /// rotate-key`) is done.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
 }

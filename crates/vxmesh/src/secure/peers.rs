@@ -245,7 +245,8 @@ impl PeerTable {
     /// Give `peer` one slot per (own key, listed key), keeping those that
     /// exist. A slot of this node's next key starts the handshake (the
     /// peer cannot: it does not know when this node switches); a slot of
-    /// the peer's next key waits for the peer's (no keepalive, which would
+    /// the peer's next key waits for the peer's (its timers, keepalive
+    /// included, start with its first session: a keepalive before would
     /// start one to a key the peer does not use yet).
     fn sync_slots(&mut self, peer: &mut Peer) {
         let listed = peer.spec.keys();
@@ -262,12 +263,17 @@ impl PeerTable {
                 }
                 let own_is_next = switching && i == self.keys.len() - 1;
                 let peer_key_is_next = Some(pk) == peer.spec.next_public_key;
-                let keepalive = (!peer_key_is_next).then_some(KEEPALIVE_SECS);
                 let index = self.next_index;
                 // Indices are 24 bits; the table never holds 16 million tunnels.
                 self.next_index = (self.next_index + 1) & 0x00ff_ffff;
-                peer.slots
-                    .push(Slot::new(own, pk, index, keepalive, own_is_next));
+                peer.slots.push(Slot::new(
+                    own,
+                    pk,
+                    index,
+                    KEEPALIVE_SECS,
+                    own_is_next,
+                    peer_key_is_next,
+                ));
             }
         }
     }
@@ -393,7 +399,7 @@ impl PeerTable {
                     {
                         send(peer.spec.endpoint, d);
                     }
-                } else {
+                } else if !slot.waits_for_peer() {
                     match tunn.update_timers(out) {
                         TunnResult::WriteToNetwork(d) => send(peer.spec.endpoint, d),
                         TunnResult::Err(e) => {

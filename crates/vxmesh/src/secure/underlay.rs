@@ -133,7 +133,7 @@ impl SecureUnderlay {
     }
 
     /// How far this node's switch to its next key is (`None`: no switch
-    /// under way), and each peer's number of tunnels.
+    /// under way).
     pub fn rotation(&self) -> Option<SwitchProgress> {
         let r = self.running.as_ref()?;
         r.datapath
@@ -241,6 +241,13 @@ impl SecureUnderlay {
                 let dev = r.dev.clone();
                 drop(r);
                 remove_device(nl, &dev).await?;
+            }
+            // No tunnel to keep: a rotation finishes at once.
+            if let Some(next) = keys::read_next(&self.state_dir)? {
+                keys::replace_key_file(&self.key_path(), &next)?;
+                remove_next(&self.state_dir)?;
+                tracing::info!(new = %next.public(), "key rotation done (no encrypted network served)");
+                crate::wake::poke(&self.state_dir);
             }
             return Ok(PeerChanges::default());
         };

@@ -422,10 +422,14 @@ impl EtcdStore {
     /// under the node lease; a record re-published later (a new lease)
     /// carries them too. No-op when they are listed already.
     pub async fn publish_keys(&self, keys: ListedKeys) -> Result<()> {
-        let owned = self.inner.owned.lock().await;
         let published =
-            self.inner.me.keys() == keys && self.inner.keys_published.load(Ordering::SeqCst);
-        if published {
+            || self.inner.me.keys() == keys && self.inner.keys_published.load(Ordering::SeqCst);
+        // Every pass asks: answer without waiting for a publication under way.
+        if published() {
+            return Ok(());
+        }
+        let owned = self.inner.owned.lock().await;
+        if published() {
             return Ok(());
         }
         *self.inner.me.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys;

@@ -38,6 +38,9 @@ pub(super) struct Slot {
     pub received_data: AtomicBool,
     /// When the slot first had a usable session.
     usable_since: Mutex<Option<Instant>>,
+    /// A slot of the peer's next key: no timers (no keepalive, no
+    /// handshake) before the peer starts its first session on it.
+    passive: bool,
     /// The last `time_since_last_handshake` seen by the tick.
     pub last_seen_handshake: Mutex<Option<Duration>>,
 }
@@ -47,14 +50,15 @@ impl Slot {
         own: &PrivateKey,
         peer_key: PublicKey,
         index: u32,
-        keepalive: Option<u16>,
+        keepalive: u16,
         initiate: bool,
+        passive: bool,
     ) -> Slot {
         let tunn = Tunn::new(
             own.to_x25519(),
             peer_key.to_x25519(),
             None,
-            keepalive,
+            Some(keepalive),
             index,
             None,
         );
@@ -66,6 +70,7 @@ impl Slot {
             initiate: Mutex::new(initiate.then(|| (Instant::now() + INITIATE_FOR, None))),
             received_data: AtomicBool::new(false),
             usable_since: Mutex::new(None),
+            passive,
             last_seen_handshake: Mutex::new(None),
         }
     }
@@ -82,6 +87,13 @@ impl Slot {
     /// Since when the slot has had a usable session (updated by the tick).
     pub fn usable_since(&self) -> Option<Instant> {
         *self.usable_since.lock().expect("slot lock")
+    }
+
+    /// A slot of the peer's next key that the peer has not used yet: its
+    /// timers must not run (they would start a handshake to a key the peer
+    /// may not use yet).
+    pub fn waits_for_peer(&self) -> bool {
+        self.passive && self.usable_since().is_none()
     }
 
     /// The tick's part: note a usable session; say whether an initiation

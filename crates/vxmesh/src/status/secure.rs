@@ -191,6 +191,7 @@ mod tests {
                 public_key: peer_key.then_some(own),
                 endpoint: "198.18.0.2:51820".parse().unwrap(),
                 transport: "10.255.0.2".parse().unwrap(),
+                next_public_key: None,
             },
         );
         SecurePlan {
@@ -199,6 +200,7 @@ mod tests {
             mtu: 1440,
             port: 51820,
             own_key: Some(own),
+            own_next_key: None,
             peers,
         }
     }

@@ -622,6 +622,9 @@ async fn serve<S: Store>(
     // that applied it started: while the count is unchanged, nothing but
     // that pass touched what vxmesh owns.
     let mut trusted: Option<(NodePlan, u64)> = None;
+    // The secure underlay of the last good pass: its report goes on between
+    // passes, also while passes fail (a refused key listing, say).
+    let mut secure_plan: Option<crate::secure::plan::SecurePlan> = None;
     let mut resync_due = false;
     let mut allocations = AllocationMemory::default();
     let mut plans = PlanStore::new();
@@ -675,6 +678,7 @@ async fn serve<S: Store>(
                 } else {
                     tracing::debug!(incremental = o.incremental, "pass: no changes");
                 }
+                secure_plan = o.plan.secure.clone();
                 trusted = Some((o.plan, seen));
                 retry = Duration::from_millis(200);
                 opts.resync
@@ -694,7 +698,6 @@ async fn serve<S: Store>(
         resync_due = false;
         let pass_took = started.elapsed();
         let mut coalesce = COALESCE;
-        let secure_plan = trusted.as_ref().and_then(|(p, _)| p.secure.clone());
         let resync = tokio::time::sleep(wait);
         tokio::pin!(resync);
         let mut report_tick =

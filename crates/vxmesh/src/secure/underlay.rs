@@ -107,6 +107,11 @@ pub struct SecureUnderlay {
     key_file: Option<PathBuf>,
     state_dir: PathBuf,
     running: Option<Running>,
+    /// The key the store listed for this node at the last [`Self::apply`]
+    /// (also one that was refused as a mismatch), for the report: between
+    /// passes the report is made from the last good plan, which still
+    /// lists the old key.
+    listed_seen: Option<PublicKey>,
 }
 
 impl SecureUnderlay {
@@ -117,6 +122,7 @@ impl SecureUnderlay {
             key_file,
             state_dir,
             running: None,
+            listed_seen: None,
         }
     }
 
@@ -236,6 +242,7 @@ impl SecureUnderlay {
         nl: &Netlink,
         plan: Option<&SecurePlan>,
     ) -> Result<PeerChanges, SecureError> {
+        self.listed_seen = plan.and_then(|p| p.own_key);
         let Some(plan) = plan else {
             if let Some(r) = self.running.take() {
                 let dev = r.dev.clone();

@@ -101,7 +101,12 @@ pub fn secure_status(
         addr: plan.addr,
         port: plan.port,
         public_key: report.map(|r| r.public_key.to_string()),
-        listed_key: plan.own_key.map(|k| k.to_string()),
+        // The agent's last look at the store: a refused (mismatching)
+        // listing never reaches the saved plan.
+        listed_key: report
+            .and_then(|r| r.listed_key)
+            .or(plan.own_key)
+            .map(|k| k.to_string()),
         report_age_secs: report.map(|r| r.age(now_ms).as_secs()),
         dropped_no_peer: report.map(|r| r.dropped_no_peer),
         peers,

@@ -109,7 +109,7 @@ impl SecureUnderlay {
             addr: plan.addr,
             port: r.port,
             public_key: table.public_key(),
-            listed_key: plan.own_key,
+            listed_key: self.listed_seen.or(plan.own_key),
             dropped_no_peer: table
                 .dropped_no_peer
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -154,8 +154,12 @@ fn throughput_reports_four_paths_ratios_and_cpu_cost() {
         let paths = names(r, "paths", "path");
         let ratios = names(r, "ratios", "name");
         if nft {
-            assert_eq!(paths, ["plain-no-nft", "plain"], "{r}");
-            assert_eq!(ratios, ["plain/plain-no-nft"], "{r}");
+            assert_eq!(paths, ["plain-no-nft", "plain", "hand-wired"], "{r}");
+            assert_eq!(
+                ratios,
+                ["plain/plain-no-nft", "plain-no-nft/hand-wired"],
+                "{r}"
+            );
         } else {
             assert_eq!(
                 paths,

@@ -13,7 +13,8 @@
 //!
 //! A last row per mode, `tcp-1-nft`, compares vxmesh plain with its
 //! nftables table (VTEP filter and outbound NAT on) against the same overlay
-//! with the table removed, the agents paused meanwhile.
+//! with the table removed, the agents paused meanwhile, and both against the
+//! hand-wired path (which has no table).
 
 mod handwired;
 mod iperf;
@@ -197,7 +198,8 @@ pub async fn run(o: &ThroughputOptions) -> Result<ThroughputReport> {
         }
         if let (true, Some(lab)) = (want(PathKind::Plain), &plain) {
             let leg = container_leg(lab)?;
-            rows.push(firewall_row(lab, mode, &leg, o).await?);
+            let hand_leg = hand.as_ref().map(HandWired::leg);
+            rows.push(firewall_row(lab, mode, &leg, hand_leg.as_ref(), o).await?);
         }
         if let Some(lab) = &encrypted {
             threads.extend(agent_threads(lab, mode));
@@ -280,45 +282,62 @@ fn signal_agents(lab: &Lab, sig: nix::sys::signal::Signal) -> Result<()> {
 }
 
 /// The row of plain with vxmesh's table (filter and NAT on) against without
-/// it, interleaved; the agents are paused so none puts the table back in
+/// it, and against the hand-wired path if measured (it has no table), in
+/// rotating rounds; the agents are paused so none puts the table back in
 /// between.
 async fn firewall_row(
     lab: &Lab,
     mode: Mode,
     overlay: &Leg,
+    hand: Option<&Leg>,
     o: &ThroughputOptions,
 ) -> Result<ThroughputRow> {
     use nix::sys::signal::Signal;
+    // 0: plain without the table, 1: plain with it, 2: hand-wired.
+    let n = if hand.is_some() { 3 } else { 2 };
     signal_agents(lab, Signal::SIGSTOP)?;
     let result = async {
-        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); n];
         for i in 0..o.repeat {
-            for table in if i % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            } {
-                set_tables(lab, table)?;
-                let r = iperf::iperf(overlay, Case::Tcp(1), o).await?;
-                if table { on.push(r) } else { off.push(r) }
+            for k in 0..n {
+                let j = (i + k) % n;
+                let leg = match j {
+                    2 => hand.expect("hand-wired leg"),
+                    _ => {
+                        set_tables(lab, j == 1)?;
+                        overlay
+                    }
+                };
+                runs[j].push(iperf::iperf(leg, Case::Tcp(1), o).await?);
             }
         }
         set_tables(lab, true)?;
-        anyhow::Ok((off, on))
+        anyhow::Ok(runs)
     }
     .await;
     signal_agents(lab, Signal::SIGCONT)?;
-    let (off, on) = result?;
+    let runs = result?;
+    let (off, on) = (&runs[0], &runs[1]);
+    let mut paths = vec![path_figures(NO_TABLE, off), path_figures("plain", on)];
+    let mut ratios = vec![ratio_figure(format!("plain/{NO_TABLE}"), on, off, None)];
+    if let Some(h) = runs.get(2) {
+        paths.push(path_figures(PathKind::HandWired.name(), h));
+        ratios.push(ratio_figure(
+            format!("{NO_TABLE}/{}", PathKind::HandWired.name()),
+            off,
+            h,
+            None,
+        ));
+    }
     let row = ThroughputRow {
         mode: mode.to_string(),
         case: "tcp-1-nft".into(),
-        paths: vec![path_figures(NO_TABLE, &off), path_figures("plain", &on)],
-        ratios: vec![ratio_figure(format!("plain/{NO_TABLE}"), &on, &off, None)],
+        paths,
+        ratios,
     };
-    tracing::info!(
-        "throughput {mode} tcp-1 nftables table on/off {:.3}",
-        row.ratios[0].value
-    );
+    for r in &row.ratios {
+        tracing::info!("throughput {mode} tcp-1-nft: {} {:.3}", r.name, r.value);
+    }
     Ok(row)
 }
 

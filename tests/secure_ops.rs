@@ -537,3 +537,13 @@ fn demo_encrypt_bridged_mixed_passes() {
         ],
     );
 }
+
+/// The same on etcd: the agents publish their keys in their node records
+/// and build their tunnels from each other's records.
+#[test]
+fn demo_encrypt_etcd_routed_passes() {
+    demo_encrypt(
+        "dee",
+        &["--store", "etcd", "--nodes", "3", "--containers", "1"],
+    );
+}

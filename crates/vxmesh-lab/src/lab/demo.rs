@@ -67,14 +67,10 @@ pub async fn demo(spec: &LabSpec) -> Result<bool> {
     }
     if spec.encrypt {
         let (lines, missing) = secure_sessions(&lab).await;
-        let encrypted = vxmesh::config::load(&lab.info.cluster_file)
-            .ok()
-            .and_then(|c| {
-                c.networks
-                    .iter()
-                    .find(|n| n.encrypt)
-                    .map(|n| n.name.clone())
-            })
+        // The lab encrypts its first network, on either store.
+        let encrypted = super::spec::network_names(spec.mode, spec.networks)
+            .into_iter()
+            .next()
             .unwrap_or_else(|| "-".into());
         println!(
             "\n-- secure underlay (network {encrypted}: VXLAN inside WireGuard, any other network plain; per host, each peer's last handshake and bytes):"

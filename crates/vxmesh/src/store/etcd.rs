@@ -184,6 +184,11 @@ impl Inner {
         self.view().network().clone()
     }
 
+    /// A copy of the view's keys.
+    pub(crate) fn kvs(&self) -> BTreeMap<String, view::Kv> {
+        self.view().kvs().clone()
+    }
+
     /// Change the view and notify `changed()` if the derived snapshot changed.
     pub(crate) fn update_view(&self, f: impl FnOnce(&mut View)) {
         let changed = {
@@ -273,6 +278,7 @@ impl EtcdStore {
         };
         // Read first (the identity, the claims, the view), then grant: a
         // slow read cannot eat into the lease.
+        opts.metrics.etcd_listed("join");
         let (kvs, rev) = watcher::list(&client, keys.root())
             .await
             .map_err(join_err)?;

@@ -16,7 +16,7 @@ use super::client::ClientOptions;
 use super::lease::{self, KeptLease, LeaseState};
 use super::records::{self, Keys};
 use super::view::Kv;
-use super::{Backoff, Inner, Me, TaskGuard, watcher};
+use super::{Backoff, Inner, Me, TaskGuard};
 use crate::config::Network;
 use crate::store::error::{Result, StoreError};
 
@@ -281,10 +281,16 @@ pub(crate) async fn keepalive_loop(inner: Arc<Inner>, mut kept: Kept) {
 }
 
 /// Grant new leases for the lost ones and re-publish claim, record and
-/// endpoints under them. Reads first (the identity and the claims), then
-/// grants. Never revokes: whatever it bound stays bound to a kept lease.
+/// endpoints under them. Claims from the watched view, never a new list of
+/// the network: the view is as fresh as a list would be (the watch resumes
+/// from its revision; a stale key only fails its compare, which reads it
+/// back), and a mass expiry then costs etcd O(1) per node, not a range over
+/// the whole network each (which, at hundreds of nodes on one overloaded
+/// etcd, made it slower still and more leases expire).
+/// Never revokes: whatever it bound stays bound to a kept lease.
 async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
-    let (seen, _) = watcher::list(&inner.client, inner.keys.root()).await?;
+    inner.health.metrics().lease_regranted();
+    let seen = inner.kvs();
     let net = inner.network();
     let mut ident = super::claim::check_identity(&seen, &inner.keys, &inner.me, &net)?;
     kept.renew(&inner.client, inner.ttl_secs, false).await?;

@@ -93,6 +93,11 @@ impl View {
         &self.network
     }
 
+    /// The keys as last listed and watched (what a re-grant claims from).
+    pub fn kvs(&self) -> &BTreeMap<String, Kv> {
+        &self.kvs
+    }
+
     pub fn set_own(&mut self, own: NodeRecord) {
         self.own = Some(own);
     }

@@ -19,7 +19,7 @@
 //! | `vxmesh_cluster_watch_polling` | gauge | 1 while the cluster file is polled instead of watched, else 0 |
 //! | `vxmesh_join_failures_total{cause}` | counter | failed attempts to join the store, by cause (`lease_lost`, `unreachable`, `conflict`, `subnets_full`, `no_network`, `contention`, `etcd_error`, `other`) |
 //! | `vxmesh_etcd_lists_total{reason="join\|relist"}` | counter | full listings of a network's keys in etcd: one per join, one per watch that had to start over (history compacted or rewound); never for a re-granted lease |
-//! | `vxmesh_etcd_lease_regrants_total` | counter | times this node's etcd lease was lost and re-granted (records re-published under the new lease) |
+//! | `vxmesh_etcd_lease_regrants_total` | counter | times this node's etcd lease vanished and was re-granted: during a join (the claim is redone at once) or later (records re-published under the new lease) |
 //! | `vxmesh_containers_detached_total{network,reason}` | counter | containers the agent detached itself; `reason="address_lost"`: another node owns the container's address now (claimed after this node's lease had expired for longer than the grace period) |
 //! | `vxmesh_last_pass_timestamp_seconds` | gauge | Unix time the last pass ended (either result) |
 //! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
@@ -256,7 +256,7 @@ impl Metrics {
         let lease_regrants = Counter::default();
         registry.register(
             "etcd_lease_regrants",
-            "Times this node's etcd lease was lost and re-granted",
+            "Times this node's etcd lease vanished (during a join or later) and was re-granted",
             lease_regrants.clone(),
         );
         let detached = Family::<DetachLabel, Counter>::default();

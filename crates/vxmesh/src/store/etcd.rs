@@ -288,7 +288,12 @@ impl EtcdStore {
         // from here on revokes nothing: what it re-bound stays bound to a
         // lease that expires on its own (a previous run's records are left
         // as they were).
-        let mut kept = session::Kept::grant(&client, ttl_secs, Some(client_opts.clone()))
+        let mut kept = session::Kept::grant(
+            &client,
+            ttl_secs,
+            Some(client_opts.clone()),
+            opts.metrics.clone(),
+        )
             .await
             .map_err(join_err)?;
         let mut rounds = 0;

@@ -230,7 +230,9 @@ impl EtcdServer {
             .await
             .expect("ask etcd's /metrics");
         let mut body = String::new();
-        s.read_to_string(&mut body).await.expect("read etcd's /metrics");
+        s.read_to_string(&mut body)
+            .await
+            .expect("read etcd's /metrics");
         let series = format!("grpc_server_msg_received_total{{");
         let label = format!("grpc_method=\"{method}\"");
         body.lines()

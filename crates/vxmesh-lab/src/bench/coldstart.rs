@@ -99,9 +99,10 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let t0 = Instant::now();
     let mut started = BTreeMap::new();
     for node in &nodes {
-        lab.start_agent(node)?;
+        lab.spawn_agent(node)?;
         started.insert(node.clone(), Instant::now());
     }
+    lab.save()?;
     // Joins: each agent's network file appears once its subnet is claimed
     // (a stat per pending agent every 50 ms: the bench must not take the
     // CPU the agents and etcd need).
@@ -151,9 +152,7 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let (agents_retried, retry_causes) = join_retries(&lab);
 
     let t1 = Instant::now();
-    for node in &nodes {
-        lab.attach_node_containers(node).await?;
-    }
+    lab.attach_all_containers().await?;
     let attach = t1.elapsed();
     super::converge::wait_reachable(all_pairs(&lab), t0 + LIMIT)
         .await

@@ -18,6 +18,16 @@ use vxmesh::state;
 impl Lab {
     /// Start (or restart) the agent of `node` as a process inside its namespace.
     pub fn start_agent(&mut self, node: &str) -> Result<u32> {
+        let pid = self.spawn_agent(node)?;
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// [`Self::start_agent`] without recording the lab: for starting many
+    /// agents at once, then saving once (each save rewrites and syncs
+    /// `lab.json`, whose size grows with the lab: one per agent spread
+    /// a 250-agent start over seconds).
+    pub fn spawn_agent(&mut self, node: &str) -> Result<u32> {
         let n = self.node(node)?.clone();
         std::fs::create_dir_all(&n.state_dir)?;
         let log = std::fs::OpenOptions::new()
@@ -63,7 +73,6 @@ impl Lab {
         let pid = child.id();
         self.children.insert(node.to_string(), child);
         self.node_mut(node)?.agent_pid = Some(pid);
-        self.save()?;
         Ok(pid)
     }
 

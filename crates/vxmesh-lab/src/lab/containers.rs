@@ -137,6 +137,14 @@ impl Lab {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Attach every host's containers (etcd lab built without agents or
+    /// containers: the cold-start bench), several at once.
+    pub async fn attach_all_containers(&mut self) -> Result<()> {
+        let nets = self.etcd()?.networks.clone();
+        self.attach_everywhere(&nets, self.info.containers_per_node)
+            .await
+    }
+
     /// Create a container namespace on `node` and attach it to `network`.
     pub async fn add_container(
         &mut self,

@@ -294,8 +294,8 @@ impl EtcdStore {
             Some(client_opts.clone()),
             opts.metrics.clone(),
         )
-            .await
-            .map_err(join_err)?;
+        .await
+        .map_err(join_err)?;
         let mut rounds = 0;
         let (subnet, endpoints) = loop {
             rounds += 1;

@@ -431,11 +431,7 @@ impl Subnets {
     pub(crate) fn overlapping_other(&self, s: Ipv4Net, me: &str) -> Option<&str> {
         let start = u32::from(s.network());
         let end = u32::from(s.broadcast());
-        if let Some((_, (_, n))) = self
-            .by_start
-            .range(start..=end)
-            .find(|(_, (_, n))| n != me)
-        {
+        if let Some((_, (_, n))) = self.by_start.range(start..=end).find(|(_, (_, n))| n != me) {
             return Some(n);
         }
         (0..s.prefix_len()).find_map(|len| {

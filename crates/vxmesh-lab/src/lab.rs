@@ -227,9 +227,8 @@ impl Lab {
         }
         for i in 0..self.info.nodes.len() {
             let n = self.info.nodes[i].name.clone();
-            self.spawn_agent(&n)?;
+            self.start_agent(&n)?;
         }
-        self.save()?;
         self.wait_agents_ready(&all, Duration::from_secs(30))
             .await?;
         // Containers: K per node per network.

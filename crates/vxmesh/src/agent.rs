@@ -594,9 +594,6 @@ async fn serve<S: Store>(
     // Publishers (Docker -p, attach --publish) poke it: a pass right away.
     let mut waker = crate::wake::Waker::bind(&opts.state_dir)?;
     let mut secure = SecureUnderlay::new(None, opts.state_dir.clone());
-    // The spacing of store-triggered passes, doubled while changes keep
-    // coming (see `store_spacing`).
-    let mut spacing = Duration::ZERO;
     tracing::info!(node = %opts.node, store = %store.describe(), "agent started");
     loop {
         // The state dir may have been deleted under us: take the lock again
@@ -669,8 +666,7 @@ async fn serve<S: Store>(
                     return Err(AgentError::Watch { store: store.describe(), error });
                 }
                 tracing::debug!("store changed");
-                spacing = store_spacing(spacing, started.elapsed().saturating_sub(pass_took), pass_took);
-                coalesce = spacing;
+                coalesce = store_coalesce(pass_took);
             }
             () = waker.woken() => {
                 tracing::debug!("woken: published ports changed");
@@ -708,29 +704,6 @@ fn store_coalesce(last_pass: Duration) -> Duration {
     (last_pass * STORE_PASS_SPACING).clamp(COALESCE, MAX_STORE_COALESCE)
 }
 
-/// A store change that comes within this long after the previous pass
-/// ended belongs to the same burst.
-const BURST_QUIET: Duration = Duration::from_secs(1);
-
-/// The wait before the pass for a store change that came `since_pass`
-/// after the previous pass (which took `last_pass`) ended, given the
-/// previous wait `prev`: [`store_coalesce`] for a change after a quiet
-/// spell (a single join costs its usual 30 ms), doubled for every change
-/// in a row that comes within [`BURST_QUIET`] (up to
-/// [`MAX_STORE_COALESCE`]). In a mass start, every node sees a join every
-/// few ms for as long as the start lasts; with its passes O(N) and N
-/// agents sharing a machine (a lab, a CI host) or an etcd, a fixed
-/// spacing made a cold start O(N^2) passes in all; doubled, each agent
-/// makes O(log) passes to reach the cap and then one per cap.
-fn store_spacing(prev: Duration, since_pass: Duration, last_pass: Duration) -> Duration {
-    let base = store_coalesce(last_pass);
-    if since_pass < BURST_QUIET {
-        (prev * 2).clamp(base, MAX_STORE_COALESCE)
-    } else {
-        base
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -746,35 +719,6 @@ mod tests {
             d = next_join_delay(d, "unreachable");
         }
         assert_eq!(d, Duration::from_secs(5));
-    }
-
-    #[test]
-    fn store_changes_in_a_row_double_the_spacing() {
-        let quick = Duration::from_millis(2);
-        let soon = Duration::from_millis(10);
-        // A change after a quiet spell: the usual 30 ms.
-        let mut s = store_spacing(Duration::ZERO, Duration::from_secs(5), quick);
-        assert_eq!(s, COALESCE);
-        // Changes in a row: 60, 120, ... up to the cap.
-        s = store_spacing(s, soon, quick);
-        assert_eq!(s, COALESCE * 2);
-        for _ in 0..10 {
-            s = store_spacing(s, soon, quick);
-        }
-        assert_eq!(s, MAX_STORE_COALESCE);
-        // Quiet again: back to the pass-cost spacing.
-        s = store_spacing(s, BURST_QUIET, quick);
-        assert_eq!(s, COALESCE);
-        // An expensive pass spaces by its cost from the first change on.
-        let slow = Duration::from_millis(200);
-        assert_eq!(
-            store_spacing(Duration::ZERO, Duration::from_secs(5), slow),
-            Duration::from_millis(600)
-        );
-        assert_eq!(
-            store_spacing(Duration::from_millis(600), soon, slow),
-            Duration::from_millis(1200)
-        );
     }
 
     #[test]

@@ -99,10 +99,9 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let t0 = Instant::now();
     let mut started = BTreeMap::new();
     for node in &nodes {
-        lab.spawn_agent(node)?;
+        lab.start_agent(node)?;
         started.insert(node.clone(), Instant::now());
     }
-    lab.save()?;
     // Joins: each agent's network file appears once its subnet is claimed
     // (a stat per pending agent every 50 ms: the bench must not take the
     // CPU the agents and etcd need).

@@ -68,8 +68,10 @@ async fn joins_converge_when_leases_vanish_during_the_claim() {
         })
     };
     let t0 = Instant::now();
+    let metrics = vxmesh::metrics::Metrics::new();
     let joins = (0..12u32).map(|i| {
-        let o = opts(&srv, &net, &format!("n{i}"), i);
+        let mut o = opts(&srv, &net, &format!("n{i}"), i);
+        o.metrics = metrics.clone();
         async move { EtcdStore::join(o).await }
     });
     let results = futures::future::join_all(joins).await;
@@ -99,6 +101,20 @@ async fn joins_converge_when_leases_vanish_during_the_claim() {
         assert_eq!(kv.kvs().len(), 1, "{key} vanished");
         assert_eq!(kv.kvs()[0].lease(), s.lease_id(), "{key}");
     }
+    // Every revoked lease was noticed and re-granted (during the join, or
+    // by the keeper after it), and counted: once per re-grant, which may
+    // renew a node's two leases at once.
+    let text = metrics.encode();
+    let regrants: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("vxmesh_etcd_lease_regrants_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no re-grant counter: {text}"));
+    eprintln!("{regrants} re-grants for {n} revoked leases");
+    assert!(
+        regrants >= 1 && regrants as usize <= n,
+        "{regrants} re-grants for {n} revoked leases"
+    );
 }
 
 /// Finding 2: a join that fails after finding this node's records (here:

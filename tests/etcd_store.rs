@@ -732,7 +732,10 @@ async fn lost_lease_is_regranted_and_records_republished() {
     let net = bridged("10.1.0.0/24", 28);
     setup(&srv, &net).await;
     let mut obs = join(&srv, &net, "obs", 0).await;
-    let mut a = join(&srv, &net, "a", 1).await;
+    let metrics = vxmesh::metrics::Metrics::new();
+    let mut o = opts(&srv, &net, "a", 1);
+    o.metrics = metrics.clone();
+    let mut a = EtcdStore::join(o).await.unwrap();
     // Attach claims an address; the agent's pass publishes what its IPAM
     // holds under the lease (so a re-granted lease re-publishes it).
     let ep = claim(&srv, &a, None).await;
@@ -745,6 +748,7 @@ async fn lost_lease_is_regranted_and_records_republished() {
     // The lease disappears (as when it expires during an outage) and another
     // node grabs the subnet before `a` notices.
     let mut raw = srv.client().await;
+    let ranges_before = srv.requests("Range").await;
     raw.lease_revoke(old_lease).await.unwrap();
     raw.put(
         format!("{PREFIX}/networks/seg/subnets/{}-28", old_subnet.network()),
@@ -782,6 +786,24 @@ async fn lost_lease_is_regranted_and_records_republished() {
     assert_eq!(own.cluster.node("a").unwrap().subnets["seg"], a.subnet());
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(a.connected());
+    // The re-grant claimed from the watched view: no listing of the
+    // network (at hundreds of nodes losing their leases at once, a list
+    // each is what overloaded etcd further), neither counted by the
+    // store nor seen by etcd (no Range request at all: the claim is a
+    // transaction, the lease check a lease request).
+    let ranges = srv.requests("Range").await - ranges_before;
+    let text = metrics.encode();
+    eprintln!("re-grant: {ranges} Range requests at etcd");
+    assert!(
+        text.contains("vxmesh_etcd_lease_regrants_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vxmesh_etcd_lists_total{reason=\"join\"} 1\n")
+            && text.contains("vxmesh_etcd_lists_total{reason=\"relist\"} 0\n"),
+        "{text}"
+    );
+    assert_eq!(ranges, 0, "the re-grant read ranges from etcd");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

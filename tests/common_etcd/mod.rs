@@ -218,6 +218,29 @@ impl EtcdServer {
         vec![self.endpoint()]
     }
 
+    /// How many requests of gRPC method `method` (`Range`, `Txn`, ...) this
+    /// member has received, from its own `/metrics` (plain HTTP only).
+    pub async fn requests(&self, method: &str) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        assert!(self.tls.is_none(), "requests(): plain HTTP members only");
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.client_port))
+            .await
+            .expect("connect to etcd's /metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("ask etcd's /metrics");
+        let mut body = String::new();
+        s.read_to_string(&mut body)
+            .await
+            .expect("read etcd's /metrics");
+        let series = format!("grpc_server_msg_received_total{{");
+        let label = format!("grpc_method=\"{method}\"");
+        body.lines()
+            .filter(|l| l.starts_with(&series) && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

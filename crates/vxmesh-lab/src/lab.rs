@@ -25,6 +25,7 @@
 mod agents;
 mod check;
 mod cni;
+mod containers;
 mod demo;
 mod docker;
 mod etcd;
@@ -39,7 +40,6 @@ mod summary;
 mod teardown;
 
 pub use check::CheckReport;
-use cni::cni_add;
 pub(crate) use cni::run_plugin;
 pub use demo::demo;
 pub use docker::{IMAGE, LabDocker, PLUGIN_PORT, Runtime, plugin_name};
@@ -67,7 +67,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use vxmesh::attach::{self, AttachRequest};
 use vxmesh::config::{ClusterFile, Mode};
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns};
@@ -237,10 +236,7 @@ impl Lab {
         if spec.runtime == Runtime::Docker {
             self.start_docker_everywhere(&nets).await?;
         }
-        for node in self.info.nodes.clone() {
-            self.attach_containers(&node.name, &nets, spec.containers)
-                .await?;
-        }
+        self.attach_everywhere(&nets, spec.containers).await?;
         if let Some((host, container)) = spec.publish {
             self.publish_all(host, container).await?;
         }
@@ -252,97 +248,6 @@ impl Lab {
             );
         }
         Ok(())
-    }
-
-    /// Attach `k` containers per network of `nets` on `node`.
-    async fn attach_containers(&mut self, node: &str, nets: &[String], k: usize) -> Result<()> {
-        let state_dir = self.node(node)?.state_dir.clone();
-        for (m, net) in nets.iter().enumerate() {
-            for k in 1..=k {
-                let cname = if self.info.mode == Mode::Routed {
-                    format!("{node}-c{k}")
-                } else {
-                    format!("{node}-n{}c{k}", m + 1)
-                };
-                // Bridged: network m starts m addresses further into the slice, so
-                // networks share some addresses (same IP, different VNI) and not
-                // others (an isolation probe has a real target in one network only).
-                let ip = match self.info.mode {
-                    Mode::Routed => None,
-                    Mode::Bridged => {
-                        let st = state::read_network(&state_dir, net)?.state;
-                        vxmesh::dataplane::plan::usable_addresses(st.pool, st.subnet, st.gateway)
-                            .nth(k - 1 + m)
-                    }
-                };
-                self.add_container(node, net, &cname, ip).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Create a container namespace on `node` and attach it to `network`.
-    pub async fn add_container(
-        &mut self,
-        node: &str,
-        network: &str,
-        cname: &str,
-        ip: Option<Ipv4Addr>,
-    ) -> Result<LabContainer> {
-        if self.info.runtime == Runtime::Docker {
-            return self.docker_add(node, network, cname, ip).await;
-        }
-        let n = self.node(node)?.clone();
-        let ns_name = format!("vxm-{}-{cname}", self.info.name);
-        let cns = netns::create(&ns_name)?;
-        let host_ns = Netns::open(&n.netns)?;
-        let attached = match self.attach {
-            AttachMode::Library => {
-                let req = AttachRequest {
-                    state_dir: &n.state_dir,
-                    network,
-                    container_id: cname,
-                    ifname: "eth0",
-                    host_ns: Some(&host_ns),
-                    container_ns: &cns,
-                    ip,
-                    mtu: None,
-                };
-                attach::attach(&req)
-                    .await
-                    .map(|a| a.ip.addr())
-                    .map_err(anyhow::Error::from)
-            }
-            AttachMode::Cni => {
-                cni_add(
-                    &self.spec_exe,
-                    host_ns,
-                    &n.state_dir,
-                    network,
-                    cname,
-                    &ns_name,
-                    ip,
-                )
-                .await
-            }
-        };
-        let ip = match attached {
-            Ok(ip) => ip,
-            Err(e) => {
-                let _ = netns::delete(&ns_name);
-                return Err(e);
-            }
-        };
-        let c = LabContainer {
-            name: cname.to_string(),
-            node: node.to_string(),
-            network: network.to_string(),
-            netns: ns_name,
-            ip,
-        };
-        self.info.containers.push(c.clone());
-        self.save()?;
-        Ok(c)
     }
 
     pub fn load(name: &str) -> Result<Lab> {

@@ -151,9 +151,7 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let (agents_retried, retry_causes) = join_retries(&lab);
 
     let t1 = Instant::now();
-    for node in &nodes {
-        lab.attach_node_containers(node).await?;
-    }
+    lab.attach_all_containers().await?;
     let attach = t1.elapsed();
     super::converge::wait_reachable(all_pairs(&lab), t0 + LIMIT)
         .await

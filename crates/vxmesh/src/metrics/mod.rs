@@ -18,6 +18,8 @@
 //! | `vxmesh_cluster_watch_failures_total` | counter | times the cluster file could not be watched (inotify) and is checked every second instead |
 //! | `vxmesh_cluster_watch_polling` | gauge | 1 while the cluster file is polled instead of watched, else 0 |
 //! | `vxmesh_join_failures_total{cause}` | counter | failed attempts to join the store, by cause (`lease_lost`, `unreachable`, `conflict`, `subnets_full`, `no_network`, `contention`, `etcd_error`, `other`) |
+//! | `vxmesh_etcd_lists_total{reason="join\|relist"}` | counter | full listings of a network's keys in etcd: one per join, one per watch that had to start over (history compacted or rewound); never for a re-granted lease |
+//! | `vxmesh_etcd_lease_regrants_total` | counter | times this node's etcd lease vanished and was re-granted: during a join (the claim is redone at once) or later (records re-published under the new lease) |
 //! | `vxmesh_containers_detached_total{network,reason}` | counter | containers the agent detached itself; `reason="address_lost"`: another node owns the container's address now (claimed after this node's lease had expired for longer than the grace period) |
 //! | `vxmesh_last_pass_timestamp_seconds` | gauge | Unix time the last pass ended (either result) |
 //! | `vxmesh_last_success_timestamp_seconds` | gauge | Unix time the last successful pass ended |
@@ -98,6 +100,11 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DetachLabel {
     network: String,
     reason: &'static str,
@@ -129,6 +136,8 @@ struct Inner {
     store_links: Mutex<StoreLinks>,
     records_rejected: Family<KindLabel, Counter>,
     join_failures: Family<CauseLabel, Counter>,
+    etcd_lists: Family<ReasonLabel, Counter>,
+    lease_regrants: Counter,
     detached: Family<DetachLabel, Counter>,
     watch_failures: Counter,
     watch_polling: Gauge,
@@ -255,6 +264,21 @@ impl Metrics {
             "Failed attempts to join the store, by cause",
             join_failures.clone(),
         );
+        let etcd_lists = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "etcd_lists",
+            "Full listings of a network's keys in etcd, by reason (join, relist: a watch that started over)",
+            etcd_lists.clone(),
+        );
+        for reason in ["join", "relist"] {
+            let _ = etcd_lists.get_or_create(&ReasonLabel { reason });
+        }
+        let lease_regrants = Counter::default();
+        registry.register(
+            "etcd_lease_regrants",
+            "Times this node's etcd lease vanished (during a join or later) and was re-granted",
+            lease_regrants.clone(),
+        );
         let detached = Family::<DetachLabel, Counter>::default();
         registry.register(
             "containers_detached",
@@ -326,6 +350,8 @@ impl Metrics {
                 store_links: Mutex::new(StoreLinks::default()),
                 records_rejected,
                 join_failures,
+                etcd_lists,
+                lease_regrants,
                 detached,
                 watch_failures,
                 watch_polling,
@@ -440,6 +466,20 @@ impl Metrics {
             .join_failures
             .get_or_create(&CauseLabel { cause })
             .inc();
+    }
+
+    /// The etcd store listed a network's keys in full (`reason`: `join` or
+    /// `relist`).
+    pub(crate) fn etcd_listed(&self, reason: &'static str) {
+        self.inner
+            .etcd_lists
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// The etcd store lost its lease and grants a new one.
+    pub(crate) fn lease_regranted(&self) {
+        self.inner.lease_regrants.inc();
     }
 
     /// The agent detached a container of `network` itself (`reason`: a

@@ -195,6 +195,11 @@ impl Inner {
         self.view().network().clone()
     }
 
+    /// A copy of the view's keys.
+    pub(crate) fn kvs(&self) -> BTreeMap<String, view::Kv> {
+        self.view().kvs().clone()
+    }
+
     /// Change the view and notify `changed()` if the derived snapshot changed.
     pub(crate) fn update_view(&self, f: impl FnOnce(&mut View)) {
         let changed = {
@@ -285,6 +290,7 @@ impl EtcdStore {
         };
         // Read first (the identity, the claims, the view), then grant: a
         // slow read cannot eat into the lease.
+        opts.metrics.etcd_listed("join");
         let (kvs, rev) = watcher::list(&client, keys.root())
             .await
             .map_err(join_err)?;
@@ -294,9 +300,14 @@ impl EtcdStore {
         // from here on revokes nothing: what it re-bound stays bound to a
         // lease that expires on its own (a previous run's records are left
         // as they were).
-        let mut kept = session::Kept::grant(&client, ttl_secs, Some(client_opts.clone()))
-            .await
-            .map_err(join_err)?;
+        let mut kept = session::Kept::grant(
+            &client,
+            ttl_secs,
+            Some(client_opts.clone()),
+            opts.metrics.clone(),
+        )
+        .await
+        .map_err(join_err)?;
         let mut rounds = 0;
         let (subnet, endpoints) = loop {
             rounds += 1;

@@ -16,8 +16,9 @@ use super::client::ClientOptions;
 use super::lease::{self, KeptLease, LeaseState};
 use super::records::{self, Keys};
 use super::view::Kv;
-use super::{Backoff, Inner, Me, TaskGuard, watcher};
+use super::{Backoff, Inner, Me, TaskGuard};
 use crate::config::Network;
+use crate::metrics::Metrics;
 use crate::store::error::{Result, StoreError};
 
 /// TTL of the hold lease for a node lease of `ttl_secs`: the grace period
@@ -41,6 +42,8 @@ pub(crate) struct Kept {
     pub hold: KeptLease,
     /// How the keepers reconnect when their member stops answering.
     reconnect: Option<Arc<ClientOptions>>,
+    /// Counts the re-grants (`vxmesh_etcd_lease_regrants_total`).
+    metrics: Metrics,
 }
 
 impl Kept {
@@ -48,11 +51,13 @@ impl Kept {
         client: &Client,
         ttl_secs: i64,
         reconnect: Option<Arc<ClientOptions>>,
+        metrics: Metrics,
     ) -> Result<Kept> {
         Ok(Kept {
             node: KeptLease::grant(client, ttl_secs, reconnect.clone()).await?,
             hold: KeptLease::grant(client, hold_ttl(ttl_secs), reconnect.clone()).await?,
             reconnect,
+            metrics,
         })
     }
 
@@ -82,12 +87,18 @@ impl Kept {
     /// re-grant renews both.
     async fn renew(&mut self, client: &Client, ttl_secs: i64, all: bool) -> Result<()> {
         let either = self.any_lost();
+        let mut granted = false;
         if all || self.node.is_lost() || (either && !lease::exists(client, self.node.id).await?) {
             self.node = KeptLease::grant(client, ttl_secs, self.reconnect.clone()).await?;
+            granted = true;
         }
         if all || self.hold.is_lost() || (either && !lease::exists(client, self.hold.id).await?) {
             self.hold =
                 KeptLease::grant(client, hold_ttl(ttl_secs), self.reconnect.clone()).await?;
+            granted = true;
+        }
+        if granted {
+            self.metrics.lease_regranted();
         }
         Ok(())
     }
@@ -281,10 +292,15 @@ pub(crate) async fn keepalive_loop(inner: Arc<Inner>, mut kept: Kept) {
 }
 
 /// Grant new leases for the lost ones and re-publish claim, record and
-/// endpoints under them. Reads first (the identity and the claims), then
-/// grants. Never revokes: whatever it bound stays bound to a kept lease.
+/// endpoints under them. Claims from the watched view, never a new list of
+/// the network: the view is as fresh as a list would be (the watch resumes
+/// from its revision; a stale key only fails its compare, which reads it
+/// back), and a mass expiry then costs etcd O(1) per node, not a range over
+/// the whole network each (which, at hundreds of nodes on one overloaded
+/// etcd, made it slower still and more leases expire).
+/// Never revokes: whatever it bound stays bound to a kept lease.
 async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
-    let (seen, _) = watcher::list(&inner.client, inner.keys.root()).await?;
+    let seen = inner.kvs();
     let net = inner.network();
     let mut ident = super::claim::check_identity(&seen, &inner.keys, &inner.me, &net)?;
     kept.renew(&inner.client, inner.ttl_secs, false).await?;

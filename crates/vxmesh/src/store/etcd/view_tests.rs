@@ -251,3 +251,53 @@ fn a_bridged_slice_claimed_by_another_node_stays_served() {
     assert_eq!(v.serving(), Some(own));
     assert_eq!(v.snapshot().cluster.networks.len(), 1);
 }
+
+#[test]
+fn subnet_overlaps_are_found_as_by_a_scan() {
+    let accepted: Vec<(Ipv4Net, &str)> = [
+        ("10.0.0.0/24", "a"),
+        ("10.0.2.0/23", "b"),
+        ("10.1.0.0/16", "c"),
+        ("10.0.1.128/25", "d"),
+    ]
+    .iter()
+    .map(|(s, n)| (s.parse().unwrap(), *n))
+    .collect();
+    let mut set = super::Subnets::default();
+    for (s, n) in &accepted {
+        set.insert(*s, n);
+    }
+    let scan = |s: Ipv4Net, me: &str| {
+        accepted
+            .iter()
+            .find(|(t, n)| *n != me && (t.contains(&s) || s.contains(t)))
+            .map(|(_, n)| *n)
+    };
+    let probes = [
+        "10.0.0.0/24",
+        "10.0.0.0/25",
+        "10.0.0.128/26",
+        "10.0.1.0/24",
+        "10.0.1.0/25",
+        "10.0.3.0/24",
+        "10.0.0.0/16",
+        "10.1.200.0/24",
+        "10.2.0.0/24",
+        "0.0.0.0/0",
+        "10.0.4.0/22",
+    ];
+    for p in probes {
+        let s: Ipv4Net = p.parse().unwrap();
+        assert_eq!(set.overlapping(s).is_some(), scan(s, "").is_some(), "{p}");
+        for me in ["", "a", "b", "c", "d"] {
+            let found = set.overlapping_other(s, me);
+            // Whichever other overlapping node is named, one must exist
+            // exactly when the scan finds one.
+            assert_eq!(found.is_some(), scan(s, me).is_some(), "{p} except {me}");
+            if let Some(n) = found {
+                let t = accepted.iter().find(|(_, x)| *x == n).unwrap().0;
+                assert!(n != me && (t.contains(&s) || s.contains(&t)), "{p}: {n}");
+            }
+        }
+    }
+}

@@ -106,6 +106,7 @@ pub(crate) async fn watch_loop(inner: Arc<Inner>, mut rev: i64) {
                     rev = r;
                     relist = false;
                     inner.relists.fetch_add(1, Ordering::SeqCst);
+                    inner.health.metrics().etcd_listed("relist");
                     inner.update_view(|v| v.reset(kvs));
                     tracing::info!(revision = rev, "re-listed the network");
                 }

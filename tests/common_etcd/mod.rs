@@ -233,10 +233,10 @@ impl EtcdServer {
         s.read_to_string(&mut body)
             .await
             .expect("read etcd's /metrics");
-        let series = format!("grpc_server_msg_received_total{{");
+        let series = "grpc_server_msg_received_total{";
         let label = format!("grpc_method=\"{method}\"");
         body.lines()
-            .filter(|l| l.starts_with(&series) && l.contains(&label))
+            .filter(|l| l.starts_with(series) && l.contains(&label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }

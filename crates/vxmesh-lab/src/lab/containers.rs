@@ -15,7 +15,7 @@ use vxmesh::state;
 use super::cni::cni_add;
 use super::{AttachMode, Lab, LabContainer, LabNode, Runtime};
 
-/// Most container attaches in flight while a lab is built.
+/// Most hosts attaching containers at once while a lab is built.
 const PARALLEL_ATTACHES: usize = 8;
 
 /// One container to attach: where, its name, and its address (bridged).
@@ -108,22 +108,38 @@ impl Lab {
             mode: self.attach,
             exe: self.spec_exe.clone(),
         };
-        let mut jobs = Vec::with_capacity(plan.len());
+        // One host's containers one after the other (an attach holds the
+        // host's IPAM lock, a blocking file lock, across its awaits: two of
+        // one host in one task would deadlock), hosts concurrently.
+        let mut hosts: Vec<(LabNode, Vec<Planned>)> = Vec::new();
         for p in plan {
-            jobs.push((self.node(&p.node)?.clone(), p));
+            match hosts.last_mut() {
+                Some((n, ps)) if n.name == p.node => ps.push(p),
+                _ => hosts.push((self.node(&p.node)?.clone(), vec![p])),
+            }
         }
-        let results: Vec<Result<LabContainer>> = futures::stream::iter(jobs)
-            .map(|(n, p)| {
+        let per_host: Vec<Vec<Result<LabContainer>>> = futures::stream::iter(hosts)
+            .map(|(n, ps)| {
                 let ctx = &ctx;
                 async move {
-                    attach_one(ctx, &n, &p)
-                        .await
-                        .with_context(|| format!("attach container {} on {}", p.name, p.node))
+                    let mut out = Vec::with_capacity(ps.len());
+                    for p in ps {
+                        let r = attach_one(ctx, &n, &p)
+                            .await
+                            .with_context(|| format!("attach container {} on {}", p.name, p.node));
+                        let failed = r.is_err();
+                        out.push(r);
+                        if failed {
+                            break;
+                        }
+                    }
+                    out
                 }
             })
             .buffered(PARALLEL_ATTACHES)
             .collect()
             .await;
+        let results = per_host.into_iter().flatten();
         let mut first_err = None;
         for r in results {
             match r {

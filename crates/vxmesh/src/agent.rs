@@ -20,7 +20,7 @@
 //! attached restored from memory. A graceful leave is the caller's
 //! choice afterwards ([`Store::leave`]): [`run`] only borrows the store.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -31,6 +31,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::config::Mode;
 use crate::dataplane::events::{self, KernelEvents, OwnedIndexes};
+use crate::dataplane::expected::{Expectation, Expected};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
 use crate::dataplane::{NodePlan, reconcile, reconcile_from};
@@ -165,6 +166,8 @@ pub struct PassOutcome {
 /// costs its few messages, not a walk over every entry. Anything else (and
 /// every pass without `base`) dumps, diffs and repairs container veths.
 /// The applied plan is saved through `plans` (rewritten only when it changed).
+/// `expect` is told the plan before the kernel is changed (the watcher of
+/// kernel events then knows the changes that follow for the pass's own).
 pub async fn pass<S: Store>(
     store: &mut S,
     nl: &Netlink,
@@ -172,6 +175,7 @@ pub async fn pass<S: Store>(
     base: Option<&NodePlan>,
     plans: &mut PlanStore,
     secure: &mut SecureUnderlay,
+    expect: &(dyn Fn(&NodePlan) + Send + Sync),
 ) -> Result<PassOutcome> {
     if store.lists_keys() {
         // A rotation's next key (then the new key alone) goes into the
@@ -197,6 +201,7 @@ pub async fn pass<S: Store>(
     p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
     // Published ports changed: the incremental diff knows only peer entries.
     let base = base.filter(|b| b.ports == p.ports);
+    expect(&p);
     // Before the VTEPs: an encrypted network's VTEP sends to the TUN device.
     secure.apply(nl, p.secure.as_ref()).await?;
     let mut incremental = false;
@@ -464,17 +469,21 @@ impl AllocationMemory {
     }
 }
 
-async fn refresh_owned(nl: &Netlink, owned: &OwnedIndexes) {
-    if let Ok(links) = nl.list_links().await {
-        let set: HashSet<u32> = links
-            .iter()
-            .filter(|l| l.name.starts_with(crate::model::DEVICE_PREFIX))
-            .map(|l| l.index)
-            .collect();
-        if let Ok(mut g) = owned.lock() {
-            *g = set;
-        }
+/// Record the indexes of vxmesh's devices for the event watcher; returns
+/// them by name (empty if the links cannot be listed).
+async fn refresh_owned(nl: &Netlink, owned: &OwnedIndexes) -> HashMap<String, u32> {
+    let Ok(links) = nl.list_links().await else {
+        return HashMap::new();
+    };
+    let by_name: HashMap<String, u32> = links
+        .into_iter()
+        .filter(|l| l.name.starts_with(crate::model::DEVICE_PREFIX))
+        .map(|l| (l.name, l.index))
+        .collect();
+    if let Ok(mut g) = owned.lock() {
+        *g = by_name.values().copied().collect();
     }
+    by_name
 }
 
 /// SIGTERM and SIGINT, installed once for the agent's whole life.
@@ -607,15 +616,18 @@ async fn serve<S: Store>(
     if opts.once {
         let mut secure = SecureUnderlay::new(opts.key_file.clone(), opts.state_dir.clone());
         let plans = &mut PlanStore::new();
-        let outcome = pass(store, &nl, opts, None, plans, &mut secure).await;
+        let outcome = pass(store, &nl, opts, None, plans, &mut secure, &|_| {}).await;
         opts.metrics.pass_done(outcome.is_ok());
         let o = outcome?;
         tracing::info!(changes = o.changes, "reconciled once");
         return Ok(());
     }
     let owned: OwnedIndexes = Arc::new(Mutex::new(HashSet::new()));
+    let expected: Expectation = Arc::new(Mutex::new(None));
+    // Owned devices by name, for `expected` (refreshed with `owned`).
+    let mut devices: HashMap<String, u32> = HashMap::new();
     let kernel = Arc::new(KernelEvents::default());
-    let _watcher = events::spawn_watcher(owned.clone(), kernel.clone())?;
+    let _watcher = events::spawn_watcher(owned.clone(), expected.clone(), kernel.clone())?;
     let mut last_error: Option<String> = None;
     let mut retry = Duration::from_millis(200);
     // The plan the kernel holds and the kernel event count when the pass
@@ -657,11 +669,25 @@ async fn serve<S: Store>(
             .take()
             .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
             .map(|(p, _)| p);
-        let outcome = pass(store, &nl, opts, base.as_ref(), &mut plans, &mut secure).await;
+        let expect = |p: &NodePlan| {
+            if let Ok(mut e) = expected.lock() {
+                *e = Some(Expected::of(p, &devices));
+            }
+        };
+        let outcome = pass(
+            store,
+            &nl,
+            opts,
+            base.as_ref(),
+            &mut plans,
+            &mut secure,
+            &expect,
+        )
+        .await;
         opts.metrics.pass_done(outcome.is_ok());
         // An incremental pass changes no device: the owned indexes stand.
         if !matches!(&outcome, Ok(o) if o.incremental) {
-            refresh_owned(&nl, &owned).await;
+            devices = refresh_owned(&nl, &owned).await;
         }
         let wait = match outcome {
             Ok(o) => {

@@ -14,13 +14,17 @@ use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::MulticastGroup;
 use tokio::sync::Notify;
 
+use super::expected::Expectation;
 use crate::model;
 
 /// Interface indexes of vxmesh's devices, shared with the watcher so that
 /// neighbour/FDB/address events can be attributed.
 pub type OwnedIndexes = Arc<Mutex<HashSet<u32>>>;
 
-fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
+/// Whether `msg` may be drift of what vxmesh owns. Neighbour and FDB
+/// events are judged against the plan the agent applies (`expected`):
+/// its own changes and the kernel's dynamic entries do not count.
+fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes, expected: &Expectation) -> bool {
     let is_owned = |idx: u32| owned.lock().map(|s| s.contains(&idx)).unwrap_or(true);
     match msg {
         RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => is_owned(
@@ -38,7 +42,12 @@ fn concerns_us(msg: &RouteNetlinkMessage, owned: &OwnedIndexes) -> bool {
                 })
         }
         RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+            let added = matches!(msg, RouteNetlinkMessage::NewNeighbour(_));
             is_owned(n.header.ifindex)
+                && expected
+                    .lock()
+                    .map(|e| e.as_ref().is_none_or(|e| e.drift(n, added)))
+                    .unwrap_or(true)
         }
         RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
             is_owned(a.header.index)
@@ -89,9 +98,11 @@ pub struct SubscribeError {
 
 /// Start listening in the calling thread's namespace (call from inside the
 /// runtime, in the namespace the agent serves). Every relevant event is
-/// recorded in `events`.
+/// recorded in `events`; neighbour and FDB events only when they
+/// contradict `expected` (see [`super::expected`]).
 pub fn spawn_watcher(
     owned: OwnedIndexes,
+    expected: Expectation,
     events: Arc<KernelEvents>,
 ) -> Result<tokio::task::JoinHandle<()>, SubscribeError> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
@@ -105,7 +116,7 @@ pub fn spawn_watcher(
     Ok(tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
             if let NetlinkPayload::InnerMessage(inner) = &msg.payload
-                && concerns_us(inner, &owned)
+                && concerns_us(inner, &owned, &expected)
             {
                 tracing::debug!("kernel event on owned object: {}", event_name(inner));
                 events.record();

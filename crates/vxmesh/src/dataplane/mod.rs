@@ -3,6 +3,7 @@
 pub mod change;
 pub mod diff;
 pub mod events;
+pub mod expected;
 pub mod incremental;
 pub mod kernel;
 pub mod netns;

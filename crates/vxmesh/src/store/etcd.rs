@@ -192,7 +192,7 @@ impl Inner {
     }
 
     pub(crate) fn network(&self) -> Network {
-        self.view().network().clone()
+        self.fresh_view().network().clone()
     }
 
     /// A copy of the view's keys.
@@ -200,21 +200,57 @@ impl Inner {
         self.view().kvs().clone()
     }
 
+    /// The view, rebuilt first if watch responses changed its keys since
+    /// the last rebuild (see [`Self::touch_view`]).
+    pub(crate) fn fresh_view(&self) -> std::sync::MutexGuard<'_, View> {
+        let mut v = self.view();
+        if v.is_dirty() {
+            self.rebuild(&mut v);
+        }
+        v
+    }
+
+    /// Rebuild `v`: count the records skipped, wake the settle timer.
+    fn rebuild(&self, v: &mut View) -> bool {
+        let (changed, skipped) = v.rebuild();
+        for s in skipped {
+            self.health.metrics().record_rejected(s.kind);
+        }
+        if v.settle_deadline().is_some() {
+            self.settle_wake.notify_one();
+        }
+        changed
+    }
+
     /// Change the view and notify `changed()` if the derived snapshot changed.
     pub(crate) fn update_view(&self, f: impl FnOnce(&mut View)) {
         let changed = {
             let mut v = self.view();
             f(&mut v);
-            let (changed, skipped) = v.rebuild();
-            for s in skipped {
-                self.health.metrics().record_rejected(s.kind);
+            self.rebuild(&mut v)
+        };
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Change the view's keys without rebuilding it (a watch response):
+    /// `f` returns whether a changed key can change the snapshot; then the
+    /// view is marked and `changed()` notified, and the next reader
+    /// rebuilds it once, however many responses came meanwhile.
+    pub(crate) fn touch_view(&self, f: impl FnOnce(&mut View) -> bool) {
+        let relevant = {
+            let mut v = self.view();
+            let relevant = f(&mut v);
+            if relevant {
+                v.mark_dirty();
             }
             if v.settle_deadline().is_some() {
                 self.settle_wake.notify_one();
             }
-            changed
+            relevant
         };
-        if changed {
+        if relevant {
             self.changes.send_modify(|n| *n += 1);
         }
     }
@@ -571,7 +607,7 @@ impl Store for EtcdStore {
 
     async fn snapshot(&mut self) -> Result<Snapshot> {
         self.changes.borrow_and_update();
-        Ok(self.inner.view().snapshot().clone())
+        Ok(self.inner.fresh_view().snapshot().clone())
     }
 
     async fn changed(&mut self) -> Result<()> {

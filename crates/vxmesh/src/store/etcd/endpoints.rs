@@ -85,7 +85,7 @@ pub(crate) async fn sync_endpoints(
     let net = inner.network();
     if net.mode != Mode::Bridged {
         let (serving, nodes) = {
-            let v = inner.view();
+            let v = inner.fresh_view();
             (v.serving(), v.snapshot().cluster.nodes.clone())
         };
         return Ok(lost_to_subnets(
@@ -145,7 +145,7 @@ pub(crate) async fn sync_endpoints(
         .copied()
         .collect();
     let seen: Vec<Ipv4Addr> = inner
-        .view()
+        .fresh_view()
         .snapshot()
         .endpoints
         .iter()

@@ -50,6 +50,8 @@ pub(crate) struct View {
     /// while their quarantine markers name them (see `settle`).
     vanished: Vanished,
     snapshot: Snapshot,
+    /// Keys changed since the last rebuild (the snapshot may be stale).
+    dirty: bool,
 }
 
 impl View {
@@ -72,6 +74,7 @@ impl View {
             lost: None,
             vanished: Vanished::default(),
             snapshot,
+            dirty: false,
         }
     }
 
@@ -85,8 +88,28 @@ impl View {
         self.vanished.deadline()
     }
 
+    /// The snapshot of the last rebuild (stale while [`Self::is_dirty`]).
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// Whether keys changed since the last rebuild.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Note that keys changed without rebuilding now: a watch response
+    /// marks the view, the next reader rebuilds it once (hundreds of nodes
+    /// joining send a response each; a rebuild is O(records)).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Whether a change of `key` can change the snapshot: quarantine
+    /// markers (and unknown keys) matter only while a vanished record is
+    /// kept for its settle window.
+    pub fn affects_snapshot(&self, key: &str) -> bool {
+        !matches!(self.keys.classify(key), KeyKind::Other) || self.vanished.deadline().is_some()
     }
 
     pub fn network(&self) -> &Network {
@@ -166,6 +189,7 @@ impl View {
 
     /// [`View::rebuild`] at `now` (vanished records whose window ended go).
     pub fn rebuild_at(&mut self, now: Instant) -> (bool, Vec<Skipped>) {
+        self.dirty = false;
         self.vanished.prune(now);
         let mut skipped = Vec::new();
         let mut skip = |key: &str, kind: RecordKind, kv: &Kv, reason: String| {

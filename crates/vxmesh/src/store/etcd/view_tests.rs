@@ -301,3 +301,44 @@ fn subnet_overlaps_are_found_as_by_a_scan() {
         }
     }
 }
+
+#[test]
+fn quarantine_markers_change_the_snapshot_only_while_a_record_settles() {
+    let keys = Keys::new("/vxmesh", "demo");
+    let mut v = View::new(keys.clone(), net());
+    v.set_settle(Duration::from_secs(2));
+    let s = "10.1.0.32/28".parse().unwrap();
+    // Records and claims do; a marker with nothing settling does not.
+    assert!(v.affects_snapshot(&keys.node("h2")));
+    assert!(v.affects_snapshot(&keys.subnet(s)));
+    assert!(v.affects_snapshot(&keys.config()));
+    assert!(!v.affects_snapshot(&keys.held_subnet(s)));
+    assert!(!v.affects_snapshot(&keys.held_endpoint(Ipv4Addr::new(10, 1, 0, 33))));
+    // h2's record vanishes: its marker now decides whether it is kept.
+    let t0 = Instant::now();
+    v.put(
+        keys.node("h2"),
+        kv(&node("h2", "198.18.0.2", "10.1.0.32/28"), 2),
+    );
+    v.rebuild_at(t0);
+    v.delete_at(&keys.node("h2"), t0);
+    assert!(v.affects_snapshot(&keys.held_subnet(s)));
+}
+
+#[test]
+fn a_dirty_view_is_clean_after_a_rebuild() {
+    let (mut v, k) = view();
+    v.rebuild();
+    assert!(!v.is_dirty());
+    v.put(
+        k.node("h1"),
+        kv(&node("h1", "198.18.0.1", "10.1.0.16/28"), 2),
+    );
+    v.mark_dirty();
+    assert!(v.is_dirty());
+    // Stale until rebuilt.
+    assert!(v.snapshot().cluster.nodes.is_empty());
+    let (changed, _) = v.rebuild();
+    assert!(changed && !v.is_dirty());
+    assert_eq!(v.snapshot().cluster.nodes.len(), 1);
+}

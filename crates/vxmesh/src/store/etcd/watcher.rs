@@ -214,11 +214,13 @@ async fn watch_once(
         if resp.events().is_empty() {
             continue;
         }
-        inner.update_view(|v| {
+        inner.touch_view(|v| {
+            let mut relevant = false;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 *rev = (*rev).max(kv.mod_revision());
                 let Ok(key) = kv.key_str() else { continue };
+                relevant |= v.affects_snapshot(key);
                 match ev.event_type() {
                     EventType::Put => v.put(
                         key.to_string(),
@@ -230,7 +232,10 @@ async fn watch_once(
                     ),
                     EventType::Delete => v.delete(key),
                 }
+                // A delete may have started a settle window.
+                relevant |= v.affects_snapshot(key);
             }
+            relevant
         });
     }
 }

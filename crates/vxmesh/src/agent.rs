@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::model::NodeRecord;
 use crate::secure::SecureUnderlay;
 use crate::secure::underlay::report::REPORT_EVERY;
-use crate::state::{self, PlanStore, ServedNetwork};
+use crate::state::{self, NetworkFiles, ServedNetwork, StateFiles};
 use crate::store::{AllocatorSpec, Snapshot, Store, StoreError};
 
 mod error;
@@ -122,16 +122,18 @@ pub async fn plan_node(nl: &Netlink, snap: &Snapshot, node: &str) -> Result<Node
 }
 
 /// Publish what attach/CNI need and drop networks no longer served.
-/// `allocator` gives the allocator the store names for a network.
+/// `allocator` gives the allocator the store names for a network; `files`
+/// skips the rewrite of a file that already says it.
 pub fn publish(
     state_dir: &std::path::Path,
     node: &str,
     p: &NodePlan,
     allocator: impl Fn(&str) -> AllocatorSpec,
+    files: &mut NetworkFiles,
 ) -> Result<()> {
     let now = state::now_secs();
     for st in p.networks.values() {
-        state::write_network(
+        files.write(
             state_dir,
             &ServedNetwork {
                 node: node.to_string(),
@@ -143,7 +145,7 @@ pub fn publish(
     }
     for name in state::list_networks(state_dir) {
         if !p.networks.contains_key(&name) {
-            state::remove_network(state_dir, &name)?;
+            files.remove(state_dir, &name)?;
         }
     }
     Ok(())
@@ -165,7 +167,8 @@ pub struct PassOutcome {
 /// only is applied straight from the two plans, with no dump: a joining peer
 /// costs its few messages, not a walk over every entry. Anything else (and
 /// every pass without `base`) dumps, diffs and repairs container veths.
-/// The applied plan is saved through `plans` (rewritten only when it changed).
+/// The network files and the applied plan are saved through `plans`
+/// (each rewritten only when it changed).
 /// `expect` is told the plan before the kernel is changed (the watcher of
 /// kernel events then knows the changes that follow for the pass's own).
 pub async fn pass<S: Store>(
@@ -173,7 +176,7 @@ pub async fn pass<S: Store>(
     nl: &Netlink,
     opts: &AgentOptions,
     base: Option<&NodePlan>,
-    plans: &mut PlanStore,
+    plans: &mut StateFiles,
     secure: &mut SecureUnderlay,
     expect: &(dyn Fn(&NodePlan) + Send + Sync),
 ) -> Result<PassOutcome> {
@@ -226,8 +229,14 @@ pub async fn pass<S: Store>(
     let fw = firewall_pass(base.filter(|_| incremental), &p).await?;
     opts.metrics.firewall(&fw);
     let changes = report.changes + reattached + fw.changes.len();
-    publish(&opts.state_dir, &opts.node, &p, |n| store.allocator(n))?;
-    plans.save(&opts.state_dir, &opts.node, &snap, &p)?;
+    publish(
+        &opts.state_dir,
+        &opts.node,
+        &p,
+        |n| store.allocator(n),
+        &mut plans.networks,
+    )?;
+    plans.plan.save(&opts.state_dir, &opts.node, &snap, &p)?;
     report_secure(opts, secure, p.secure.as_ref());
     sync_endpoints(store, opts, &p).await?;
     Ok(PassOutcome {
@@ -615,7 +624,7 @@ async fn serve<S: Store>(
     let nl = Netlink::connect().await.map_err(AgentError::Connect)?;
     if opts.once {
         let mut secure = SecureUnderlay::new(opts.key_file.clone(), opts.state_dir.clone());
-        let plans = &mut PlanStore::new();
+        let plans = &mut StateFiles::new();
         let outcome = pass(store, &nl, opts, None, plans, &mut secure, &|_| {}).await;
         opts.metrics.pass_done(outcome.is_ok());
         let o = outcome?;
@@ -639,7 +648,7 @@ async fn serve<S: Store>(
     let mut secure_plan: Option<crate::secure::plan::SecurePlan> = None;
     let mut resync_due = false;
     let mut allocations = AllocationMemory::default();
-    let mut plans = PlanStore::new();
+    let mut plans = StateFiles::new();
     // Publishers (Docker -p, attach --publish) poke it: a pass right away.
     let mut waker = crate::wake::Waker::bind(&opts.state_dir)?;
     let mut secure = SecureUnderlay::new(opts.key_file.clone(), opts.state_dir.clone());

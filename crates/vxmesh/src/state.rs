@@ -70,7 +70,9 @@ pub struct ServedNetwork {
     pub node: String,
     #[serde(flatten)]
     pub state: NetworkState,
-    /// Unix seconds of the last reconcile pass that confirmed this network.
+    /// Unix seconds of a reconcile pass that confirmed this network: the
+    /// file is rewritten when it changes, else at most every
+    /// [`CONFIRM_EVERY`] seconds (a pass that only adds a peer writes nothing).
     pub confirmed_at: u64,
     /// Which allocator attach uses, as the store says (key `etcd`: bridged
     /// networks on the etcd store allocate network-wide in etcd, bound to
@@ -140,6 +142,28 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateError> {
     )))
 }
 
+/// Replace a file atomically (temp file in the same dir, rename) without
+/// waiting for the disk: for reports that the next pass rewrites anyway
+/// (`plan.json`), where an fsync per pass only competes with etcd's own
+/// on a shared disk. A crash leaves the old or the new file (ext4 and
+/// xfs flush a file renamed over another before the rename).
+pub fn replace_file(path: &Path, data: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().ok_or_else(|| StateError::NoParent {
+        path: path.display().to_string(),
+    })?;
+    fs::create_dir_all(dir).map_err(io_step(format!("create {}", dir.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
+    fs::write(&tmp, data).map_err(io_step(format!("write {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_step(format!(
+        "rename {} to {}",
+        tmp.display(),
+        path.display()
+    )))
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -196,6 +220,64 @@ pub fn remove_network(state_dir: &Path, network: &str) -> Result<(), StateError>
             Err(io_step(format!("remove {}", path.display()))(e))
         }
         _ => Ok(()),
+    }
+}
+
+/// Writes `STATE/networks/NETWORK.json` only when what it says changed,
+/// the file is missing, or its `confirmed_at` is older than
+/// [`CONFIRM_EVERY`]: a pass that changes nothing for attach (a peer
+/// joined) costs no write and no fsync.
+#[derive(Debug, Default)]
+pub struct NetworkFiles {
+    /// Per network: what was written last.
+    last: BTreeMap<String, ServedNetwork>,
+}
+
+/// How often an unchanged network file's `confirmed_at` is refreshed.
+pub const CONFIRM_EVERY: u64 = 30;
+
+impl NetworkFiles {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Write `served` unless the file already says it (see the type).
+    /// Returns whether the file was written.
+    pub fn write(&mut self, state_dir: &Path, served: &ServedNetwork) -> Result<bool, StateError> {
+        let name = &served.state.network;
+        let path = networks_dir(state_dir).join(format!("{name}.json"));
+        let current = self.last.get(name).is_some_and(|l| {
+            l.node == served.node
+                && l.state == served.state
+                && l.allocator == served.allocator
+                && served.confirmed_at < l.confirmed_at.saturating_add(CONFIRM_EVERY)
+        });
+        if current && path.exists() {
+            return Ok(false);
+        }
+        write_network(state_dir, served)?;
+        self.last.insert(name.clone(), served.clone());
+        Ok(true)
+    }
+
+    /// Remove the file of a network no longer served.
+    pub fn remove(&mut self, state_dir: &Path, network: &str) -> Result<(), StateError> {
+        self.last.remove(network);
+        remove_network(state_dir, network)
+    }
+}
+
+/// The files an agent pass writes and remembers: the network files and
+/// the applied plan.
+#[derive(Debug, Default)]
+pub struct StateFiles {
+    pub networks: NetworkFiles,
+    pub plan: PlanStore,
+}
+
+impl StateFiles {
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 
@@ -266,7 +348,7 @@ pub fn write_plan(state_dir: &Path, saved: &SavedPlan) -> Result<(), StateError>
         what: "the plan".into(),
         json,
     })?;
-    write_atomic(&state_dir.join(PLAN_FILE), &json)
+    replace_file(&state_dir.join(PLAN_FILE), &json)
 }
 
 /// The single-agent lock of a state dir.
@@ -381,6 +463,50 @@ mod tests {
         assert!(agent_running(&dir));
         let e = lock_agent(&dir).err().unwrap().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    }
+
+    /// A network file is rewritten when what it says changes, when it is
+    /// gone, or when its confirmation is CONFIRM_EVERY old; not on every pass.
+    #[test]
+    fn network_files_are_rewritten_only_when_they_would_say_more() {
+        let d = tempfile::tempdir().unwrap();
+        let served = |confirmed_at: u64, mtu: u32| ServedNetwork {
+            node: "a".into(),
+            state: NetworkState {
+                network: "demo".into(),
+                mode: crate::config::Mode::Routed,
+                vni: crate::model::Vni::new(100).unwrap(),
+                bridge: "vxm-br0".into(),
+                vtep: "vxm-vx100".into(),
+                mtu,
+                subnet: "10.1.0.16/28".parse().unwrap(),
+                pool: "10.1.0.16/28".parse().unwrap(),
+                gateway: None,
+            },
+            confirmed_at,
+            allocator: Default::default(),
+        };
+        let mut files = NetworkFiles::new();
+        assert!(files.write(d.path(), &served(100, 1450)).unwrap());
+        assert!(!files.write(d.path(), &served(101, 1450)).unwrap());
+        assert!(
+            !files
+                .write(d.path(), &served(100 + CONFIRM_EVERY - 1, 1450))
+                .unwrap()
+        );
+        assert_eq!(read_network(d.path(), "demo").unwrap().confirmed_at, 100);
+        assert!(
+            files
+                .write(d.path(), &served(100 + CONFIRM_EVERY, 1450))
+                .unwrap()
+        );
+        assert!(files.write(d.path(), &served(131, 1400)).unwrap());
+        assert_eq!(read_network(d.path(), "demo").unwrap().state.mtu, 1400);
+        fs::remove_dir_all(d.path().join("networks")).unwrap();
+        assert!(files.write(d.path(), &served(131, 1400)).unwrap());
+        files.remove(d.path(), "demo").unwrap();
+        assert!(read_network(d.path(), "demo").is_err());
+        assert!(files.write(d.path(), &served(132, 1400)).unwrap());
     }
 
     /// The plan file is written when its content changes or the file is

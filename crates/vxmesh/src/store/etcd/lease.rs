@@ -172,7 +172,7 @@ async fn keep(
                 // off from the quorum (a balanced client could pick it
                 // again): move to the first member that answers now, found
                 // well within the lease's margin.
-                if let Some(o) = &reconnect
+                if let Some(o) = reconnect.as_deref().filter(|o| another_member(o))
                     && let Some((c, ep)) = connect_answering(o, probe_timeout(period)).await
                 {
                     tracing::debug!(lease = id, endpoint = %ep, "lease keeper moved to the etcd member that answered first");
@@ -190,6 +190,16 @@ async fn keep(
             }
         }
     }
+}
+
+/// Whether a keeper whose stream broke may find another member to move
+/// to. With one endpoint there is none: the stream is reopened on the same
+/// client (its channel reconnects by itself), not on a new connection
+/// probed first: a late reply means an overloaded etcd far more often than
+/// a dead one, and a new connection per late reply per lease adds to the
+/// load that made it late.
+fn another_member(o: &ClientOptions) -> bool {
+    o.endpoints.len() > 1
 }
 
 /// `d` plus up to 50 % random-ish jitter.
@@ -290,6 +300,18 @@ mod tests {
         assert_eq!(d, Duration::from_millis(2500));
         // ...but never below 250 ms.
         assert_eq!(reply_deadline(p, now, now), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn keepers_move_only_when_there_is_another_member() {
+        let one = ClientOptions::new(vec!["http://198.18.0.250:2379".into()]);
+        assert!(!another_member(&one));
+        let three = ClientOptions::new(
+            (1..=3)
+                .map(|i| format!("http://198.18.0.25{i}:2379"))
+                .collect(),
+        );
+        assert!(another_member(&three));
     }
 
     #[test]

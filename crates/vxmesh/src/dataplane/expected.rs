@@ -76,6 +76,9 @@ impl Expected {
                     added && permanent && n.header.flags.contains(NeighbourFlags::Own)
                 }
             }
+            // vxmesh writes IPv4 neighbours and FDB entries only: the
+            // kernel's IPv6 neighbours (NDP of the containers) are not its.
+            AddressFamily::Inet6 => false,
             _ => true,
         }
     }
@@ -198,6 +201,13 @@ mod tests {
             NeighbourFlags::empty(),
         );
         assert!(!e.drift(&local, true));
+        // IPv6 neighbours (NDP) come and go, on the bridge too.
+        let mut ndp = NeighbourMessage::default();
+        ndp.header.family = AddressFamily::Inet6;
+        ndp.header.ifindex = BRIDGE;
+        ndp.header.state = NeighbourState::Stale;
+        assert!(!e.drift(&ndp, true));
+        assert!(!e.drift(&ndp, false));
     }
 
     #[test]

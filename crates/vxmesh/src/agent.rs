@@ -10,7 +10,11 @@
 //! is known to hold the previous plan (no kernel event since it was applied),
 //! applies a change of peer entries straight from the two plans: a node
 //! joining a 10 000-peer cluster costs its 3 messages and no dump. Any kernel
-//! event, the periodic resync and every error fall back to a full pass.
+//! event that contradicts the plan being applied (not the agent's own
+//! changes, not the kernel's dynamic neighbours: `dataplane::expected`),
+//! the periodic resync and every error fall back to a full pass; the
+//! nftables table (no rtnetlink event tells of its changes) is dumped on
+//! the first pass, at every resync, after an error and when its rules change.
 //! SIGTERM/SIGINT end the agent and leave the data plane
 //! in place (and, with the etcd store, the node's lease and records until
 //! their TTL): a restart does not interrupt traffic, and the next start
@@ -162,11 +166,24 @@ pub struct PassOutcome {
     pub incremental: bool,
 }
 
-/// One pass. With `base`, the plan the kernel is known to hold (applied by
-/// the previous pass, and no kernel event since), a change of peer entries
-/// only is applied straight from the two plans, with no dump: a joining peer
-/// costs its few messages, not a walk over every entry. Anything else (and
-/// every pass without `base`) dumps, diffs and repairs container veths.
+/// What a pass may take as already applied (see [`pass`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Trusted<'a> {
+    /// The plan the kernel's routes, neighbours and FDB entries hold:
+    /// applied by the previous pass, and no rtnetlink event since.
+    pub kernel: Option<&'a NodePlan>,
+    /// The plan vxmesh's nftables table holds: applied by the previous
+    /// pass, no periodic resync due. nftables changes raise no rtnetlink
+    /// event: a pass woken by one learns nothing new from an `nft` dump.
+    pub firewall: Option<&'a NodePlan>,
+}
+
+/// One pass. With `trusted.kernel`, the plan the kernel is known to hold,
+/// a change of peer entries only is applied straight from the two plans,
+/// with no dump: a joining peer costs its few messages, not a walk over
+/// every entry. Anything else (and every pass without it) dumps, diffs and
+/// repairs container veths. Likewise the firewall: set elements from
+/// `trusted.firewall`, else `nft` dump, diff and repair.
 /// The network files and the applied plan are saved through `plans`
 /// (each rewritten only when it changed).
 /// `expect` is told the plan before the kernel is changed (the watcher of
@@ -175,7 +192,7 @@ pub async fn pass<S: Store>(
     store: &mut S,
     nl: &Netlink,
     opts: &AgentOptions,
-    base: Option<&NodePlan>,
+    trusted: Trusted<'_>,
     plans: &mut StateFiles,
     secure: &mut SecureUnderlay,
     expect: &(dyn Fn(&NodePlan) + Send + Sync),
@@ -203,7 +220,7 @@ pub async fn pass<S: Store>(
     p.firewall.vxlan_filter = opts.vxlan_filter;
     p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
     // Published ports changed: the incremental diff knows only peer entries.
-    let base = base.filter(|b| b.ports == p.ports);
+    let base = trusted.kernel.filter(|b| b.ports == p.ports);
     expect(&p);
     // Before the VTEPs: an encrypted network's VTEP sends to the TUN device.
     secure.apply(nl, p.secure.as_ref()).await?;
@@ -226,7 +243,7 @@ pub async fn pass<S: Store>(
         repair_attachments(nl, &p).await?
     };
     opts.metrics.reattached(reattached);
-    let fw = firewall_pass(base.filter(|_| incremental), &p).await?;
+    let fw = firewall_pass(trusted.firewall, &p).await?;
     opts.metrics.firewall(&fw);
     let changes = report.changes + reattached + fw.changes.len();
     publish(
@@ -265,8 +282,8 @@ fn report_secure(
 }
 
 /// The firewall part of a pass, in the same pass as the routes and FDB
-/// entries: from the previous plan when the netlink part was incremental
-/// (a peer joined or left: set elements only), else dump, diff, repair.
+/// entries: from the previous plan when only set elements changed (a peer
+/// joined or left; nothing when nothing changed), else dump, diff, repair.
 async fn firewall_pass(
     base: Option<&NodePlan>,
     p: &NodePlan,
@@ -625,7 +642,8 @@ async fn serve<S: Store>(
     if opts.once {
         let mut secure = SecureUnderlay::new(opts.key_file.clone(), opts.state_dir.clone());
         let plans = &mut StateFiles::new();
-        let outcome = pass(store, &nl, opts, None, plans, &mut secure, &|_| {}).await;
+        let none = Trusted::default();
+        let outcome = pass(store, &nl, opts, none, plans, &mut secure, &|_| {}).await;
         opts.metrics.pass_done(outcome.is_ok());
         let o = outcome?;
         tracing::info!(changes = o.changes, "reconciled once");
@@ -674,25 +692,20 @@ async fn serve<S: Store>(
         }
         let started = Instant::now();
         let seen = kernel.count();
-        let base = trusted
-            .take()
-            .filter(|(_, at)| *at == seen && kernel.reliable() && !resync_due)
-            .map(|(p, _)| p);
+        let last = trusted.take().filter(|_| !resync_due);
+        let base = Trusted {
+            kernel: last
+                .as_ref()
+                .filter(|(_, at)| *at == seen && kernel.reliable())
+                .map(|(p, _)| p),
+            firewall: last.as_ref().map(|(p, _)| p),
+        };
         let expect = |p: &NodePlan| {
             if let Ok(mut e) = expected.lock() {
                 *e = Some(Expected::of(p, &devices));
             }
         };
-        let outcome = pass(
-            store,
-            &nl,
-            opts,
-            base.as_ref(),
-            &mut plans,
-            &mut secure,
-            &expect,
-        )
-        .await;
+        let outcome = pass(store, &nl, opts, base, &mut plans, &mut secure, &expect).await;
         opts.metrics.pass_done(outcome.is_ok());
         // An incremental pass changes no device: the owned indexes stand.
         if !matches!(&outcome, Ok(o) if o.incremental) {

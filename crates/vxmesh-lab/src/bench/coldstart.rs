@@ -97,11 +97,11 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let net = lab.etcd()?.networks[0].clone();
 
     let t0 = Instant::now();
-    let mut started = BTreeMap::new();
-    for node in &nodes {
-        lab.start_agent(node)?;
-        started.insert(node.clone(), Instant::now());
-    }
+    let started: BTreeMap<String, Instant> = nodes
+        .iter()
+        .cloned()
+        .zip(lab.start_agents(&nodes)?)
+        .collect();
     // Joins: each agent's network file appears once its subnet is claimed
     // (a stat per pending agent every 50 ms: the bench must not take the
     // CPU the agents and etcd need).

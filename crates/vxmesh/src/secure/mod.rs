@@ -9,6 +9,7 @@ pub mod peers;
 pub mod plan;
 pub mod transport;
 pub mod tun;
+pub mod udp;
 pub mod underlay;
 
 pub use datapath::DataPath;

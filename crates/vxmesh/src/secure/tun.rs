@@ -109,6 +109,18 @@ impl Tun {
         })
     }
 
+    /// Make reads return at once when no packet waits (for [`Self::try_read`]);
+    /// it holds for every handle on the device's queue.
+    pub fn set_nonblocking(&self) -> std::io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Read one packet, waiting at most `timeout`; `Ok(None)` on timeout.
     pub fn read_timeout(
         &mut self,
@@ -118,7 +130,17 @@ impl Tun {
         if !wait_readable(self.file.as_raw_fd(), timeout)? {
             return Ok(None);
         }
-        self.file.read(buf).map(Some)
+        self.try_read(buf)
+    }
+
+    /// Read one packet if one waits (after [`Self::set_nonblocking`]);
+    /// `Ok(None)` if none does.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self.file.read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Write one packet.

@@ -322,12 +322,15 @@ async fn status_metrics_and_doctor_show_the_tunnels_and_name_a_key_mismatch() {
         text.contains("fix: the key this node lists for host2"),
         "{text}"
     );
-    let m = scrape(&lab, "host1");
-    assert!(
+    // The metrics follow the agent's next report (every 2 s).
+    let mut m = String::new();
+    let rose = eventually(Duration::from_secs(6), || {
+        m = scrape(&lab, "host1");
         value(&m, "vxmesh_wg_decrypt_failures_total{peer=\"host2\"}").unwrap_or(0.0)
-            > failures_before,
-        "{m}"
-    );
+            > failures_before
+    })
+    .await;
+    assert!(rose, "{m}");
     // host2's agent refuses the listing in its pass (its saved plan keeps
     // the old key) and reports what the store lists within its 2 s period.
     let mut text = String::new();

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::gso::{self, Prepared, VNET_HDR_LEN, VnetHdr};
 use super::peers::{PeerTable, out_buffer_len};
 use super::tun::Tun;
 use super::udp::{Datagram, MAX_SEGMENTS, Socket};
@@ -99,12 +100,17 @@ const BATCH: usize = MAX_SEGMENTS;
 /// largest packet more.
 const SEND_BUFFER: usize = 256 * 1024;
 
-/// Read what the TUN device holds (up to [`BATCH`] packets), encrypt each
-/// into the send buffer one after another, and send them in runs.
+/// Largest read from the TUN device: a segmentation burst with its header.
+const MAX_READ: usize = 256 * 1024;
+
+/// Read what the TUN device holds (up to [`BATCH`] reads), cut bursts into
+/// packets, encrypt each into the send buffer one after another, and send
+/// them in runs.
 fn outbound_loop(mut tun: Tun, socket: &Socket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
-    let mut buf = vec![0u8; MAX_PACKET];
-    let mut send_buf = vec![0u8; SEND_BUFFER];
-    let mut batch: Vec<Datagram> = Vec::with_capacity(BATCH);
+    let mut buf = vec![0u8; MAX_READ];
+    let mut out = Outgoing::new();
+    let mut scratch = Vec::with_capacity(MAX_READ);
+    let offloaded = tun.offloaded();
     while !stop.load(Ordering::Relaxed) {
         let mut n = match tun.read_timeout(&mut buf, TICK) {
             Ok(Some(n)) => n,
@@ -116,33 +122,14 @@ fn outbound_loop(mut tun: Tun, socket: &Socket, table: &RwLock<PeerTable>, stop:
             }
         };
         let table = table.read().expect("peer table lock");
-        let mut used = 0;
-        loop {
-            let room = out_buffer_len(n);
-            if batch.len() == BATCH || SEND_BUFFER - used < room {
-                socket.send_batch(&send_buf, &batch);
-                batch.clear();
-                used = 0;
+        for read in 1.. {
+            if offloaded {
+                out.burst(&table, socket, &mut buf[..n], &mut scratch);
+            } else {
+                out.encrypt(&table, socket, &buf[..n]);
             }
-            let out = &mut send_buf[used..used + room];
-            let start = out.as_ptr() as usize;
-            let mut queued = None;
-            table.outbound(&buf[..n], out, &mut |to, d| {
-                // boringtun writes at the start of `out`: that datagram
-                // joins the batch; anything else goes out at once.
-                if queued.is_none() && d.as_ptr() as usize == start {
-                    queued = Some((to, d.len()));
-                } else {
-                    socket.send_one(to, d);
-                }
-            });
-            if let Some((to, len)) = queued {
-                batch.push(Datagram {
-                    to,
-                    start: used,
-                    len,
-                });
-                used += len;
+            if read == BATCH {
+                break;
             }
             match tun.try_read(&mut buf) {
                 Ok(Some(m)) => n = m,
@@ -153,8 +140,79 @@ fn outbound_loop(mut tun: Tun, socket: &Socket, table: &RwLock<PeerTable>, stop:
                 }
             }
         }
-        socket.send_batch(&send_buf, &batch);
-        batch.clear();
+        out.flush(socket);
+    }
+}
+
+/// Encrypted datagrams waiting in one buffer for one send.
+struct Outgoing {
+    buf: Vec<u8>,
+    used: usize,
+    batch: Vec<Datagram>,
+}
+
+impl Outgoing {
+    fn new() -> Outgoing {
+        Outgoing {
+            buf: vec![0u8; SEND_BUFFER],
+            used: 0,
+            batch: Vec::with_capacity(BATCH),
+        }
+    }
+
+    fn flush(&mut self, socket: &Socket) {
+        socket.send_batch(&self.buf, &self.batch);
+        self.batch.clear();
+        self.used = 0;
+    }
+
+    /// One read from a device with offloads (`raw` starts with the
+    /// virtio-net header): its packet, or each packet of its burst.
+    fn burst(&mut self, table: &PeerTable, socket: &Socket, raw: &mut [u8], scratch: &mut Vec<u8>) {
+        let Some(hdr) = VnetHdr::parse(raw) else {
+            return;
+        };
+        let packet = &mut raw[VNET_HDR_LEN..];
+        scratch.clear();
+        match gso::prepare(&hdr, packet, scratch) {
+            Ok(Prepared::One) => self.encrypt(table, socket, packet),
+            Ok(Prepared::Many(pieces)) => {
+                for r in pieces {
+                    self.encrypt(table, socket, &scratch[r]);
+                }
+            }
+            Err(e) => tracing::debug!("TUN packet dropped: {e}"),
+        }
+    }
+
+    /// Encrypt `packet` into the buffer (sending what is there first when
+    /// it is full).
+    fn encrypt(&mut self, table: &PeerTable, socket: &Socket, packet: &[u8]) {
+        let room = out_buffer_len(packet.len());
+        if self.batch.len() == BATCH || SEND_BUFFER - self.used < room {
+            self.flush(socket);
+        }
+        let used = self.used;
+        let out = &mut self.buf[used..used + room];
+        let start = out.as_ptr() as usize;
+        let mut queued = None;
+        table.outbound(packet, out, &mut |to, d| {
+            // boringtun writes at the start of `out`: that datagram joins
+            // the batch; anything else goes out at once.
+            if queued.is_none() && d.as_ptr() as usize == start {
+                queued = Some((to, d.len()));
+            } else {
+                socket.send_one(to, d);
+            }
+        });
+        if let Some((to, len)) = queued {
+            self.batch.push(Datagram {
+                to,
+                start: used,
+                len,
+            });
+            self.used += len;
+        }
     }
 }
 
@@ -186,12 +244,7 @@ fn inbound_loop(mut tun: Tun, socket: &Socket, table: &RwLock<PeerTable>, stop: 
     }
 }
 
-fn tick_loop(
-    socket: &Socket,
-    table: &RwLock<PeerTable>,
-    stop: &AtomicBool,
-    switched: &dyn Fn(),
-) {
+fn tick_loop(socket: &Socket, table: &RwLock<PeerTable>, stop: &AtomicBool, switched: &dyn Fn()) {
     let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
     let mut send = |to, d: &[u8]| socket.send_one(to, d);
     let mut told = false;

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod gso;
 pub mod keys;
 pub mod peers;
 pub mod plan;

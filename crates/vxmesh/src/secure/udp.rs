@@ -348,7 +348,10 @@ mod tests {
                 got.push(d.to_vec());
             }
         }
-        let want: Vec<Vec<u8>> = ds.iter().map(|d| buf[d.start..d.start + d.len].to_vec()).collect();
+        let want: Vec<Vec<u8>> = ds
+            .iter()
+            .map(|d| buf[d.start..d.start + d.len].to_vec())
+            .collect();
         assert_eq!(got, want);
     }
 }

@@ -320,7 +320,7 @@ impl SecureUnderlay {
         let namespace = nl.namespace().to_string();
         // Both are created in the namespace the netlink socket serves.
         let (tun, socket) = nl.netns().run(move || -> Result<_, SecureError> {
-            let tun = Tun::open(&dev, true)?;
+            let tun = Tun::open_offloaded(&dev, true)?;
             // Only speed depends on it: say so and go on without.
             if let Err(e) = super::tun::set_threaded_napi(&dev) {
                 tracing::info!(%dev, "threaded NAPI not set (received packets are not merged): {e}");
@@ -460,9 +460,15 @@ mod tests {
     /// notification would wake the agent for another pass, forever).
     #[test]
     fn the_device_is_set_only_where_it_differs() {
-        assert_eq!(link_fix(Some(&tun(true, 1390, Some(TUN_ALIAS))), 1390), None);
+        assert_eq!(
+            link_fix(Some(&tun(true, 1390, Some(TUN_ALIAS))), 1390),
+            None
+        );
         let fix = link_fix(Some(&tun(false, 1390, Some(TUN_ALIAS))), 1390).unwrap();
-        assert_eq!((fix.up, fix.mtu, fix.alias.as_deref()), (Some(true), None, None));
+        assert_eq!(
+            (fix.up, fix.mtu, fix.alias.as_deref()),
+            (Some(true), None, None)
+        );
         let fix = link_fix(Some(&tun(true, 1500, None)), 1390).unwrap();
         assert_eq!(
             (fix.up, fix.mtu, fix.alias.as_deref()),

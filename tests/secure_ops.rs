@@ -278,6 +278,19 @@ async fn status_metrics_and_doctor_show_the_tunnels_and_name_a_key_mismatch() {
     let failures_before = value(&m, "vxmesh_wg_decrypt_failures_total{peer=\"host2\"}")
         .unwrap_or_else(|| panic!("no decrypt failures series: {m}"));
 
+    // At rest the agent passes only on its resync (5 s in the lab): its
+    // own settings of the tunnel device must not wake it (each set of the
+    // device notifies; it once looped at about ten passes a second).
+    let passes = |m: &str| value(m, "vxmesh_reconcile_passes_total{result=\"ok\"}").unwrap();
+    let before = passes(&scrape(&lab, "host1"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = passes(&scrape(&lab, "host1"));
+    assert!(
+        after - before <= 1.0,
+        "{} passes in 3 s at rest",
+        after - before
+    );
+
     let (code, text) = doctor(&lab, "host1");
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("last handshake with host2"), "{text}");
@@ -309,12 +322,15 @@ async fn status_metrics_and_doctor_show_the_tunnels_and_name_a_key_mismatch() {
         text.contains("fix: the key this node lists for host2"),
         "{text}"
     );
-    let m = scrape(&lab, "host1");
-    assert!(
+    // The metrics follow the agent's next report (every 2 s).
+    let mut m = String::new();
+    let rose = eventually(Duration::from_secs(6), || {
+        m = scrape(&lab, "host1");
         value(&m, "vxmesh_wg_decrypt_failures_total{peer=\"host2\"}").unwrap_or(0.0)
-            > failures_before,
-        "{m}"
-    );
+            > failures_before
+    })
+    .await;
+    assert!(rose, "{m}");
     // host2's agent refuses the listing in its pass (its saved plan keeps
     // the old key) and reports what the store lists within its 2 s period.
     let mut text = String::new();

@@ -2,14 +2,16 @@
 //! and the WireGuard UDP socket through the peer table, plus the timer
 //! tick. Stopped (and joined) on drop.
 
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::gso::{self, Prepared, VNET_HDR_LEN, VnetHdr};
 use super::peers::{PeerTable, out_buffer_len};
 use super::tun::Tun;
+use super::udp::{Datagram, MAX_SEGMENTS, Socket};
 
 /// How often the timers run and the threads look at the stop flag.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -43,7 +45,8 @@ impl DataPath {
         let table = Arc::new(RwLock::new(table));
         let stop = Arc::new(AtomicBool::new(false));
         socket.set_read_timeout(Some(TICK))?;
-        let socket = Arc::new(socket);
+        let socket = Arc::new(Socket::new(socket));
+        tun.set_nonblocking()?;
         let tun_writer = tun.try_clone()?;
         let mut threads = Vec::new();
         {
@@ -90,51 +93,139 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<JoinH
     std::thread::Builder::new().name(name.to_string()).spawn(f)
 }
 
-fn send_to(socket: &UdpSocket) -> impl FnMut(SocketAddrV4, &[u8]) + '_ {
-    move |to, d| {
-        if let Err(e) = socket.send_to(d, to) {
-            tracing::debug!(%to, "send: {e}");
-        }
-    }
-}
+/// Packets read from the TUN device and encrypted before one send.
+const BATCH: usize = MAX_SEGMENTS;
 
-fn outbound_loop(mut tun: Tun, socket: &UdpSocket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
-    let mut buf = vec![0u8; MAX_PACKET];
-    let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
-    let mut send = send_to(socket);
+/// The send buffer: a batch of full-sized datagrams, and room for one
+/// largest packet more.
+const SEND_BUFFER: usize = 256 * 1024;
+
+/// Largest read from the TUN device: a segmentation burst with its header.
+const MAX_READ: usize = 256 * 1024;
+
+/// Read what the TUN device holds (up to [`BATCH`] reads), cut bursts into
+/// packets, encrypt each into the send buffer one after another, and send
+/// them in runs.
+fn outbound_loop(mut tun: Tun, socket: &Socket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MAX_READ];
+    let mut out = Outgoing::new();
+    let mut scratch = Vec::with_capacity(MAX_READ);
+    let offloaded = tun.offloaded();
     while !stop.load(Ordering::Relaxed) {
-        match tun.read_timeout(&mut buf, TICK) {
-            Ok(Some(n)) => {
-                table
-                    .read()
-                    .expect("peer table lock")
-                    .outbound(&buf[..n], &mut out, &mut send)
-            }
-            Ok(None) => {}
+        let mut n = match tun.read_timeout(&mut buf, TICK) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(dev = tun.name(), "read: {e}");
                 std::thread::sleep(TICK);
+                continue;
             }
+        };
+        let table = table.read().expect("peer table lock");
+        for read in 1.. {
+            if offloaded {
+                out.burst(&table, socket, &mut buf[..n], &mut scratch);
+            } else {
+                out.encrypt(&table, socket, &buf[..n]);
+            }
+            if read == BATCH {
+                break;
+            }
+            match tun.try_read(&mut buf) {
+                Ok(Some(m)) => n = m,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(dev = tun.name(), "read: {e}");
+                    break;
+                }
+            }
+        }
+        out.flush(socket);
+    }
+}
+
+/// Encrypted datagrams waiting in one buffer for one send.
+struct Outgoing {
+    buf: Vec<u8>,
+    used: usize,
+    batch: Vec<Datagram>,
+}
+
+impl Outgoing {
+    fn new() -> Outgoing {
+        Outgoing {
+            buf: vec![0u8; SEND_BUFFER],
+            used: 0,
+            batch: Vec::with_capacity(BATCH),
+        }
+    }
+
+    fn flush(&mut self, socket: &Socket) {
+        socket.send_batch(&self.buf, &self.batch);
+        self.batch.clear();
+        self.used = 0;
+    }
+
+    /// One read from a device with offloads (`raw` starts with the
+    /// virtio-net header): its packet, or each packet of its burst.
+    fn burst(&mut self, table: &PeerTable, socket: &Socket, raw: &mut [u8], scratch: &mut Vec<u8>) {
+        let Some(hdr) = VnetHdr::parse(raw) else {
+            return;
+        };
+        let packet = &mut raw[VNET_HDR_LEN..];
+        scratch.clear();
+        match gso::prepare(&hdr, packet, scratch) {
+            Ok(Prepared::One) => self.encrypt(table, socket, packet),
+            Ok(Prepared::Many(pieces)) => {
+                for r in pieces {
+                    self.encrypt(table, socket, &scratch[r]);
+                }
+            }
+            Err(e) => tracing::debug!("TUN packet dropped: {e}"),
+        }
+    }
+
+    /// Encrypt `packet` into the buffer (sending what is there first when
+    /// it is full).
+    fn encrypt(&mut self, table: &PeerTable, socket: &Socket, packet: &[u8]) {
+        let room = out_buffer_len(packet.len());
+        if self.batch.len() == BATCH || SEND_BUFFER - self.used < room {
+            self.flush(socket);
+        }
+        let used = self.used;
+        let out = &mut self.buf[used..used + room];
+        let start = out.as_ptr() as usize;
+        let mut queued = None;
+        table.outbound(packet, out, &mut |to, d| {
+            // boringtun writes at the start of `out`: that datagram joins
+            // the batch; anything else goes out at once.
+            if queued.is_none() && d.as_ptr() as usize == start {
+                queued = Some((to, d.len()));
+            } else {
+                socket.send_one(to, d);
+            }
+        });
+        if let Some((to, len)) = queued {
+            self.batch.push(Datagram {
+                to,
+                start: used,
+                len,
+            });
+            self.used += len;
         }
     }
 }
 
-fn inbound_loop(mut tun: Tun, socket: &UdpSocket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
+/// Receive datagrams (coalesced ones split), decrypt them and write the
+/// inner packets to the TUN device.
+fn inbound_loop(mut tun: Tun, socket: &Socket, table: &RwLock<PeerTable>, stop: &AtomicBool) {
     let mut buf = vec![0u8; MAX_PACKET];
     let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
-    let mut send = send_to(socket);
+    let mut send = |to, d: &[u8]| socket.send_one(to, d);
     while !stop.load(Ordering::Relaxed) {
-        let (n, from) = match socket.recv_from(&mut buf) {
-            Ok((n, SocketAddr::V4(from))) => (n, from),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
+        let received = match socket.recv(&mut buf) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
             Err(e) => {
                 tracing::warn!("recv: {e}");
                 std::thread::sleep(TICK);
@@ -146,24 +237,16 @@ fn inbound_loop(mut tun: Tun, socket: &UdpSocket, table: &RwLock<PeerTable>, sto
                 tracing::debug!("write to TUN: {e}");
             }
         };
-        table.read().expect("peer table lock").inbound(
-            from,
-            &buf[..n],
-            &mut out,
-            &mut send,
-            &mut deliver,
-        );
+        let table = table.read().expect("peer table lock");
+        for datagram in received.datagrams(&buf) {
+            table.inbound(received.from, datagram, &mut out, &mut send, &mut deliver);
+        }
     }
 }
 
-fn tick_loop(
-    socket: &UdpSocket,
-    table: &RwLock<PeerTable>,
-    stop: &AtomicBool,
-    switched: &dyn Fn(),
-) {
+fn tick_loop(socket: &Socket, table: &RwLock<PeerTable>, stop: &AtomicBool, switched: &dyn Fn()) {
     let mut out = vec![0u8; out_buffer_len(MAX_PACKET)];
-    let mut send = send_to(socket);
+    let mut send = |to, d: &[u8]| socket.send_one(to, d);
     let mut told = false;
     while !stop.load(Ordering::Relaxed) {
         let done = {

@@ -4,11 +4,13 @@
 
 pub mod config;
 pub mod datapath;
+pub mod gso;
 pub mod keys;
 pub mod peers;
 pub mod plan;
 pub mod transport;
 pub mod tun;
+pub mod udp;
 pub mod underlay;
 
 pub use datapath::DataPath;

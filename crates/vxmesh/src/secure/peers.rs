@@ -135,6 +135,9 @@ impl SwitchProgress {
 pub struct PeerTable {
     /// This node's keys: the one in use, then (switching) the next one.
     keys: Vec<PrivateKey>,
+    /// The public halves of `keys` (deriving one is a scalar
+    /// multiplication: never per packet).
+    publics: Vec<PublicKey>,
     peers: BTreeMap<String, Peer>,
     by_transport: HashMap<Ipv4Addr, String>,
     by_underlay: HashMap<Ipv4Addr, String>,
@@ -153,6 +156,7 @@ pub fn out_buffer_len(mtu: usize) -> usize {
 impl PeerTable {
     pub fn new(key: PrivateKey) -> Self {
         PeerTable {
+            publics: vec![key.public()],
             keys: vec![key],
             peers: BTreeMap::new(),
             by_transport: HashMap::new(),
@@ -164,7 +168,7 @@ impl PeerTable {
 
     /// The public key of the key this node switches to, else of the one in use.
     pub fn public_key(&self) -> PublicKey {
-        self.keys.last().expect("a key").public()
+        *self.publics.last().expect("a key")
     }
 
     /// This node's keys: `current`, and while switching `next`. A new
@@ -176,6 +180,7 @@ impl PeerTable {
         if keys == self.keys {
             return;
         }
+        self.publics = keys.iter().map(PrivateKey::public).collect();
         self.keys = keys;
         let names: Vec<String> = self.peers.keys().cloned().collect();
         for n in names {
@@ -252,11 +257,11 @@ impl PeerTable {
         let listed = peer.spec.keys();
         let switching = self.keys.len() > 1;
         let mut old = std::mem::take(&mut peer.slots);
-        for (i, own) in self.keys.iter().enumerate() {
+        for (i, (own, own_public)) in self.keys.iter().zip(&self.publics).enumerate() {
             for &pk in &listed {
                 if let Some(at) = old
                     .iter()
-                    .position(|s| s.own == own.public() && s.peer_key == pk)
+                    .position(|s| s.own == *own_public && s.peer_key == pk)
                 {
                     peer.slots.push(old.swap_remove(at));
                     continue;
@@ -296,7 +301,7 @@ impl PeerTable {
             self.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(slot) = slot::slot_to_send(&peer.slots, peer.primary(self.public_key())) else {
+        let Some(slot) = slot::slot_to_send(&peer.slots, || peer.primary(self.public_key())) else {
             return;
         };
         let mut tunn = slot.lock();
@@ -422,7 +427,7 @@ impl PeerTable {
     /// it that they use (data came in on it, or it has been up for
     /// [`SWITCH_GRACE`]). `None` when not switching.
     pub fn switch_progress(&self) -> Option<SwitchProgress> {
-        let next = self.keys.get(1)?.public();
+        let next = *self.publics.get(1)?;
         let now = Instant::now();
         let mut p = SwitchProgress::default();
         for peer in self.peers.values() {

@@ -13,7 +13,7 @@ use super::peers::{PeerChanges, PeerStats, PeerTable, SWITCH_DEADLINE, SwitchPro
 use super::plan::SecurePlan;
 use super::transport::TUN_ALIAS;
 use super::tun::{Tun, TunError};
-use crate::dataplane::kernel::{LinkOptions, Netlink, NetlinkError};
+use crate::dataplane::kernel::{LinkInfo, LinkOptions, Netlink, NetlinkError};
 
 pub mod report;
 pub use report::{PeerReport, UnderlayReport};
@@ -282,16 +282,12 @@ impl SecureUnderlay {
             self.running = Some(self.start(nl, plan, current).await?);
         }
         self.rotate(step, next)?;
-        nl.set_link(
-            &plan.dev,
-            LinkOptions {
-                up: Some(true),
-                mtu: Some(plan.mtu),
-                alias: Some(TUN_ALIAS.to_string()),
-                ..Default::default()
-            },
-        )
-        .await?;
+        // Set only what differs: every set notifies, and a notification on
+        // an owned device wakes this agent for another pass.
+        let actual = nl.get_link(&plan.dev).await?;
+        if let Some(fix) = link_fix(actual.as_ref(), plan.mtu) {
+            nl.set_link(&plan.dev, fix).await?;
+        }
         nl.add_address(&plan.dev, plan.addr).await?;
         let running = self.running.as_ref().expect("started above");
         let changes = running
@@ -324,7 +320,11 @@ impl SecureUnderlay {
         let namespace = nl.namespace().to_string();
         // Both are created in the namespace the netlink socket serves.
         let (tun, socket) = nl.netns().run(move || -> Result<_, SecureError> {
-            let tun = Tun::open(&dev, true)?;
+            let tun = Tun::open_offloaded(&dev, true)?;
+            // Only speed depends on it: say so and go on without.
+            if let Err(e) = super::tun::set_threaded_napi(&dev) {
+                tracing::info!(%dev, "threaded NAPI not set (received packets are not merged): {e}");
+            }
             let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).map_err(
                 |source| SecureError::Socket {
                     port,
@@ -370,6 +370,20 @@ impl SecureUnderlay {
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
     }
+}
+
+/// What to set on the secure underlay's device so that it is up, with
+/// `mtu` and vxmesh's alias; `None` when it already is.
+fn link_fix(actual: Option<&LinkInfo>, mtu: u32) -> Option<LinkOptions> {
+    let want_alias = Some(TUN_ALIAS);
+    let fix = LinkOptions {
+        up: (!actual.is_some_and(|l| l.up)).then_some(true),
+        mtu: (actual.map(|l| l.mtu) != Some(mtu)).then_some(mtu),
+        alias: (actual.and_then(|l| l.alias.as_deref()) != want_alias)
+            .then(|| TUN_ALIAS.to_string()),
+        ..Default::default()
+    };
+    (fix != LinkOptions::default()).then_some(fix)
 }
 
 /// The keys a node's record lists: its key (from `key_file`, else the state
@@ -426,6 +440,45 @@ mod tests {
 
     fn key() -> PublicKey {
         PrivateKey::generate().unwrap().public()
+    }
+
+    fn tun(up: bool, mtu: u32, alias: Option<&str>) -> LinkInfo {
+        LinkInfo {
+            name: "vxm-wg0".into(),
+            index: 7,
+            kind: Some("tun".into()),
+            mtu,
+            mac: None,
+            master: None,
+            up,
+            oper: "unknown".into(),
+            alias: alias.map(str::to_string),
+        }
+    }
+
+    /// A device as planned gets no set (a set notifies, and the
+    /// notification would wake the agent for another pass, forever).
+    #[test]
+    fn the_device_is_set_only_where_it_differs() {
+        assert_eq!(
+            link_fix(Some(&tun(true, 1390, Some(TUN_ALIAS))), 1390),
+            None
+        );
+        let fix = link_fix(Some(&tun(false, 1390, Some(TUN_ALIAS))), 1390).unwrap();
+        assert_eq!(
+            (fix.up, fix.mtu, fix.alias.as_deref()),
+            (Some(true), None, None)
+        );
+        let fix = link_fix(Some(&tun(true, 1500, None)), 1390).unwrap();
+        assert_eq!(
+            (fix.up, fix.mtu, fix.alias.as_deref()),
+            (None, Some(1390), Some(TUN_ALIAS))
+        );
+        let fix = link_fix(None, 1390).unwrap();
+        assert_eq!(
+            (fix.up, fix.mtu, fix.alias.as_deref()),
+            (Some(true), Some(1390), Some(TUN_ALIAS))
+        );
     }
 
     fn listed(a: Option<PublicKey>, b: Option<PublicKey>) -> ListedKeys {

@@ -159,7 +159,7 @@ pub(super) fn slot_for<'s>(
 
 /// The slot to send on: the usable one with the newest session, else the
 /// `primary` one (whose handshake the packet then waits for).
-pub(super) fn slot_to_send(slots: &[Slot], primary: usize) -> Option<&Slot> {
+pub(super) fn slot_to_send(slots: &[Slot], primary: impl FnOnce() -> usize) -> Option<&Slot> {
     if slots.len() == 1 {
         return slots.first();
     }
@@ -168,7 +168,7 @@ pub(super) fn slot_to_send(slots: &[Slot], primary: usize) -> Option<&Slot> {
         .filter_map(|s| s.session_age().map(|age| (age, s)))
         .min_by_key(|(age, _)| *age)
         .map(|(_, s)| s)
-        .or_else(|| slots.get(primary))
+        .or_else(|| slots.get(primary()))
 }
 
 /// Is `datagram` a transport data message (type 4)?

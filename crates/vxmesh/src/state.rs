@@ -123,6 +123,21 @@ fn networks_dir(state_dir: &Path) -> PathBuf {
 
 /// Write a file atomically (temp file in the same dir, fsync, rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateError> {
+    write_via_temp(path, data, true)
+}
+
+/// Replace a file atomically (temp file in the same dir, rename) without
+/// waiting for the disk: for reports that the next pass rewrites anyway
+/// (`plan.json`), where an fsync per pass only competes with etcd's own
+/// on a shared disk. A crash leaves the old or the new file (ext4 and
+/// xfs flush a file renamed over another before the rename).
+pub fn replace_file(path: &Path, data: &[u8]) -> Result<(), StateError> {
+    write_via_temp(path, data, false)
+}
+
+/// Write `data` to a temp file beside `path` (synced to disk with `sync`)
+/// and rename it over `path`.
+fn write_via_temp(path: &Path, data: &[u8], sync: bool) -> Result<(), StateError> {
     let dir = path.parent().ok_or_else(|| StateError::NoParent {
         path: path.display().to_string(),
     })?;
@@ -133,30 +148,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateError> {
     ));
     let mut f = File::create(&tmp).map_err(io_step(format!("create {}", tmp.display())))?;
     f.write_all(data)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if sync { f.sync_all() } else { Ok(()) })
         .map_err(io_step(format!("write {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(io_step(format!(
-        "rename {} to {}",
-        tmp.display(),
-        path.display()
-    )))
-}
-
-/// Replace a file atomically (temp file in the same dir, rename) without
-/// waiting for the disk: for reports that the next pass rewrites anyway
-/// (`plan.json`), where an fsync per pass only competes with etcd's own
-/// on a shared disk. A crash leaves the old or the new file (ext4 and
-/// xfs flush a file renamed over another before the rename).
-pub fn replace_file(path: &Path, data: &[u8]) -> Result<(), StateError> {
-    let dir = path.parent().ok_or_else(|| StateError::NoParent {
-        path: path.display().to_string(),
-    })?;
-    fs::create_dir_all(dir).map_err(io_step(format!("create {}", dir.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
-    ));
-    fs::write(&tmp, data).map_err(io_step(format!("write {}", tmp.display())))?;
     fs::rename(&tmp, path).map_err(io_step(format!(
         "rename {} to {}",
         tmp.display(),

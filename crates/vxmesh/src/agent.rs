@@ -727,6 +727,13 @@ async fn serve<S: Store>(
                     tracing::debug!(incremental = o.incremental, "pass: no changes");
                 }
                 secure_plan = o.plan.secure.clone();
+                if !o.incremental {
+                    // The devices this pass created are listed now: from
+                    // here on a change to them is drift, not a creation.
+                    if let Ok(mut e) = expected.lock() {
+                        *e = Some(Expected::of(&o.plan, &devices));
+                    }
+                }
                 trusted = Some((o.plan, seen));
                 retry = Duration::from_millis(200);
                 opts.resync

@@ -11,8 +11,9 @@
 //! applies a change of peer entries straight from the two plans: a node
 //! joining a 10 000-peer cluster costs its 3 messages and no dump. Any kernel
 //! event that contradicts the plan being applied (not the agent's own
-//! changes, not the kernel's dynamic neighbours: `dataplane::expected`),
-//! the periodic resync and every error fall back to a full pass; the
+//! changes, not the kernel's dynamic neighbours: `dataplane::expected`,
+//! `dataplane::expected_links`), lost events (the notification socket
+//! overflowed), the periodic resync and every error fall back to a full pass; the
 //! nftables table (no rtnetlink event tells of its changes) is dumped on
 //! the first pass, at every resync, after an error and when its rules change.
 //! SIGTERM/SIGINT end the agent and leave the data plane
@@ -727,6 +728,13 @@ async fn serve<S: Store>(
                     tracing::debug!(incremental = o.incremental, "pass: no changes");
                 }
                 secure_plan = o.plan.secure.clone();
+                if !o.incremental {
+                    // The devices this pass created are listed now: from
+                    // here on a change to them is drift, not a creation.
+                    if let Ok(mut e) = expected.lock() {
+                        *e = Some(Expected::of(&o.plan, &devices));
+                    }
+                }
                 trusted = Some((o.plan, seen));
                 retry = Duration::from_millis(200);
                 opts.resync

@@ -121,6 +121,29 @@ pub fn host_veth_name(network: &str, container_id: &str, ifname: &str) -> String
     format!("{}{:010x}", model::DEVICE_PREFIX, h & 0xff_ffff_ffff)
 }
 
+/// Put a new host veth on its bridge, then mark it (alias) and bring it
+/// up: in this order the agent never sees a marked veth off its bridge or
+/// down (the kernel applies a request's flags before its master), which
+/// it would take for drift and answer with a full pass.
+async fn enslave_then_mark(
+    nl: &Netlink,
+    veth: &str,
+    bridge: &str,
+    alias: String,
+) -> Result<(), NetlinkError> {
+    let on_bridge = LinkOptions {
+        master: Some(bridge.to_string()),
+        ..Default::default()
+    };
+    nl.set_link(veth, on_bridge).await?;
+    let marked = LinkOptions {
+        alias: Some(alias),
+        up: Some(true),
+        ..Default::default()
+    };
+    nl.set_link(veth, marked).await
+}
+
 /// The alias that marks a container veth as vxmesh's (not managed by the reconciler).
 pub fn veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
     crate::names::VethAlias::render(network, ifname, container_id)
@@ -262,17 +285,10 @@ async fn plumb(
     host.create_veth(host_veth, req.ifname, Some(req.container_ns), mtu)
         .await
         .map_err(ctx)?;
-    host.set_link(
-        host_veth,
-        LinkOptions {
-            master: Some(net.bridge.clone()),
-            alias: Some(veth_alias(req.network, req.container_id, req.ifname)),
-            up: Some(true),
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(ctx)?;
+    let alias = veth_alias(req.network, req.container_id, req.ifname);
+    enslave_then_mark(&host, host_veth, &net.bridge, alias)
+        .await
+        .map_err(ctx)?;
     cont.set_link(
         req.ifname,
         LinkOptions {
@@ -336,16 +352,8 @@ pub async fn plumb_host_pair(
         .await
         .map_err(ctx)?;
     let configured = async {
-        nl.set_link(
-            &host_veth,
-            LinkOptions {
-                master: Some(net.bridge.clone()),
-                alias: Some(veth_alias(&net.network, container_id, ifname)),
-                up: Some(true),
-                ..Default::default()
-            },
-        )
-        .await?;
+        let alias = veth_alias(&net.network, container_id, ifname);
+        enslave_then_mark(&nl, &host_veth, &net.bridge, alias).await?;
         nl.set_link(
             peer,
             LinkOptions {

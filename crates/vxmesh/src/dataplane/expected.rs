@@ -16,6 +16,7 @@ use netlink_packet_route::neighbour::{
 };
 
 use super::NodePlan;
+use super::expected_links::ExpectedLinks;
 
 /// The permanent neighbours (IP -> MAC) and FDB entries (MAC, dst) of a
 /// plan, keyed by the index of their device.
@@ -23,6 +24,8 @@ use super::NodePlan;
 pub struct Expected {
     neigh: HashMap<(u32, Ipv4Addr), [u8; 6]>,
     fdb: HashSet<(u32, [u8; 6], Ipv4Addr)>,
+    /// The plan's devices ([`super::expected_links`]).
+    pub links: ExpectedLinks,
 }
 
 /// Shared between the agent (sets it before it applies a plan) and the
@@ -35,7 +38,10 @@ impl Expected {
     /// their events then count as drift, which costs a full pass, never a
     /// missed repair.
     pub fn of(plan: &NodePlan, index: &HashMap<String, u32>) -> Expected {
-        let mut e = Expected::default();
+        let mut e = Expected {
+            links: ExpectedLinks::of(plan, index),
+            ..Expected::default()
+        };
         for n in &plan.neighbours {
             if let Some(i) = index.get(&n.dev) {
                 e.neigh.insert((*i, n.ip), n.mac.octets());

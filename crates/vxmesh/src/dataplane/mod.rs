@@ -4,6 +4,7 @@ pub mod change;
 pub mod diff;
 pub mod events;
 pub mod expected;
+pub mod expected_links;
 pub mod incremental;
 pub mod kernel;
 pub mod netns;

@@ -92,10 +92,6 @@ impl Socket {
         }
     }
 
-    pub fn inner(&self) -> &UdpSocket {
-        &self.socket
-    }
-
     /// Send one datagram.
     pub fn send_one(&self, to: SocketAddrV4, d: &[u8]) {
         if let Err(e) = self.socket.send_to(d, to) {
@@ -320,10 +316,10 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
-        let rx = Socket::new(rx);
-        let std::net::SocketAddr::V4(dst) = rx.inner().local_addr().unwrap() else {
+        let std::net::SocketAddr::V4(dst) = rx.local_addr().unwrap() else {
             unreachable!()
         };
+        let rx = Socket::new(rx);
         let tx = Socket::new(UdpSocket::bind("127.0.0.1:0").unwrap());
         let mut buf = Vec::new();
         let mut ds = Vec::new();

@@ -206,8 +206,21 @@ async fn removing_a_peer_removes_exactly_its_three_entries() {
     assert_eq!(r.messages, 3);
     let after = nl.dump().await.unwrap();
     assert_eq!(counts(&t, "vxm-vx100"), (2, 2, 2));
-    // Nothing else moved.
-    assert_eq!(before.links, after.links);
+    // Nothing else moved. (A link's operational state is the kernel's
+    // own and settles after the link comes up: a bridge without ports
+    // went from "down" to "unknown" between the dumps once; it is not
+    // something a pass sets.)
+    let set_by_vxmesh = |links: &[vxmesh::dataplane::kernel::ActualLink]| {
+        links
+            .iter()
+            .cloned()
+            .map(|mut l| {
+                l.oper = String::new();
+                l
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(set_by_vxmesh(&before.links), set_by_vxmesh(&after.links));
     assert_eq!(before.addresses, after.addresses);
     assert!(after.routes.iter().all(|r| r.dst != subnet));
     assert!(after.fdb.iter().all(|e| e.mac != mac));

@@ -1,5 +1,5 @@
 //! Reconciling real namespaces (run as root): a plan from empty is complete
-//! and idempotent, drift is repaired, a removed peer takes exactly its
+//! and idempotent (also in two steps, devices before entries), drift is repaired, a removed peer takes exactly its
 //! entries, bridged mode enslaves a proxy VTEP, and 10 000 peers apply fast.
 //!
 //! Every test works in its own freshly made namespaces (removed on drop,
@@ -99,6 +99,39 @@ async fn routed_plan_from_empty_is_complete_and_idempotent() {
         "{:#?}",
         again.lines()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_pass_makes_the_devices_first_then_the_same_entries() {
+    let t = TestNs::new("stg");
+    let nl = underlay(&t).await;
+    let plan = routed(0..3);
+    let staged = vxmesh::dataplane::reconcile_local(&nl, &plan)
+        .await
+        .unwrap();
+    // The node's own part is in place (what attach needs), no peer yet.
+    let st = nl.dump().await.unwrap();
+    assert!(st.link("vxm-br0").is_some() && st.link("vxm-vx100").is_some());
+    assert_eq!(st.addresses.len(), 2);
+    assert!(st.ip_forward);
+    assert_eq!(owned(&st), (0, 0, 0));
+    assert_eq!(counts(&t, "vxm-vx100"), (0, 0, 0));
+    let r = staged.finish(&nl).await.unwrap();
+    // Together exactly what one reconcile sends from empty (see above).
+    assert_eq!(r.changes, 14, "{:#?}", r.lines());
+    assert_eq!(r.messages, 4 + 2 + 9);
+    assert!(r.apply.errors.is_empty());
+    let st = nl.dump().await.unwrap();
+    assert_eq!(owned(&st), (3, 3, 3));
+    assert!(diff(&plan, &st).unwrap().is_empty());
+    // Converged: staged again, nothing in either step.
+    let again = vxmesh::dataplane::reconcile_local(&nl, &plan)
+        .await
+        .unwrap()
+        .finish(&nl)
+        .await
+        .unwrap();
+    assert_eq!((again.changes, again.messages), (0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

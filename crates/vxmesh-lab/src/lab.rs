@@ -24,6 +24,7 @@
 
 mod agents;
 mod check;
+mod child;
 mod cni;
 mod containers;
 mod demo;
@@ -31,6 +32,7 @@ mod docker;
 mod etcd;
 mod external;
 pub mod faults;
+mod gate;
 mod hosts;
 pub mod invariants;
 mod membership;
@@ -47,6 +49,7 @@ pub use external::{
     ExternalProbe, ExternalReport, LabPublished, OUTSIDE_IP, OUTSIDE_NET, OUTSIDE_PORT, ROUTER_IP,
     outside_ns, parse_publish,
 };
+pub use gate::StartGate;
 pub use teardown::{LabGuard, down_by_name};
 
 pub use etcd::{
@@ -241,7 +244,11 @@ impl Lab {
             self.publish_all(host, container).await?;
         }
         self.save()?;
-        if self.info.etcd.is_some() && !self.wait_converged(Duration::from_secs(10)).await {
+        // A ready agent has published its networks, which a full pass does
+        // before it programs the peers: `up` returns once every agent's
+        // applied plan covers the whole lab (with etcd, also once the
+        // agents learned each other through the watch).
+        if !self.wait_converged(Duration::from_secs(10)).await {
             tracing::warn!(
                 "lab {}: not every agent knows every peer yet",
                 self.info.name

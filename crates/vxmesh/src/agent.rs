@@ -4,7 +4,9 @@
 //! publish the served networks and the applied plan (`plan.json`, read by
 //! `vxmesh status` and `doctor`) in the state dir, and (etcd store, bridged
 //! networks) keep the endpoints this node publishes equal to the addresses
-//! attached on it. Passes run at start, when the store reports a change, when
+//! attached on it. A full pass publishes the networks once the node's own
+//! devices and firewall are in place, before the peer entries (`apply_plan`).
+//! Passes run at start, when the store reports a change, when
 //! the kernel reports a change to an owned object, and periodically (drift
 //! the events missed). A pass triggered by the store alone, while the kernel
 //! is known to hold the previous plan (no kernel event since it was applied),
@@ -39,7 +41,7 @@ use crate::dataplane::events::{self, KernelEvents, OwnedIndexes};
 use crate::dataplane::expected::{Expectation, Expected};
 use crate::dataplane::kernel::Netlink;
 use crate::dataplane::plan::{PlanInput, plan};
-use crate::dataplane::{NodePlan, reconcile, reconcile_from};
+use crate::dataplane::{NodePlan, ReconcileReport, reconcile_from, reconcile_local};
 use crate::error::chain;
 use crate::ipam::{Allocation, Ipam};
 use crate::metrics::Metrics;
@@ -210,6 +212,7 @@ pub async fn pass<S: Store>(
                 error,
             })?;
     }
+    let t0 = Instant::now();
     let snap = store
         .snapshot()
         .await
@@ -217,50 +220,140 @@ pub async fn pass<S: Store>(
             store: store.describe(),
             error,
         })?;
+    let snapshot_at = t0.elapsed();
     let mut p = plan_node(nl, &snap, &opts.node).await?;
     p.firewall.vxlan_filter = opts.vxlan_filter;
     p.ports = published::published_ports(nl, &opts.state_dir, &p).await?;
     // Published ports changed: the incremental diff knows only peer entries.
     let base = trusted.kernel.filter(|b| b.ports == p.ports);
     expect(&p);
+    let planned_at = t0.elapsed();
     // Before the VTEPs: an encrypted network's VTEP sends to the TUN device.
     secure.apply(nl, p.secure.as_ref()).await?;
-    let mut incremental = false;
-    let report = opts
-        .metrics
-        .reconcile(&p, async {
-            if let Some(old) = base
-                && let Some(r) = reconcile_from(nl, old, &p).await?
-            {
-                incremental = true;
-                return Ok(r);
-            }
-            reconcile(nl, &p).await
-        })
-        .await?;
+    let networks = &mut plans.networks;
+    let shared: &S = store;
+    let ready = || {
+        publish(
+            &opts.state_dir,
+            &opts.node,
+            &p,
+            |n| shared.allocator(n),
+            networks,
+        )
+    };
+    let applied = apply_plan(nl, opts, base, trusted.firewall, &p, ready).await?;
+    let (report, fw, incremental) = (applied.kernel, applied.firewall, applied.incremental);
+    let (kernel_took, firewall_took) = (applied.kernel_took, applied.firewall_took);
     let reattached = if incremental {
         0
     } else {
         repair_attachments(nl, &p).await?
     };
     opts.metrics.reattached(reattached);
-    let fw = firewall_pass(trusted.firewall, &p).await?;
-    opts.metrics.firewall(&fw);
     let changes = report.changes + reattached + fw.changes.len();
-    publish(
-        &opts.state_dir,
-        &opts.node,
-        &p,
-        |n| store.allocator(n),
-        &mut plans.networks,
-    )?;
     plans.plan.save(&opts.state_dir, &opts.node, &snap, &p)?;
     report_secure(opts, secure, p.secure.as_ref());
     sync_endpoints(store, opts, &p).await?;
+    let ms = |d: Duration| d.as_millis() as u64;
+    tracing::debug!(
+        snapshot_ms = ms(snapshot_at),
+        plan_ms = ms(planned_at - snapshot_at),
+        kernel_ms = ms(kernel_took),
+        firewall_ms = ms(firewall_took),
+        total_ms = ms(t0.elapsed()),
+        incremental,
+        "pass timing"
+    );
     Ok(PassOutcome {
         changes,
         plan: p,
         incremental,
+    })
+}
+
+/// What [`apply_plan`] did.
+struct Applied {
+    kernel: ReconcileReport,
+    firewall: crate::firewall::FirewallReport,
+    incremental: bool,
+    /// Time spent on the kernel's routes, devices and entries.
+    kernel_took: Duration,
+    /// Time spent on the nftables table.
+    firewall_took: Duration,
+}
+
+/// The kernel and firewall part of a pass, with `ready` (publishing the
+/// network files) run once the node can serve containers. Incremental
+/// (peer entries from `base`): entries, firewall, `ready`. Full: the
+/// node's own devices, addresses and forwarding, the firewall, `ready`,
+/// then the peer entries: attach and CNI need the bridge and the firewall,
+/// not the peers, and a node starting into a cluster of hundreds no
+/// longer keeps them waiting while it programs every peer (the kernel
+/// gets the same changes in the same order as from one reconcile). A
+/// failed firewall or `ready` still lets the entries be applied; the
+/// pass then fails with that error (and, the firewall failing, without
+/// running `ready`, as before).
+async fn apply_plan(
+    nl: &Netlink,
+    opts: &AgentOptions,
+    base: Option<&NodePlan>,
+    fw_base: Option<&NodePlan>,
+    p: &NodePlan,
+    ready: impl FnOnce() -> Result<()>,
+) -> Result<Applied> {
+    let t0 = Instant::now();
+    if let Some(old) = base {
+        let r = reconcile_from(nl, old, p).await;
+        match r {
+            Ok(None) => {}
+            Ok(Some(kernel)) => {
+                let kernel_took = t0.elapsed();
+                opts.metrics.reconciled(p, kernel_took, Ok(&kernel));
+                let firewall = firewall_pass(fw_base, p).await?;
+                opts.metrics.firewall(&firewall);
+                let firewall_took = t0.elapsed() - kernel_took;
+                ready()?;
+                return Ok(Applied {
+                    kernel,
+                    firewall,
+                    incremental: true,
+                    kernel_took,
+                    firewall_took,
+                });
+            }
+            Err(e) => {
+                opts.metrics.reconciled(p, t0.elapsed(), Err(&e));
+                return Err(e.into());
+            }
+        }
+    }
+    let staged = match reconcile_local(nl, p).await {
+        Ok(s) => s,
+        Err(e) => {
+            opts.metrics.reconciled(p, t0.elapsed(), Err(&e));
+            return Err(e.into());
+        }
+    };
+    let local_took = t0.elapsed();
+    let firewall = firewall_pass(fw_base, p).await;
+    if let Ok(fw) = &firewall {
+        opts.metrics.firewall(fw);
+    }
+    let firewall_took = t0.elapsed() - local_took;
+    let published = firewall.as_ref().ok().map(|_| ready());
+    let t1 = Instant::now();
+    let kernel = staged.finish(nl).await;
+    let kernel_took = local_took + t1.elapsed();
+    opts.metrics.reconciled(p, kernel_took, kernel.as_ref());
+    let kernel = kernel?;
+    let firewall = firewall?;
+    published.transpose()?;
+    Ok(Applied {
+        kernel,
+        firewall,
+        incremental: false,
+        kernel_took,
+        firewall_took,
     })
 }
 

@@ -13,7 +13,7 @@
 //! [`LocalAllocator`] is the [`AddressAllocator`] over these files alone
 //! (static store; routed networks).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -97,17 +97,12 @@ impl Ipam {
         out
     }
 
-    /// Take the allocator lock (blocking).
+    /// Take the allocator lock (waiting; see [`crate::state::lock_file`]).
     pub fn lock(&self) -> Result<IpamLock> {
         fs::create_dir_all(&self.dir).map_err(|e| StoreError::io("create", &self.dir, e))?;
         let path = self.dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e))?;
-        file.lock().map_err(|e| StoreError::io("lock", &path, e))?;
+        let file =
+            crate::state::lock_file(&path).map_err(|(step, e)| StoreError::io(step, &path, e))?;
         Ok(IpamLock { file })
     }
 

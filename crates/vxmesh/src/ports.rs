@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -238,17 +238,11 @@ impl Ports {
         move |io| PortError::Io { step, path, io }
     }
 
-    /// Take the ports lock (blocking).
+    /// Take the ports lock (waiting; see [`crate::state::lock_file`]).
     pub fn lock(&self) -> Result<PortsLock> {
         fs::create_dir_all(&self.dir).map_err(Self::io("create", &self.dir))?;
         let path = self.dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Self::io("open", &path))?;
-        file.lock().map_err(Self::io("lock", &path))?;
+        let file = crate::state::lock_file(&path).map_err(|(step, e)| Self::io(step, &path)(e))?;
         Ok(PortsLock { file })
     }
 

@@ -372,6 +372,33 @@ impl AgentLock {
     }
 }
 
+/// Open (creating it) the lock file at `path` and take an exclusive
+/// `flock` on it, waiting while another holds it; on failure, the step that
+/// failed (`open` or `lock`) and its error.
+///
+/// Inside a multi-thread tokio runtime the wait is moved off the runtime's
+/// worker (`block_in_place`): a task that holds the lock across an `.await`
+/// (an etcd claim) must go on running while other tasks wait for the lock,
+/// or the process deadlocks once every worker waits (the Docker plugin did,
+/// with three concurrent address releases on its two workers).
+pub fn lock_file(path: &Path) -> Result<File, (&'static str, std::io::Error)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| ("open", e))?;
+    let wait = || file.lock();
+    let locked = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    locked.map_err(|e| ("lock", e))?;
+    Ok(file)
+}
+
 /// Take the agent lock, refusing clearly if another agent holds it.
 pub fn lock_agent(state_dir: &Path) -> Result<AgentLock, StateError> {
     fs::create_dir_all(state_dir)
@@ -545,5 +572,44 @@ mod tests {
         );
         assert_eq!(lock_holder(b"99999999999"), None);
         assert_eq!(lock_holder(&[0xff, 0x34]), None);
+    }
+
+    /// One task holds the lock across an `.await` while more tasks than
+    /// the runtime has workers wait for it: all of them get it in turn
+    /// (waiting in `flock` on the workers themselves deadlocked).
+    #[test]
+    fn tasks_waiting_for_a_lock_never_starve_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let held = lock_file(&path).unwrap();
+                let waiters: Vec<_> = (0..3)
+                    .map(|_| {
+                        let path = path.clone();
+                        tokio::spawn(async move { drop(lock_file(&path).unwrap()) })
+                    })
+                    .collect();
+                // The holder awaits with the lock held (as a claim in etcd).
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                drop(held);
+                for w in waiters {
+                    w.await.unwrap();
+                }
+            });
+            let _ = done.send(());
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .is_ok(),
+            "the lock's holder never ran again: every worker waits in flock"
+        );
     }
 }

@@ -68,7 +68,10 @@ pub use actual::{
 use error::kernel_error;
 pub use error::{KernelError, NetlinkError};
 pub use ops::{InterfaceFacts, LinkInfo, LinkOptions};
-pub use reconcile::{ReconcileError, ReconcileReport, reconcile, reconcile_from};
+pub use reconcile::{
+    ReconcileError, ReconcileReport, Staged, reconcile, reconcile_from, reconcile_local,
+    split_entries,
+};
 pub use report::{ApplyError, ApplyFailure, ApplyReport, ChangeError, ChangeFailure};
 pub use teardown::{TeardownError, TeardownReport};
 

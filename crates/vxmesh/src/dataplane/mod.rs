@@ -13,5 +13,5 @@ pub mod plan_types;
 pub mod sysctl;
 pub mod verdict;
 
-pub use kernel::{ReconcileError, ReconcileReport, reconcile, reconcile_from};
+pub use kernel::{ReconcileError, ReconcileReport, reconcile, reconcile_from, reconcile_local};
 pub use plan_types::*;

@@ -391,9 +391,21 @@ impl Metrics {
     {
         let t0 = Instant::now();
         let r = fut.await;
+        self.reconciled(plan, t0.elapsed(), r.as_ref());
+        r
+    }
+
+    /// Record a reconcile that took `took` (see [`Metrics::reconcile`]),
+    /// for one made of several steps.
+    pub fn reconciled(
+        &self,
+        plan: &NodePlan,
+        took: Duration,
+        r: Result<&ReconcileReport, &ReconcileError>,
+    ) {
         let m = &self.inner;
-        m.apply_duration.observe(t0.elapsed().as_secs_f64());
-        match &r {
+        m.apply_duration.observe(took.as_secs_f64());
+        match r {
             Ok(rep) => {
                 m.changes.inc_by(rep.changes as u64);
                 m.messages.inc_by(rep.messages as u64);
@@ -408,7 +420,6 @@ impl Metrics {
                 }
             }
         }
-        r
     }
 
     /// A firewall pass: its repairs, the allowed peers, and the VXLAN

@@ -39,6 +39,24 @@ pub struct ApplyReport {
     pub elapsed: Duration,
 }
 
+impl ApplyReport {
+    /// This report followed by `then` (a later apply of the same pass).
+    pub fn merged(mut self, then: ApplyReport) -> ApplyReport {
+        self.changes += then.changes;
+        self.links += then.links;
+        self.addresses += then.addresses;
+        self.routes += then.routes;
+        self.neighbours += then.neighbours;
+        self.fdb += then.fdb;
+        self.sysctl += then.sysctl;
+        self.dumps += then.dumps;
+        self.errors.extend(then.errors);
+        self.phases.extend(then.phases);
+        self.elapsed += then.elapsed;
+        self
+    }
+}
+
 fn as_lines<S: Serializer>(errors: &[ApplyFailure], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(errors.iter().map(ToString::to_string))
 }

@@ -367,6 +367,16 @@ async fn bridged_etcd_moves_a_container_between_hosts_keeping_its_address() {
         .to_string();
     assert!(e.contains(&c.ip.to_string()), "{e}");
     nothing_leaked(&lab, "host1", "net1").await;
+    // All of host2's containers removed at once: dockerd releases their
+    // addresses concurrently, and the plugin answers every release (it
+    // used to deadlock on its allocator lock: the client then timed out).
+    let ids = lab.docker("host2", &["ps", "-aq"]).unwrap();
+    assert!(ids.lines().count() >= 2, "{ids}");
+    let mut rm = vec!["rm", "-f"];
+    rm.extend(ids.lines());
+    lab.docker("host2", &rm).unwrap();
+    assert_eq!(lab.docker("host2", &["ps", "-aq"]).unwrap(), "");
+    nothing_leaked(&lab, "host2", "net1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

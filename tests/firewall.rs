@@ -317,6 +317,14 @@ async fn outbound_nat_and_published_ports_in_a_routed_lab() {
         "the agent removed the masquerade rule; its log:\n{}",
         std::fs::read_to_string(&host1.agent_log).unwrap_or_default()
     );
+    // Nothing needs NAT now (no port published yet): no NAT chain is left,
+    // so the node tracks no connection; the VTEP filter stays.
+    let (ok, table) = nft(&host1.netns, &["list", "table", "inet", "vxmesh"]);
+    assert!(ok, "{table}");
+    assert!(
+        !table.contains("type nat") && table.contains("chain vxlan_in"),
+        "{table}"
+    );
     underlay::ip_ok(&[
         "-n",
         &outside_ns,

@@ -34,6 +34,8 @@ pub const IMAGE: &str = "vxm-busybox:latest";
 pub const PLUGIN_SPEC_DIR: &str = "/etc/docker/plugins";
 /// Debian's dockerd (20.10); the `docker` client is whichever is on PATH.
 pub const DOCKERD: &str = "/usr/sbin/dockerd";
+/// The longest a docker client command of the lab may take.
+pub const DOCKER_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// How the lab runs its containers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,16 +93,21 @@ impl Lab {
     }
 
     /// Run the docker client against `node`'s dockerd; its stdout, or an
-    /// error with its stderr.
+    /// error with its stderr (given up after [`DOCKER_CLIENT_TIMEOUT`]: a
+    /// wedged daemon fails the step instead of hanging it).
     pub fn docker(&self, node: &str, args: &[&str]) -> Result<String> {
         let d = self.docker_of(node)?;
-        let out = Command::new("docker")
+        let child = Command::new("docker")
             .arg("-H")
             .arg(format!("unix://{}", d.socket.display()))
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("run docker (the client; scripts/deps.sh installs docker.io)")?;
+        let what = format!("{node}: docker {}", args.join(" "));
+        let out = super::child::output_within(child, DOCKER_CLIENT_TIMEOUT, &what)?;
         if !out.status.success() {
             bail!(
                 "{node}: docker {}: {}",

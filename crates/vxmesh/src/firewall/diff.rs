@@ -1,14 +1,15 @@
 //! Compare the desired table with the dumped one (pure): the changes that
 //! make the kernel match, each naming what drifted. Set elements are added
 //! and deleted one by one; a chain whose rules drifted is rewritten whole
-//! (flush and add, in the same transaction); a table holding a chain or set
-//! of another shape, or anything vxmesh never writes, is rebuilt.
+//! (flush and add, in the same transaction); a chain of vxmesh's the plan
+//! no longer has is deleted; a table holding a chain or set of another
+//! shape, or anything vxmesh never writes, is rebuilt.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use super::dump::{ActualRule, ActualTable};
-use super::ruleset::{COUNTERS, ChainDef, Desired, Elem, RuleDef, SetDef};
+use super::ruleset::{CHAINS, COUNTERS, ChainDef, Desired, Elem, RuleDef, SetDef};
 
 /// One change to vxmesh's table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub enum FwChange {
         chain: &'static str,
         reasons: Vec<String>,
     },
+    /// Delete one of vxmesh's chains the plan no longer has (its rules
+    /// go with it): the NAT chains once nothing needs NAT.
+    DeleteChain(ChainDef),
 }
 
 impl FwChange {
@@ -46,6 +50,7 @@ impl FwChange {
             FwChange::AddChain(_) => 3,
             FwChange::Elements { .. } => 4,
             FwChange::RewriteChain { .. } => 5,
+            FwChange::DeleteChain(_) => 6,
         }
     }
 }
@@ -88,6 +93,7 @@ impl fmt::Display for FwChange {
                     reasons.join("; ")
                 )
             }
+            FwChange::DeleteChain(c) => write!(f, "nft delete chain inet vxmesh {}", c.name),
         }
     }
 }
@@ -149,6 +155,8 @@ fn shape_drift(d: &Desired, a: &ActualTable) -> Vec<String> {
     }
     for (name, c) in &a.chains {
         match d.chains.iter().find(|def| def.name == name) {
+            // One of vxmesh's chains the plan does not need now: deleted.
+            None if owned_chain(name).is_some_and(|def| def.hook == c.hook) => {}
             None => out.push(format!("unplanned chain {name}")),
             Some(def) if def.hook != c.hook || def.policy() != c.policy => {
                 out.push(format!("chain {name} is not hooked as planned"))
@@ -236,8 +244,23 @@ pub fn diff(desired: Option<&Desired>, actual: Option<&ActualTable>) -> Vec<FwCh
             });
         }
     }
+    // Chains no longer planned: base chains first, so the jumps into a
+    // regular one are gone before it goes.
+    let mut unplanned: Vec<ChainDef> = a
+        .chains
+        .keys()
+        .filter(|name| !d.chains.iter().any(|def| def.name == name.as_str()))
+        .filter_map(|name| owned_chain(name))
+        .collect();
+    unplanned.sort_by_key(|def| def.hook.is_none());
+    out.extend(unplanned.into_iter().map(FwChange::DeleteChain));
     out.sort_by_key(FwChange::rank);
     out
+}
+
+/// The definition of a chain vxmesh may keep, by name.
+fn owned_chain(name: &str) -> Option<ChainDef> {
+    CHAINS.iter().find(|def| def.name == name).copied()
 }
 
 /// Elements of `set` the plan wants that the kernel lacks (for `doctor`).

@@ -185,6 +185,7 @@ pub fn transaction(d: Option<&Desired>, changes: &[FwChange]) -> Result<String, 
             (FwChange::AddCounter(name), _) => b.add(NfListObject::Counter(counter(name))),
             (FwChange::AddSet(def), _) => b.add(NfListObject::Set(Box::new(set(def)))),
             (FwChange::AddChain(def), _) => b.add(NfListObject::Chain(chain(def))),
+            (FwChange::DeleteChain(def), _) => b.delete(NfListObject::Chain(chain(def))),
             (FwChange::Elements { set, add, delete }, _) => {
                 if !delete.is_empty() {
                     b.delete(NfListObject::Element(elements(set, delete)));

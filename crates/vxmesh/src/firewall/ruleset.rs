@@ -149,7 +149,7 @@ pub const SETS: [SetDef; 4] = [
 
 /// The chains vxmesh keeps: the VTEP filter before the usual filter
 /// priority, DNAT at dstnat (and output, for the node's own connections),
-/// masquerade at srcnat.
+/// masquerade at srcnat (the NAT ones only while needed, [`NAT_CHAINS`]).
 pub const CHAINS: [ChainDef; 6] = [
     ChainDef {
         name: PUBLISH_CHAIN,
@@ -176,6 +176,9 @@ pub const CHAINS: [ChainDef; 6] = [
         hook: Some((NfChainType::Filter, NfHook::Forward, 0)),
     },
 ];
+
+/// The chains that exist only while NAT is needed (see [`desired`]).
+pub const NAT_CHAINS: [&str; 4] = [PUBLISH_CHAIN, "nat_pre", "nat_out", "nat_post"];
 
 fn json(s: Statement<'_>) -> Value {
     serde_json::to_value(s).expect("a statement serializes")
@@ -460,8 +463,18 @@ pub fn desired(plan: &NodePlan) -> Option<Desired> {
             elems(&mut fw.nat_sources.iter().map(|n| Elem::net(*n))),
         ),
     ];
+    // NAT (outbound masquerade, published ports) turns on connection
+    // tracking, which every packet of the node then pays for: the NAT
+    // chains exist only while a served network masquerades or a port is
+    // published.
+    let nat = !fw.nat_sources.is_empty() || !plan.ports.is_empty();
+    let chains: Vec<ChainDef> = CHAINS
+        .iter()
+        .filter(|c| nat || !NAT_CHAINS.contains(&c.name))
+        .copied()
+        .collect();
     let mut rules: BTreeMap<&'static str, Vec<RuleDef>> =
-        CHAINS.iter().map(|c| (c.name, Vec::new())).collect();
+        chains.iter().map(|c| (c.name, Vec::new())).collect();
     // The guard of the encrypted networks first (it holds with or without
     // the peer filter), then the peer filter.
     let mut vxlan_in: Vec<RuleDef> = fw
@@ -473,20 +486,23 @@ pub fn desired(plan: &NodePlan) -> Option<Desired> {
         vxlan_in.push(filter_rule());
     }
     rules.insert("vxlan_in", vxlan_in);
-    rules.insert("nat_pre", vec![jump_publish(false)]);
-    rules.insert("nat_out", vec![jump_publish(true)]);
-    let mut post = Vec::new();
-    if !fw.nat_sources.is_empty() {
-        post.push(masquerade_rule());
-    }
-    let mut publish = Vec::new();
-    for p in &plan.ports {
-        publish.push(dnat_rule(p));
-        if let Some(seg) = fw.hairpin.get(&p.network) {
-            post.push(hairpin_rule(p, *seg));
+    if nat {
+        rules.insert("nat_pre", vec![jump_publish(false)]);
+        rules.insert("nat_out", vec![jump_publish(true)]);
+        let mut post = Vec::new();
+        if !fw.nat_sources.is_empty() {
+            post.push(masquerade_rule());
         }
+        let mut publish = Vec::new();
+        for p in &plan.ports {
+            publish.push(dnat_rule(p));
+            if let Some(seg) = fw.hairpin.get(&p.network) {
+                post.push(hairpin_rule(p, *seg));
+            }
+        }
+        rules.insert(PUBLISH_CHAIN, publish);
+        rules.insert("nat_post", post);
     }
-    rules.insert(PUBLISH_CHAIN, publish);
     let mut isolate: Vec<RuleDef> = fw
         .plain_vteps
         .iter()
@@ -494,10 +510,9 @@ pub fn desired(plan: &NodePlan) -> Option<Desired> {
         .collect();
     isolate.extend(isolate_rules(&fw.isolated));
     rules.insert(ISOLATE_CHAIN, isolate);
-    rules.insert("nat_post", post);
     Some(Desired {
         sets,
-        chains: CHAINS.to_vec(),
+        chains,
         rules,
     })
 }

@@ -57,12 +57,84 @@ fn plan_lists_peers_ports_and_nat_ranges() {
     assert_eq!(fw.hairpin["demo"].to_string(), "172.18.0.0/24");
 }
 
+fn chain_names(d: &ruleset::Desired) -> Vec<&'static str> {
+    d.chains.iter().map(|c| c.name).collect()
+}
+
 #[test]
-fn outbound_nat_off_has_no_masquerade_rule() {
+fn outbound_nat_off_has_no_masquerade_rule_and_no_nat_chains_without_ports() {
+    // Nothing needs NAT: no NAT chain, so no connection tracking.
     let d = ruleset::desired(&node_plan(false, true)).unwrap();
-    assert!(d.rules["nat_post"].is_empty());
+    assert_eq!(chain_names(&d), ["vxlan_in", ruleset::ISOLATE_CHAIN]);
+    assert!(!d.rules.contains_key("nat_post"));
+    // A published port needs them, without the masquerade rule.
+    let mut p = node_plan(false, true);
+    p.ports.insert(port());
+    let d = ruleset::desired(&p).unwrap();
+    assert_eq!(chain_names(&d).len(), ruleset::CHAINS.len());
+    assert!(
+        d.rules["nat_post"]
+            .iter()
+            .all(|r| r.comment != ruleset::MASQUERADE_RULE)
+    );
     let d = ruleset::desired(&node_plan(true, true)).unwrap();
+    assert_eq!(chain_names(&d).len(), ruleset::CHAINS.len());
     assert_eq!(d.rules["nat_post"][0].comment, ruleset::MASQUERADE_RULE);
+}
+
+#[test]
+fn nat_chains_come_and_go_with_the_need_for_nat() {
+    let on = ruleset::desired(&node_plan(true, true)).unwrap();
+    let off = ruleset::desired(&node_plan(false, true)).unwrap();
+    let dump = |d: &ruleset::Desired| {
+        parse(&dumped(d, false).replace("198.18.0.9", "198.18.0.3")).unwrap()
+    };
+    // On -> off: the NAT chains are deleted, the base chains before the
+    // regular one they jump to; no rebuild.
+    let changes = diff(Some(&off), Some(&dump(&on)));
+    assert!(
+        !changes
+            .iter()
+            .any(|c| matches!(c, FwChange::Rebuild { .. })),
+        "{changes:?}"
+    );
+    let deleted: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c {
+            FwChange::DeleteChain(def) => Some(def.name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted.len(), 4, "{changes:?}");
+    assert_eq!(deleted[3], ruleset::PUBLISH_CHAIN, "{changes:?}");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.to_string() == format!("nft delete chain inet vxmesh {}", deleted[0])),
+        "{changes:?}"
+    );
+    let json = super::nft::transaction(Some(&off), &changes).unwrap();
+    assert!(json.contains(r#"{"delete":{"chain":"#), "{json}");
+    // Off -> on: added, with their rules.
+    let changes = diff(Some(&on), Some(&dump(&off)));
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| matches!(c, FwChange::AddChain(_)))
+            .count(),
+        4,
+        "{changes:?}"
+    );
+    assert!(
+        changes.iter().any(|c| matches!(
+            c,
+            FwChange::RewriteChain {
+                chain: "nat_post",
+                ..
+            }
+        )),
+        "{changes:?}"
+    );
 }
 
 #[test]

@@ -119,7 +119,7 @@ fn attach_claims_are_lease_bound_exclusive_and_migrate_over_tls() {
         };
         let mut co = ClientOptions::new(srv.endpoints());
         co.tls = Some(tls.clone());
-        etcd::create_network(&co, PREFIX, &bridged("seg", 300)).await?;
+        etcd::create_network(&co, PREFIX, &bridged("seg", 300), None).await?;
         let join = |node: &str, i: u8| {
             let mut o = opts(&srv, node, i);
             o.tls = Some(tls.clone());
@@ -195,7 +195,7 @@ fn agent_sync_adopts_withdraws_and_republishes_under_a_new_lease() {
     in_fresh_netns(|| async {
         let srv = EtcdServer::start().await;
         let co = ClientOptions::new(srv.endpoints());
-        etcd::create_network(&co, PREFIX, &bridged("seg", 300)).await?;
+        etcd::create_network(&co, PREFIX, &bridged("seg", 300), None).await?;
         let nets = ["seg".to_string()];
         let mut a = EtcdNetworks::join(&opts(&srv, "a", 1), &nets, None).await?;
         let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &nets, None).await?;
@@ -276,7 +276,7 @@ fn attach_allocator_claims_records_releases_and_follows_a_renewed_lease() {
     in_fresh_netns(|| async {
         let srv = EtcdServer::start().await;
         let co = ClientOptions::new(srv.endpoints());
-        etcd::create_network(&co, PREFIX, &bridged("seg", 300)).await?;
+        etcd::create_network(&co, PREFIX, &bridged("seg", 300), None).await?;
         let nets = ["seg".to_string()];
         let a = EtcdNetworks::join(&opts(&srv, "a", 1), &nets, None).await?;
         let mut b = EtcdNetworks::join(&opts(&srv, "b", 2), &nets, None).await?;
@@ -370,7 +370,7 @@ fn one_node_in_several_networks() {
             routed("r2", 101),
             bridged("dup", 200),
         ] {
-            etcd::create_network(&co, PREFIX, &n).await?;
+            etcd::create_network(&co, PREFIX, &n, None).await?;
         }
         let o = opts(&srv, "a", 1);
         let mut a = EtcdNetworks::join(&o, &["r".into(), "s".into()], None).await?;

@@ -150,7 +150,7 @@ async fn a_failed_join_leaves_the_live_nodes_records() {
     let mut co = ClientOptions::new(srv.endpoints());
     co.user = root_user.clone();
     let net = network("seg", Mode::Bridged, "10.1.0.0/24", 28);
-    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    etcd::create_network(&co, PREFIX, &net, None).await.unwrap();
     let mut o = opts(&srv, &net, "a", 1);
     o.user = root_user.clone();
     let a = EtcdStore::join(o.clone()).await.unwrap();

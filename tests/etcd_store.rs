@@ -103,14 +103,132 @@ fn sees<'a>(
     }
 }
 
+/// Encrypted networks are created with their secure underlay settings
+/// (`vxmesh net create --encrypt --transport-cidr --wg-port`): the same
+/// again is fine, other ones are refused, a second encrypted network takes
+/// the first one's (and refuses others: a node has one secure underlay),
+/// settings without `encrypt` are refused, and a joined node's snapshot
+/// carries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_networks_share_their_secure_underlay_settings() {
+    use vxmesh::secure::config::EncryptionFile;
+    init();
+    let srv = EtcdServer::start().await;
+    let co = ClientOptions::new(srv.endpoints());
+    let settings = |cidr: &str, port: u32| EncryptionFile {
+        transport_cidr: Some(cidr.into()),
+        port: Some(port),
+    };
+    let ours = settings("100.64.0.0/22", 51999);
+    let mut secret = routed();
+    secret.name = "secret".into();
+    secret.encrypt = true;
+    let err = |r: Result<(), vxmesh::store::StoreError>| format!("{:#}", r.unwrap_err());
+
+    // Settings without `encrypt`, or invalid ones, name the field.
+    let e = err(etcd::create_network(&co, PREFIX, &routed(), Some(&ours)).await);
+    assert!(
+        e.contains("not encrypted") && e.contains("--encrypt"),
+        "{e}"
+    );
+    let e = err(
+        etcd::create_network(&co, PREFIX, &secret, Some(&settings("100.64.0.0/31", 4789))).await,
+    );
+    assert!(
+        e.contains("encryption.transport_cidr") && e.contains("/30 or shorter"),
+        "{e}"
+    );
+    assert!(
+        e.contains("encryption.port") && e.contains("VXLAN port"),
+        "{e}"
+    );
+    assert_eq!(
+        etcd::get_network(&co, PREFIX, "secret").await.unwrap(),
+        None
+    );
+
+    etcd::create_network(&co, PREFIX, &secret, Some(&ours))
+        .await
+        .unwrap();
+    etcd::create_network(&co, PREFIX, &secret, Some(&ours))
+        .await
+        .expect("the same settings again are fine");
+    let stored = etcd::get_encryption(&co, PREFIX, "secret")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.transport.to_string(), "100.64.0.0/22");
+    assert_eq!(stored.port, 51999);
+    let e = err(etcd::create_network(
+        &co,
+        PREFIX,
+        &secret,
+        Some(&settings("100.64.0.0/22", 51998)),
+    )
+    .await);
+    assert!(
+        e.contains("network secret already exists with other secure underlay settings (port 51999 there, 51998 requested)"),
+        "{e}"
+    );
+    let e = err(etcd::create_network(&co, PREFIX, &secret, None).await);
+    assert!(
+        e.contains("transport_cidr 100.64.0.0/22 there, 10.255.0.0/16 requested"),
+        "{e}"
+    );
+
+    // A second encrypted network: other settings are refused, none takes
+    // the first network's.
+    let mut second = bridged("10.10.0.0/22", 28);
+    second.name = "second".into();
+    second.vni = vxmesh::model::Vni::new(201).unwrap();
+    second.encrypt = true;
+    let e = err(etcd::create_network(
+        &co,
+        PREFIX,
+        &second,
+        Some(&settings("100.65.0.0/16", 51999)),
+    )
+    .await);
+    assert!(
+        e.contains("encrypted network secret has other secure underlay settings (transport_cidr 100.64.0.0/22 there, 100.65.0.0/16 requested)"),
+        "{e}"
+    );
+    assert_eq!(
+        etcd::get_network(&co, PREFIX, "second").await.unwrap(),
+        None
+    );
+    etcd::create_network(&co, PREFIX, &second, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        etcd::get_encryption(&co, PREFIX, "second").await.unwrap(),
+        Some(stored)
+    );
+    // A plain network has none.
+    etcd::create_network(&co, PREFIX, &routed(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        etcd::get_encryption(&co, PREFIX, "demo").await.unwrap(),
+        Some(Default::default())
+    );
+
+    // A node of the encrypted network sees them in its snapshot.
+    let mut h1 = join(&srv, &secret, "h1", 1).await;
+    sees(&mut h1, Duration::from_secs(5), move |s| {
+        s.cluster.encryption == stored && !s.cluster.networks.is_empty()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_network_is_idempotent_and_refuses_conflicts() {
     init();
     let srv = EtcdServer::start().await;
     let co = ClientOptions::new(srv.endpoints());
     let net = routed();
-    etcd::create_network(&co, PREFIX, &net).await.unwrap();
-    etcd::create_network(&co, PREFIX, &net)
+    etcd::create_network(&co, PREFIX, &net, None).await.unwrap();
+    etcd::create_network(&co, PREFIX, &net, None)
         .await
         .expect("same settings again is fine");
     assert_eq!(
@@ -122,7 +240,9 @@ async fn create_network_is_idempotent_and_refuses_conflicts() {
     other.cidr = "10.0.0.0/16".parse().unwrap();
     let e = format!(
         "{:#}",
-        etcd::create_network(&co, PREFIX, &other).await.unwrap_err()
+        etcd::create_network(&co, PREFIX, &other, None)
+            .await
+            .unwrap_err()
     );
     assert!(
         e.contains("network demo already exists with different settings"),
@@ -138,13 +258,17 @@ async fn create_network_is_idempotent_and_refuses_conflicts() {
     bad.cidr = "172.18.0.1/16".parse().unwrap();
     let e = format!(
         "{:#}",
-        etcd::create_network(&co, PREFIX, &bad).await.unwrap_err()
+        etcd::create_network(&co, PREFIX, &bad, None)
+            .await
+            .unwrap_err()
     );
     assert!(e.contains("cidr: '172.18.0.1/16' has host bits set"), "{e}");
     assert_eq!(etcd::get_network(&co, PREFIX, "bad").await.unwrap(), None);
     let e = format!(
         "{:#}",
-        etcd::create_network(&co, "vxmesh", &net).await.unwrap_err()
+        etcd::create_network(&co, "vxmesh", &net, None)
+            .await
+            .unwrap_err()
     );
     assert!(e.contains("prefix"), "{e}");
 
@@ -184,9 +308,56 @@ async fn create_network_is_idempotent_and_refuses_conflicts() {
     h1.leave().await.unwrap();
     etcd::delete_network(&co, PREFIX, "demo").await.unwrap();
     assert_eq!(etcd::get_network(&co, PREFIX, "demo").await.unwrap(), None);
-    etcd::create_network(&co, PREFIX, &other)
+    etcd::create_network(&co, PREFIX, &other, None)
         .await
         .expect("re-create with other settings after delete");
+}
+
+/// `n` nodes (`PREFIX00`, `PREFIX01`, ...) joining `net` at once.
+async fn join_at_once(srv: &EtcdServer, net: &Network, prefix: &str, n: u32) -> Vec<EtcdStore> {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let o = opts(srv, net, &format!("{prefix}{i:02}"), i);
+            tokio::spawn(async move { EtcdStore::join(o).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for h in handles {
+        stores.push(h.await.unwrap().expect("join"));
+    }
+    stores
+}
+
+/// Thirty nodes join at once into a cidr of 32 subnets: all list it
+/// while it is empty and their hash-ordered first choices collide. A node
+/// that loses a claim reads every claim back in the same transaction and
+/// tries next a subnet free now, not its next candidate of the empty
+/// listing (which, in a nearly full cidr, cost claim after lost claim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_into_a_nearly_full_cidr_lose_few_claims() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = network("demo", Mode::Routed, "172.18.0.0/19", 24);
+    setup(&srv, &net).await;
+    let before = srv.requests("Txn").await;
+    let n = 30;
+    let stores = join_at_once(&srv, &net, "host", n).await;
+    let txns = srv.requests("Txn").await - before;
+    let subnets: BTreeSet<Ipv4Net> = stores.iter().map(|s| s.subnet()).collect();
+    assert_eq!(
+        subnets.len(),
+        n as usize,
+        "subnets are not distinct: {subnets:?}"
+    );
+    // One transaction per claim: lost claims are the ones beyond n. Each
+    // lost claim reading only its own key back lost 18 (48 transactions,
+    // three runs); with the claims read back, 6-9.
+    let lost = txns.saturating_sub(n as u64);
+    eprintln!("{n} joins into 32 subnets: {txns} transactions, {lost} lost claims");
+    assert!(
+        lost <= 13,
+        "{n} joins lost {lost} claims ({txns} transactions)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,16 +368,7 @@ async fn twenty_concurrent_joins_get_distinct_subnets() {
     let net = network("demo", Mode::Routed, "172.18.0.0/19", 24);
     setup(&srv, &net).await;
     let t0 = Instant::now();
-    let handles: Vec<_> = (0..20)
-        .map(|i| {
-            let o = opts(&srv, &net, &format!("node{i:02}"), i);
-            tokio::spawn(async move { EtcdStore::join(o).await })
-        })
-        .collect();
-    let mut stores = Vec::new();
-    for h in handles {
-        stores.push(h.await.unwrap().expect("join"));
-    }
+    let mut stores = join_at_once(&srv, &net, "node", 20).await;
     eprintln!("20 concurrent joins took {:?}", t0.elapsed());
     let subnets: BTreeSet<Ipv4Net> = stores.iter().map(|s| s.subnet()).collect();
     assert_eq!(subnets.len(), 20, "subnets are not distinct: {subnets:?}");
@@ -298,6 +460,36 @@ async fn rejoin_reuses_its_claim_and_outlives_the_old_lease() {
     a2.leave().await.unwrap();
     let a3 = join(&srv, &net, "a", 1).await;
     assert_eq!(a3.subnet(), subnet);
+}
+
+/// An etcd that answers late (frozen for half the TTL) gets no new
+/// keep-alive streams from a node with no other member to go to: the
+/// renewals wait for their replies on the streams they have, and the
+/// lease lives on. Reopening a stream per late reply is what made every
+/// lease of 250 agents started at once expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_etcd_gets_no_new_keepalive_streams() {
+    init();
+    let srv = EtcdServer::start().await;
+    let net = routed();
+    setup(&srv, &net).await;
+    let a = join(&srv, &net, "a", 1).await;
+    // Both leases' streams open and a renewal answered on each.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let streams = srv.started("LeaseKeepAlive").await;
+    assert!(streams >= 2, "{streams} keep-alive streams");
+    let lease = a.lease_id();
+    srv.freeze(true);
+    tokio::time::sleep(TTL / 2).await;
+    srv.freeze(false);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = srv.started("LeaseKeepAlive").await;
+    assert_eq!(
+        after, streams,
+        "keep-alive streams reopened while etcd was late"
+    );
+    // The same lease, not one granted anew after an expiry.
+    assert_eq!(a.lease_id(), lease);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -818,7 +1010,7 @@ async fn tls_with_client_certificates() {
     let mut co = ClientOptions::new(srv.endpoints());
     co.tls = Some(tls.clone());
     let net = routed();
-    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    etcd::create_network(&co, PREFIX, &net, None).await.unwrap();
     let mut o = opts(&srv, &net, "a", 1);
     o.tls = Some(tls.clone());
     let mut a = EtcdStore::join(o.clone()).await.unwrap();
@@ -862,7 +1054,9 @@ async fn password_authentication() {
     let mut co = ClientOptions::new(srv.endpoints());
     let e = format!(
         "{:#}",
-        etcd::create_network(&co, PREFIX, &net).await.unwrap_err()
+        etcd::create_network(&co, PREFIX, &net, None)
+            .await
+            .unwrap_err()
     );
     eprintln!("expected error: {e}");
     assert!(e.contains("etcd"), "{e}");
@@ -871,7 +1065,7 @@ async fn password_authentication() {
         !format!("{co:?}").contains("rootpw"),
         "password leaked into Debug output"
     );
-    etcd::create_network(&co, PREFIX, &net).await.unwrap();
+    etcd::create_network(&co, PREFIX, &net, None).await.unwrap();
     let mut o = opts(&srv, &net, "a", 1);
     o.user = co.user.clone();
     let mut a = EtcdStore::join(o.clone()).await.unwrap();

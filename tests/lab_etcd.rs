@@ -517,6 +517,52 @@ async fn cli_net_create_leave_and_agent_leave() {
         let (code, out, err) = vxmesh(&["--netns", &ul, "net", "show", "other", "--store", store]);
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("\"vni\": 300"), "{out}");
+        // An encrypted network with its own secure underlay settings: shown
+        // by create and show; the flags need --encrypt.
+        let secret = |port: &str| {
+            create(&[
+                "secret",
+                "--store",
+                store,
+                "--cidr",
+                "10.30.0.0/16",
+                "--vni",
+                "302",
+                "--encrypt",
+                "--transport-cidr",
+                "100.64.9.0/24",
+                "--wg-port",
+                port,
+            ])
+        };
+        let (code, out, err) = secret("51999");
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("encrypted: transport 100.64.9.0/24, port 51999"),
+            "{out}"
+        );
+        let (code, _, err) = secret("51998");
+        assert_ne!(code, 0);
+        assert!(err.contains("port 51999 there, 51998 requested"), "{err}");
+        let (code, out, err) = vxmesh(&["--netns", &ul, "net", "show", "secret", "--store", store]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("\"transport_cidr\": \"100.64.9.0/24\""),
+            "{out}"
+        );
+        let (code, _, err) = create(&[
+            "plain",
+            "--store",
+            store,
+            "--cidr",
+            "10.31.0.0/16",
+            "--vni",
+            "303",
+            "--wg-port",
+            "51999",
+        ]);
+        assert_ne!(code, 0);
+        assert!(err.contains("--encrypt"), "{err}");
 
         let h1 = lab.node("host1").unwrap().netns.clone();
         // SIGTERM an agent run with --leave: peers drop it at once.

@@ -221,8 +221,33 @@ impl EtcdServer {
     /// How many requests of gRPC method `method` (`Range`, `Txn`, ...) this
     /// member has received, from its own `/metrics` (plain HTTP only).
     pub async fn requests(&self, method: &str) -> u64 {
+        self.grpc_counter("grpc_server_msg_received_total", method)
+            .await
+    }
+
+    /// How many streams or calls of gRPC method `method` this member has
+    /// started (a keep-alive stream counts once, however many renewals it
+    /// carries).
+    pub async fn started(&self, method: &str) -> u64 {
+        self.grpc_counter("grpc_server_started_total", method).await
+    }
+
+    /// Stop (SIGSTOP) or continue (SIGCONT) the etcd process: a member that
+    /// keeps its connections but answers nothing, like an overloaded one.
+    pub fn freeze(&self, frozen: bool) {
+        use nix::sys::signal::{Signal, kill};
+        let pid = self.child.as_ref().expect("etcd is running").id();
+        let sig = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal etcd");
+    }
+
+    async fn grpc_counter(&self, name: &str, method: &str) -> u64 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        assert!(self.tls.is_none(), "requests(): plain HTTP members only");
+        assert!(self.tls.is_none(), "{name}: plain HTTP members only");
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.client_port))
             .await
             .expect("connect to etcd's /metrics");
@@ -233,10 +258,10 @@ impl EtcdServer {
         s.read_to_string(&mut body)
             .await
             .expect("read etcd's /metrics");
-        let series = "grpc_server_msg_received_total{";
+        let series = format!("{name}{{");
         let label = format!("grpc_method=\"{method}\"");
         body.lines()
-            .filter(|l| l.starts_with(series) && l.contains(&label))
+            .filter(|l| l.starts_with(&series) && l.contains(&label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }

@@ -43,7 +43,7 @@ pub fn opts(srv: &EtcdServer, net: &Network, node: &str, i: u32) -> EtcdOptions 
 }
 
 pub async fn setup(srv: &EtcdServer, net: &Network) {
-    etcd::create_network(&ClientOptions::new(srv.endpoints()), PREFIX, net)
+    etcd::create_network(&ClientOptions::new(srv.endpoints()), PREFIX, net, None)
         .await
         .expect("create network");
 }

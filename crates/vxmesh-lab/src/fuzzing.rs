@@ -403,6 +403,10 @@ fn record_alone(records: &NetworkRecords, key: &str, value: &[u8]) {
             let valid = config::validate(&file, "etcd").map(|mut c| c.networks.remove(0));
             assert_eq!(valid, Ok(n));
         }
+        Record::Encryption(e) => {
+            // Usable: a transport range with room for nodes, a real port.
+            assert!(e.transport.prefix_len() <= 30 && e.port != 0);
+        }
         Record::Claim { node, .. } => assert!(node.parse::<NodeName>().is_ok()),
         Record::Node(n) => {
             assert!(underlay_ok(n.underlay_ip));

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::Subcommand;
 use vxmesh::config::{self, Mode};
+use vxmesh::secure::config::EncryptionFile;
 use vxmesh::store::etcd;
 
 use super::{EtcdArgs, ModeArg};
@@ -43,6 +44,15 @@ pub enum NetCmd {
         /// docs/encryption.md).
         #[arg(long)]
         encrypt: bool,
+        /// With --encrypt: the secure underlay's transport range, from
+        /// which every node's tunnel address is derived (default
+        /// 10.255.0.0/16; every encrypted network shares one).
+        #[arg(long, value_name = "CIDR", requires = "encrypt")]
+        transport_cidr: Option<String>,
+        /// With --encrypt: the UDP port of the WireGuard tunnels (default
+        /// 51820; every encrypted network shares one).
+        #[arg(long, value_name = "PORT", requires = "encrypt")]
+        wg_port: Option<u32>,
     },
     /// Print a network's config (JSON).
     Show {
@@ -72,6 +82,8 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             gateway,
             outbound_nat,
             encrypt,
+            transport_cidr,
+            wg_port,
         } => {
             let mode: Mode = mode.into();
             let file = config::NetworkFile {
@@ -92,25 +104,49 @@ pub async fn run(cmd: NetCmd) -> Result<()> {
             };
             let net = etcd::validate_network(&file)?;
             let login = e.login();
-            etcd::create_network(&login.client()?, &login.prefix(), &net).await?;
+            let settings =
+                (transport_cidr.is_some() || wg_port.is_some()).then_some(EncryptionFile {
+                    transport_cidr,
+                    port: wg_port,
+                });
+            let client = login.client()?;
+            etcd::create_network(&client, &login.prefix(), &net, settings.as_ref()).await?;
+            let secure = if net.encrypt {
+                let e = etcd::get_encryption(&client, &login.prefix(), &net.name)
+                    .await?
+                    .unwrap_or_default();
+                format!(", encrypted: transport {}, port {}", e.transport, e.port)
+            } else {
+                String::new()
+            };
             let gw = net
                 .gateway
                 .map(|g| format!(", gateway {g}"))
                 .unwrap_or_default();
             println!(
-                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}, outbound NAT {}{}) is in etcd",
+                "network {} ({}, cidr {}, /{} per node, VNI {}{gw}, outbound NAT {}{secure}) is in etcd",
                 net.name,
                 net.mode,
                 net.cidr,
                 net.subnet_len,
                 net.vni,
                 if net.outbound_nat { "on" } else { "off" },
-                if net.encrypt { ", encrypted" } else { "" }
             );
         }
         NetCmd::Show { name, etcd: e } => {
             let login = e.login();
-            match etcd::get_network(&login.client()?, &login.prefix(), &name).await? {
+            let client = login.client()?;
+            match etcd::get_network(&client, &login.prefix(), &name).await? {
+                Some(n) if n.encrypt => {
+                    // With the secure underlay's settings, as a cluster
+                    // file's `[encryption]` table writes them.
+                    let e = etcd::get_encryption(&client, &login.prefix(), &name)
+                        .await?
+                        .unwrap_or_default();
+                    let mut v = serde_json::to_value(&n)?;
+                    v["encryption"] = serde_json::to_value(EncryptionFile::from(&e))?;
+                    println!("{}", serde_json::to_string_pretty(&v)?)
+                }
                 Some(n) => println!("{}", serde_json::to_string_pretty(&n)?),
                 None => anyhow::bail!("network {name} does not exist in etcd"),
             }

@@ -241,7 +241,8 @@ impl Lab {
         self.info.etcd = Some(e);
         self.save()?;
         self.start_etcd().await?;
-        let mut nets = cluster_file_for(spec).networks;
+        let file = cluster_file_for(spec);
+        let (mut nets, settings) = (file.networks, file.encryption);
         // `--encrypt`: the first network over the secure underlay; the
         // agents publish their keys in their records.
         if spec.encrypt
@@ -252,7 +253,8 @@ impl Lab {
         self.in_underlay(move |co| async move {
             for nf in &nets {
                 let net = etcd::validate_network(nf)?;
-                etcd::create_network(&co, etcd::DEFAULT_PREFIX, &net).await?;
+                let settings = settings.as_ref().filter(|_| net.encrypt);
+                etcd::create_network(&co, etcd::DEFAULT_PREFIX, &net, settings).await?;
             }
             Ok(())
         })

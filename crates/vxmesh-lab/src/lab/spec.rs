@@ -11,6 +11,7 @@ use anyhow::{Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
+use vxmesh::secure::config::EncryptionFile;
 
 use super::{LAB_ROOT, LAB_TTL, LabDocker, LabEtcd, LabStore, Runtime, host_ip};
 
@@ -53,6 +54,10 @@ pub struct LabSpec {
     /// `public_key`; etcd: the network is created encrypted and the agents
     /// publish their keys. Bridged labs with several networks stay mixed.
     pub encrypt: bool,
+    /// With `encrypt`: the secure underlay's settings (the cluster file's
+    /// `[encryption]` table; etcd: given when the network is created).
+    /// `None`: the defaults.
+    pub encryption: Option<EncryptionFile>,
     /// Start the agents and attach the containers (else `up` stops once
     /// the hosts, the underlay and the store are made: a cold start to
     /// measure, see `bench converge --cold-start`).
@@ -90,6 +95,7 @@ impl LabSpec {
             external: false,
             publish: None,
             encrypt: false,
+            encryption: None,
             start_agents: true,
         }
     }
@@ -240,6 +246,6 @@ pub fn cluster_file_for(spec: &LabSpec) -> ClusterFile {
     ClusterFile {
         networks,
         nodes,
-        encryption: None,
+        encryption: spec.encryption.clone().filter(|_| spec.encrypt),
     }
 }

@@ -8,6 +8,7 @@
 //! | key | value | lifetime |
 //! |---|---|---|
 //! | `PREFIX/networks/NET/config` | JSON network: `{"name","mode","cidr","subnet_len","vni","port","mtu"}` | permanent ([`create_network`] / [`delete_network`]) |
+//! | `PREFIX/networks/NET/encryption` | an encrypted network's secure underlay settings, JSON `{"transport_cidr","port"}` (the same for every encrypted network) | as `config` |
 //! | `PREFIX/networks/NET/subnets/A.B.C.D-LEN` | the claiming node's name (plain text) | the node's lease |
 //! | `PREFIX/networks/NET/nodes/NODE` | JSON `{"name","underlay_ip","underlay_dev"?,"subnet"}` | the node's lease |
 //! | `PREFIX/networks/NET/endpoints/A.B.C.D` | JSON endpoint `{"network","ip","mac","node"}` | the hosting node's lease |
@@ -111,7 +112,7 @@ pub use client::{
 pub use client::{connect, op};
 pub use endpoints::Refused;
 pub use multi::EtcdNetworks;
-pub use network::{create_network, delete_network, get_network, validate_network};
+pub use network::{create_network, delete_network, get_encryption, get_network, validate_network};
 use records::Keys;
 /// The rules of a key prefix, for the agent configuration file's checks.
 pub(crate) use records::check_prefix;
@@ -306,8 +307,10 @@ impl EtcdStore {
             node: opts.node.clone(),
             cause: Box::new(e),
         };
+        let t0 = std::time::Instant::now();
         let client_opts = Arc::new(opts.client_options());
         let client = client::connect(&client_opts).await?;
+        let connected = t0.elapsed();
         let keys = Keys::new(&opts.prefix, &opts.network);
         let net = network::read_network(&client, &keys, &opts.network)
             .await?
@@ -330,6 +333,7 @@ impl EtcdStore {
         let (kvs, rev) = watcher::list(&client, keys.root())
             .await
             .map_err(join_err)?;
+        let listed = t0.elapsed();
         let mut ident = claim::check_identity(&kvs, &keys, &me, &net).map_err(join_err)?;
         let ttl_secs = opts.ttl.as_secs_f64().ceil() as i64;
         // Both leases are kept alive from their grant on. A join that fails
@@ -344,6 +348,7 @@ impl EtcdStore {
         )
         .await
         .map_err(join_err)?;
+        let granted = t0.elapsed();
         let mut rounds = 0;
         let (subnet, endpoints) = loop {
             rounds += 1;
@@ -374,6 +379,14 @@ impl EtcdStore {
         };
         let leases = kept.ids();
         let lease = leases.node;
+        tracing::debug!(
+            connected_ms = connected.as_millis() as u64,
+            listed_ms = listed.as_millis() as u64,
+            granted_ms = granted.as_millis() as u64,
+            claimed_ms = t0.elapsed().as_millis() as u64,
+            rounds,
+            "join timing"
+        );
         tracing::info!(
             network = %net.name, node = %me.node, %subnet, lease, adopted_endpoints = endpoints.len(),
             "joined network through etcd"

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 use ipnet::Ipv4Net;
 
 use super::records::{self, Keys, NodeJson};
@@ -148,9 +148,13 @@ pub(crate) enum Claimed {
 /// if the subnet and its marker are free or this node's (as seen at their
 /// mod revisions) and this node's record is still at `ident` (its mod
 /// revision when the identity was checked: 0 = absent). `seen` holds what
-/// the caller last read (may be stale: the compare catches it and the
-/// fresh values are read back). A change of this node's record re-checks
-/// the identity.
+/// the caller last read (may be stale: the compare catches it, and the
+/// network's subnet claims and their markers are read back in the same
+/// transaction into `seen`, so that a node that lost a subnet to another
+/// one picks its next from what is claimed now, not from its first
+/// listing: nodes joining at once into a nearly full cidr otherwise lost
+/// claim after claim, one round trip each). A change of this node's
+/// record re-checks the identity.
 #[allow(clippy::too_many_arguments)] // one claim: who, where, under which leases, from what was read
 pub(crate) async fn claim_subnet(
     client: &Client,
@@ -159,10 +163,11 @@ pub(crate) async fn claim_subnet(
     net: &Network,
     leases: LeaseIds,
     subnet: Ipv4Net,
-    seen: &BTreeMap<String, Kv>,
+    seen: &mut BTreeMap<String, Kv>,
     ident: &mut i64,
 ) -> Result<Claimed> {
     let key = keys.subnet(subnet);
+    let claims = [keys.subnets(), keys.held_subnets()];
     let held = keys.held_subnet(subnet);
     let node_key = keys.node(&me.node);
     let record = serde_json::to_string(&NodeJson {
@@ -193,8 +198,8 @@ pub(crate) async fn claim_subnet(
                 TxnOp::put(held.clone(), me.node.clone(), lease_opts(leases.hold)),
             ])
             .or_else([
-                TxnOp::get(key.clone(), None),
-                TxnOp::get(held.clone(), None),
+                TxnOp::get(claims[0].clone(), Some(GetOptions::new().with_prefix())),
+                TxnOp::get(claims[1].clone(), Some(GetOptions::new().with_prefix())),
                 TxnOp::get(node_key.clone(), None),
             ]);
         let resp = op(format!("claim {key}"), client.kv_client().txn(txn)).await?;
@@ -202,6 +207,9 @@ pub(crate) async fn claim_subnet(
             return Ok(Claimed::Yes);
         }
         let now = gets(&resp);
+        // Every claim and marker as of now replaces what was seen.
+        seen.retain(|k, _| !claims.iter().any(|p| k.starts_with(p.as_str())));
+        seen.extend(now.iter().map(|(k, kv)| (k.clone(), kv.clone())));
         s = Seen::of(&now, &key);
         h = Seen::of(&now, &held);
         let n = Seen::of(&now, &node_key);

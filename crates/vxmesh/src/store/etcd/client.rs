@@ -432,12 +432,16 @@ pub(crate) fn lease_opts(lease: i64) -> Option<PutOptions> {
     Some(PutOptions::new().with_lease(lease))
 }
 
-/// The value of the first `Get` in a transaction's responses.
-pub(crate) fn txn_get(resp: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
-    resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-        _ => None,
-    })
+/// The value of each `Get` in a transaction's responses (those that
+/// found one).
+pub(crate) fn txn_gets(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::KeyValue> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Connection health: logs once per change of state, not per retry.

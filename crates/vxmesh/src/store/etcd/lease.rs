@@ -153,9 +153,10 @@ async fn keep(
 ) {
     let period = period(ttl_secs);
     let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
+    let patient = !reconnect.as_deref().is_some_and(another_member);
     let mut failures = 0u32;
     loop {
-        let (end, opened) = keep_stream(&client, id, ttl, period, &tx).await;
+        let (end, opened) = keep_stream(&client, id, ttl, period, &tx, patient).await;
         match end {
             StreamEnd::Lost => {
                 tx.send_replace(LeaseState::Lost);
@@ -212,19 +213,34 @@ pub(crate) fn jittered(d: Duration) -> Duration {
     d + Duration::from_nanos(if spread == 0 { 0 } else { nanos % spread })
 }
 
+/// One keep-alive stream: opened (which renews once), then a renewal
+/// every period, until it breaks or etcd says the lease is gone. A keeper
+/// that could move to another member gives up on a late reply (its member
+/// may be paused or cut off). A `patient` one, with no other member to go
+/// to, waits for it: a late reply still renews, and with one member a
+/// late reply means an overloaded etcd, which a new stream per late reply
+/// of every lease only loads more (250 agents started at once on two
+/// cores: every keeper reopened every second, every lease expired).
 async fn keep_stream(
     client: &Client,
     id: i64,
     ttl: Duration,
     period: Duration,
     tx: &watch::Sender<LeaseState>,
+    patient: bool,
 ) -> (StreamEnd, bool) {
     let sent = Instant::now();
-    let open = tokio::time::timeout(
-        reply_deadline(period, sent, expires_of(tx, sent + period)),
-        client.lease_client().keep_alive(id),
-    )
-    .await;
+    let mut leases = client.lease_client();
+    let opening = leases.keep_alive(id);
+    let open = if patient {
+        Ok(opening.await)
+    } else {
+        tokio::time::timeout(
+            reply_deadline(period, sent, expires_of(tx, sent + period)),
+            opening,
+        )
+        .await
+    };
     let (mut keeper, mut stream) = match open {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) if e.to_string().contains("not found") => return (StreamEnd::Lost, false),
@@ -240,6 +256,7 @@ async fn keep_stream(
         let next_send = last_send + period;
         let deadline = pending
             .front()
+            .filter(|_| !patient)
             .map(|s| *s + reply_deadline(period, *s, expires_of(tx, *s + period)));
         tokio::select! {
             _ = tokio::time::sleep_until(next_send) => {

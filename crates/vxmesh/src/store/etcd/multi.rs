@@ -92,12 +92,18 @@ impl EtcdNetworks {
 
 /// Merge per-network snapshots: one node record per node name, its subnets
 /// of every network (a record whose underlay IP differs from the one seen
-/// first for that name is left out of the merge).
+/// first for that name is left out of the merge). The secure underlay's
+/// settings are the first encrypted network's (`vxmesh net create` keeps
+/// every encrypted network's the same).
 fn merge(snaps: Vec<Snapshot>) -> Snapshot {
+    let mut encryption = None;
     let mut networks = Vec::new();
     let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
     let mut endpoints = Vec::new();
     for s in snaps {
+        if encryption.is_none() && s.cluster.networks.iter().any(|n| n.encrypt) {
+            encryption = Some(s.cluster.encryption);
+        }
         networks.extend(s.cluster.networks);
         for n in s.cluster.nodes {
             match nodes.get_mut(&n.name) {
@@ -125,7 +131,7 @@ fn merge(snaps: Vec<Snapshot>) -> Snapshot {
         cluster: crate::config::Cluster {
             networks,
             nodes: nodes.into_values().collect(),
-            encryption: Default::default(),
+            encryption: encryption.unwrap_or_default(),
         },
         endpoints: Some(endpoints),
     }
@@ -261,6 +267,36 @@ mod tests {
             public_key: None,
             next_public_key: None,
         }
+    }
+
+    #[test]
+    fn the_secure_underlay_settings_are_the_encrypted_networks() {
+        let settings = crate::secure::config::validate(
+            Some(&crate::secure::config::EncryptionFile {
+                transport_cidr: Some("100.64.0.0/24".into()),
+                port: Some(51999),
+            }),
+            &[],
+        )
+        .unwrap();
+        let snap = |n: Network, e| Snapshot {
+            cluster: Cluster {
+                networks: vec![n],
+                nodes: vec![],
+                encryption: e,
+            },
+            endpoints: Some(vec![]),
+        };
+        let mut secret = net("b", 201);
+        secret.encrypt = true;
+        // A plain network's (default) settings do not count.
+        let m = merge(vec![
+            snap(net("a", 200), Default::default()),
+            snap(secret, settings),
+        ]);
+        assert_eq!(m.cluster.encryption, settings);
+        let m = merge(vec![snap(net("a", 200), Default::default())]);
+        assert_eq!(m.cluster.encryption, Default::default());
     }
 
     #[test]

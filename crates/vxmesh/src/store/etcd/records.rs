@@ -10,6 +10,7 @@ use crate::config::{self, ClusterFile, Mode, Network, NetworkFile};
 use crate::model::{self, Endpoint};
 use crate::names::{IfName, NetworkName, NodeName};
 use crate::secure::PublicKey;
+use crate::secure::config::{Encryption, EncryptionFile};
 
 /// Keys of one network under a prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub(crate) struct Keys {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum KeyKind<'a> {
     Config,
+    /// An encrypted network's secure underlay settings.
+    Encryption,
     Subnet(&'a str),
     Node(&'a str),
     Endpoint(&'a str),
@@ -41,6 +44,11 @@ impl Keys {
     }
     pub fn config(&self) -> String {
         format!("{}config", self.root)
+    }
+    /// An encrypted network's secure underlay settings (`[encryption]` of
+    /// a cluster file), written with its config.
+    pub fn encryption(&self) -> String {
+        format!("{}encryption", self.root)
     }
     pub fn subnets(&self) -> String {
         format!("{}subnets/", self.root)
@@ -67,6 +75,9 @@ impl Keys {
     pub fn held_subnet(&self, s: Ipv4Net) -> String {
         format!("{}held/subnets/{}", self.root, subnet_key_part(s))
     }
+    pub fn held_subnets(&self) -> String {
+        format!("{}held/subnets/", self.root)
+    }
     /// Quarantine marker of an endpoint (`held/endpoints/A.B.C.D`).
     pub fn held_endpoint(&self, ip: Ipv4Addr) -> String {
         format!("{}held/endpoints/{ip}", self.root)
@@ -78,6 +89,8 @@ impl Keys {
         };
         if rest == "config" {
             KeyKind::Config
+        } else if rest == "encryption" {
+            KeyKind::Encryption
         } else if let Some(s) = rest.strip_prefix("subnets/") {
             KeyKind::Subnet(s)
         } else if let Some(s) = rest.strip_prefix("nodes/") {
@@ -336,6 +349,22 @@ pub(crate) fn parse_network(expected_name: &str, value: &[u8]) -> Result<Network
         ));
     }
     validate_network(&f)
+}
+
+/// The JSON stored under `encryption`: the settings as a cluster file's
+/// `[encryption]` table writes them.
+pub(crate) fn encryption_json(e: &Encryption) -> String {
+    serde_json::to_string(&EncryptionFile::from(e)).expect("settings serialize")
+}
+
+/// Parse and validate stored secure underlay settings of `net`.
+pub(crate) fn parse_encryption(net: &Network, value: &[u8]) -> Result<Encryption, String> {
+    let f: EncryptionFile = serde_json::from_slice(value)
+        .map_err(|e| format!("not the settings of a secure underlay: {e}"))?;
+    crate::secure::config::validate(Some(&f), &[net.port]).map_err(|problems| {
+        let p: Vec<String> = problems.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+        p.join("; ")
+    })
 }
 
 /// How two networks differ, for "already exists with different settings (...)".

@@ -53,9 +53,14 @@ impl Kept {
         reconnect: Option<Arc<ClientOptions>>,
         metrics: Metrics,
     ) -> Result<Kept> {
+        // Both at once: one round trip to a loaded etcd, not two.
+        let (node, hold) = tokio::try_join!(
+            KeptLease::grant(client, ttl_secs, reconnect.clone()),
+            KeptLease::grant(client, hold_ttl(ttl_secs), reconnect.clone()),
+        )?;
         Ok(Kept {
-            node: KeptLease::grant(client, ttl_secs, reconnect.clone()).await?,
-            hold: KeptLease::grant(client, hold_ttl(ttl_secs), reconnect.clone()).await?,
+            node,
+            hold,
             reconnect,
             metrics,
         })
@@ -170,40 +175,12 @@ pub(crate) async fn claim(
     hints: &[Ipv4Net],
     ident: &mut i64,
 ) -> Result<Ipv4Net> {
-    let mut mine = Vec::new();
-    let mut taken = HashSet::new();
-    let prefix = keys.subnets();
-    for (key, kv) in seen.range(prefix.clone()..) {
-        let Some(part) = key.strip_prefix(&prefix) else {
-            break;
-        };
-        let Some(s) = records::parse_subnet_key_part(part) else {
-            continue;
-        };
-        if kv.value == me.node.as_bytes() {
-            if records::check_subnet(net, s).is_ok() {
-                mine.push(s);
-            }
-        } else {
-            taken.insert(s);
-        }
-    }
-    // Quarantined subnets: this node's come first, others' are skipped.
-    let held_prefix = format!("{}held/subnets/", keys.root());
-    let mut held_mine = Vec::new();
-    for (key, kv) in seen.range(held_prefix.clone()..) {
-        let Some(part) = key.strip_prefix(&held_prefix) else {
-            break;
-        };
-        let Some(s) = records::parse_subnet_key_part(part) else {
-            continue;
-        };
-        if kv.value == me.node.as_bytes() {
-            held_mine.push(s);
-        } else {
-            taken.insert(s);
-        }
-    }
+    let mut seen = seen.clone();
+    let Holdings {
+        mine,
+        mut taken,
+        held_mine,
+    } = holdings(&seen, keys, &me.node, net);
     let mut first: Vec<Ipv4Net> = mine.clone();
     // Reuse the node record's subnet too (claim lost, record kept).
     if let Some(kv) = seen.get(&keys.node(&me.node))
@@ -214,20 +191,30 @@ pub(crate) async fn claim(
     first.extend(hints.iter().copied());
     first.extend(held_mine);
     first.retain(|s| records::check_subnet(net, *s).is_ok());
+    let mut first = first.into_iter();
+    let mut candidates = records::subnet_candidates(net, &me.node);
     let mut tried = HashSet::new();
-    let candidates = first
-        .into_iter()
-        .chain(records::subnet_candidates(net, &me.node).filter(|s| !taken.contains(s)));
-    for s in candidates {
+    loop {
+        let next = first.next().or_else(|| {
+            candidates
+                .by_ref()
+                .find(|s| !taken.contains(s) && !tried.contains(s))
+        });
+        let Some(s) = next else { break };
         if !tried.insert(s) {
             continue;
         }
-        if claim_subnet(client, keys, me, net, leases, s, seen, ident).await? == Claimed::Yes {
-            // Drop stale duplicate claims of this node (only while still ours).
-            for old in mine.iter().filter(|o| **o != s) {
-                let _ = release_subnet(client, keys, &me.node, *old).await;
+        match claim_subnet(client, keys, me, net, leases, s, &mut seen, ident).await? {
+            Claimed::Yes => {
+                // Drop stale duplicate claims of this node (only while still ours).
+                for old in mine.iter().filter(|o| **o != s) {
+                    let _ = release_subnet(client, keys, &me.node, *old).await;
+                }
+                return Ok(s);
             }
-            return Ok(s);
+            // `seen` now holds the claims as they are: skip every subnet
+            // taken since the listing.
+            Claimed::Taken(_) => taken = holdings(&seen, keys, &me.node, net).taken,
         }
     }
     Err(StoreError::SubnetsFull {
@@ -236,6 +223,56 @@ pub(crate) async fn claim(
         subnet_len: net.subnet_len,
         node: me.node.clone(),
     })
+}
+
+/// What a listing says about a network's subnets for one node.
+struct Holdings {
+    /// Valid subnets claimed by the node.
+    mine: Vec<Ipv4Net>,
+    /// Subnets claimed or quarantined by other nodes.
+    taken: HashSet<Ipv4Net>,
+    /// Subnets quarantined for the node.
+    held_mine: Vec<Ipv4Net>,
+}
+
+fn holdings(seen: &BTreeMap<String, Kv>, keys: &Keys, node: &str, net: &Network) -> Holdings {
+    let mut h = Holdings {
+        mine: Vec::new(),
+        taken: HashSet::new(),
+        held_mine: Vec::new(),
+    };
+    let prefix = keys.subnets();
+    for (key, kv) in seen.range(prefix.clone()..) {
+        let Some(part) = key.strip_prefix(&prefix) else {
+            break;
+        };
+        let Some(s) = records::parse_subnet_key_part(part) else {
+            continue;
+        };
+        if kv.value == node.as_bytes() {
+            if records::check_subnet(net, s).is_ok() {
+                h.mine.push(s);
+            }
+        } else {
+            h.taken.insert(s);
+        }
+    }
+    // Quarantined subnets: this node's come first, others' are skipped.
+    let held_prefix = keys.held_subnets();
+    for (key, kv) in seen.range(held_prefix.clone()..) {
+        let Some(part) = key.strip_prefix(&held_prefix) else {
+            break;
+        };
+        let Some(s) = records::parse_subnet_key_part(part) else {
+            continue;
+        };
+        if kv.value == node.as_bytes() {
+            h.held_mine.push(s);
+        } else {
+            h.taken.insert(s);
+        }
+    }
+    h
 }
 
 /// Watch this node's leases; when etcd says one is gone, grant a new one
@@ -356,4 +393,40 @@ async fn regrant(inner: &Inner, kept: &mut Kept) -> Result<()> {
     inner.health.lease(true, None);
     tracing::info!(lease = leases.node, hold_lease = leases.hold, %subnet, endpoints = owned.endpoints.len(), "records re-published under a new lease");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+
+    #[test]
+    fn holdings_split_own_others_and_quarantined_subnets() {
+        let net = records::test_network("demo", Mode::Routed, "172.18.0.0/16", 24, 100);
+        let keys = Keys::new("/vxmesh", "demo");
+        let s = |x: &str| x.parse::<Ipv4Net>().unwrap();
+        let mut seen = BTreeMap::new();
+        let mut put = |key: String, holder: &str| {
+            seen.insert(
+                key,
+                Kv {
+                    value: holder.as_bytes().to_vec(),
+                    create_rev: 1,
+                    mod_rev: 1,
+                },
+            );
+        };
+        put(keys.subnet(s("172.18.1.0/24")), "me");
+        put(keys.subnet(s("172.18.2.0/24")), "other");
+        put(keys.held_subnet(s("172.18.3.0/24")), "me");
+        put(keys.held_subnet(s("172.18.4.0/24")), "gone");
+        // Not a subnet claim: ignored.
+        put(keys.node("other"), "{}");
+        let h = holdings(&seen, &keys, "me", &net);
+        assert_eq!(h.mine, [s("172.18.1.0/24")]);
+        assert_eq!(h.held_mine, [s("172.18.3.0/24")]);
+        let mut taken: Vec<_> = h.taken.into_iter().collect();
+        taken.sort();
+        assert_eq!(taken, [s("172.18.2.0/24"), s("172.18.4.0/24")]);
+    }
 }

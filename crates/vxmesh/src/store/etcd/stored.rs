@@ -14,6 +14,7 @@ use crate::config::Network;
 use crate::metrics::RecordKind;
 use crate::model::Endpoint;
 use crate::names::NodeName;
+use crate::secure::config::Encryption;
 use crate::store::Snapshot;
 
 pub use super::records::NodeJson as StoredNode;
@@ -23,6 +24,8 @@ pub use super::records::NodeJson as StoredNode;
 pub enum Record {
     /// `config`: the network's settings.
     Network(Network),
+    /// `encryption`: an encrypted network's secure underlay settings.
+    Encryption(Encryption),
     /// `subnets/A.B.C.D-LEN`: the node holding a subnet (slice).
     Claim { subnet: Ipv4Net, node: NodeName },
     /// `nodes/NODE`: a node's record.
@@ -72,6 +75,9 @@ impl NetworkRecords {
             KeyKind::Config => records::parse_network(&net.name, value)
                 .map(Record::Network)
                 .map_err(fail(RecordKind::Network))?,
+            KeyKind::Encryption => records::parse_encryption(net, value)
+                .map(Record::Encryption)
+                .map_err(fail(RecordKind::Network))?,
             KeyKind::Subnet(part) => {
                 let (subnet, node) =
                     records::parse_claim(net, part, value).map_err(fail(RecordKind::Subnet))?;
@@ -94,6 +100,10 @@ impl NetworkRecords {
     pub fn encode(&self, record: &Record) -> (String, Vec<u8>) {
         match record {
             Record::Network(n) => (self.keys.config(), records::network_json(n).into_bytes()),
+            Record::Encryption(e) => (
+                self.keys.encryption(),
+                records::encryption_json(e).into_bytes(),
+            ),
             Record::Claim { subnet, node } => (self.keys.subnet(*subnet), node.as_bytes().to_vec()),
             Record::Node(n) => (self.keys.node(&n.name), to_json(n)),
             Record::Endpoint(ep) => (self.keys.endpoint(ep.ip), to_json(ep)),

@@ -13,6 +13,7 @@ use super::settle::{Vanished, held_by};
 use crate::config::{Cluster, Mode, Network};
 use crate::metrics::RecordKind;
 use crate::model::{Endpoint, NodeRecord};
+use crate::secure::config::Encryption;
 use crate::store::Snapshot;
 
 /// One stored key-value.
@@ -36,6 +37,9 @@ pub(crate) struct View {
     keys: Keys,
     /// The last valid network config seen (kept if the key becomes invalid or vanishes).
     network: Network,
+    /// The network's secure underlay settings (its `encryption` key; the
+    /// last valid ones are kept if the key becomes invalid).
+    encryption: Encryption,
     kvs: BTreeMap<String, Kv>,
     /// key → revision already warned about (warn once per key and revision).
     warned: HashMap<String, i64>,
@@ -67,6 +71,7 @@ impl View {
         View {
             keys,
             network,
+            encryption: Encryption::default(),
             kvs: BTreeMap::new(),
             warned: HashMap::new(),
             config_missing_warned: false,
@@ -225,13 +230,29 @@ impl View {
         }
         let net = self.network.clone();
 
+        // An encrypted network's secure underlay settings (the defaults
+        // when the network was created without them).
+        let enc_key = self.keys.encryption();
+        match self.kvs.get(&enc_key) {
+            Some(kv) => match records::parse_encryption(&net, &kv.value) {
+                Ok(e) => self.encryption = e,
+                Err(e) => skip(
+                    &enc_key,
+                    RecordKind::Network,
+                    kv,
+                    format!("{e} (keeping the last valid settings)"),
+                ),
+            },
+            None => self.encryption = Encryption::default(),
+        }
+
         // Claims, nodes, endpoints.
         let mut claims: HashMap<Ipv4Net, &str> = HashMap::new();
         let mut nodes: Vec<(i64, &str, NodeRecord)> = Vec::new();
         let mut endpoints: Vec<Endpoint> = Vec::new();
         for (key, kv) in &self.kvs {
             match self.keys.classify(key) {
-                KeyKind::Config | KeyKind::Other => {}
+                KeyKind::Config | KeyKind::Encryption | KeyKind::Other => {}
                 KeyKind::Subnet(part) => match records::parse_claim(&net, part, &kv.value) {
                     Ok((s, owner)) => {
                         claims.insert(s, owner);
@@ -403,7 +424,7 @@ impl View {
             cluster: Cluster {
                 networks: if serving { vec![net] } else { Vec::new() },
                 nodes: accepted,
-                encryption: Default::default(),
+                encryption: self.encryption,
             },
             endpoints: Some(endpoints),
         };

@@ -156,6 +156,30 @@ fn config_changes_apply_and_bad_configs_keep_the_last() {
 }
 
 #[test]
+fn the_secure_underlay_settings_reach_the_snapshot_and_bad_ones_keep_the_last() {
+    let (mut v, k) = view();
+    v.rebuild();
+    assert_eq!(v.snapshot().cluster.encryption, Encryption::default());
+    v.put(
+        k.encryption(),
+        kv(r#"{"transport_cidr":"100.64.0.0/24","port":51999}"#, 5),
+    );
+    assert!(v.rebuild().0);
+    let e = v.snapshot().cluster.encryption;
+    assert_eq!(
+        (e.transport.to_string().as_str(), e.port),
+        ("100.64.0.0/24", 51999)
+    );
+    // The network's VXLAN port is no WireGuard port.
+    v.put(k.encryption(), kv(r#"{"port":4789}"#, 6));
+    let (changed, skipped) = v.rebuild();
+    assert!(!changed);
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].reason.contains("VXLAN port"), "{skipped:?}");
+    assert_eq!(v.snapshot().cluster.encryption, e);
+}
+
+#[test]
 fn own_record_is_always_present() {
     let (mut v, _) = view();
     v.set_own(NodeRecord {

@@ -156,6 +156,24 @@ fn on_node(lab: &Lab, node: &str, args: &[&str]) -> (i32, String, String) {
     vxmesh(&argv)
 }
 
+/// Every pair of the lab answers, then host1's `status --json` once its
+/// first peer shows bytes both ways. The agent's report follows within its
+/// 2 s period: a report from the first handshake, before the check,
+/// already shows a sent packet but nothing received.
+async fn session_status(lab: &Lab) -> serde_json::Value {
+    let report = lab.check(Duration::from_secs(2)).unwrap();
+    assert!(report.failures().is_empty(), "{}", report.matrix());
+    let mut st = serde_json::Value::Null;
+    let fresh = eventually(Duration::from_secs(6), || {
+        st = status_json(lab, "host1");
+        let peer = &st["secure"]["peers"][0];
+        peer["tx_bytes"].as_u64().unwrap_or(0) > 0 && peer["rx_bytes"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    assert!(fresh, "no session in status: {st:#}");
+    st
+}
+
 fn status_json(lab: &Lab, node: &str) -> serde_json::Value {
     let (code, out, err) = on_node(lab, node, &["status", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -217,17 +235,7 @@ async fn status_metrics_and_doctor_show_the_tunnels_and_name_a_key_mismatch() {
     s.encrypt = true;
     s.metrics_port = Some(METRICS_PORT);
     let lab = up(&s).await;
-    let report = lab.check(Duration::from_secs(2)).unwrap();
-    assert!(report.failures().is_empty(), "{}", report.matrix());
-
-    // The agent's report follows within its 2 s period.
-    let mut st = serde_json::Value::Null;
-    let fresh = eventually(Duration::from_secs(6), || {
-        st = status_json(&lab, "host1");
-        st["secure"]["peers"][0]["tx_bytes"].as_u64().unwrap_or(0) > 0
-    })
-    .await;
-    assert!(fresh, "no session in status: {st:#}");
+    let st = session_status(&lab).await;
     assert_eq!(st["networks"][0]["encrypt"], true, "{st:#}");
     let sec = &st["secure"];
     assert_eq!(sec["dev"], "vxm-wg0");
@@ -562,4 +570,40 @@ fn demo_encrypt_etcd_routed_passes() {
         "dee",
         &["--store", "etcd", "--nodes", "3", "--containers", "1"],
     );
+}
+
+/// A routed encrypted lab with its own secure underlay settings (transport
+/// range 100.64.7.0/24, WireGuard port 51999), on `store`: the agents
+/// address their TUN device in that range and tunnel on that port; the
+/// containers reach each other. On etcd the settings are given when the
+/// network is created (`vxmesh net create --transport-cidr --wg-port`)
+/// and reach the agents through the store.
+async fn own_settings_are_used(tag: &str, store: vxmesh_lab::lab::LabStore) {
+    let mut s = spec(tag, 2, 1, Mode::Routed, 1);
+    s.store = store;
+    s.encrypt = true;
+    s.encryption = Some(vxmesh::secure::config::EncryptionFile {
+        transport_cidr: Some("100.64.7.0/24".into()),
+        port: Some(51999),
+    });
+    let lab = up(&s).await;
+    let st = session_status(&lab).await;
+    let sec = &st["secure"];
+    let addr: ipnet::Ipv4Net = sec["addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(addr.trunc().to_string(), "100.64.7.0/24", "{sec:#}");
+    assert_eq!(sec["port"], 51999, "{sec:#}");
+    let peer = &sec["peers"][0];
+    assert_eq!(peer["endpoint"], "198.18.0.2:51999", "{peer:#}");
+    let transport: Ipv4Addr = peer["transport"].as_str().unwrap().parse().unwrap();
+    assert!(addr.contains(&transport), "{peer:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_settings_are_used_on_a_cluster_file() {
+    own_settings_are_used("ssf", vxmesh_lab::lab::LabStore::Static).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_settings_are_used_on_etcd() {
+    own_settings_are_used("sse", vxmesh_lab::lab::LabStore::Etcd).await;
 }

@@ -160,8 +160,16 @@ async fn cluster_file_rotation_loses_no_reply() {
     std::thread::sleep(Duration::from_millis(500));
 
     let new = rotate_key(&state);
-    // Not listed yet: the agent keeps its key.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Not listed yet: the agent keeps its key, and `status` says what it
+    // waits for (the data path's report follows within its 2 s period).
+    let mut st = serde_json::Value::Null;
+    let waiting = wait_until(Duration::from_secs(5), || {
+        st = status_json(&lab, "host1");
+        st["secure"]["rotation"]["next_key"] == new.to_string()
+    })
+    .await;
+    assert!(waiting.is_some(), "no rotation in status: {st:#}");
+    assert!(st["secure"]["rotation"]["switch"].is_null(), "{st:#}");
     assert!(state.join(NEXT_KEY_FILE).exists(), "switched unlisted");
     assert_eq!(key_in_use(&state), old);
 
@@ -199,6 +207,29 @@ async fn cluster_file_rotation_loses_no_reply() {
     assert_eq!(stats.lost, 0, "replies lost across the rotation: {stats:?}");
     let report = lab.check(Duration::from_secs(2)).unwrap();
     assert!(report.failures().is_empty(), "{}", report.matrix());
+    // Done: `status` shows no rotation any more.
+    let done = wait_until(Duration::from_secs(5), || {
+        st = status_json(&lab, "host1");
+        st["secure"].is_object() && st["secure"]["rotation"].is_null()
+    })
+    .await;
+    assert!(done.is_some(), "a finished rotation in status: {st:#}");
+}
+
+/// `vxmesh status --json` of `node`.
+fn status_json(lab: &Lab, node: &str) -> serde_json::Value {
+    let n = lab.node(node).unwrap();
+    let out = std::process::Command::new(exe())
+        .args(["--netns", &n.netns, "status", "--json", "--state-dir"])
+        .arg(&n.state_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn vxmesh(args: &[&str]) -> (bool, String, String) {

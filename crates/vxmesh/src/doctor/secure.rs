@@ -188,6 +188,7 @@ mod tests {
                 decrypt_failures: failures,
                 spoofed_inner: 0,
             }],
+            rotation: None,
         }
     }
 

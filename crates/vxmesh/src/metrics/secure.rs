@@ -202,6 +202,7 @@ mod tests {
             dropped_no_peer: 4,
             peers: vec![p],
             without_key: vec![],
+            rotation: None,
         };
         let m = crate::metrics::Metrics::new();
         m.secure(&report(peer(100, 2)));

@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod datapath;
+pub mod gro;
 pub mod gso;
 pub mod keys;
 pub mod peers;
 pub mod plan;
+pub mod sendq;
 pub mod transport;
 pub mod tun;
 pub mod udp;

@@ -212,10 +212,22 @@ impl Tun {
     /// Write one packet (after a plain header on a device with offloads).
     pub fn write_packet(&mut self, packet: &[u8]) -> std::io::Result<()> {
         if self.offload {
-            let iov = [IoSlice::new(&PLAIN_VNET_HDR), IoSlice::new(packet)];
-            return self.file.write_vectored(&iov).map(|_| ());
+            return self.write_parts(&PLAIN_VNET_HDR, packet, &[]);
         }
         self.file.write(packet).map(|_| ())
+    }
+
+    /// Write one packet given as its virtio-net header, then `head` and
+    /// `body` (a device with offloads only: a segmentation burst, see
+    /// [`super::gro`]).
+    pub fn write_parts(
+        &mut self,
+        vnet: &[u8; VNET_HDR_LEN],
+        head: &[u8],
+        body: &[u8],
+    ) -> std::io::Result<()> {
+        let iov = [IoSlice::new(vnet), IoSlice::new(head), IoSlice::new(body)];
+        self.file.write_vectored(&iov).map(|_| ())
     }
 }
 

@@ -16,7 +16,7 @@ use super::tun::{Tun, TunError};
 use crate::dataplane::kernel::{LinkInfo, LinkOptions, Netlink, NetlinkError};
 
 pub mod report;
-pub use report::{PeerReport, UnderlayReport};
+pub use report::{PeerReport, RotationReport, SwitchReport, UnderlayReport};
 
 /// A failure bringing the secure underlay up.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataplane::kernel::LinkInfo;
 use crate::secure::plan::SecurePlan;
 use crate::secure::transport::TUN_ALIAS;
-use crate::secure::underlay::UnderlayReport;
+use crate::secure::underlay::{RotationReport, UnderlayReport};
 
 /// A report older than this is not the running agent's.
 pub const STALE_SECS: u64 = 10;
@@ -51,6 +51,9 @@ pub struct SecureStatus {
     pub report_age_secs: Option<u64>,
     pub dropped_no_peer: Option<u64>,
     pub peers: Vec<SecurePeerStatus>,
+    /// A key rotation under way (from the data path's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationReport>,
 }
 
 impl SecureStatus {
@@ -110,6 +113,7 @@ pub fn secure_status(
         report_age_secs: report.map(|r| r.age(now_ms).as_secs()),
         dropped_no_peer: report.map(|r| r.dropped_no_peer),
         peers,
+        rotation: report.and_then(|r| r.rotation.clone()),
     }
 }
 
@@ -151,6 +155,21 @@ pub fn render(s: &SecureStatus) -> Vec<String> {
             s.dropped_no_peer.unwrap_or(0)
         ),
     });
+    if let Some(r) = &s.rotation {
+        out.push(match &r.switch {
+            None => format!(
+                "  key rotation: next key {} is not listed by the store yet (cluster file: list it as this node's next_public_key)",
+                r.next_key
+            ),
+            Some(w) => format!(
+                "  key rotation: switching to {} for {} s, {} of {} peer(s) on it",
+                r.next_key,
+                w.since_ms / 1000,
+                w.switched,
+                w.peers
+            ),
+        });
+    }
     for p in &s.peers {
         if !p.has_key {
             out.push(format!(
@@ -232,6 +251,7 @@ mod tests {
                 spoofed_inner: 0,
             }],
             without_key: vec![],
+            rotation: None,
         }
     }
 
@@ -272,5 +292,42 @@ mod tests {
         let none = secure_status(&plan(own, true), None, None, 0);
         assert!(render(&none).join("\n").contains("no data path report"));
         assert_eq!(none.peers[0].last_handshake_secs, None);
+    }
+
+    #[test]
+    fn a_rotation_under_way_is_shown() {
+        let own = PrivateKey::generate().unwrap().public();
+        let next = PrivateKey::generate().unwrap().public();
+        let mut r = report(own);
+        let text = |r: &UnderlayReport| {
+            render(&secure_status(&plan(own, true), None, Some(r), 103_000)).join("\n")
+        };
+        assert!(!text(&r).contains("key rotation"), "{}", text(&r));
+        r.rotation = Some(RotationReport {
+            next_key: next,
+            switch: None,
+        });
+        assert!(
+            text(&r).contains(&format!(
+                "key rotation: next key {next} is not listed by the store yet"
+            )),
+            "{}",
+            text(&r)
+        );
+        r.rotation = Some(RotationReport {
+            next_key: next,
+            switch: Some(crate::secure::underlay::SwitchReport {
+                since_ms: 3_400,
+                peers: 3,
+                switched: 2,
+            }),
+        });
+        assert!(
+            text(&r).contains(&format!(
+                "key rotation: switching to {next} for 3 s, 2 of 3 peer(s) on it"
+            )),
+            "{}",
+            text(&r)
+        );
     }
 }

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::SecureUnderlay;
-use crate::secure::keys::PublicKey;
+use crate::secure::keys::{self, PublicKey};
 use crate::secure::plan::SecurePlan;
 use crate::state::StateError;
 
@@ -38,6 +38,27 @@ pub struct PeerReport {
     pub spoofed_inner: u64,
 }
 
+/// A key rotation under way on this node (`vxmesh rotate-key`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationReport {
+    /// The next key, as `rotate-key` printed it.
+    pub next_key: PublicKey,
+    /// The switch to it: `None` while the store does not list it yet
+    /// (cluster file: as the node's `next_public_key`).
+    pub switch: Option<SwitchReport>,
+}
+
+/// How far a switch to the next key is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchReport {
+    /// Milliseconds since it began, when the report was written.
+    pub since_ms: u64,
+    /// Peers with a tunnel on the next key.
+    pub peers: usize,
+    /// Of those, the ones that send on it.
+    pub switched: usize,
+}
+
 /// The running secure underlay of a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnderlayReport {
@@ -58,6 +79,9 @@ pub struct UnderlayReport {
     pub peers: Vec<PeerReport>,
     /// Planned peers the store lists no key for (no tunnel).
     pub without_key: Vec<String>,
+    /// A key rotation under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationReport>,
 }
 
 impl UnderlayReport {
@@ -86,7 +110,25 @@ impl SecureUnderlay {
     /// stopped).
     pub fn report(&self, plan: &SecurePlan) -> Option<UnderlayReport> {
         let r = self.running.as_ref()?;
+        // The next key file of a rotation under way (a stale one holding
+        // the current key is not a rotation).
+        let next = keys::read_next(&self.state_dir)
+            .ok()
+            .flatten()
+            .map(|k| k.public())
+            .filter(|n| *n != r.current.public());
         let table = r.datapath.table().read().expect("peer table lock");
+        let rotation = next.map(|next_key| RotationReport {
+            next_key,
+            switch: r
+                .switch_started
+                .zip(table.switch_progress())
+                .map(|(t, p)| SwitchReport {
+                    since_ms: t.elapsed().as_millis() as u64,
+                    peers: p.peers,
+                    switched: p.switched,
+                }),
+        });
         let peers = table
             .stats()
             .into_iter()
@@ -120,6 +162,7 @@ impl SecureUnderlay {
                 .filter(|(_, p)| p.public_key.is_none())
                 .map(|(n, _)| n.clone())
                 .collect(),
+            rotation,
         })
     }
 }
@@ -173,6 +216,7 @@ mod tests {
             dropped_no_peer: 0,
             peers: vec![],
             without_key: vec![],
+            rotation: None,
         };
         let p = PeerReport {
             node: "host2".into(),

@@ -154,10 +154,19 @@ fn throughput_reports_four_paths_ratios_and_cpu_cost() {
         let paths = names(r, "paths", "path");
         let ratios = names(r, "ratios", "name");
         if nft {
-            assert_eq!(paths, ["plain-no-nft", "plain", "hand-wired"], "{r}");
+            assert_eq!(
+                paths,
+                ["plain-no-nft", "plain", "plain-no-nat", "hand-wired"],
+                "{r}"
+            );
             assert_eq!(
                 ratios,
-                ["plain/plain-no-nft", "plain-no-nft/hand-wired"],
+                [
+                    "plain/plain-no-nft",
+                    "plain-no-nat/plain-no-nft",
+                    "plain-no-nft/hand-wired",
+                    "plain-no-nat/hand-wired"
+                ],
                 "{r}"
             );
         } else {
@@ -196,7 +205,11 @@ fn throughput_reports_four_paths_ratios_and_cpu_cost() {
             );
             let agents = p.get("agent_cpu_s_per_gbit").is_some();
             let with_agents = p["path"] == "plain" || p["path"] == "encrypted";
-            assert_eq!(agents, with_agents || p["path"] == "plain-no-nft", "{p}");
+            assert_eq!(
+                agents,
+                with_agents || p["path"] == "plain-no-nft" || p["path"] == "plain-no-nat",
+                "{p}"
+            );
             if p["path"] == "encrypted" {
                 // The userspace data path runs in the agents: they used CPU.
                 assert!(f(p, &["agent_cpu_s_per_gbit"]) > 0.0, "{p}");
@@ -267,6 +280,32 @@ fn converge_times_joins_and_crashes() {
         (f(r, &["crash_beyond_ttl_ms", "p50"]) - (f(r, &["crash_cleanup_ms", "p50"]) - ttl)).abs()
             < 1e-6
     );
+}
+
+#[test]
+fn cold_start_starts_every_agent_at_once_and_counts_its_cpu() {
+    let v = bench(&["converge", "--cold-start", "--nodes", "3,4"]);
+    let rows = v.as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{v}");
+    for (r, n) in rows.iter().zip([3.0, 4.0]) {
+        assert_eq!(f(r, &["nodes"]), n);
+        assert_eq!(f(r, &["join_ms", "n"]), n, "{r}");
+        // Spawned before the start; then every agent runs before the
+        // last one joins, and the times follow each other.
+        assert!(f(r, &["spawn_ms"]) > 0.0, "{r}");
+        let started = f(r, &["all_started_ms"]);
+        let joined = f(r, &["all_joined_ms"]);
+        assert!(started > 0.0 && started <= joined, "{r}");
+        assert!(f(r, &["join_ms", "max"]) <= joined + 100.0, "{r}");
+        assert!(joined <= f(r, &["all_known_ms"]), "{r}");
+        assert!(f(r, &["all_known_ms"]) <= f(r, &["reachable_ms"]), "{r}");
+        // Agents worked, and the machine at least as much as they did.
+        let agent = f(r, &["agent_cpu_ms_mean"]);
+        assert!(agent > 0.0, "{r}");
+        assert!(f(r, &["machine_cpu_s"]) * 1000.0 >= agent * n, "{r}");
+        assert!(f(r, &["cpus"]) >= 1.0, "{r}");
+        assert!(f(r, &["etcd_txns_per_join"]) >= 1.0, "{r}");
+    }
 }
 
 #[test]

@@ -3,13 +3,17 @@
 //! restarted by one upgrade).
 //!
 //! The lab is built without agents (hosts, underlay, etcd, the network);
-//! then every agent is started in one go. Per agent: its join time (start
-//! -> subnet claimed and network published). For the lab: the last join,
+//! every agent process is spawned behind a gate, and the gate opened: all
+//! agents start at the same moment (spawning hundreds of processes one by
+//! one takes seconds, which would otherwise be measured). Per agent: its
+//! join time (start -> subnet claimed and network published). For the
+//! lab: the moment every agent runs, the last join,
 //! the moment every agent's applied plan holds every peer, and the moment
 //! every container pair answers ICMP (one container per host, attached once
 //! all have joined: attach time reported apart). etcd's own metrics give
 //! the requests and watch events of the whole start, per join; /proc the
-//! agents' resident memory once converged.
+//! agents' resident memory and CPU time once converged, and the whole
+//! machine's busy CPU time until every pair answered.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,8 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use super::cpu;
 use super::{Summary, Table, ms, percentile};
-use crate::lab::{ETCD_IP, ETCD_PORT, Lab, LabGuard, LabSpec, LabStore, MAX_HOST};
+use crate::lab::{ETCD_IP, ETCD_PORT, Lab, LabGuard, LabSpec, LabStore, MAX_HOST, StartGate};
 use crate::probe::PairJob;
 use vxmesh::dataplane::netns::Netns;
 
@@ -46,7 +51,12 @@ pub struct ColdStartRow {
     /// Agent start -> subnet claimed and network published, per agent.
     pub join_ms: Summary,
     pub join_p99_ms: f64,
-    /// First agent start -> last agent joined.
+    /// Spawning every agent process behind the gate, before the start
+    /// (not part of any other time).
+    pub spawn_ms: f64,
+    /// Start (the gate opened) -> every agent process runs the agent.
+    pub all_started_ms: f64,
+    /// Start -> last agent joined.
     pub all_joined_ms: f64,
     /// First agent start -> every agent's applied plan holds every peer.
     pub all_known_ms: f64,
@@ -71,6 +81,14 @@ pub struct ColdStartRow {
     pub rss_mean_mib: f64,
     pub rss_max_mib: f64,
     pub rss_total_mib: f64,
+    /// CPU time of one agent (its own and its `nft` children's) from the
+    /// start until every agent knew every peer, mean over the agents.
+    pub agent_cpu_ms_mean: f64,
+    /// Busy CPU time of the whole machine (all processes and the kernel)
+    /// from the start until every pair answered, and its CPUs: that time
+    /// divided by the CPUs is the least wall time the work could take.
+    pub machine_cpu_s: f64,
+    pub cpus: usize,
 }
 
 pub async fn run(o: &ColdStartOptions) -> Result<Vec<ColdStartRow>> {
@@ -96,15 +114,24 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let nodes: Vec<String> = lab.info.nodes.iter().map(|n| n.name.clone()).collect();
     let net = lab.etcd()?.networks[0].clone();
 
-    let t0 = Instant::now();
-    let started: BTreeMap<String, Instant> = nodes
+    let mut gate = StartGate::new()?;
+    let s0 = Instant::now();
+    lab.spawn_agents_gated(&nodes, &gate)?;
+    let spawned = s0.elapsed();
+    let pids: Vec<u32> = nodes
         .iter()
-        .cloned()
-        .zip(lab.start_agents(&nodes)?)
-        .collect();
+        .map(|n| lab.node(n).ok().and_then(|n| n.agent_pid))
+        .collect::<Option<_>>()
+        .context("a spawned agent has no pid")?;
+    let busy0 = cpu::machine_jiffies()?;
+    let t0 = Instant::now();
+    gate.open();
     // Joins: each agent's network file appears once its subnet is claimed
     // (a stat per pending agent every 50 ms: the bench must not take the
-    // CPU the agents and etcd need).
+    // CPU the agents and etcd need). The join ends when the agent wrote
+    // the file (its modification time), not when this loop saw it.
+    let mut gated = pids.clone();
+    let mut all_started = None;
     let mut joins = Vec::new();
     let file = |n: &str| -> PathBuf {
         lab.node(n)
@@ -114,13 +141,16 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let mut pending: Vec<(&String, PathBuf)> = nodes.iter().map(|n| (n, file(n))).collect();
     while !pending.is_empty() {
         let now = Instant::now();
-        pending.retain(|(node, f)| {
-            if f.exists() {
-                joins.push(ms(now - started[*node]));
+        gated.retain(|pid| still_gated(*pid));
+        if gated.is_empty() && all_started.is_none() {
+            all_started = Some(now - t0);
+        }
+        pending.retain(|(_, f)| match written_at(f, now) {
+            Some(at) => {
+                joins.push(ms(at.saturating_duration_since(t0)));
                 false
-            } else {
-                true
             }
+            None => true,
         });
         if t0.elapsed() > LIMIT {
             let first = pending[0].0;
@@ -139,6 +169,7 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all_joined = t0.elapsed();
+    let all_started = all_started.unwrap_or(all_joined);
     // Records the claimed subnets (returns at once: all joined).
     lab.wait_agents_ready(&nodes, Duration::from_secs(5))
         .await?;
@@ -148,6 +179,10 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     let all_known = t0.elapsed();
     let after = etcd_counters(&ul).await?;
     let rss = lab.agent_rss_kib();
+    let mut agent_jiffies = 0;
+    for pid in &pids {
+        agent_jiffies += cpu::pid_jiffies(*pid, true).with_context(|| format!("agent {pid}"))?;
+    }
     let (agents_retried, retry_causes) = join_retries(&lab);
 
     let t1 = Instant::now();
@@ -157,6 +192,7 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
         .await
         .with_context(|| format!("the {n}-host cold start did not reach every pair"))?;
     let reachable = t0.elapsed();
+    let busy = cpu::machine_jiffies()? - busy0;
 
     let per = |k: &str| (after.get(k) - before.get(k)) / n as f64;
     let mut sorted = joins.clone();
@@ -168,6 +204,8 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
         ttl_ms: ms(Duration::from_secs(o.ttl_secs)),
         join_ms: Summary::of(&joins),
         join_p99_ms: percentile(&sorted, 99.0),
+        spawn_ms: ms(spawned),
+        all_started_ms: ms(all_started),
         all_joined_ms: ms(all_joined),
         all_known_ms: ms(all_known),
         attach_ms: ms(attach),
@@ -181,6 +219,9 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
         rss_mean_mib: mib(rss_total) / rss.len().max(1) as f64,
         rss_max_mib: mib(rss.iter().copied().max().unwrap_or(0)),
         rss_total_mib: mib(rss_total),
+        agent_cpu_ms_mean: agent_jiffies as f64 / cpu::clock_tick() * 1000.0 / n as f64,
+        machine_cpu_s: busy as f64 / cpu::clock_tick(),
+        cpus: std::thread::available_parallelism().map_or(1, |c| c.get()),
     };
     tracing::info!(
         "{n} hosts cold: all joined {:.0} ms, all known {:.0} ms, reachable {:.0} ms",
@@ -190,6 +231,22 @@ async fn one_size(o: &ColdStartOptions, n: usize) -> Result<ColdStartRow> {
     );
     drop(lab);
     Ok(row)
+}
+
+/// Is `pid` still the shell waiting behind the start gate? (A process
+/// that is gone is not: the join loop reports it.)
+fn still_gated(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
+}
+
+/// When `file` was last written, as an [`Instant`] (`now` = the present),
+/// or `None` while it does not exist.
+fn written_at(file: &std::path::Path, now: Instant) -> Option<Instant> {
+    let mtime = std::fs::metadata(file).ok()?.modified().ok()?;
+    let age = std::time::SystemTime::now()
+        .duration_since(mtime)
+        .unwrap_or_default();
+    Some(now.checked_sub(age).unwrap_or(now))
 }
 
 /// How many agents retried their join, and the causes they logged.
@@ -298,6 +355,8 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
         "hosts",
         "join p50 ms",
         "join p99 ms",
+        "spawn ms (before start)",
+        "all started ms",
         "all joined ms",
         "all known ms",
         "attach ms",
@@ -308,12 +367,16 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
         "watch ev/join",
         "agent RSS MiB (mean/max)",
         "agents retried",
+        "agent CPU ms (mean)",
+        "machine CPU-s (CPUs)",
     ]);
     for r in rows {
         t.row(vec![
             r.nodes.to_string(),
             format!("{:.0}", r.join_ms.p50),
             format!("{:.0}", r.join_p99_ms),
+            format!("{:.0}", r.spawn_ms),
+            format!("{:.0}", r.all_started_ms),
             format!("{:.0}", r.all_joined_ms),
             format!("{:.0}", r.all_known_ms),
             format!("{:.0}", r.attach_ms),
@@ -333,6 +396,8 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
                     .collect();
                 format!("{} ({})", r.agents_retried, causes.join(", "))
             },
+            format!("{:.0}", r.agent_cpu_ms_mean),
+            format!("{:.1} ({})", r.machine_cpu_s, r.cpus),
         ]);
     }
     if let (Some(a), Some(b)) = (rows.first(), rows.last())
@@ -340,13 +405,15 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
     {
         let k = b.nodes as f64 / a.nodes as f64;
         t.note(format!(
-            "{} -> {} hosts (x{k:.1}): all pairs reachable x{:.1}, all known x{:.1}, join p99 x{:.1}, watch events per join x{:.1}",
+            "{} -> {} hosts (x{k:.1}): all pairs reachable x{:.1}, all known x{:.1}, join p99 x{:.1}, watch events per join x{:.1}, CPU per agent x{:.1}, machine CPU x{:.1}",
             a.nodes,
             b.nodes,
             b.reachable_ms / a.reachable_ms,
             b.all_known_ms / a.all_known_ms,
             b.join_p99_ms / a.join_p99_ms.max(1.0),
             b.watch_events_per_join / a.watch_events_per_join.max(1.0),
+            b.agent_cpu_ms_mean / a.agent_cpu_ms_mean.max(1.0),
+            b.machine_cpu_s / a.machine_cpu_s.max(0.01),
         ));
     }
     t
@@ -355,6 +422,31 @@ pub fn table(rows: &[ColdStartRow]) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_join_ends_when_the_network_file_was_written() {
+        let dir = std::env::temp_dir().join(format!("vxm-coldstart-{}", std::process::id()));
+        let f = dir.join("net.json");
+        let _ = std::fs::remove_dir_all(&dir);
+        let now = Instant::now();
+        assert!(written_at(&f, now).is_none());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&f, "{}").unwrap();
+        let an_hour = Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - an_hour)
+            .unwrap();
+        let at = written_at(&f, now).unwrap();
+        let age = now - at;
+        assert!(
+            age >= an_hour && age < an_hour + Duration::from_secs(5),
+            "{age:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn etcd_counters_are_summed_by_kind() {

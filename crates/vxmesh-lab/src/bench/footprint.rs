@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
+use super::cpu::pid_jiffies;
 use super::{Reaped, Table, TempDir, ratio, scale::peer_ip};
 use vxmesh::config::{ClusterFile, Mode, NetworkFile, NodeFile};
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
@@ -194,22 +195,6 @@ fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// utime + stime in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("read /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    let get = |i: usize| -> Result<u64> {
-        f.get(i - 3)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
-    };
-    Ok(get(14)? + get(15)?)
-}
-
 pub async fn run(o: &FootprintOptions) -> Result<FootprintReport> {
     if o.peers == 0 || o.peers > 60_000 {
         bail!("--peers must be 1..=60000 (got {})", o.peers);
@@ -228,7 +213,7 @@ pub async fn run(o: &FootprintOptions) -> Result<FootprintReport> {
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let pids = agents.each_ref().map(|a| a.pid());
     let t0 = Instant::now();
-    let ticks0 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+    let ticks0 = [pid_jiffies(pids[0], false)?, pid_jiffies(pids[1], false)?];
     let mut max_rss = [0u64; 2];
     while t0.elapsed() < o.idle {
         for (i, &pid) in pids.iter().enumerate() {
@@ -240,7 +225,7 @@ pub async fn run(o: &FootprintOptions) -> Result<FootprintReport> {
     let secs = t0.elapsed().as_secs_f64();
     let mut out = Vec::new();
     for (i, &pid) in pids.iter().enumerate() {
-        let ticks = cpu_ticks(pid)? - ticks0[i];
+        let ticks = pid_jiffies(pid, false)? - ticks0[i];
         let (rss, hwm) = rss_kib(pid)?;
         let mib = |k: u64| k as f64 / 1024.0;
         out.push(AgentFootprint {

@@ -13,6 +13,7 @@
 pub mod cni;
 pub mod coldstart;
 pub mod converge;
+pub mod cpu;
 pub mod docker;
 pub mod faults;
 pub mod footprint;

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::{Lab, LabNode, network_names};
+use super::{Lab, LabNode, StartGate, network_names};
 use vxmesh::config::Mode;
 use vxmesh::state;
 
@@ -23,30 +23,34 @@ impl Lab {
         Ok(pid)
     }
 
-    /// Start the agents of `nodes` all at once, then record the lab once
-    /// (a save per agent rewrites and syncs `lab.json`, whose size grows
-    /// with the lab: at 250 hosts the saves, not the agents, set the pace
-    /// of the start). Returns when every process is spawned, with the
-    /// moment each was.
-    pub fn start_agents(&mut self, nodes: &[String]) -> Result<Vec<std::time::Instant>> {
-        let mut at = Vec::with_capacity(nodes.len());
+    /// Spawn the agents of `nodes` behind `gate`: each process waits until
+    /// the gate opens, then becomes the agent (same pid). Records the lab
+    /// once. Spawning hundreds of processes takes seconds; behind a gate
+    /// that time is spent before the agents start, and they all start at
+    /// the moment the gate opens.
+    pub fn spawn_agents_gated(&mut self, nodes: &[String], gate: &StartGate) -> Result<()> {
         for node in nodes {
-            self.spawn_agent(node)?;
-            at.push(std::time::Instant::now());
+            self.spawn_agent_with(node, Some(gate))?;
         }
-        self.save()?;
-        Ok(at)
+        self.save()
     }
 
     /// [`Self::start_agent`] without recording the lab in `lab.json`.
     fn spawn_agent(&mut self, node: &str) -> Result<u32> {
+        self.spawn_agent_with(node, None)
+    }
+
+    fn spawn_agent_with(&mut self, node: &str, gate: Option<&StartGate>) -> Result<u32> {
         let n = self.node(node)?.clone();
         std::fs::create_dir_all(&n.state_dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&n.agent_log)?;
-        let mut cmd = Command::new(&self.spec_exe);
+        let mut cmd = match gate {
+            None => Command::new(&self.spec_exe),
+            Some(g) => g.command(&self.spec_exe),
+        };
         cmd.arg("--netns").arg(&n.netns).arg("-v").arg("agent");
         // A lab agent is configured by the lab alone, never by this
         // machine's /etc/vxmesh/agent.toml.
@@ -182,9 +186,11 @@ impl Lab {
     /// Wait until every agent's applied plan covers the whole lab: all
     /// hosts known, and a neighbour entry per remote node (routed) or per
     /// remote container (bridged), as long as they make progress (one more
-    /// agent converged every `stall` at least). With etcd the agents learn
-    /// each other through the watch just after they are ready, so a check
-    /// right after `lab up` could race them. Returns whether they
+    /// agent converged every `stall` at least). A ready agent has only
+    /// published its own networks (a full pass does that before it programs
+    /// the peers), and with etcd the agents learn each other through the
+    /// watch after that, so a check right after being ready would race
+    /// them. Returns whether they
     /// converged; not converging is left to `lab check` to report (it names
     /// the pairs).
     pub async fn wait_converged(&self, stall: Duration) -> bool {

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -93,7 +93,7 @@ pub(crate) fn run_plugin(
     stdin: &[u8],
     timeout: Duration,
 ) -> Result<std::process::Output> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut cmd = Command::new(exe);
     cmd.env_clear().env(
         "PATH",
@@ -108,46 +108,9 @@ pub(crate) fn run_plugin(
         .spawn()
         .with_context(|| format!("run {} in {}", exe.display(), ns.name()))?;
     let written = child.stdin.take().context("plugin stdin")?.write_all(stdin);
-    // Read both pipes on threads so a chatty plugin can never block on a full pipe.
-    let drain = |p: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out_t = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err_t = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the plugin did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    if status.success() {
+    let out = super::child::output_within(child, timeout, "the plugin")?;
+    if out.status.success() {
         written.context("write the network configuration to the plugin")?;
     }
-    Ok(std::process::Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    })
+    Ok(out)
 }

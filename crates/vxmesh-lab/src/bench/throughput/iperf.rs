@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::report::{Run, busy_jiffies, process_jiffies};
+use super::report::Run;
 use super::{Case, Leg, ThroughputOptions};
 use crate::bench::Reaped;
+use crate::bench::cpu::{clock_tick, machine_jiffies, pid_jiffies};
 use vxmesh::dataplane::netns::Netns;
 
 pub const IPERF3: &str = "/usr/bin/iperf3";
@@ -43,22 +44,10 @@ fn pin(cmd: &mut Command, cpu: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn clock_tick() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
-}
-
-fn machine_jiffies() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-    busy_jiffies(&s).context("no cpu line in /proc/stat")
-}
-
 fn agents_jiffies(pids: &[u32]) -> Result<u64> {
     let mut sum = 0;
     for pid in pids {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("agent {pid} is gone"))?;
-        sum += process_jiffies(&s).with_context(|| format!("/proc/{pid}/stat"))?;
+        sum += pid_jiffies(*pid, false).with_context(|| format!("agent {pid}"))?;
     }
     Ok(sum)
 }

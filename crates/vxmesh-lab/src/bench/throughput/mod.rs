@@ -13,8 +13,9 @@
 //!
 //! A last row per mode, `tcp-1-nft`, compares vxmesh plain with its
 //! nftables table (VTEP filter and outbound NAT on) against the same overlay
-//! with the table removed, the agents paused meanwhile, and both against the
-//! hand-wired path (which has no table).
+//! with the table as a network without outbound NAT has it (no NAT chain,
+//! so no connection tracking) and with no table, the agents paused
+//! meanwhile, and all against the hand-wired path (which has no table).
 
 mod handwired;
 mod iperf;
@@ -221,7 +222,7 @@ pub async fn run(o: &ThroughputOptions) -> Result<ThroughputReport> {
 /// The threads of `lab`'s agents: the WireGuard data path's (`vxm-wg-*`)
 /// and any other that used at least 0.1 s of CPU.
 fn agent_threads(lab: &Lab, mode: Mode) -> Vec<AgentThread> {
-    let tick = iperf::clock_tick();
+    let tick = crate::bench::cpu::clock_tick();
     let mut out = Vec::new();
     for n in &lab.info.nodes {
         let Some(pid) = n.agent_pid else { continue };
@@ -231,7 +232,7 @@ fn agent_threads(lab: &Lab, mode: Mode) -> Vec<AgentThread> {
         for t in tasks.flatten() {
             let dir = t.path();
             let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-            let Some(j) = report::process_jiffies(&read("stat")) else {
+            let Some(j) = crate::bench::cpu::process_jiffies(&read("stat"), false) else {
                 continue;
             };
             let cpu_s = j as f64 / tick;
@@ -257,23 +258,6 @@ fn agent_threads(lab: &Lab, mode: Mode) -> Vec<AgentThread> {
     out
 }
 
-/// Set the nftables table of every lab host: the agent's saved plan (`on`)
-/// or none.
-fn set_tables(lab: &Lab, on: bool) -> Result<()> {
-    for n in &lab.info.nodes {
-        let plan = vxmesh::status::read_plan(&n.state_dir)?.plan;
-        Netns::open(&n.netns)?.run(move || -> Result<()> {
-            if on {
-                vxmesh::firewall::reconcile(&plan)?;
-            } else {
-                vxmesh::firewall::nft::delete_table()?;
-            }
-            Ok(())
-        })?;
-    }
-    Ok(())
-}
-
 fn signal_agents(lab: &Lab, sig: nix::sys::signal::Signal) -> Result<()> {
     for pid in lab.info.nodes.iter().filter_map(|n| n.agent_pid) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
@@ -281,10 +265,43 @@ fn signal_agents(lab: &Lab, sig: nix::sys::signal::Signal) -> Result<()> {
     Ok(())
 }
 
-/// The row of plain with vxmesh's table (filter and NAT on) against without
-/// it, and against the hand-wired path if measured (it has no table), in
-/// rotating rounds; the agents are paused so none puts the table back in
-/// between.
+/// What a lab host's nftables table holds during one `tcp-1-nft` run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NftTable {
+    /// No table.
+    None,
+    /// The table of the agent's saved plan without outbound NAT: no NAT
+    /// chain (as a network with `outbound_nat = false` and no published
+    /// port has it), so no connection tracking.
+    NoNat,
+    /// The table of the agent's saved plan.
+    Full,
+}
+
+/// Set the nftables table of every lab host.
+fn set_tables(lab: &Lab, table: NftTable) -> Result<()> {
+    for n in &lab.info.nodes {
+        let mut plan = vxmesh::status::read_plan(&n.state_dir)?.plan;
+        if table == NftTable::NoNat {
+            plan.firewall.nat_sources.clear();
+            plan.ports.clear();
+        }
+        Netns::open(&n.netns)?.run(move || -> Result<()> {
+            if table == NftTable::None {
+                vxmesh::firewall::nft::delete_table()?;
+            } else {
+                vxmesh::firewall::reconcile(&plan)?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// The row of plain with vxmesh's table (filter and NAT on), with it but
+/// without NAT, and without it, and against the hand-wired path if
+/// measured (it has no table), in rotating rounds; the agents are paused
+/// so none puts the table back in between.
 async fn firewall_row(
     lab: &Lab,
     mode: Mode,
@@ -293,41 +310,46 @@ async fn firewall_row(
     o: &ThroughputOptions,
 ) -> Result<ThroughputRow> {
     use nix::sys::signal::Signal;
-    // 0: plain without the table, 1: plain with it, 2: hand-wired.
-    let n = if hand.is_some() { 3 } else { 2 };
+    // The legs: the overlay with each table, then the hand-wired path.
+    let tables = [NftTable::None, NftTable::Full, NftTable::NoNat];
+    let n = tables.len() + usize::from(hand.is_some());
     signal_agents(lab, Signal::SIGSTOP)?;
     let result = async {
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); n];
         for i in 0..o.repeat {
             for k in 0..n {
                 let j = (i + k) % n;
-                let leg = match j {
-                    2 => hand.expect("hand-wired leg"),
-                    _ => {
-                        set_tables(lab, j == 1)?;
+                let leg = match tables.get(j) {
+                    None => hand.expect("hand-wired leg"),
+                    Some(t) => {
+                        set_tables(lab, *t)?;
                         overlay
                     }
                 };
                 runs[j].push(iperf::iperf(leg, Case::Tcp(1), o).await?);
             }
         }
-        set_tables(lab, true)?;
+        set_tables(lab, NftTable::Full)?;
         anyhow::Ok(runs)
     }
     .await;
     signal_agents(lab, Signal::SIGCONT)?;
     let runs = result?;
-    let (off, on) = (&runs[0], &runs[1]);
-    let mut paths = vec![path_figures(NO_TABLE, off), path_figures("plain", on)];
-    let mut ratios = vec![ratio_figure(format!("plain/{NO_TABLE}"), on, off, None)];
-    if let Some(h) = runs.get(2) {
-        paths.push(path_figures(PathKind::HandWired.name(), h));
-        ratios.push(ratio_figure(
-            format!("{NO_TABLE}/{}", PathKind::HandWired.name()),
-            off,
-            h,
-            None,
-        ));
+    let (off, on, no_nat) = (&runs[0], &runs[1], &runs[2]);
+    let mut paths = vec![
+        path_figures(NO_TABLE, off),
+        path_figures("plain", on),
+        path_figures(NO_NAT, no_nat),
+    ];
+    let mut ratios = vec![
+        ratio_figure(format!("plain/{NO_TABLE}"), on, off, None),
+        ratio_figure(format!("{NO_NAT}/{NO_TABLE}"), no_nat, off, None),
+    ];
+    if let Some(h) = runs.get(3) {
+        let hand = PathKind::HandWired.name();
+        paths.push(path_figures(hand, h));
+        ratios.push(ratio_figure(format!("{NO_TABLE}/{hand}"), off, h, None));
+        ratios.push(ratio_figure(format!("{NO_NAT}/{hand}"), no_nat, h, None));
     }
     let row = ThroughputRow {
         mode: mode.to_string(),
@@ -343,6 +365,8 @@ async fn firewall_row(
 
 /// The `tcp-1-nft` row's baseline path: plain without vxmesh's table.
 pub const NO_TABLE: &str = "plain-no-nft";
+/// The `tcp-1-nft` row's path with vxmesh's table but no NAT chain.
+pub const NO_NAT: &str = "plain-no-nat";
 
 /// The printed table: one line per mode, case and path; the notes say where
 /// the iperf3 ends and the encrypted path's agent threads ran.

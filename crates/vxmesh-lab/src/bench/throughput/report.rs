@@ -200,29 +200,6 @@ pub fn build_row(mode: &str, case: &str, paths: &[&str], runs: &[Vec<Run>]) -> T
     }
 }
 
-/// Busy jiffies of the whole machine from /proc/stat's `cpu` line: user,
-/// nice, system, irq, softirq (not idle, iowait, or steal: time the
-/// hypervisor gave to other guests).
-pub fn busy_jiffies(proc_stat: &str) -> Option<u64> {
-    let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal ...
-    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?)
-}
-
-/// utime + stime (jiffies) of a process from its /proc/PID/stat.
-pub fn process_jiffies(stat: &str) -> Option<u64> {
-    // Fields after the command name, which may hold spaces and ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // f[0] is field 3 (state); utime and stime are fields 14 and 15.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 pub fn table(rows: &[ThroughputRow]) -> Table {
     let mut t = Table::new(&[
         "mode",
@@ -375,13 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn proc_parsing() {
-        let stat = "cpu  100 5 50 1000 7 3 2 11 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
-        assert_eq!(busy_jiffies(stat), Some(160));
-        assert_eq!(busy_jiffies("intr 1 2"), None);
-        let p = "4242 (vxmesh) a) S 1 2 3 4 5 6 7 8 9 10 120 30 0 0 20 0 9 0";
-        assert_eq!(process_jiffies(p), Some(150));
-        assert_eq!(process_jiffies("4242 (x) S 1"), None);
+    fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[1.0, 2.0]), 1.5);
     }

@@ -55,6 +55,12 @@ async fn five_nodes_then_a_sixth_joins_and_a_crashed_one_expires() {
     let name = s.name.clone();
     {
         let mut lab = up(&s).await;
+        // etcd's data (its write-ahead log, fsynced before every write is
+        // applied) is on a tmpfs of the lab's own, not on the disk every
+        // host's files share.
+        let data = lab.info.dir.join("etcd");
+        let fs = nix::sys::statfs::statfs(&data).unwrap();
+        assert_eq!(fs.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC);
         let report = lab.check(Duration::from_secs(2)).unwrap();
         assert_eq!(report.results.len(), 20);
         assert!(report.failures().is_empty(), "{}", report.matrix());

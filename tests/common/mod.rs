@@ -151,4 +151,8 @@ pub fn assert_all_gone(name: &str) {
         .filter(|c| c.starts_with("/usr/bin/etcd") && c.contains(&dir))
         .collect();
     assert!(etcds.is_empty(), "etcd left behind: {etcds:?}");
+    // Nor the tmpfs of the lab's etcd data.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&dir)).collect();
+    assert!(left.is_empty(), "mounts left behind: {left:?}");
 }

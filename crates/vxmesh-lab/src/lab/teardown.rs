@@ -48,6 +48,9 @@ impl Lab {
             problems.push(format!("stop etcd: {e:#}"));
         }
         etcd::kill_lab_etcd(&self.info.dir);
+        if let Err(e) = etcd::unmount_data(&self.info.dir) {
+            problems.push(format!("{e:#}"));
+        }
         for ns in netns::list(&ns_prefix(&self.info.name)) {
             if let Err(e) = netns::delete(&ns) {
                 problems.push(format!("delete namespace {ns}: {e:#}"));
@@ -75,6 +78,7 @@ pub fn down_by_name(name: &str) -> Result<()> {
             docker::docker_down_by_name(name, &lab_dir(name));
             kill_stray_agents(name);
             etcd::kill_lab_etcd(&lab_dir(name));
+            etcd::unmount_data(&lab_dir(name))?;
             for ns in netns::list(&ns_prefix(name)) {
                 netns::delete(&ns)?;
             }

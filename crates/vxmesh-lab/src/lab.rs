@@ -109,6 +109,9 @@ pub struct Lab {
     pub info: LabInfo,
     pub spec_exe: PathBuf,
     pub agent_args: Vec<String>,
+    /// The nice value the agents are started with (0: this process's).
+    /// See `bench converge --cold-start`.
+    pub agent_nice: i32,
     pub attach: AttachMode,
     children: BTreeMap<String, Child>,
     /// The etcd members this process started, by member name.
@@ -157,6 +160,7 @@ impl Lab {
             info,
             spec_exe: spec.exe.clone(),
             agent_args: spec.agent_args.clone(),
+            agent_nice: 0,
             attach: spec.attach,
             children: BTreeMap::new(),
             etcd_children: BTreeMap::new(),
@@ -268,6 +272,7 @@ impl Lab {
             info,
             spec_exe: std::env::current_exe()?,
             agent_args: Vec::new(),
+            agent_nice: 0,
             attach: AttachMode::Library,
             children: BTreeMap::new(),
             etcd_children: BTreeMap::new(),

@@ -83,6 +83,17 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let nice = self.agent_nice;
+        if nice != 0 {
+            // SAFETY: only setpriority(2), async-signal-safe, in the child
+            // (the gate's shell; the agent it becomes keeps the value).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("start agent of {node} ({})", self.spec_exe.display()))?;

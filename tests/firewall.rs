@@ -108,8 +108,15 @@ fn table_is_applied_repaired_coexists_and_goes_with_down() {
     let theirs = |n: &str| sh(n, "iptables-nft-save | grep -v '^#'");
     let before = theirs(&name);
 
+    let exists = |ns: &Netns| ns.run(|| Ok::<_, NetnsError>(firewall::nft::table_exists()));
+    assert_eq!(exists(&ns).unwrap(), Some(false), "no table yet");
     let p = node_plan(2, true);
     assert_eq!(reconcile_in(&ns, &p), vec![FwChange::Create]);
+    assert_eq!(
+        exists(&ns).unwrap(),
+        Some(true),
+        "the table, asked over nfnetlink"
+    );
     assert_eq!(
         reconcile_in(&ns, &p),
         vec![],
@@ -211,6 +218,7 @@ fn table_is_applied_repaired_coexists_and_goes_with_down() {
         !nft(&name, &["list", "table", "inet", "vxmesh"]).0,
         "no vxmesh table after down"
     );
+    assert_eq!(exists(&ns).unwrap(), Some(false));
     assert_eq!(
         theirs(&name),
         before,

@@ -36,6 +36,7 @@ mod gate;
 mod hosts;
 pub mod invariants;
 mod membership;
+mod memfs;
 mod secure;
 mod spec;
 mod summary;
@@ -141,6 +142,14 @@ impl Lab {
             );
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // The lab's files in memory (see `memfs`); a Docker lab's dockerd
+        // keeps its data root on the disk (only etcd's data then).
+        if spec.runtime != Runtime::Docker
+            && let Err(e) = memfs::mount(&dir, "the lab")
+        {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
         let info = LabInfo {
             name: spec.name.clone(),
             mode: spec.mode,

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use super::{Lab, LabSpec, UNDERLAY_PREFIX, cluster_file_for, network_names, underlay_mac};
+use super::{Lab, LabSpec, UNDERLAY_PREFIX, cluster_file_for, memfs, network_names, underlay_mac};
 use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns};
 use vxmesh::store::etcd::{self, ClientOptions};
@@ -161,65 +161,23 @@ pub(super) fn is_lab_etcd(pid: u32, dir: &Path) -> bool {
 }
 
 /// Kill every etcd serving the lab whose dir is `dir` (SIGKILL; waits a little).
-/// The size limit of the lab's etcd tmpfs (pages are taken only as used:
-/// a few MB of data and each member's 64 MB of preallocated WAL).
-const DATA_TMPFS_SIZE: &str = "size=2g,mode=0700";
-
 /// The directory of the lab's etcd members (their data and logs).
 fn data_root(lab_dir: &Path) -> PathBuf {
     lab_dir.join("etcd")
 }
 
-/// Give the lab's etcd members a file system of their own: a tmpfs at
-/// `LAB/etcd`, for the lab's lifetime (unmounted by [`unmount_data`] on
-/// `down`). On one machine, every lab host's files and etcd's write-ahead
-/// log share one disk; etcd fsyncs its log before it applies a write, and
-/// with a few hundred agents writing their state, an fsync that takes
-/// 0.3 ms on the idle disk took 25-75 ms, etcd's applied index fell
-/// behind, lease renewals (which wait for it) failed and the leases of a
-/// 250-host cold start expired again and again. A real cluster's etcd has
-/// a disk of its own; in memory the lab's has that too. The mount is in
-/// this machine's mount namespace but only under the lab's directory.
+/// Give the lab's etcd members a file system in memory (see
+/// [`super::memfs`]): nothing to do when the whole lab is on one; a
+/// tmpfs at `LAB/etcd` otherwise (a Docker lab, whose dockerd keeps its
+/// data root on the disk), unmounted by [`unmount_data`] on `down`.
 fn mount_data(lab_dir: &Path) -> Result<()> {
-    use nix::mount::{MsFlags, mount};
-    let root = data_root(lab_dir);
-    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-    if is_mount_point(&root) {
-        return Ok(());
-    }
-    mount(
-        Some("vxmesh-lab-etcd"),
-        &root,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(DATA_TMPFS_SIZE),
-    )
-    .with_context(|| format!("mount a tmpfs for the lab's etcd at {}", root.display()))
+    memfs::mount(&data_root(lab_dir), "the lab's etcd")
 }
 
 /// Unmount the tmpfs of the lab's etcd (see [`mount_data`]), if mounted;
-/// its members must be stopped. Lazy: a process still holding a file
-/// there (none should) cannot keep the lab's directory from going.
+/// its members must be stopped.
 pub(super) fn unmount_data(lab_dir: &Path) -> Result<()> {
-    let root = data_root(lab_dir);
-    while is_mount_point(&root) {
-        nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH)
-            .with_context(|| format!("unmount the lab's etcd tmpfs at {}", root.display()))?;
-    }
-    Ok(())
-}
-
-/// Whether `dir` is the root of a file system mounted on its parent's
-/// (another device than its parent's).
-fn is_mount_point(dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(d), Some(Ok(p))) = (
-        std::fs::symlink_metadata(dir),
-        dir.parent().map(std::fs::symlink_metadata),
-    ) else {
-        return false;
-    };
-    d.is_dir() && d.dev() != p.dev()
+    memfs::unmount(&data_root(lab_dir))
 }
 
 pub(super) fn kill_lab_etcd(dir: &Path) {

@@ -6,7 +6,7 @@ use anyhow::bail;
 use nix::sys::signal::Signal;
 
 use super::agents::kill_stray_agents;
-use super::{Lab, docker, etcd, lab_dir, ns_prefix, validate_lab_name};
+use super::{Lab, docker, etcd, lab_dir, memfs, ns_prefix, validate_lab_name};
 use vxmesh::dataplane::netns;
 
 /// Tears the lab down when dropped (tests, `lab demo`).
@@ -56,6 +56,9 @@ impl Lab {
                 problems.push(format!("delete namespace {ns}: {e:#}"));
             }
         }
+        if let Err(e) = memfs::unmount(&self.info.dir) {
+            problems.push(format!("{e:#}"));
+        }
         if self.info.dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&self.info.dir)
         {
@@ -83,6 +86,7 @@ pub fn down_by_name(name: &str) -> Result<()> {
                 netns::delete(&ns)?;
             }
             let dir = lab_dir(name);
+            memfs::unmount(&dir)?;
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }

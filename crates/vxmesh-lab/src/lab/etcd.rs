@@ -160,7 +160,6 @@ pub(super) fn is_lab_etcd(pid: u32, dir: &Path) -> bool {
     text.starts_with(ETCD_BIN) && text.contains(&format!("{}/", dir.display()))
 }
 
-/// Kill every etcd serving the lab whose dir is `dir` (SIGKILL; waits a little).
 /// The directory of the lab's etcd members (their data and logs).
 fn data_root(lab_dir: &Path) -> PathBuf {
     lab_dir.join("etcd")
@@ -180,6 +179,7 @@ pub(super) fn unmount_data(lab_dir: &Path) -> Result<()> {
     memfs::unmount(&data_root(lab_dir))
 }
 
+/// Kill every etcd serving the lab whose dir is `dir` (SIGKILL; waits a little).
 pub(super) fn kill_lab_etcd(dir: &Path) {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return;

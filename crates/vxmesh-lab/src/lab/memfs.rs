@@ -53,7 +53,7 @@ pub(super) fn unmount(dir: &Path) -> Result<()> {
 }
 
 /// Whether `dir` is on a tmpfs.
-pub(super) fn on_tmpfs(dir: &Path) -> bool {
+fn on_tmpfs(dir: &Path) -> bool {
     nix::sys::statfs::statfs(dir)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }

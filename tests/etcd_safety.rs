@@ -384,7 +384,12 @@ async fn a_node_back_after_its_address_was_taken_detaches_that_container() {
             !has_veth(&host1.netns) && ipam.holder(c1.ip).ok() == Some(None)
         })
         .await;
-        let log = std::fs::read_to_string(&host1.agent_log).unwrap();
+        // The agent logs the detach once it is done: give the line a
+        // moment after what it reports became visible.
+        let logged = |l: &str| l.contains("THIS NODE LOST AN ADDRESS") && l.contains(&c1.name);
+        let read_log = || std::fs::read_to_string(&host1.agent_log).unwrap();
+        common::wait_until(Duration::from_secs(2), || read_log().lines().any(logged)).await;
+        let log = read_log();
         assert!(
             detached.is_some(),
             "host1 still serves {} ({veth} there: {}, allocation: {:?}) {:?} after the heal, host2 owning it:\n{log}",
@@ -396,7 +401,7 @@ async fn a_node_back_after_its_address_was_taken_detaches_that_container() {
         assert_eq!(ipam.holder(c1.ip).unwrap(), None, "allocation kept");
         let line = log
             .lines()
-            .find(|l| l.contains("THIS NODE LOST AN ADDRESS") && l.contains(&c1.name))
+            .find(|l| logged(l))
             .unwrap_or_else(|| panic!("no error line for {}:\n{log}", c1.name));
         assert!(line.contains("ERROR"), "{line}");
         assert!(

@@ -128,8 +128,14 @@ fn main() -> ExitCode {
         eprintln!("vxmesh: {e:#}");
         return ExitCode::from(1);
     }
+    // One worker, and the command runs on it as a task: the agent's passes
+    // and the netlink and etcd connections they talk to wake each other on
+    // one thread, not across three (in a 250-agent cold start, futex
+    // wake-ups and task switches were about a tenth of the agents' CPU).
+    // Still the multi-thread
+    // flavour, so a task may block in place (`state::lock_file`).
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
     {
@@ -139,10 +145,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli.cmd)) {
-        Ok(code) => code,
-        Err(e) => {
+    match rt.block_on(rt.spawn(run(cli.cmd))) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("vxmesh: {e:#}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("vxmesh: {e}");
             ExitCode::from(1)
         }
     }

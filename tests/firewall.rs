@@ -227,6 +227,111 @@ fn table_is_applied_repaired_coexists_and_goes_with_down() {
     drop(guard);
 }
 
+/// The elements of `set` as `nft list set` prints them, sorted.
+fn elements_of(ns: &str, set: &str) -> Vec<String> {
+    let (ok, text) = nft(ns, &["-j", "list", "set", "inet", "vxmesh", set]);
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut out: Vec<String> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_string))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn peers_joining_and_leaving_change_the_sets_over_nfnetlink_all_or_nothing() {
+    use vxmesh::firewall::nfnl::{self, NfnlError};
+    use vxmesh::firewall::ruleset::{Elem, PEERS_SET, PORTS_SET};
+    let name = unique_ns("fwnl");
+    let guard = NetnsGuard::create(&name).unwrap();
+    let ns = guard.open().unwrap();
+    let two = node_plan(2, true);
+    assert_eq!(reconcile_in(&ns, &two), vec![FwChange::Create]);
+    assert_eq!(elements_of(&name, PEERS_SET), ["198.18.0.2", "198.18.0.3"]);
+
+    // The agent's path for a peer change: from the previous plan, no dump.
+    let four = node_plan(4, true);
+    let (a, b) = (two.clone(), four.clone());
+    let r = ns
+        .run(move || Ok::<_, NetnsError>(firewall::reconcile_from(&a, &b)))
+        .unwrap()
+        .expect("set elements applied")
+        .expect("only elements changed");
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(
+        elements_of(&name, PEERS_SET),
+        ["198.18.0.2", "198.18.0.3", "198.18.0.4", "198.18.0.5"]
+    );
+    assert_eq!(
+        reconcile_in(&ns, &four),
+        vec![],
+        "the kernel holds the plan"
+    );
+
+    // Straight over nfnetlink: deletions and additions of two sets in one
+    // transaction.
+    let addr = |s: &str| Elem::Addr(s.parse().unwrap());
+    let run = |ns: &Netns, changes: Vec<(&'static str, Vec<Elem>, Vec<Elem>)>| {
+        ns.run(move || {
+            let sets: Vec<nfnl::SetChange<'_>> = changes
+                .iter()
+                .map(|(s, a, d)| (*s, &a[..], &d[..]))
+                .collect();
+            Ok::<_, NetnsError>(nfnl::update_elements(&sets))
+        })
+        .unwrap()
+    };
+    run(
+        &ns,
+        vec![
+            (
+                PEERS_SET,
+                vec![addr("203.0.113.7")],
+                vec![addr("198.18.0.2"), addr("198.18.0.4")],
+            ),
+            (PORTS_SET, vec![Elem::Port(8472)], vec![]),
+        ],
+    )
+    .expect("applied");
+    assert_eq!(
+        elements_of(&name, PEERS_SET),
+        ["198.18.0.3", "198.18.0.5", "203.0.113.7"]
+    );
+    assert_eq!(elements_of(&name, PORTS_SET), ["4789", "8472"]);
+
+    // A refused change (deleting an element that is not there) refuses the
+    // whole transaction and names its set: the addition beside it is not
+    // applied either.
+    let err = run(
+        &ns,
+        vec![
+            (PORTS_SET, vec![Elem::Port(9999)], vec![]),
+            (PEERS_SET, vec![], vec![addr("192.0.2.1")]),
+        ],
+    )
+    .expect_err("an absent element cannot be deleted");
+    assert!(
+        matches!(&err, NfnlError::Refused { set, err } if *set == PEERS_SET && err.raw_os_error() == Some(libc::ENOENT)),
+        "{err:?}"
+    );
+    assert_eq!(
+        elements_of(&name, PORTS_SET),
+        ["4789", "8472"],
+        "all or nothing"
+    );
+    // Without the table there is nothing to change: refused, not hung.
+    assert!(nft(&name, &["delete", "table", "inet", "vxmesh"]).0);
+    let err = run(&ns, vec![(PEERS_SET, vec![addr("198.18.0.9")], vec![])]).unwrap_err();
+    assert!(matches!(err, NfnlError::Refused { .. }), "{err:?}");
+    drop(guard);
+}
+
 /// A TCP server in `ns` on `addr` that answers every connection with the
 /// peer address it sees, and closes.
 fn whoami_server(ns: &str, addr: &str) {

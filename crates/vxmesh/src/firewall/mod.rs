@@ -5,6 +5,7 @@
 
 pub mod diff;
 pub mod dump;
+pub mod nfnl;
 pub mod nft;
 mod plan;
 pub mod ruleset;
@@ -98,6 +99,26 @@ pub fn reconcile(plan: &NodePlan) -> Result<FirewallReport, NftError> {
     })
 }
 
+/// Set-element changes straight over nfnetlink ([`nfnl::update_elements`],
+/// no process); through `nft` when that path cannot take them (an interval
+/// set) or failed, so `nft` has the last word on a refusal.
+fn apply_elements(desired: &ruleset::Desired, changes: &[FwChange]) -> Result<(), NftError> {
+    let sets: Vec<nfnl::SetChange<'_>> = changes
+        .iter()
+        .filter_map(|c| match c {
+            FwChange::Elements { set, add, delete } => Some((*set, &add[..], &delete[..])),
+            _ => None,
+        })
+        .collect();
+    if sets.len() == changes.len() {
+        match nfnl::update_elements(&sets) {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::debug!("set elements over nfnetlink: {e}; running nft"),
+        }
+    }
+    nft::apply(Some(desired), changes)
+}
+
 /// Apply only the set-element changes from `old` to `new` with no dump,
 /// when the kernel is known to hold `old` and nothing else differs (a peer
 /// joined or left). `None`: anything else changed, run [`reconcile`].
@@ -124,7 +145,7 @@ pub fn reconcile_from(old: &NodePlan, new: &NodePlan) -> Result<Option<FirewallR
     for c in &changes {
         tracing::info!("{c}");
     }
-    nft::apply(Some(&n), &changes)?;
+    apply_elements(&n, &changes)?;
     Ok(Some(FirewallReport {
         changes,
         duration: t0.elapsed(),

@@ -15,6 +15,8 @@ use nftables::schema::{
 use nftables::stmt::Statement;
 use nftables::types::NfFamily;
 
+pub use super::nfnl::table_exists;
+
 use super::diff::FwChange;
 use super::dump::{self, ActualTable};
 use super::ruleset::{COUNTERS, ChainDef, Desired, Elem, RuleDef, SetDef, TABLE};
@@ -71,60 +73,6 @@ pub fn dump_table() -> Result<Option<ActualTable>, NftError> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// Does vxmesh's table exist in this namespace? One nfnetlink request
-/// (`NFT_MSG_GETTABLE` for `inet vxmesh`), answered with the table or
-/// `ENOENT`. `None` when the question could not be asked or the answer
-/// was not understood: the caller then asks `nft`.
-pub fn table_exists() -> Option<bool> {
-    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
-    const NFNL_SUBSYS_NFTABLES: u16 = 10;
-    const NFT_MSG_GETTABLE: u16 = 1;
-    const NFT_MSG_NEWTABLE: u16 = 0;
-    const NFTA_TABLE_NAME: u16 = 1;
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_ACK: u16 = 4;
-    const NFPROTO_INET: u8 = 1;
-    let mut socket = Socket::new(NETLINK_NETFILTER).ok()?;
-    socket.bind_auto().ok()?;
-    socket.connect(&SocketAddr::new(0, 0)).ok()?;
-    // nlmsghdr, nfgenmsg, then the name attribute (NUL-terminated, padded
-    // to 4 bytes).
-    let name = [TABLE.as_bytes(), &[0]].concat();
-    let attr_len = 4 + name.len();
-    let len = 16 + 4 + attr_len.div_ceil(4) * 4;
-    let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
-    msg.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]); // family, version, res_id
-    msg.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    msg.extend_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
-    msg.extend_from_slice(&name);
-    msg.resize(len, 0);
-    socket.send(&msg, 0).ok()?;
-    let mut buf = vec![0u8; 8192];
-    let n = socket.recv(&mut &mut buf[..], 0).ok()?;
-    // The first message answers: the table, or an error (-ENOENT: none).
-    let header = buf.get(..16.min(n))?;
-    if header.len() < 16 {
-        return None;
-    }
-    let kind = u16::from_ne_bytes([header[4], header[5]]);
-    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
-        return Some(true);
-    }
-    if kind == NLMSG_ERROR && n >= 20 {
-        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        if code == -libc::ENOENT {
-            return Some(false);
-        }
-    }
-    None
 }
 
 fn table() -> Table<'static> {

@@ -78,16 +78,24 @@ impl Mac {
     pub fn is_local(self) -> bool {
         self.0[0] & 0x02 != 0
     }
+
+    /// `aa:bb:cc:dd:ee:ff`, lower case, without the formatting machinery
+    /// (a plan of N peers holds N of them, written at every change).
+    fn text(&self) -> [u8; 17] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b':'; 17];
+        for (i, b) in self.0.iter().enumerate() {
+            out[3 * i] = HEX[usize::from(b >> 4)];
+            out[3 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        out
+    }
 }
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        let text = self.text();
+        f.pad(std::str::from_utf8(&text).expect("ASCII"))
     }
 }
 
@@ -130,7 +138,8 @@ impl FromStr for Mac {
 
 impl Serialize for Mac {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let text = self.text();
+        s.serialize_str(std::str::from_utf8(&text).expect("ASCII"))
     }
 }
 
@@ -231,6 +240,15 @@ mod tests {
         assert!("0a:1b:c6:12:00:123".parse::<Mac>().is_err());
         // from_str_radix alone would take a sign.
         assert!("0a:+b:c6:12:00:01".parse::<Mac>().is_err());
+        // Every octet value prints as two lower-case digits, in JSON too.
+        for b in [0x00, 0x09, 0x0a, 0x7f, 0xa0, 0xff] {
+            let m = Mac([b, 0xff - b, 0, 1, 0x10, b]);
+            let text = format!("{b:02x}:{:02x}:00:01:10:{b:02x}", 0xff - b);
+            assert_eq!(m.to_string(), text);
+            assert_eq!(text.parse::<Mac>().unwrap(), m);
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{text}\""));
+        }
+        assert_eq!(format!("[{:>18}]", Mac([1; 6])), "[ 01:01:01:01:01:01]");
     }
 
     #[test]

@@ -337,10 +337,18 @@ impl PlanStore {
 
 /// Write `saved` atomically to `STATE/plan.json`.
 pub fn write_plan(state_dir: &Path, saved: &SavedPlan) -> Result<(), StateError> {
-    let json = serde_json::to_vec_pretty(saved).map_err(|json| StateError::Serialise {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The size of the last plan written: the next one is about as large,
+    // so its buffer is allocated once.
+    static LAST_LEN: AtomicUsize = AtomicUsize::new(0);
+    // Compact: a plan of N peers is written at every change, and `status`,
+    // not a person, reads it (`jq` shows it indented).
+    let mut json = Vec::with_capacity(LAST_LEN.load(Ordering::Relaxed) + 1024);
+    serde_json::to_writer(&mut json, saved).map_err(|json| StateError::Serialise {
         what: "the plan".into(),
         json,
     })?;
+    LAST_LEN.store(json.len(), Ordering::Relaxed);
     replace_file(&state_dir.join(PLAN_FILE), &json)
 }
 

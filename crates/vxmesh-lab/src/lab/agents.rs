@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::de::IgnoredAny;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
@@ -205,12 +207,36 @@ impl Lab {
     /// converged; not converging is left to `lab check` to report (it names
     /// the pairs).
     pub async fn wait_converged(&self, stall: Duration) -> bool {
-        let mut pending: Vec<&LabNode> = self.info.nodes.iter().collect();
+        // Each pending node with the plan file last read: its inode (the
+        // agent replaces the file by a rename), modification time and size,
+        // and when. Read again when the agent rewrote it, and at least once
+        // a second (a rewrite within the clock's tick could look the same).
+        type Seen = Option<((u64, SystemTime, u64), Instant)>;
+        let mut pending: Vec<(&LabNode, Seen)> =
+            self.info.nodes.iter().map(|n| (n, None)).collect();
         let mut progress = Instant::now();
         loop {
             let before = pending.len();
             // A converged agent stays so: only the others are read again.
-            pending.retain(|n| !self.node_converged(n));
+            pending.retain_mut(|(n, seen)| {
+                use std::os::unix::fs::MetadataExt;
+                let path = n.state_dir.join(vxmesh::status::PLAN_FILE);
+                let Ok(meta) = std::fs::metadata(&path) else {
+                    return true;
+                };
+                let key = (meta.ino(), meta.modified().ok(), meta.len());
+                let Some(key) = key.1.map(|m| (key.0, m, key.2)) else {
+                    return true;
+                };
+                if let Some((last, at)) = seen
+                    && *last == key
+                    && at.elapsed() < Duration::from_secs(1)
+                {
+                    return true;
+                }
+                *seen = Some((key, Instant::now()));
+                !self.node_converged(&path, n)
+            });
             if pending.is_empty() {
                 return true;
             }
@@ -224,8 +250,24 @@ impl Lab {
         }
     }
 
-    fn node_converged(&self, n: &LabNode) -> bool {
-        let Ok(saved) = vxmesh::status::read_plan(&n.state_dir) else {
+    /// Does the plan file at `path` (node `n`'s) hold every node of the
+    /// lab and a neighbour per remote peer? Only those two parts of the
+    /// file are kept in memory: with hundreds of agents the bench reads
+    /// hundreds of large plans while they converge.
+    fn node_converged(&self, path: &Path, n: &LabNode) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            nodes: BTreeMap<std::net::Ipv4Addr, IgnoredAny>,
+            plan: PeekPlan,
+        }
+        #[derive(serde::Deserialize)]
+        struct PeekPlan {
+            neighbours: Vec<IgnoredAny>,
+        }
+        let Ok(data) = std::fs::read(path) else {
+            return false;
+        };
+        let Ok(saved) = serde_json::from_slice::<Peek>(&data) else {
             return false;
         };
         let all_known = self

@@ -180,6 +180,9 @@ pub(super) async fn wait_reachable(mut pending: Vec<PairJob>, deadline: Instant)
             if left.is_empty() {
                 return Ok(());
             }
+            if let Some(r) = res.iter().find(|r| !r.reached) {
+                tracing::debug!(left = left.len(), "pairs not reached yet, e.g. {r}");
+            }
             if Instant::now() > deadline {
                 let some: Vec<String> = res
                     .iter()

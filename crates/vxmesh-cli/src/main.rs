@@ -132,8 +132,8 @@ fn main() -> ExitCode {
     // and the netlink and etcd connections they talk to wake each other on
     // one thread, not across three (in a 250-agent cold start, futex
     // wake-ups and task switches were about a tenth of the agents' CPU).
-    // Still the multi-thread
-    // flavour, so a task may block in place (`state::lock_file`).
+    // Still the multi-thread flavour, so a task may block in place
+    // (`state::lock_file`).
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

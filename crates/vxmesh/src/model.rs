@@ -81,7 +81,7 @@ impl Mac {
 
     /// `aa:bb:cc:dd:ee:ff`, lower case, without the formatting machinery
     /// (a plan of N peers holds N of them, written at every change).
-    fn text(&self) -> [u8; 17] {
+    fn text(self) -> [u8; 17] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [b':'; 17];
         for (i, b) in self.0.iter().enumerate() {

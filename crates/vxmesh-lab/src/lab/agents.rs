@@ -224,10 +224,10 @@ impl Lab {
                 let Ok(meta) = std::fs::metadata(&path) else {
                     return true;
                 };
-                let key = (meta.ino(), meta.modified().ok(), meta.len());
-                let Some(key) = key.1.map(|m| (key.0, m, key.2)) else {
+                let Ok(modified) = meta.modified() else {
                     return true;
                 };
+                let key = (meta.ino(), modified, meta.len());
                 if let Some((last, at)) = seen
                     && *last == key
                     && at.elapsed() < Duration::from_secs(1)

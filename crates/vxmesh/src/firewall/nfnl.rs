@@ -38,7 +38,9 @@ const NFPROTO_INET: u8 = 1;
 /// Why a set-element transaction over nfnetlink did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum NfnlError {
-    #[error("set {0} is not one nfnetlink updates here (an interval set): `nft` does it")]
+    #[error(
+        "set {0} is not a plain set of addresses or ports (an interval set?): `nft` updates it"
+    )]
     Unsupported(&'static str),
     #[error("nfnetlink socket: {0}")]
     Socket(std::io::Error),

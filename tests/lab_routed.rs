@@ -59,7 +59,19 @@ async fn demo_three_nodes_all_pairs_and_clean_teardown() {
                 assert!(neigh.contains(&want), "{} lacks '{want}':\n{neigh}", n.name);
             }
             assert_eq!(neigh.lines().count(), 2, "{}:\n{neigh}", n.name);
+            // The underlay is IPv4 only: no IPv6 address (nor its
+            // multicast chatter, flooded to every host) on the link.
+            let v6 = ip(&n.netns, &["-6", "addr", "show", "dev", "eth0"]);
+            assert!(v6.trim().is_empty(), "{} eth0 has IPv6:\n{v6}", n.name);
         }
+        // The underlay namespace is a plain switch: no IPv6 on its links,
+        // no netfilter hooks for the frames its bridge forwards.
+        let ul = &lab.info.underlay_ns;
+        assert!(ip(ul, &["-6", "addr"]).trim().is_empty(), "IPv6 in {ul}");
+        let hooks = ns(ul)
+            .run(|| vxmesh::dataplane::sysctl::read("/proc/sys/net/bridge/bridge-nf-call-iptables"))
+            .unwrap();
+        assert_eq!(hooks, "0", "bridge-nf-call-iptables in {ul}");
         // Subnets follow the reference lab.
         assert_eq!(
             lab.info.nodes[0].subnets["demo"].to_string(),

@@ -188,6 +188,7 @@ impl Lab {
     async fn build(&mut self, spec: &LabSpec) -> Result<()> {
         // Underlay: one namespace with a bridge.
         let ul = netns::create(&self.info.underlay_ns)?;
+        hosts::plain_switch(&ul)?;
         let ul_nl = Netlink::connect_in(&ul).await?;
         // A fixed MAC: a bridge without one takes its ports' lowest, which
         // changes when a host leaves, and hosts would keep ARP entries for

@@ -488,6 +488,8 @@ async fn create_member_host(ul_nl: &Netlink, m: &EtcdMember) -> Result<()> {
         .create_veth(&port, "eth0", Some(&ns), 1500)
         .await
         .with_context(|| format!("underlay link of etcd member {}", m.name))?;
+    super::hosts::ipv4_only(&ns, "eth0")
+        .with_context(|| format!("underlay link of etcd member {}", m.name))?;
     ul_nl
         .set_link(
             &port,

@@ -15,6 +15,47 @@ use vxmesh::dataplane::kernel::{LinkOptions, Netlink};
 use vxmesh::dataplane::netns::{self, Netns};
 use vxmesh::model::Mac;
 
+/// The lab's underlay carries IPv4 only. Its links get no IPv6 stack:
+/// left on, every link brought up sends its IPv6 neighbour and multicast
+/// listener messages to all-nodes multicast, and the underlay bridge
+/// floods each to every host. On real hosts each kernel handles its
+/// share; here all N hosts share two CPUs, so a lab of N hosts spends
+/// N^2 packet deliveries on them in the seconds after it is built, while
+/// a cold start is measured. Call before `dev` is up (no message sent).
+pub(crate) fn ipv4_only(ns: &Netns, dev: &str) -> Result<()> {
+    let key = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
+    ns.run(move || vxmesh::dataplane::sysctl::write(&key, "1").map_err(anyhow::Error::from))
+        .with_context(|| format!("disable IPv6 on {dev} in {}", ns.name()))
+}
+
+/// Make the underlay namespace a plain switch (call right after creating
+/// it, before any device): no IPv6 on its links (see [`ipv4_only`]) and
+/// no IP or ARP netfilter hooks for the frames its bridge forwards (this
+/// namespace has no firewall; the hosts keep theirs).
+pub(crate) fn plain_switch(ul: &Netns) -> Result<()> {
+    const KEYS: [&str; 5] = [
+        "/proc/sys/net/ipv6/conf/default/disable_ipv6",
+        "/proc/sys/net/ipv6/conf/all/disable_ipv6",
+        "/proc/sys/net/bridge/bridge-nf-call-iptables",
+        "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+        "/proc/sys/net/bridge/bridge-nf-call-arptables",
+    ];
+    ul.run(|| {
+        for (i, key) in KEYS.iter().enumerate() {
+            let value = if i < 2 { "1" } else { "0" };
+            match vxmesh::dataplane::sysctl::write(key, value) {
+                Ok(()) => {}
+                // A kernel without bridge netfilter has no hooks to turn off.
+                Err(vxmesh::dataplane::sysctl::SysctlError::Write { io, .. })
+                    if i >= 2 && io.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow::Error::from(e)),
+            }
+        }
+        Ok(())
+    })
+    .with_context(|| format!("underlay switch settings in {}", ul.name()))
+}
+
 impl Lab {
     /// Create host `hostI`: its namespace, its underlay link into the
     /// underlay bridge and its address [`host_ip`] (no agent yet).
@@ -45,6 +86,7 @@ impl Lab {
                 },
             )
             .await?;
+        ipv4_only(&ns, "eth0").with_context(|| format!("underlay link of {node}"))?;
         let ip = host_ip(i);
         let h = Netlink::connect_in(&ns).await?;
         h.set_link(

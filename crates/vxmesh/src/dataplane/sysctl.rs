@@ -35,7 +35,9 @@ impl From<crate::dataplane::netns::NetnsError> for SysctlError {
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
-fn write(key: &str, value: &str) -> Result<(), SysctlError> {
+/// Write `value` to the sysctl at `key` (a `/proc/sys` path) in the calling
+/// thread's namespace.
+pub fn write(key: &str, value: &str) -> Result<(), SysctlError> {
     std::fs::write(key, value).map_err(|io| SysctlError::Write {
         key: key.to_string(),
         value: value.to_string(),
